@@ -1,0 +1,129 @@
+"""
+Checkpoints in upstream nanochat's layout:
+<base>/{base,chatsft,chatrl}_checkpoints/<model_tag>/model_<step:06d>.pt   (plain state_dict)
+                                                    meta_<step:06d>.json
+                                                    optim_<step:06d>_rank<r>.pt
+Every file is written atomically (temp name, then rename).
+"""
+
+import os
+import re
+import json
+
+import torch
+
+from nanochat.common import UserError, get_base_dir, atomic_torch_save, atomic_write_json, compute_dtype, print0
+from nanochat.gpt import GPT, GPTConfig
+
+SOURCE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+
+
+def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if rank == 0:
+        atomic_torch_save(model_data, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
+        atomic_write_json(meta_data, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
+    if optimizer_data is not None:
+        atomic_torch_save(optimizer_data, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"))
+
+
+def _torch_load(path, device):
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated / foreign file
+        raise UserError(f"cannot read checkpoint file {path}: {type(e).__name__}: {e}") from None
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """-> (model_data, optim_data or None, meta)"""
+    model_data = _torch_load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), device)
+    optim_data = _torch_load(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"), device) if load_optimizer else None
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint meta not found: {meta_path}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"corrupt checkpoint meta {meta_path}: {e}") from None
+    return model_data, optim_data, meta
+
+
+def prepare_state_dict(model_data, device):
+    """Strip torch.compile's `_orig_mod.` prefix; on CPU/MPS upcast bf16 tensors to fp32."""
+    prefix = "_orig_mod."
+    out = {}
+    for k, v in model_data.items():
+        k = k[len(prefix):] if k.startswith(prefix) else k
+        if torch.device(device).type in ("cpu", "mps") and v.dtype == torch.bfloat16:
+            v = v.float()
+        out[k] = v
+    return out
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """-> (model, tokenizer, meta): the GPT rebuilt from the meta's model_config, weights
+    loaded strictly, embeddings in the device's compute dtype, checked against the tokenizer."""
+    from nanochat.tokenizer import get_tokenizer
+    assert phase in ("train", "eval"), f"phase must be train or eval, got {phase!r}"
+    device = torch.device(device)
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    if "model_config" not in meta:
+        raise UserError(f"checkpoint meta in {checkpoint_dir} has no model_config")
+    config = GPTConfig(**meta["model_config"])
+    model_data = prepare_state_dict(model_data, device)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_rotary()
+    try:
+        model.load_state_dict(model_data, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0:2]
+        raise UserError(f"checkpoint in {checkpoint_dir} does not match its model_config: {' '.join(first)}") from None
+    for name, p in model.named_parameters():  # master weights are fp32; only embeddings use the compute dtype
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    model.cast_embeddings(compute_dtype(device.type))
+    model.train() if phase == "train" else model.eval()
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise UserError(f"vocab mismatch: tokenizer has {tokenizer.get_vocab_size()} tokens, checkpoint expects {config.vocab_size}")
+    return model, tokenizer, meta
+
+
+def find_largest_model(checkpoints_dir):
+    """The model tag with the largest depth d<N>; otherwise the most recently modified tag."""
+    if not os.path.isdir(checkpoints_dir):
+        raise UserError(f"no checkpoints directory: {checkpoints_dir} (train a model first)")
+    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))]
+    if not tags:
+        raise UserError(f"no checkpoints in {checkpoints_dir} (train a model first)")
+    depths = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depths:
+        return max(depths)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def find_last_step(checkpoint_dir):
+    steps = [int(m.group(1)) for f in os.listdir(checkpoint_dir) if (m := re.fullmatch(r"model_(\d+)\.pt", f))] if os.path.isdir(checkpoint_dir) else []
+    if not steps:
+        raise UserError(f"no model_<step>.pt in {checkpoint_dir}")
+    return max(steps)
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """-> (model, tokenizer, meta) for source in {"base", "sft", "rl"}; tag defaults to the
+    largest d<N>, step to the last one."""
+    if source not in SOURCE_DIRS:
+        raise UserError(f"unknown checkpoint source {source!r} (expected one of {', '.join(SOURCE_DIRS)})")
+    checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
+    model_tag = model_tag or find_largest_model(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    if not os.path.isdir(checkpoint_dir):
+        raise UserError(f"no checkpoint directory {checkpoint_dir}")
+    step = find_last_step(checkpoint_dir) if step is None else step
+    print0(f"loading {source} model {model_tag} step {step} from {checkpoint_dir}")
+    return build_model(checkpoint_dir, step, device, phase)

@@ -1,0 +1,142 @@
+"""
+Small shared utilities: base directory, user-facing errors, atomic writes, printing on
+rank 0, device auto-detection and torch.distributed setup.
+"""
+
+import os
+import sys
+import json
+import logging
+import tempfile
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+# -----------------------------------------------------------------------------
+# Errors the user can fix (missing file, bad flag, corrupt data). Scripts turn them into
+# one line on stderr and exit code 1 instead of a traceback.
+
+class UserError(Exception):
+    pass
+
+
+def cli_main(main):
+    """Run a script's main(); a UserError becomes a one-line message and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# Paths and atomic writes
+
+def get_base_dir():
+    """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; created if missing."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it is renamed onto `path` in one
+    step, so a reader never sees a half-written file and a crash leaves the old one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_json(obj, path):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# Distributed / device
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from the torchrun environment."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    if get_dist_info()[1] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_init(device_type=""):
+    """Seed, set matmul precision and (under torchrun) init the process group.
+    Returns (is_ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise UserError(f"unknown device type {device_type!r} (expected cuda, mps or cpu)")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type cuda was asked for but no CUDA device is available")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device-type mps was asked for but MPS is not available")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif is_ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank != 0:
+        logging.disable(logging.WARNING)
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def compute_dtype(device_type):
+    """bf16 on SM80+ GPUs, fp32 elsewhere; $NANOCHAT_DTYPE (bfloat16/float32/float16) overrides."""
+    name = os.environ.get("NANOCHAT_DTYPE")
+    if name:
+        if name not in ("bfloat16", "float32", "float16"):
+            raise UserError(f"NANOCHAT_DTYPE={name!r} is not one of bfloat16, float32, float16")
+        return getattr(torch, name)
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
