@@ -1,0 +1,127 @@
+"""
+Muon: the optimizer for the 2-D weight matrices inside the transformer blocks.
+
+One step, for every bucket of same-shape matrices in a param group (stacked, so the
+orthogonalization runs as one batched matmul chain):
+  1. Nesterov momentum:    buf = lerp(buf, g, 1 - mu);  u = lerp(g, buf, mu)
+  2. Orthogonalize:        u ~= U V^T of u, by a 5-step Polar Express iteration in bf16
+  3. Factored 2nd moment:  v = lerp(v, mean(u^2) along one dim, 1 - beta2); u = u / sqrt(v),
+                           then rescaled so ||u||_F is what it was before (NorMuon-style)
+  4. Cautious decay, step: p -= lr * wd * p * [u * p > 0];  p -= lr * u
+with lr = group lr * sqrt(max(1, rows / cols)).
+
+group["momentum"], group["lr"] and group["weight_decay"] are read fresh every step, so the
+training loop may schedule them. Single-process only: under DDP the training loop
+all-reduces the gradients before step(), and every rank then takes the same step.
+"""
+
+import math
+
+import torch
+
+# Polar Express per-step coefficients (a, b, c) of p(x) = a x + b x^3 + c x^5, degree 5,
+# designed for singular values in [1e-3, 1] (Amsel et al. 2025, "The Polar Express").
+# Every step but the last fixed point is shrunk by a 1.01 safety factor, as the paper
+# advises for bf16: rounding then cannot push a singular value past the convergence band.
+_PE_COEFFS = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+]
+_PE_SAFETY = 1.01
+_PE_COEFFS = [(a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c in _PE_COEFFS]
+_PE_COEFFS.append((1.875, -1.25, 0.375))  # the fixed point: steps past the table repeat it
+
+
+def polar_express(G, steps=5):
+    """Approximate the polar factor U V^T of G (..., m, n), returned in bf16. Singular values of
+    the result land in ~0.85..1.13, except those of G below ~1e-3 * ||G||_F, which stay smaller."""
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        G = G.mT  # work on the wide side: the Gram matrix X X^T is (min, min)
+    # Frobenius norm >= spectral norm, so after this every singular value is <= 1/1.01
+    G = G.float()
+    X = (G / (G.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)).bfloat16()
+    for i in range(steps):
+        a, b, c = _PE_COEFFS[min(i, len(_PE_COEFFS) - 1)]
+        A = X @ X.mT  # (..., k, k), k = min(m, n)
+        X = a * X + (b * A + c * (A @ A)) @ X  # a X + b (X X^T) X + c (X X^T)^2 X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with Nesterov momentum, Polar Express, factored second moment and cautious wd.
+    Every param must be a 2-D matrix. State per param: momentum_buffer (like p) and
+    second_momentum_buffer ((rows, 1) if rows >= cols else (1, cols))."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0):
+        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, beta2=beta2, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only takes 2-D matrices, got a param of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets = {}  # (shape, dtype, device) -> params, in group order
+            for p in group["params"]:
+                if p.grad is not None:
+                    buckets.setdefault((p.shape, p.dtype, p.device), []).append(p)
+            for params in buckets.values():
+                self._step_bucket(params, group)
+        return loss
+
+    def _step_bucket(self, params, group):
+        rows, cols = params[0].shape
+        for p in params:
+            state = self.state[p]
+            if not state:  # lazy init; load_state_dict fills these in on resume
+                state["momentum_buffer"] = torch.zeros_like(p)
+                stat_shape = (rows, 1) if rows >= cols else (1, cols)
+                state["second_momentum_buffer"] = torch.zeros(stat_shape, dtype=p.dtype, device=p.device)
+        states = [self.state[p] for p in params]
+        g = torch.stack([p.grad for p in params]).to(params[0].dtype)            # (K, rows, cols)
+        buf = torch.stack([s["momentum_buffer"] for s in states])                # (K, rows, cols)
+        v = torch.stack([s["second_momentum_buffer"] for s in states]).float()   # (K, rows, 1) | (K, 1, cols)
+
+        # 1. Nesterov momentum: step along the gradient blended with the updated buffer
+        mu = group["momentum"]
+        buf.lerp_(g, 1 - mu)
+        u = g.lerp(buf, mu)
+
+        # 2. orthogonalize (bf16), back to fp32 for the rest
+        u = polar_express(u, group["ns_steps"]).float()
+
+        # 3. factored second moment. After orthogonalization the vectors along the short side
+        # are already ~unit norm, so per-entry scale varies along the long side: keep one
+        # statistic per row (tall/square) or per column (wide).
+        red = -1 if rows >= cols else -2
+        u_sq = u.square().mean(dim=red, keepdim=True)                            # like v
+        v.lerp_(u_sq, 1 - group["beta2"])
+        inv_rms = v.clamp_min(1e-10).rsqrt()
+        # rescale per matrix so the normalized update keeps u's Frobenius norm
+        norm_sq = u_sq.sum(dim=(-2, -1), keepdim=True)
+        new_norm_sq = (u_sq * inv_rms.square()).sum(dim=(-2, -1), keepdim=True)
+        u = u * (inv_rms * (norm_sq / new_norm_sq.clamp_min(1e-30)).sqrt())
+
+        # 4. cautious decoupled weight decay, then the step
+        lr = group["lr"] * math.sqrt(max(1.0, rows / cols))
+        wd = group["weight_decay"]
+        for i, (p, state) in enumerate(zip(params, states)):
+            state["momentum_buffer"].copy_(buf[i])
+            state["second_momentum_buffer"].copy_(v[i])
+            upd = u[i].to(p.dtype)
+            if wd != 0:
+                # decay only where the step -lr*upd already pulls p toward zero (same sign)
+                p.sub_(lr * wd * p * (upd * p > 0))
+            p.sub_(lr * upd)
