@@ -1,0 +1,85 @@
+"""
+Training throughput of the base model: tokens/s and MFU for a given depth, sequence length
+and device batch, on random tokens (no tokenizer or data needed). Prints one JSON line.
+
+    python -m benchmarks.train_throughput --depth 12 --max-seq-len 2048 --device-batch-size 32   # GPU: bf16, compiled
+    python -m benchmarks.train_throughput --depth 2 --max-seq-len 256 --device-batch-size 4 --steps 3   # CPU smoke
+"""
+
+import os
+import sys
+import json
+import time
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from nanochat.common import cli_main, compute_init, compute_dtype, autodetect_device_type
+from nanochat.runlog import peak_flops
+from scripts.base_train import model_config_from_args
+from nanochat.gpt import GPT
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--window-pattern", type=str, default="SSSL")
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
+    p.add_argument("--compile", type=int, default=-1, help="1/0; -1: on cuda only")
+    p.add_argument("--device-type", type=str, default="")
+    args = p.parse_args()
+
+    device_type = args.device_type or autodetect_device_type()
+    _, _, _, _, device = compute_init(device_type)
+    config = model_config_from_args(args, args.vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+    step_model = torch.compile(model, dynamic=False) if use_compile else model
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    B, T = args.device_batch_size, args.max_seq_len
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, args.vocab_size, (B, T), device=device, generator=gen)
+    y = torch.randint(0, args.vocab_size, (B, T), device=device, generator=gen)
+
+    def train_step():
+        loss = step_model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        train_step()
+    sync()
+    t0 = time.time()
+    for _ in range(args.steps):
+        train_step()
+    sync()
+    dt = (time.time() - t0) / args.steps
+    tok_per_sec = B * T / dt
+    flops_per_token = model.estimate_flops()
+    peak = peak_flops(device)
+    result = dict(benchmark="train_throughput", device=torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
+                  dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled=use_compile, depth=args.depth,
+                  n_embd=config.n_embd, max_seq_len=T, device_batch_size=B, step_ms=round(1000 * dt, 2),
+                  tok_per_sec=round(tok_per_sec, 1), flops_per_token=flops_per_token,
+                  mfu=round(flops_per_token * tok_per_sec / peak, 4) if peak else None,
+                  peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device_type == "cuda" else None)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: makes .venv (Python 3.10+), installs the package
+# with its dev extra (torch==2.13.0 CPU is enough), runs pytest. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q -e '.[dev]'
+export WANDB_MODE=disabled
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,328 @@
+"""
+Pretrain the base model.
+
+    python -m scripts.base_train --depth 12                          # one process (cuda, mps or cpu)
+    torchrun --nproc_per_node=8 scripts/base_train.py --depth 20     # one node, DDP
+    python -m scripts.base_train --config configs/cpu_tiny.toml      # a TOML preset; flags override it
+
+The model is sized from --depth; the token budget, batch size, learning rates and weight
+decay follow from it (see "Sizing" in shared/spec/nanochat-baseline.md) unless overridden.
+"""
+
+import os
+import sys
+import math
+import json
+import time
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0,
+                             autodetect_device_type, compute_dtype)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer, get_token_bytes
+from nanochat.dataloader import bos_bestfit_loader
+from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, prepare_state_dict
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.dataset import get_data_dir
+from nanochat.runlog import RunLog, peak_flops
+
+B_REF = 2 ** 19  # the reference total batch size (tokens) that the default learning rates are tuned for
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Pretrain the base model", allow_abbrev=False)
+    p.add_argument("--config", type=str, default="", help="TOML preset whose keys set the defaults of the flags below")
+    p.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' disables wandb)")
+    p.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty: autodetect)")
+    # model
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio, rounded up to head_dim")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--window-pattern", type=str, default="SSSL")
+    # training horizon (first one set wins: iterations, flops, data:param ratio)
+    p.add_argument("--num-iterations", type=int, default=-1)
+    p.add_argument("--target-flops", type=float, default=-1.0)
+    p.add_argument("--target-param-data-ratio", type=float, default=12.0)
+    # batch
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1: derived from depth)")
+    # optimization
+    p.add_argument("--embedding-lr", type=float, default=0.3)
+    p.add_argument("--unembedding-lr", type=float, default=0.008)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--weight-decay", type=float, default=0.28)
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--warmdown-ratio", type=float, default=0.65)
+    p.add_argument("--final-lr-frac", type=float, default=0.05)
+    # evaluation / output
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288)
+    p.add_argument("--core-metric-every", type=int, default=2000, help="-1 disables")
+    p.add_argument("--core-metric-max-per-task", type=int, default=500)
+    p.add_argument("--sample-every", type=int, default=2000, help="-1 disables (samples are always printed at the end)")
+    p.add_argument("--save-every", type=int, default=-1, help="-1: only at the end")
+    p.add_argument("--resume-from-step", type=int, default=-1)
+    p.add_argument("--model-tag", type=str, default=None, help="checkpoint dir name (default d<depth>)")
+    p.add_argument("--compile", type=int, default=-1, help="torch.compile the model (1/0; -1: on cuda only)")
+    return p
+
+
+def parse_args(argv=None):
+    """Flags, with defaults taken from --config's TOML preset when given."""
+    import tomllib
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        try:
+            with open(pre.config, "rb") as f:
+                preset = tomllib.load(f)
+        except FileNotFoundError:
+            raise UserError(f"config file not found: {pre.config}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"bad TOML in {pre.config}: {e}") from None
+        known = {a.dest for a in parser._actions}
+        preset = {k.replace("-", "_"): v for k, v in preset.items()}
+        unknown = sorted(set(preset) - known)
+        if unknown:
+            raise UserError(f"{pre.config}: unknown key(s) {', '.join(unknown)}")
+        parser.set_defaults(**preset)
+    return parser.parse_args(argv)
+
+
+def model_config_from_args(args, vocab_size):
+    if args.depth < 1 or args.aspect_ratio < 1 or args.head_dim < 2 or args.head_dim % 2:
+        raise UserError(f"impossible model size: depth {args.depth}, aspect ratio {args.aspect_ratio}, head dim {args.head_dim}")
+    if args.max_seq_len < 2:
+        raise UserError(f"--max-seq-len must be at least 2, got {args.max_seq_len}")
+    if not args.window_pattern or set(args.window_pattern.upper()) - {"S", "L"}:
+        raise UserError(f"--window-pattern must be made of S and L, got {args.window_pattern!r}")
+    n_embd = math.ceil(args.depth * args.aspect_ratio / args.head_dim) * args.head_dim
+    n_head = n_embd // args.head_dim
+    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
+                     n_head=n_head, n_kv_head=n_head, n_embd=n_embd, window_pattern=args.window_pattern.upper())
+
+
+def scaling_params(config):
+    with torch.device("meta"):
+        return GPT(config).num_scaling_params()
+
+
+def get_lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac):
+    """Linear warmup, constant, then linear warmdown to final_lr_frac over the last warmdown_ratio."""
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    if it < warmup_steps:
+        return (it + 1) / warmup_steps
+    if it <= num_iterations - warmdown_steps:
+        return 1.0
+    progress = (num_iterations - it) / warmdown_steps  # 1 -> 0 through the warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def get_muon_momentum(it, num_iterations, warmdown_ratio):
+    """0.85 -> 0.97 over the first 400 steps, then back toward 0.90 through the warmdown."""
+    frac = min(it / 400, 1.0)
+    momentum = (1 - frac) * 0.85 + frac * 0.97
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    if warmdown_steps > 0 and it > num_iterations - warmdown_steps:
+        progress = (it - (num_iterations - warmdown_steps)) / warmdown_steps
+        momentum = (1 - progress) * momentum + progress * 0.90
+    return momentum
+
+
+def get_muon_weight_decay(it, num_iterations, weight_decay):
+    """Cosine decay of Muon's weight decay to 0 at the end of training."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / max(num_iterations, 1)))
+
+
+def print_samples(model, tokenizer, prompts, max_tokens=32):
+    bos = tokenizer.get_bos_token_id()
+    for prompt in prompts:
+        ids = list(model.generate(tokenizer.encode(prompt, prepend=bos), max_tokens, temperature=0))
+        print0(f"  {prompt!r} -> {tokenizer.decode(ids)!r}")
+
+
+SAMPLE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "import os\n", "If yesterday was Friday, then tomorrow will be"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    user_config = vars(args).copy()
+    device_type = args.device_type or autodetect_device_type()
+    is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    master = rank == 0
+    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    # tokenizer and model -------------------------------------------------------------
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=device)
+    vocab_size = tokenizer.get_vocab_size()
+    config = model_config_from_args(args, vocab_size)
+    print0(f"model config: {json.dumps(config.to_dict())}")
+
+    # sizing: tokens, batch, iterations, learning-rate and weight-decay scaling -----------
+    num_params = scaling_params(config)
+    ref_config = model_config_from_args(argparse.Namespace(**{**vars(args), "depth": 12}), vocab_size)
+    data_tokens = args.target_param_data_ratio * num_params               # D
+    ref_tokens = args.target_param_data_ratio * scaling_params(ref_config)  # D_ref
+    total_batch_size = args.total_batch_size
+    if total_batch_size == -1:
+        total_batch_size = 2 ** round(math.log2(B_REF * (data_tokens / ref_tokens) ** 0.383))
+    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+    if args.device_batch_size < 1 or total_batch_size < tokens_per_fwdbwd or total_batch_size % tokens_per_fwdbwd:
+        raise UserError(f"impossible sizes: total batch {total_batch_size} tokens is not a positive multiple of "
+                        f"device batch {args.device_batch_size} x seq len {args.max_seq_len} x {world_size} ranks = {tokens_per_fwdbwd}")
+    grad_accum_steps = total_batch_size // tokens_per_fwdbwd
+    lr_scale = (total_batch_size / B_REF) ** 0.5
+    weight_decay = args.weight_decay * lr_scale * ref_tokens / data_tokens
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    flops_per_token = model.estimate_flops()
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * total_batch_size))
+    else:
+        num_iterations = int(data_tokens // total_batch_size)
+    if num_iterations < 1:
+        raise UserError(f"impossible sizes: the run would have {num_iterations} iterations")
+    print0(f"params (scaling): {num_params:,} | flops/token: {flops_per_token:.3e} | total batch: {total_batch_size:,} tokens "
+           f"| grad accum: {grad_accum_steps} | iterations: {num_iterations:,} | tokens: {num_iterations * total_batch_size:,} "
+           f"| lr scale: {lr_scale:.3f} | weight decay: {weight_decay:.4f}")
+
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                                        matrix_lr=args.matrix_lr * lr_scale, weight_decay=weight_decay, scalar_lr=args.scalar_lr * lr_scale)
+    adamw, muon = optimizers
+
+    # checkpoint dir and resume -----------------------------------------------------------
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    start_step, loader_state = 0, None
+    loop_state = dict(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0)
+    if args.resume_from_step >= 0:
+        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
+        if meta["model_config"] != config.to_dict():
+            raise UserError(f"cannot resume: checkpoint model_config {meta['model_config']} differs from this run's {config.to_dict()}")
+        model.load_state_dict(prepare_state_dict(model_data, device), strict=True)
+        for opt, state in zip(optimizers, optim_data["optimizers"]):
+            opt.load_state_dict(state)
+        start_step = meta["step"]
+        loader_state = optim_data["dataloader_state_dict"]
+        loop_state = meta["loop_state"]
+        print0(f"resumed from step {start_step} in {checkpoint_dir}")
+        del model_data, optim_data
+
+    orig_model = model  # uncompiled, for saving and sampling
+    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+    if use_compile:
+        model = torch.compile(model, dynamic=False)
+
+    # data ---------------------------------------------------------------------------------
+    T, B = args.max_seq_len, args.device_batch_size
+    train_loader = bos_bestfit_loader(tokenizer, B, T, "train", device=device, resume_state_dict=loader_state)
+    eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+
+    log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=master)
+    peak = peak_flops(device)
+    dtype = compute_dtype(device_type)
+    print0(f"device: {device} | dtype: {dtype} | world size: {world_size} | data: {get_data_dir()} | compile: {use_compile}")
+
+    def checkpoint(step, val_bpb):
+        meta = dict(step=step, val_bpb=val_bpb, model_config=config.to_dict(), user_config=user_config,
+                    device_batch_size=B, max_seq_len=T, total_batch_size=total_batch_size,
+                    dataloader_state_dict=loader_state, loop_state=loop_state, dataset=os.path.basename(get_data_dir()))
+        optim_data = dict(optimizers=[opt.state_dict() for opt in optimizers], dataloader_state_dict=loader_state)
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_data, meta, rank=rank)
+        print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+
+    # training loop ----------------------------------------------------------------------------
+    val_bpb = None
+    step = start_step
+    while True:
+        last_step = step == num_iterations
+        if args.eval_every > 0 and (step % args.eval_every == 0 or last_step):
+            model.eval()
+            val_loader = bos_bestfit_loader(tokenizer, B, T, "val", device=device)
+            val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+            loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            log.write(step=step, kind="eval", val_bpb=val_bpb, tokens_seen=step * total_batch_size, flops_seen=step * total_batch_size * flops_per_token,
+                      wall_s=loop_state["total_training_time"])
+            model.train()
+        if args.core_metric_every > 0 and step > start_step and (step % args.core_metric_every == 0 or last_step):
+            from nanochat.core_eval import evaluate_core
+            model.eval()
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+            print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
+            log.write(step=step, kind="core", core_metric=core["core_metric"], **{f"core/{k}": v for k, v in core["centered"].items()})
+            model.train()
+        if master and (last_step or (args.sample_every > 0 and step > start_step and step % args.sample_every == 0)):
+            print0(f"step {step:05d} | samples:")
+            orig_model.eval()
+            print_samples(orig_model, tokenizer, SAMPLE_PROMPTS)
+            orig_model.train()
+        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            checkpoint(step, val_bpb)
+        if last_step:
+            break
+
+        # one optimization step: grad_accum_steps micro-batches, then all-reduce and update
+        synchronize()
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            x, y, loader_state = next(train_loader)
+            loss = model(x, y)
+            train_loss = loss.detach()
+            (loss / grad_accum_steps).backward()
+        if is_ddp:
+            for p in orig_model.parameters():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(world_size)
+        lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = get_muon_momentum(step, num_iterations, args.warmdown_ratio)
+            group["weight_decay"] = get_muon_weight_decay(step, num_iterations, weight_decay)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        train_loss = train_loss.item()
+        synchronize()
+        dt = time.time() - t0
+
+        step += 1
+        beta = 0.9  # EMA of the training loss, debiased
+        loop_state["smooth_train_loss"] = beta * loop_state["smooth_train_loss"] + (1 - beta) * train_loss
+        smooth = loop_state["smooth_train_loss"] / (1 - beta ** step)
+        if step > start_step + 10 or num_iterations - start_step <= 10:  # skip the compile/warmup steps in the clock
+            loop_state["total_training_time"] += dt
+        tok_per_sec = total_batch_size / dt
+        mfu = flops_per_token * tok_per_sec / (peak * world_size) if peak else None
+        done = (step - start_step) / (num_iterations - start_step)
+        eta = dt * (num_iterations - step)
+        mfu_str = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+        print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.1f}%) | loss {smooth:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms "
+               f"| tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | eta {eta / 60:.1f}m")
+        log.write(step=step, kind="train", loss=train_loss, smooth_loss=smooth, lr_mult=lrm, tok_per_sec=tok_per_sec, mfu=mfu,
+                  tokens_seen=step * total_batch_size, flops_seen=step * total_batch_size * flops_per_token,
+                  wall_s=loop_state["total_training_time"])
+
+    print0(f"done: min val bpb {loop_state['min_val_bpb']:.4f} | training time {loop_state['total_training_time'] / 60:.2f}m")
+    log.finish()
+    compute_cleanup()
+    return dict(final_loss=train_loss if num_iterations > start_step else None, val_bpb=val_bpb)
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,84 @@
+"""
+Train the BPE tokenizer on the pretraining shards.
+
+    python -m scripts.tok_train                                   # 2B chars, vocab 32768
+    python -m scripts.tok_train --max-chars 100000000 --vocab-size 8192
+
+Writes <base>/tokenizer/tokenizer.pkl and <base>/tokenizer/token_bytes.pt (the UTF-8 byte
+length of every token, 0 for specials; used for bits per byte).
+"""
+
+import os
+import sys
+import time
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanochat.common import UserError, cli_main, get_base_dir, atomic_torch_save
+from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, compute_token_bytes
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the training shards")
+    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
+    parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters of each document")
+    parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size, special tokens included")
+    args = parser.parse_args()
+    min_vocab = 256 + len(SPECIAL_TOKENS)
+    if args.vocab_size < min_vocab:
+        raise UserError(f"--vocab-size must be at least {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {args.vocab_size}")
+    if args.max_chars <= 0:
+        raise UserError(f"--max-chars must be positive, got {args.max_chars}")
+    if args.doc_cap <= 0:
+        raise UserError(f"--doc-cap must be positive, got {args.doc_cap}")
+    print(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}", flush=True)
+
+    from nanochat.dataset import parquets_iter_batched  # imported here: only this script needs the shards
+
+    # Stream documents, each capped at doc_cap chars, until max_chars have gone by.
+    stats = {"chars": 0, "docs": 0}
+    def text_iterator():
+        report_every = max(1, args.max_chars // 10)
+        next_report = report_every
+        for batch in parquets_iter_batched("train"):
+            for doc in batch:
+                if doc is None:  # a null cell in the text column
+                    continue
+                doc = doc[:args.doc_cap]
+                stats["chars"] += len(doc)
+                stats["docs"] += 1
+                yield doc
+                if stats["chars"] >= next_report:
+                    print(f"  read {stats['chars']:,} chars / {args.max_chars:,} ({stats['docs']:,} docs)", flush=True)
+                    next_report += report_every
+                if stats["chars"] >= args.max_chars:
+                    return
+
+    t0 = time.time()
+    tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(), args.vocab_size)
+    train_time = time.time() - t0
+    if stats["chars"] == 0:
+        raise UserError("the training shards hold no text")
+    print(f"trained on {stats['chars']:,} chars ({stats['docs']:,} docs) in {train_time:.2f}s", flush=True)
+    vocab_size = tokenizer.get_vocab_size()
+    if vocab_size < args.vocab_size:
+        print(f"warning: the text ran out of pairs to merge; vocab is {vocab_size:,}, not {args.vocab_size:,}", flush=True)
+
+    # Sanity check: encode/decode must round-trip, specials included
+    sample = "Hello world! This is a test.\nNumbers: 123, 4567. Unicode: 你好 🚀\t<|bos|> stays text."
+    if tokenizer.decode(tokenizer.encode(sample)) != sample:
+        raise RuntimeError("tokenizer does not round-trip the sample text")
+
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    path = tokenizer.save(tokenizer_dir)
+    print(f"saved {path}", flush=True)
+    token_bytes = compute_token_bytes(tokenizer)  # (vocab,) int32
+    atomic_torch_save(token_bytes, os.path.join(tokenizer_dir, "token_bytes.pt"))
+    nonzero = token_bytes[token_bytes > 0].float()
+    print(f"saved {os.path.join(tokenizer_dir, 'token_bytes.pt')}: {len(SPECIAL_TOKENS)} special tokens, "
+          f"token bytes min {int(nonzero.min())} max {int(nonzero.max())} mean {nonzero.mean():.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    cli_main(main)

@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig, attend, window_sizes, has_value_embedding
+
+
+def tiny_config(**kw):
+    base = dict(sequence_len=256, vocab_size=300, n_layer=3, n_head=2, n_kv_head=1, n_embd=128, window_pattern="SL")
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def make_model(seed=0, perturb=True, **kw):
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**kw))
+    model.init_weights()
+    if perturb:  # spec init zeroes c_proj and smear_lambda; make every term matter
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def test_logits_shape_dtype_and_softcap():
+    model = make_model()
+    idx = torch.randint(0, 300, (2, 40))
+    logits = model(idx)
+    assert logits.shape == (2, 40, 300) and logits.dtype == torch.float32
+    assert logits.abs().max() < 15.0
+
+
+def test_loss_matches_cross_entropy_and_ignore_index():
+    model = make_model()
+    idx = torch.randint(0, 300, (2, 30))
+    targets = torch.randint(0, 300, (2, 30))
+    targets[0, :5] = -1
+    logits = model(idx)
+    expected = F.cross_entropy(logits.view(-1, 300), targets.view(-1), ignore_index=-1)
+    assert torch.allclose(model(idx, targets), expected, atol=1e-6)
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (2, 30)
+    assert torch.all(per_token[0, :5] == 0)
+    assert torch.allclose(per_token.sum() / (targets >= 0).sum(), expected, atol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = make_model()
+    idx = torch.randint(0, 300, (1, 50))
+    changed = idx.clone()
+    changed[0, 30:] = (changed[0, 30:] + 7) % 300
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :30], b[:, :30], atol=1e-5)
+    assert not torch.allclose(a[:, 30:], b[:, 30:], atol=1e-3)
+
+
+def test_window_sizes_rule():
+    assert window_sizes(tiny_config(sequence_len=2048, n_layer=5, window_pattern="SSSL")) == [512, 512, 512, 2048, 2048]
+    assert window_sizes(tiny_config(sequence_len=256, n_layer=3, window_pattern="SL")) == [128, 256, 256]
+    assert window_sizes(tiny_config(sequence_len=1000, n_layer=2, window_pattern="S")) == [256, 1000]
+
+
+def test_attend_matches_explicit_window_softmax():
+    torch.manual_seed(0)
+    B, H, Hkv, T, D, w = 2, 4, 2, 20, 8, 5
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D), torch.randn(B, Hkv, T, D)
+    out = attend(q, k, v, w)
+    kr, vr = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    scores = q @ kr.transpose(-1, -2) / math.sqrt(D)
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    scores = scores.masked_fill(~((i >= j) & (i - j <= w)), float("-inf"))
+    expected = scores.softmax(-1) @ vr
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(attend(q, k, v, 10 * T), F.scaled_dot_product_attention(q, kr, vr, is_causal=True), atol=1e-5)
+
+
+
+def test_value_embedding_layers_and_state_dict_keys():
+    assert [has_value_embedding(i, 4) for i in range(4)] == [False, True, False, True]
+    assert [has_value_embedding(i, 3) for i in range(3)] == [True, False, True]
+    model = make_model(perturb=False)
+    sd = model.state_dict()
+    assert set(k for k in sd if k.startswith("value_embeds")) == {"value_embeds.0.weight", "value_embeds.2.weight"}
+    assert sd["lm_head.weight"].shape == (320, 128) and sd["transformer.wte.weight"].shape == (320, 128)  # padded to 64
+    assert sd["transformer.h.0.attn.ve_gate.weight"].shape == (1, 12)
+    assert "transformer.h.1.attn.ve_gate.weight" not in sd
+    assert sd["smear_gate.weight"].shape == (1, 24)
+    assert not any("cos" in k or "sin" in k or "bias" in k for k in sd)
+
+
+def test_init_matches_spec():
+    model = make_model(perturb=False, n_layer=4)
+    for block in model.transformer.h:
+        assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
+        bound = math.sqrt(3 / 128)
+        assert block.attn.c_q.weight.abs().max() <= bound and block.mlp.c_fc.weight.abs().max() <= 0.4 * bound
+    assert torch.allclose(model.resid_lambdas, torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
+    assert torch.allclose(model.x0_lambdas, torch.tensor([0.20, 0.15, 0.10, 0.05]))
+    assert model.smear_lambda.item() == 0 and abs(model.backout_lambda.item() - 0.2) < 1e-7
+    assert abs(model.transformer.wte.weight.std().item() - 0.8) < 0.05
+
+
+def test_meta_device_build_then_init_equals_direct():
+    torch.manual_seed(1)
+    direct = GPT(tiny_config())
+    direct.init_weights()
+    with torch.device("meta"):
+        meta = GPT(tiny_config())
+    meta.to_empty(device="cpu")
+    torch.manual_seed(1)
+    meta.init_weights()
+    idx = torch.randint(0, 300, (1, 16))
+    assert torch.allclose(meta.cos, direct.cos) and torch.allclose(meta.sin, direct.sin)
+    direct.load_state_dict(meta.state_dict())
+    assert torch.equal(direct(idx), meta(idx))
+
+
+def test_estimate_flops_formula():
+    model = make_model(perturb=False)
+    c = model.config
+    head_dim = c.n_embd // c.n_head
+    kv = c.n_kv_head * head_dim
+    per_layer = c.n_embd * c.n_embd + 2 * c.n_embd * kv + c.n_embd * c.n_embd + 8 * c.n_embd * c.n_embd
+    ve_gates = 2 * 12 * c.n_kv_head
+    matmul = c.n_layer * per_layer + ve_gates + 320 * c.n_embd + 24
+    attn = sum(12 * c.n_head * head_dim * min(w, c.sequence_len) for w in [128, 256, 256])
+    assert model.estimate_flops() == 6 * matmul + attn
+    assert model.num_scaling_params() == c.n_layer * per_layer + ve_gates + 320 * c.n_embd
+
+
+def test_optimizers_cover_every_parameter_once_and_train():
+    model = make_model(perturb=False)
+    adamw, muon = model.setup_optimizers()
+    ids = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    torch.manual_seed(0)
+    idx = torch.randint(0, 300, (4, 33))
+    first = None
+    for _ in range(15):
+        loss = model(idx[:, :-1], idx[:, 1:])
+        first = first if first is not None else loss.item()
+        loss.backward()
+        adamw.step(); muon.step()
+        model.zero_grad(set_to_none=True)
+    assert loss.item() < first - 1.0  # memorizes a fixed batch
+
+
+def test_generate_greedy_is_deterministic_and_matches_argmax():
+    model = make_model()
+    prompt = [1, 2, 3, 4]
+    out = list(model.generate(prompt, 5, temperature=0))
+    assert out == list(model.generate(prompt, 5, temperature=0))
+    ids = prompt + out
+    logits = model(torch.tensor([ids]))
+    assert [logits[0, len(prompt) - 1 + i].argmax().item() for i in range(5)] == out
+    sampled = list(model.generate(prompt, 8, temperature=1.0, top_k=5, seed=3))
+    assert sampled == list(model.generate(prompt, 8, temperature=1.0, top_k=5, seed=3))
+
+
+def test_sequence_longer_than_rotary_table_is_refused():
+    model = make_model(sequence_len=8)
+    with pytest.raises(AssertionError):
+        model(torch.zeros(1, 81, dtype=torch.long))
