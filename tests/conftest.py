@@ -1,0 +1,49 @@
+"""
+Shared fixtures: a tiny but real nanochat base directory (parquet shards of real text and a
+trained tokenizer), made once per test session.
+"""
+
+import os
+import glob
+import sysconfig
+
+import pytest
+import torch
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def stdlib_texts(n_docs=90):
+    paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:n_docs]
+    return [open(p, encoding="utf-8", errors="replace").read()[:20000] for p in paths]
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    """<base> with base_data_climbmix/ (3 shards x 3 row groups, the last shard is val) and
+    tokenizer/ (vocab 512). Tests that write checkpoints use their own model tag."""
+    from nanochat.tokenizer import RustBPETokenizer, compute_token_bytes
+    base = tmp_path_factory.mktemp("nanochat_base")
+    texts = stdlib_texts()
+    data_dir = base / "base_data_climbmix"
+    data_dir.mkdir()
+    per_shard = len(texts) // 3
+    for s in range(3):
+        docs = texts[s * per_shard:(s + 1) * per_shard]
+        with pq.ParquetWriter(data_dir / f"shard_{s:05d}.parquet", pa.schema([("text", pa.string())])) as w:
+            for g in range(3):
+                w.write_table(pa.table({"text": docs[g::3]}))
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(texts), 512)
+    tokenizer.save(str(base / "tokenizer"))
+    torch.save(compute_token_bytes(tokenizer), base / "tokenizer" / "token_bytes.pt")
+    return base
+
+
+@pytest.fixture
+def base_dir(tiny_base_dir, monkeypatch):
+    """The tiny base dir, selected through the environment for this test."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base_dir))
+    monkeypatch.delenv("NANOCHAT_DATASET", raising=False)
+    return tiny_base_dir
