@@ -263,7 +263,7 @@ def main(argv=None):
             model.eval()
             core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
             print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
-            log.write(step=step, kind="core", core_metric=core["core_metric"], **{f"core/{k}": v for k, v in core["centered"].items()})
+            log.write(step=step, kind="core", core_metric=core["core_metric"], **{f"core/{k}": v for k, v in core["centered_results"].items()})
             model.train()
         if master and (last_step or (args.sample_every > 0 and step > start_step and step % args.sample_every == 0)):
             print0(f"step {step:05d} | samples:")

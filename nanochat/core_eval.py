@@ -1,0 +1,280 @@
+"""
+The CORE metric (DCLM paper, as used by nanochat): a bundle of in-context-learning tasks,
+each scored by accuracy, centered against its random-guess baseline and averaged.
+
+Three task types:
+- multiple_choice: {query, choices, gold}. One sequence per choice: the shared context
+  (few-shot examples + query + delimiter) followed by the choice. The choice with the
+  lowest mean loss over its own tokens wins.
+- schema: {context_options, continuation, gold}. One sequence per context option, all with
+  the same continuation. The option under which the continuation has the lowest mean loss wins.
+- language_modeling: {context, continuation}. Correct iff greedy decoding (argmax at every
+  continuation position, teacher-forced) reproduces the continuation tokens exactly.
+
+The eval bundle (upstream nanochat / DCLM layout) is a zip holding
+    eval_bundle/core.yaml            icl_tasks: [{label, dataset_uri, num_fewshot: [k],
+                                                  icl_task_type, continuation_delimiter}]
+    eval_bundle/eval_meta_data.csv   columns "Eval Task", "Random baseline" (percent), ...
+    eval_bundle/eval_data/<dataset_uri>   one JSON example per line
+It is downloaded once and extracted into <base>/eval_bundle.
+"""
+
+import os
+import csv
+import json
+import time
+import random
+import shutil
+import zipfile
+import tempfile
+import urllib.request
+
+import yaml
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+
+from nanochat.common import UserError, get_base_dir, get_dist_info, atomic_path, print0
+
+DEFAULT_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+
+# -----------------------------------------------------------------------------
+# Rendering: text of the sequences for one example
+
+def render_sequences(example, fewshot, task_type, delimiter):
+    """Return a list of (context, continuation) text pairs, one per sequence to score.
+    Few-shot examples are shown with their correct answer and separated by blank lines."""
+    if task_type == "multiple_choice":
+        shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
+        context = "\n\n".join(shots + [f"{example['query']}{delimiter}"])
+        return [(context, choice) for choice in example["choices"]]
+    if task_type == "schema":
+        shots = [f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}" for ex in fewshot]
+        return [("\n\n".join(shots + [f"{option}{delimiter}"]), example["continuation"])
+                for option in example["context_options"]]
+    if task_type == "language_modeling":
+        shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
+        context = "\n\n".join(shots + [f"{example['context'].strip()}{delimiter}"])
+        return [(context, example["continuation"])]
+    raise UserError(f"unknown ICL task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
+
+
+def common_prefix_len(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_sequences(tokenizer, pairs, max_seq_len=None):
+    """Tokenize each context+continuation as one string (BOS first) and find where the
+    continuation starts: the first token that differs from the tokenized context alone.
+    Tokenizing the whole string matters: a delimiter space at the end of the context merges
+    into the first continuation token (" Paris"), exactly as the model saw text in training.
+    Sequences longer than max_seq_len are cropped from the left, keeping the continuation.
+    Returns a list of (ids, start, end): the continuation is ids[start:end]."""
+    bos = tokenizer.get_bos_token_id()
+    contexts = tokenizer.encode([c for c, _ in pairs], prepend=bos)
+    fulls = tokenizer.encode([c + k for c, k in pairs], prepend=bos)
+    seqs = []
+    for ctx_ids, ids in zip(contexts, fulls):
+        start = min(common_prefix_len(ctx_ids, ids), len(ids) - 1)  # at least one continuation token
+        start = max(start, 1)  # the BOS is never scored
+        if max_seq_len is not None and len(ids) > max_seq_len:
+            crop = len(ids) - max_seq_len
+            ids = ids[crop:]
+            start = max(start - crop, 1)  # position 0 has no prediction; a too-long continuation loses its head
+        seqs.append((ids, start, len(ids)))
+    return seqs
+
+
+# -----------------------------------------------------------------------------
+# Scoring one example
+
+def sample_fewshot(data, idx, num_fewshot):
+    """Deterministic per example: the same example always gets the same shots, never itself."""
+    if num_fewshot <= 0:
+        return []
+    rng = random.Random(1234 + idx)
+    others = [i for i in range(len(data)) if i != idx]
+    return [data[i] for i in rng.sample(others, min(num_fewshot, len(others)))]
+
+
+def model_max_seq_len(model):
+    config = getattr(model, "config", None)
+    return getattr(config, "sequence_len", None)
+
+
+@torch.no_grad()
+def forward_sequences(model, seqs, pad_id, device):
+    """One forward over all sequences of an example, right-padded with pad_id (padding sits
+    after every continuation, so causal attention keeps it from touching scored positions).
+    Returns per-row mean continuation loss [N] and per-row exact-greedy-match flags [N]."""
+    N, T = len(seqs), max(len(ids) for ids, _, _ in seqs)
+    idx = torch.full((N, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((N, T), dtype=torch.bool)  # True where ids[t] is a continuation token
+    for i, (ids, start, end) in enumerate(seqs):
+        idx[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, start:end] = True
+    idx, mask = idx.to(device), mask.to(device)
+    logits = model(idx).float()  # (N, T, V)
+    # position t-1 predicts token t
+    pred_logits, targets, pred_mask = logits[:, :-1], idx[:, 1:], mask[:, 1:]  # (N, T-1, V), (N, T-1)
+    losses = F.cross_entropy(pred_logits.transpose(1, 2), targets, reduction="none")  # (N, T-1)
+    mean_loss = (losses * pred_mask).sum(1) / pred_mask.sum(1)  # (N,)
+    hits = (pred_logits.argmax(-1) == targets) | ~pred_mask  # (N, T-1)
+    return mean_loss, hits.all(1)
+
+
+def evaluate_example(idx, model, tokenizer, data, device, task_meta):
+    """True iff the model gets data[idx] right."""
+    example = data[idx]
+    task_type = task_meta["task_type"]
+    fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
+    pairs = render_sequences(example, fewshot, task_type, task_meta["continuation_delimiter"])
+    seqs = tokenize_sequences(tokenizer, pairs, model_max_seq_len(model))
+    mean_loss, greedy_match = forward_sequences(model, seqs, tokenizer.get_bos_token_id(), device)
+    if task_type == "language_modeling":
+        return bool(greedy_match[0].item())
+    return mean_loss.argmin().item() == example["gold"]
+
+
+def evaluate_task(model, tokenizer, data, device, task_meta):
+    """Accuracy over data. Under DDP each rank takes examples rank, rank+world, ... and the
+    correct counts are summed across ranks, so every rank returns the same number."""
+    _, rank, _, world_size = get_dist_info()
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    for idx in range(rank, len(data), world_size):
+        correct[idx] = float(evaluate_example(idx, model, tokenizer, data, device, task_meta))
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.sum().item() / len(data)
+
+
+def centered_accuracy(accuracy, random_baseline):
+    """random_baseline is in percent (as in eval_meta_data.csv): 0 = chance, 1 = perfect."""
+    chance = 0.01 * random_baseline
+    return (accuracy - chance) / (1.0 - chance)
+
+
+# -----------------------------------------------------------------------------
+# The bundle: download, extract, read
+
+def download_file(url, path, retries=5, backoff=1.0, timeout=60):
+    """Download url to path atomically (temp name, then rename), retrying failed or
+    truncated transfers. Raises UserError when every attempt fails."""
+    last_error = None
+    for attempt in range(retries):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, atomic_path(path) as tmp:
+                expected = response.headers.get("Content-Length")
+                with open(tmp, "wb") as f:
+                    shutil.copyfileobj(response, f, 1 << 20)
+                got = os.path.getsize(tmp)
+                if expected is not None and got != int(expected):
+                    raise IOError(f"truncated download: got {got} of {expected} bytes")
+            return path
+        except Exception as e:  # network errors, http errors, IncompleteRead, truncation
+            last_error = e
+            print0(f"download of {url} failed (attempt {attempt + 1}/{retries}): {e}")
+            if attempt + 1 < retries:
+                time.sleep(backoff * 2 ** attempt)
+    raise UserError(f"could not download {url} after {retries} attempts: {last_error}")
+
+
+def extract_bundle(zip_path, bundle_dir):
+    """Extract the zip's eval_bundle/ folder to bundle_dir via a temp dir and one rename."""
+    parent = os.path.dirname(os.path.abspath(bundle_dir))
+    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=".eval_bundle.")
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp_dir)  # checks every member's CRC; drops absolute paths and ".." parts
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise UserError(f"{zip_path} is not a valid eval bundle zip ({e}); delete it and retry") from e
+        extracted = os.path.join(tmp_dir, "eval_bundle")
+        if not os.path.isfile(os.path.join(extracted, "core.yaml")):
+            raise UserError(f"{zip_path} has no eval_bundle/core.yaml; delete it and retry")
+        try:
+            os.rename(extracted, bundle_dir)
+        except OSError:
+            if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):  # else someone else won the race
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return bundle_dir
+
+
+def get_eval_bundle(url=None, base_dir=None, retries=5, backoff=1.0):
+    """Path of the extracted bundle, downloading and extracting it first if needed.
+    url: explicit > $NANOCHAT_EVAL_BUNDLE_URL > upstream's public URL. Under DDP rank 0
+    fetches while the other ranks wait at a barrier."""
+    base_dir = base_dir or get_base_dir()
+    bundle_dir = os.path.join(base_dir, "eval_bundle")
+    zip_path = os.path.join(base_dir, "eval_bundle.zip")
+    url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or DEFAULT_BUNDLE_URL
+    _, rank, _, _ = get_dist_info()
+    if rank == 0 and not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
+        if not os.path.isfile(zip_path):
+            print0(f"downloading eval bundle from {url}")
+            download_file(url, zip_path, retries=retries, backoff=backoff)
+        try:
+            extract_bundle(zip_path, bundle_dir)
+        except UserError:
+            os.remove(zip_path)  # a corrupt zip must not block the next attempt
+            raise
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
+        raise UserError(f"eval bundle missing at {bundle_dir}")
+    return bundle_dir
+
+
+def load_bundle_tasks(bundle_dir):
+    """[(task_meta, random_baseline, data)] for every task listed in core.yaml."""
+    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    tasks = []
+    for task in config["icl_tasks"]:
+        label = task["label"]
+        if label not in baselines:
+            raise UserError(f"task {label!r} has no row in eval_meta_data.csv")
+        num_fewshot = task["num_fewshot"]
+        task_meta = {
+            "label": label,
+            "task_type": task["icl_task_type"],
+            "num_fewshot": num_fewshot[0] if isinstance(num_fewshot, list) else num_fewshot,
+            "continuation_delimiter": task.get("continuation_delimiter", " "),
+        }
+        if task_meta["task_type"] not in TASK_TYPES:
+            raise UserError(f"task {label!r}: unknown icl_task_type {task_meta['task_type']!r}")
+        with open(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), encoding="utf-8") as f:
+            data = [json.loads(line) for line in f if line.strip()]
+        tasks.append((task_meta, baselines[label], data))
+    return tasks
+
+
+def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=-1):
+    """Run every task of the bundle (default: get_eval_bundle()). Returns {"results":
+    {label: accuracy}, "centered_results": {label: centered}, "core_metric": mean centered}."""
+    bundle_dir = bundle_dir or get_eval_bundle()
+    results, centered_results = {}, {}
+    for task_meta, random_baseline, data in load_bundle_tasks(bundle_dir):
+        if not data:
+            raise UserError(f"task {task_meta['label']!r} has no examples")
+        t0 = time.time()
+        random.Random(1337).shuffle(data)  # fixed order so --max-per-task takes a fixed subset
+        if max_per_task > 0:
+            data = data[:max_per_task]
+        accuracy = evaluate_task(model, tokenizer, data, device, task_meta)
+        label = task_meta["label"]
+        results[label] = accuracy
+        centered_results[label] = centered_accuracy(accuracy, random_baseline)
+        print0(f"{label:<40} accuracy {accuracy:.4f} | centered {centered_results[label]:+.4f} | {time.time() - t0:.1f}s")
+    core_metric = sum(centered_results.values()) / max(len(centered_results), 1)
+    return {"results": results, "centered_results": centered_results, "core_metric": core_metric}

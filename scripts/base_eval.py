@@ -1,0 +1,130 @@
+"""
+Evaluate a base model checkpoint: CORE (the DCLM in-context-learning bundle), bits per byte
+on the train and val splits, and a few greedy samples.
+
+    python -m scripts.base_eval                                   # largest d<N>, last step, everything
+    python -m scripts.base_eval --model-tag d12 --eval core --max-per-task 500
+    torchrun --nproc_per_node=8 scripts/base_eval.py              # examples / batches split over ranks
+
+Results go to <base>/base_eval/<model_tag>_<step>.json (written atomically) and a table on stdout.
+"""
+
+import os
+import sys
+import time
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_write_json
+from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, find_largest_model, find_last_step
+
+EVALS = ("core", "bpb", "sample")
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Evaluate a base model: CORE, bits per byte, samples", allow_abbrev=False)
+    p.add_argument("--source", type=str, default="base", choices=sorted(SOURCE_DIRS), help="which checkpoints to load")
+    p.add_argument("--model-tag", type=str, default=None, help="checkpoint tag (default: the largest d<N>)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
+    p.add_argument("--eval", type=str, default=",".join(EVALS), help=f"comma list of {', '.join(EVALS)}")
+    p.add_argument("--max-per-task", type=int, default=-1, help="CORE: examples per task (-1: all)")
+    p.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty: autodetect)")
+    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="bpb: tokens evaluated per split")
+    p.add_argument("--device-batch-size", type=int, default=32, help="bpb: rows per forward")
+    p.add_argument("--bundle-url", type=str, default="", help="CORE bundle zip URL (default: $NANOCHAT_EVAL_BUNDLE_URL or upstream's)")
+    return p
+
+
+def evaluate_bpb_splits(model, tokenizer, device, split_tokens, device_batch_size, world_size):
+    from nanochat.tokenizer import get_token_bytes
+    from nanochat.dataloader import bos_bestfit_loader
+    from nanochat.loss_eval import evaluate_bpb
+    token_bytes = get_token_bytes(device=device)
+    B, T = device_batch_size, model.config.sequence_len
+    steps = max(1, split_tokens // (B * T * world_size))
+    bpb = {}
+    for split in ("train", "val"):
+        t0 = time.time()
+        loader = bos_bestfit_loader(tokenizer, B, T, split, device=device)
+        bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        print0(f"{split} bpb: {bpb[split]:.4f} ({steps} x {B} x {T} tokens per rank, {time.time() - t0:.1f}s)")
+    return bpb
+
+
+def sample_completions(model, tokenizer, max_tokens=16):
+    """Greedy completions of the fixed prompts (deterministic, so runs can be compared)."""
+    bos = tokenizer.get_bos_token_id()
+    samples = []
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=bos)
+        completion = list(model.generate(tokens, max_tokens=max_tokens, temperature=0))
+        samples.append(dict(prompt=prompt, completion=tokenizer.decode(completion)))
+    return samples
+
+
+def print_table(results):
+    print0("=" * 72)
+    print0(f"{results['source']} model {results['model_tag']} step {results['step']}")
+    if "bpb" in results:
+        for split, value in results["bpb"].items():
+            print0(f"  {split + ' bpb':<44} {value:.4f}")
+    if "core" in results:
+        print0(f"  {'CORE task':<44} {'accuracy':>10} {'centered':>10}")
+        for label, acc in results["core"]["results"].items():
+            print0(f"  {label:<44} {acc:>10.4f} {results['core']['centered_results'][label]:>10.4f}")
+        print0(f"  {'CORE metric':<44} {'':>10} {results['core']['core_metric']:>10.4f}")
+    for s in results.get("samples", []):
+        print0(f"  {s['prompt']!r} -> {s['completion']!r}")
+    print0("=" * 72)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    evals = [e.strip() for e in args.eval.split(",") if e.strip()]
+    unknown = [e for e in evals if e not in EVALS]
+    if unknown or not evals:
+        raise UserError(f"--eval takes a comma list of {', '.join(EVALS)}; got {args.eval!r}")
+    if args.split_tokens <= 0 or args.device_batch_size <= 0:
+        raise UserError("--split-tokens and --device-batch-size must be positive")
+
+    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    try:
+        # resolve the tag and step here so the output file can be named after them
+        checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
+        model_tag = args.model_tag or find_largest_model(checkpoints_dir)
+        step = args.step if args.step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
+
+        results = dict(source=args.source, model_tag=model_tag, step=step, world_size=world_size)
+        if "bpb" in evals:
+            results["bpb"] = evaluate_bpb_splits(model, tokenizer, device, args.split_tokens, args.device_batch_size, world_size)
+        if "sample" in evals and rank == 0:  # samples are cheap and identical on every rank
+            results["samples"] = sample_completions(model, tokenizer)
+        if "core" in evals:
+            from nanochat.core_eval import evaluate_core, get_eval_bundle
+            bundle_dir = get_eval_bundle(args.bundle_url or None)
+            results["core"] = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=args.max_per_task)
+
+        if rank == 0:
+            name = f"{model_tag}_{step}.json" if args.source == "base" else f"{args.source}_{model_tag}_{step}.json"
+            out_path = os.path.join(get_base_dir(), "base_eval", name)
+            atomic_write_json(results, out_path)
+            print_table(results)
+            print0(f"wrote {out_path}")
+        return results
+    finally:
+        compute_cleanup()
+
+
+if __name__ == "__main__":
+    cli_main(main)
