@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job on a laptop CPU, offline: embedded corpus -> tokenizer -> tiny base model ->
+# eval + samples. ~15 minutes on 2 cores. Everything goes to $NANOCHAT_BASE_DIR
+# (default ~/.cache/nanochat).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+export NANOCHAT_DATASET=pystdlib
+export WANDB_MODE="${WANDB_MODE:-disabled}"
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q -e .
+PY=.venv/bin/python
+
+$PY -m nanochat.dataset --offline
+$PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
+$PY -m scripts.tok_eval --no-compare
+$PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d4
+$PY -m scripts.base_eval --eval bpb,sample --model-tag cpu_d4 --split-tokens 131072 --device-batch-size 8
