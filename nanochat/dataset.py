@@ -41,9 +41,10 @@ CHUNK_BYTES = 1 << 20
 # The embedded offline corpus
 OFFLINE_NAME = "pystdlib"
 OFFLINE_SEED = 42
-OFFLINE_DOCS_PER_SHARD = 256      # ~7 shards from a full CPython stdlib
-OFFLINE_DOCS_PER_ROW_GROUP = 32   # ~8 row groups per shard, so even the val shard feeds 8 ranks
-OFFLINE_FORMAT = 1                # bump when the export changes, so old exports are rewritten
+OFFLINE_MAX_DOC_CHARS = 2000      # files are cut into documents of at most this (~450 tokens)
+OFFLINE_DOCS_PER_SHARD = 2048     # ~8 shards from a full CPython stdlib
+OFFLINE_DOCS_PER_ROW_GROUP = 256  # 8 row groups per shard, so even the val shard feeds 8 ranks
+OFFLINE_FORMAT = 2                # bump when the export changes, so old exports are rewritten
 
 
 def shard_filename(index):
@@ -214,7 +215,7 @@ def download(num_files, base_url=DEFAULT_BASE_URL, num_workers=4, data_dir=None)
 
 
 def stdlib_documents(stdlib_dir=None):
-    """One document per .py file of the standard library (site-packages and dist-packages
+    """One text per .py file of the standard library (site-packages and dist-packages
     excluded) and per pydoc topic: sorted, then shuffled with a fixed seed."""
     stdlib_dir = stdlib_dir or sysconfig.get_paths()["stdlib"]
     if not os.path.isdir(stdlib_dir):
@@ -242,6 +243,28 @@ def stdlib_documents(stdlib_dir=None):
     return docs
 
 
+def split_document(text, max_chars=OFFLINE_MAX_DOC_CHARS):
+    """Cut text into pieces of at most max_chars, at paragraph (blank line) boundaries where
+    possible, else at line ends, else anywhere; the pieces concatenate back to text.
+    Why: the loader crops a document longer than a row and drops the rest, so whole source
+    files (up to 200 KB) would only ever show the model their first few hundred tokens."""
+    pieces = []  # the smallest units we cut at, in order
+    paragraphs = text.split("\n\n")
+    for i, para in enumerate(paragraphs):
+        para = para + "\n\n" if i < len(paragraphs) - 1 else para
+        for line in ([para] if len(para) <= max_chars else para.splitlines(keepends=True)):
+            pieces.extend(line[j:j + max_chars] for j in range(0, len(line), max_chars))
+    chunks, current = [], ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > max_chars:
+            chunks.append(current)
+            current = ""
+        current += piece
+    if current:
+        chunks.append(current)
+    return chunks
+
+
 def _offline_export_is_complete(out_dir, source):
     manifest_path = os.path.join(out_dir, "manifest.json")
     if not os.path.exists(manifest_path):
@@ -264,12 +287,12 @@ def export_offline_corpus(out_dir=None, stdlib_dir=None):
     out_dir = out_dir or get_data_dir(OFFLINE_NAME)
     stdlib_dir = stdlib_dir or sysconfig.get_paths()["stdlib"]
     source = {"format": OFFLINE_FORMAT, "python": platform.python_version(), "stdlib": stdlib_dir,
-              "seed": OFFLINE_SEED, "docs_per_shard": OFFLINE_DOCS_PER_SHARD,
+              "seed": OFFLINE_SEED, "max_doc_chars": OFFLINE_MAX_DOC_CHARS, "docs_per_shard": OFFLINE_DOCS_PER_SHARD,
               "docs_per_row_group": OFFLINE_DOCS_PER_ROW_GROUP}
     if _offline_export_is_complete(out_dir, source):
         print(f"Offline corpus already complete in {out_dir}, nothing to do")
         return out_dir
-    docs = stdlib_documents(stdlib_dir)
+    docs = [chunk for doc in stdlib_documents(stdlib_dir) for chunk in split_document(doc)]  # a file's pieces stay together
     if len(docs) < 2:
         raise UserError(f"found only {len(docs)} documents under {stdlib_dir}; need at least 2 (train + val)")
     num_shards = max(2, round(len(docs) / OFFLINE_DOCS_PER_SHARD))

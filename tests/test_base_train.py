@@ -132,3 +132,17 @@ def test_torchrun_two_ranks_cpu(tiny_base_dir):
     s1 = torch.load(ckpt / "optim_000002_rank1.pt")["dataloader_state_dict"]
     assert s0 != s1  # each rank reads its own row groups
     assert r.stdout.count("step 00002/00002") == 1  # only rank 0 prints
+
+
+def test_core_metric_during_training(base_dir):
+    from test_core_eval import make_tasks, build_bundle_zip, BundleServer
+    from nanochat.core_eval import get_eval_bundle
+    with BundleServer(build_bundle_zip(make_tasks())) as server:  # base_train finds it already in <base>/eval_bundle
+        get_eval_bundle(server.url, base_dir=str(base_dir), backoff=0)
+    base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1", "--core-metric-every", "2",
+                            "--core-metric-max-per-task", "4", "--model-tag", "core"])
+    records = [json.loads(line) for line in (base_dir / "base_checkpoints" / "core" / "train_log.jsonl").read_text().splitlines()]
+    core = [r for r in records if r["kind"] == "core"]
+    assert len(core) == 1 and core[0]["step"] == 2
+    assert -2.0 < core[0]["core_metric"] < 1.0
+    assert len([k for k in core[0] if k.startswith("core/")]) == 6

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import nanochat.dataset as dataset
 from nanochat.common import UserError
 from nanochat.dataset import (download, download_shard, export_offline_corpus, get_data_dir, list_parquet_files,
-                              parquets_iter_batched, shard_filename, stdlib_documents)
+                              parquets_iter_batched, shard_filename, split_document, stdlib_documents)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -229,7 +229,8 @@ def test_offline_export_of_this_python(monkeypatch, capsys):
     assert all(pq.ParquetFile(p).num_row_groups >= 3 for p in paths)
     assert rows[-1] >= 0.5 * sum(rows) / len(rows)  # the val shard is a full-sized one
     texts = [t for p in paths for t in pq.read_table(p).column("text").to_pylist()]
-    assert len(texts) == sum(rows) == len(stdlib_documents())
+    assert texts == [c for d in stdlib_documents() for c in split_document(d)] and len(texts) == sum(rows)
+    assert max(len(t) for t in texts) <= 2000
     assert any("def urlopen(" in t for t in texts)  # urllib/request.py
     assert not any("site-packages" in p for p in paths)
     # idempotent: a second run leaves the files alone
@@ -261,8 +262,18 @@ def test_offline_export_of_a_small_tree(tmp_path):
         export_offline_corpus(str(out), stdlib_dir=str(src))
     read = lambda out: [pq.read_table(p).column("text").to_pylist() for p in list_parquet_files(str(out))]
     assert read(first) == read(second) and len(read(first)) == 2
-    assert [t for shard in read(first) for t in shard] == docs
+    assert [t for shard in read(first) for t in shard] == [c for d in docs for c in split_document(d)]
     # an export with a shard missing is not complete: it is written again
     os.remove(first / shard_filename(1))
     export_offline_corpus(str(first), stdlib_dir=str(src))
     assert read(first) == read(second)
+
+
+def test_split_document_is_lossless_and_cuts_at_paragraphs():
+    text = "a" * 30 + "\n\n" + "b" * 30 + "\n\n" + "c" * 10 + "\n" + "d" * 75
+    chunks = split_document(text, max_chars=40)
+    assert "".join(chunks) == text
+    assert all(len(c) <= 40 for c in chunks)
+    assert chunks[0] == "a" * 30 + "\n\n" and chunks[1] == "b" * 30 + "\n\n"  # paragraph boundaries first
+    assert chunks[2] == "c" * 10 + "\n"  # then line ends; an over-long line is cut anywhere
+    assert split_document("short", max_chars=40) == ["short"]

@@ -1,0 +1,30 @@
+import json
+
+import torch
+
+from nanochat.runlog import RunLog, peak_flops
+
+
+def test_jsonl_always_and_wandb_when_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    log = RunLog(str(tmp_path / "a" / "log.jsonl"), run="myrun", user_config={"depth": 2})
+    assert log.wandb is not None
+    log.write(step=1, kind="train", loss=2.5, mfu=None)
+    log.write(step=2, kind="eval", val_bpb=1.25)
+    log.finish()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in rows] == [(1, "train"), (2, "eval")]
+    assert rows[0]["loss"] == 2.5 and rows[1]["val_bpb"] == 1.25 and "time" in rows[0]
+
+
+def test_dummy_run_has_no_wandb_and_disabled_rank_writes_nothing(tmp_path):
+    log = RunLog(str(tmp_path / "log.jsonl"))
+    assert log.wandb is None
+    off = RunLog(str(tmp_path / "off.jsonl"), enabled=False)
+    off.write(step=1, loss=1.0)
+    assert not (tmp_path / "off.jsonl").exists()
+
+
+def test_peak_flops_unknown_off_gpu():
+    assert peak_flops(torch.device("cpu")) is None
