@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: makes .venv (Python 3.10+), installs the package
+# The whole test suite, from a fresh clone: makes .venv (Python 3.11+), installs the package
 # with its dev extra (torch==2.13.0 CPU is enough), runs pytest. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -19,12 +19,13 @@ SOURCE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
+    """Each file atomically; the meta last, so a step with a meta is a complete checkpoint."""
     os.makedirs(checkpoint_dir, exist_ok=True)
+    if optimizer_data is not None:
+        atomic_torch_save(optimizer_data, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"))
     if rank == 0:
         atomic_torch_save(model_data, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
         atomic_write_json(meta_data, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
-    if optimizer_data is not None:
-        atomic_torch_save(optimizer_data, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"))
 
 
 def _torch_load(path, device):
@@ -108,9 +109,12 @@ def find_largest_model(checkpoints_dir):
 
 
 def find_last_step(checkpoint_dir):
-    steps = [int(m.group(1)) for f in os.listdir(checkpoint_dir) if (m := re.fullmatch(r"model_(\d+)\.pt", f))] if os.path.isdir(checkpoint_dir) else []
+    """The last step with both model_<step>.pt and meta_<step>.json (a crash between the two
+    leaves an incomplete newest step, which is skipped)."""
+    files = set(os.listdir(checkpoint_dir)) if os.path.isdir(checkpoint_dir) else set()
+    steps = [int(m.group(1)) for f in files if (m := re.fullmatch(r"model_(\d+)\.pt", f)) and f"meta_{m.group(1)}.json" in files]
     if not steps:
-        raise UserError(f"no model_<step>.pt in {checkpoint_dir}")
+        raise UserError(f"no complete checkpoint (model_<step>.pt + meta_<step>.json) in {checkpoint_dir}")
     return max(steps)
 
 

@@ -10,6 +10,7 @@ No biases anywhere. Linear weights are fp32 masters cast to the activation dtype
 """
 
 import math
+import functools
 from dataclasses import dataclass, asdict
 
 import torch
@@ -107,16 +108,24 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)
 
 
+@functools.lru_cache(maxsize=32)
+def window_mask(Tq, Tk, window, device):
+    """(Tq, Tk) bool: query i (the last Tq of Tk positions) sees key j iff 0 <= i - j <= window."""
+    qpos = torch.arange(Tk - Tq, Tk, device=device).unsqueeze(1)  # (Tq, 1)
+    kpos = torch.arange(Tk, device=device).unsqueeze(0)           # (1, Tk)
+    return (qpos >= kpos) & (qpos - kpos <= window)
+
+
 def attend(q, k, v, window):
     """Causal attention where query i (at the end of the key sequence) sees key j iff
-    0 <= i - j <= window. q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D) with Tk >= Tq."""
+    0 <= i - j <= window. q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D) with Tk >= Tq.
+    Warning: a window shorter than the sequence needs an explicit mask, which takes SDPA off
+    its FlashAttention kernel (the mask is cached, but the kernel is the slower one)."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if Tk - 1 <= window and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    qpos = torch.arange(Tk - Tq, Tk, device=q.device).unsqueeze(1)  # (Tq, 1)
-    kpos = torch.arange(Tk, device=q.device).unsqueeze(0)           # (1, Tk)
-    mask = (qpos >= kpos) & (qpos - kpos <= window)                   # (Tq, Tk)
+    mask = window_mask(Tq, Tk, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 

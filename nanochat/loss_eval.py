@@ -13,7 +13,8 @@ import torch.distributed as dist
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
     """batches yields (inputs [B,T], targets [B,T], ...); token_bytes: int32 [vocab] on the model's device."""
-    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    acc_dtype = torch.float32 if token_bytes.device.type == "mps" else torch.float64  # MPS has no float64
+    total_nats = torch.zeros((), dtype=acc_dtype, device=token_bytes.device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
     batch_iter = iter(batches)
     for _ in range(steps):
@@ -23,7 +24,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y, dtype=token_bytes.dtype))
         counted = nbytes > 0
-        total_nats += (loss.double() * counted).sum()
+        total_nats += (loss.to(acc_dtype) * counted).sum()
         total_bytes += nbytes.sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total_nats)

@@ -141,6 +141,17 @@ def get_muon_weight_decay(it, num_iterations, weight_decay):
     return weight_decay * 0.5 * (1 + math.cos(math.pi * it / max(num_iterations, 1)))
 
 
+def all_reduce_mean(tensors, world_size):
+    """Average tensors across ranks with one collective per dtype: flatten, all-reduce, copy back."""
+    for dtype in {t.dtype for t in tensors}:
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size)
+        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(chunk.view_as(t))
+
+
 def print_samples(model, tokenizer, prompts, max_tokens=32):
     bos = tokenizer.get_bos_token_id()
     for prompt in prompts:
@@ -152,6 +163,13 @@ SAMPLE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "import os\n"
 
 
 def main(argv=None):
+    try:
+        return train(argv)
+    finally:
+        compute_cleanup()
+
+
+def train(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()
     device_type = args.device_type or autodetect_device_type()
@@ -163,10 +181,14 @@ def main(argv=None):
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
     vocab_size = tokenizer.get_vocab_size()
+    if token_bytes.numel() != vocab_size:
+        raise UserError(f"token_bytes.pt has {token_bytes.numel()} entries but the tokenizer has {vocab_size} tokens (re-run tok_train)")
     config = model_config_from_args(args, vocab_size)
     print0(f"model config: {json.dumps(config.to_dict())}")
 
     # sizing: tokens, batch, iterations, learning-rate and weight-decay scaling -----------
+    if args.target_param_data_ratio <= 0:
+        raise UserError(f"--target-param-data-ratio must be positive, got {args.target_param_data_ratio}")
     num_params = scaling_params(config)
     ref_config = model_config_from_args(argparse.Namespace(**{**vars(args), "depth": 12}), vocab_size)
     data_tokens = args.target_param_data_ratio * num_params               # D
@@ -210,12 +232,18 @@ def main(argv=None):
     loop_state = dict(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0)
     if args.resume_from_step >= 0:
         model_data, optim_data, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
+        missing = [k for k in ("model_config", "step", "loop_state") if k not in meta]
+        missing += [k for k in ("optimizers", "dataloader_state_dict") if not isinstance(optim_data, dict) or k not in optim_data]
+        if missing:
+            raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: checkpoint lacks {', '.join(missing)}")
         if meta["model_config"] != config.to_dict():
             raise UserError(f"cannot resume: checkpoint model_config {meta['model_config']} differs from this run's {config.to_dict()}")
         model.load_state_dict(prepare_state_dict(model_data, device), strict=True)
         for opt, state in zip(optimizers, optim_data["optimizers"]):
             opt.load_state_dict(state)
         start_step = meta["step"]
+        if start_step > num_iterations:
+            raise UserError(f"cannot resume from step {start_step}: this run has only {num_iterations} iterations")
         loader_state = optim_data["dataloader_state_dict"]
         loop_state = meta["loop_state"]
         print0(f"resumed from step {start_step} in {checkpoint_dir}")
@@ -229,7 +257,12 @@ def main(argv=None):
     # data ---------------------------------------------------------------------------------
     T, B = args.max_seq_len, args.device_batch_size
     train_loader = bos_bestfit_loader(tokenizer, B, T, "train", device=device, resume_state_dict=loader_state)
+    x, y, next_loader_state = next(train_loader)  # always one batch ahead, so packing overlaps GPU work
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
+
+    if args.core_metric_every > 0:  # fetch the CORE bundle now, not hours into the run
+        from nanochat.core_eval import get_eval_bundle, evaluate_core
+        core_bundle = get_eval_bundle()
 
     log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=master)
     peak = peak_flops(device)
@@ -259,9 +292,8 @@ def main(argv=None):
                       wall_s=loop_state["total_training_time"])
             model.train()
         if args.core_metric_every > 0 and step > start_step and (step % args.core_metric_every == 0 or last_step):
-            from nanochat.core_eval import evaluate_core
             model.eval()
-            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+            core = evaluate_core(orig_model, tokenizer, device, bundle_dir=core_bundle, max_per_task=args.core_metric_max_per_task)
             print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
             log.write(step=step, kind="core", core_metric=core["core_metric"], **{f"core/{k}": v for k, v in core["centered_results"].items()})
             model.train()
@@ -276,17 +308,15 @@ def main(argv=None):
             break
 
         # one optimization step: grad_accum_steps micro-batches, then all-reduce and update
-        synchronize()
-        t0 = time.time()
+        t0 = time.time()  # the previous step ended in a sync (or an eval's .item())
         for _ in range(grad_accum_steps):
-            x, y, loader_state = next(train_loader)
             loss = model(x, y)
             train_loss = loss.detach()
             (loss / grad_accum_steps).backward()
+            loader_state = next_loader_state  # the state after the batch just consumed: what a checkpoint resumes from
+            x, y, next_loader_state = next(train_loader)
         if is_ddp:
-            for p in orig_model.parameters():
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad.div_(world_size)
+            all_reduce_mean([p.grad for p in orig_model.parameters()], world_size)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -320,7 +350,6 @@ def main(argv=None):
 
     print0(f"done: min val bpb {loop_state['min_val_bpb']:.4f} | training time {loop_state['total_training_time'] / 60:.2f}m")
     log.finish()
-    compute_cleanup()
     return dict(final_loss=train_loss if num_iterations > start_step else None, val_bpb=val_bpb)
 
 

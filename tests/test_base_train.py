@@ -146,3 +146,28 @@ def test_core_metric_during_training(base_dir):
     assert len(core) == 1 and core[0]["step"] == 2
     assert -2.0 < core[0]["core_metric"] < 1.0
     assert len([k for k in core[0] if k.startswith("core/")]) == 6
+
+
+def test_resume_errors_are_user_errors(base_dir):
+    common = TINY + ["--eval-every", "-1", "--model-tag", "resume_err"]
+    base_train.main(common + ["--num-iterations", "3"])
+    with pytest.raises(UserError, match="only 2 iterations"):
+        base_train.main(common + ["--num-iterations", "2", "--resume-from-step", "3"])
+    with pytest.raises(UserError, match="differs from this run"):
+        base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "3", "--max-seq-len", "32"])
+    ckpt = base_dir / "base_checkpoints" / "resume_err"
+    torch.save({"state": {}, "param_groups": []}, ckpt / "optim_000003_rank0.pt")  # an upstream-style optimizer file
+    with pytest.raises(UserError, match="lacks optimizers, dataloader_state_dict"):
+        base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "3"])
+    with pytest.raises(UserError, match="must be positive"):
+        base_train.main(TINY + ["--target-param-data-ratio", "0", "--model-tag", "resume_err"])
+
+
+def test_stale_token_bytes_is_a_user_error(tiny_base_dir, tmp_path, monkeypatch):
+    import shutil
+    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
+    shutil.copytree(tiny_base_dir / "base_data_climbmix", tmp_path / "base_data_climbmix")
+    torch.save(torch.ones(300, dtype=torch.int32), tmp_path / "tokenizer" / "token_bytes.pt")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="token_bytes.pt has 300 entries"):
+        base_train.main(TINY + ["--num-iterations", "1"])

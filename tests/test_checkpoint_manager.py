@@ -59,10 +59,18 @@ def test_wrong_shapes_are_user_errors(base_dir):
 def test_missing_things_are_user_errors(base_dir, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="unknown checkpoint source"):
         load_model("nope", "cpu", phase="eval")
-    with pytest.raises(UserError, match="no model_<step>.pt"):
+    with pytest.raises(UserError, match="no complete checkpoint"):
         find_last_step(str(tmp_path))
     with pytest.raises(UserError, match="not found"):
         load_checkpoint(str(tmp_path), 1, "cpu")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="train a model first"):
         load_model("sft", "cpu", phase="eval")
+
+
+def test_incomplete_newest_step_is_skipped(base_dir):
+    _, ckpt = save_tiny(base_dir, "partial", step=5)
+    (ckpt / "model_000009.pt").write_bytes((ckpt / "model_000005.pt").read_bytes())  # crashed before its meta
+    assert find_last_step(str(ckpt)) == 5
+    _, _, meta = load_model("base", "cpu", phase="eval", model_tag="partial")
+    assert meta["step"] == 5
