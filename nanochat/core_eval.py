@@ -4,12 +4,16 @@ each scored by accuracy, centered against its random-guess baseline and averaged
 
 Three task types:
 - multiple_choice: {query, choices, gold}. One sequence per choice: the shared context
-  (few-shot examples + query + delimiter) followed by the choice. The choice with the
-  lowest mean loss over its own tokens wins.
+  (few-shot examples + query + delimiter) followed by the choice. Scored span: from the end
+  of the common token prefix of all the choices' sequences to each sequence's end (tokens
+  every choice starts with are not scored). The lowest mean loss over its span wins.
 - schema: {context_options, continuation, gold}. One sequence per context option, all with
-  the same continuation. The option under which the continuation has the lowest mean loss wins.
+  the same continuation. Scored span: the common token suffix of all the options'
+  sequences. The option under which that suffix has the lowest mean loss wins.
 - language_modeling: {context, continuation}. Correct iff greedy decoding (argmax at every
   continuation position, teacher-forced) reproduces the continuation tokens exactly.
+  Scored span: from the end of the tokenized context to the end.
+These spans are upstream nanochat's, so CORE numbers compare with its published ones.
 
 The eval bundle (upstream nanochat / DCLM layout) is a zip holding
     eval_bundle/core.yaml            icl_tasks: [{label, dataset_uri, num_fewshot: [k],
@@ -60,33 +64,62 @@ def render_sequences(example, fewshot, task_type, delimiter):
     raise UserError(f"unknown ICL task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
 
 
-def common_prefix_len(a, b):
+def common_prefix_len(seqs):
+    """Number of leading tokens shared by every list in seqs."""
     n = 0
-    for x, y in zip(a, b):
-        if x != y:
+    for column in zip(*seqs):
+        if any(x != column[0] for x in column):
             break
         n += 1
     return n
 
 
-def tokenize_sequences(tokenizer, pairs, max_seq_len=None):
-    """Tokenize each context+continuation as one string (BOS first) and find where the
-    continuation starts: the first token that differs from the tokenized context alone.
+def common_suffix_len(seqs):
+    """Number of trailing tokens shared by every list in seqs."""
+    return common_prefix_len([list(reversed(ids)) for ids in seqs])
+
+
+def scored_spans(tokenizer, pairs, task_type):
+    """Tokenize each context+continuation as one string (BOS first) and pick the scored
+    span of each sequence, as upstream nanochat does:
+    - multiple_choice (same context, one continuation per choice): from the end of the
+      common prefix of all sequences to each sequence's end, so leading tokens that every
+      choice shares ("the" of "the sun" / "the moon") are context, not scored;
+    - schema (one context per option, same continuation): the common suffix of all
+      sequences, so only the shared continuation tokens are scored;
+    - language_modeling (one pair): from the end of the tokenized context (its common
+      prefix with the full sequence) to the end.
     Tokenizing the whole string matters: a delimiter space at the end of the context merges
     into the first continuation token (" Paris"), exactly as the model saw text in training.
-    Sequences longer than max_seq_len are cropped from the left, keeping the continuation.
-    Returns a list of (ids, start, end): the continuation is ids[start:end]."""
+    Returns a list of (ids, start): the scored tokens are ids[start:]."""
     bos = tokenizer.get_bos_token_id()
-    contexts = tokenizer.encode([c for c, _ in pairs], prepend=bos)
     fulls = tokenizer.encode([c + k for c, k in pairs], prepend=bos)
+    if task_type == "multiple_choice":
+        prefix = common_prefix_len(fulls)
+        starts = [prefix] * len(fulls)
+    elif task_type == "schema":
+        suffix = common_suffix_len(fulls)
+        starts = [len(ids) - suffix for ids in fulls]
+    elif task_type == "language_modeling":
+        contexts = tokenizer.encode([c for c, _ in pairs], prepend=bos)
+        starts = [common_prefix_len([ctx_ids, ids]) for ctx_ids, ids in zip(contexts, fulls)]
+    else:
+        raise UserError(f"unknown ICL task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
+    # degenerate cases only (a single choice, identical sequences, a choice that is a prefix
+    # of another): score at least the last token, and never the BOS
+    return [(ids, max(min(start, len(ids) - 1), 1)) for ids, start in zip(fulls, starts)]
+
+
+def tokenize_sequences(tokenizer, pairs, task_type, max_seq_len=None):
+    """scored_spans, then sequences longer than max_seq_len are cropped from the left
+    (keeping the scored tail) and their span start shifts left by the cropped amount.
+    Returns a list of (ids, start, end): the scored tokens are ids[start:end]."""
     seqs = []
-    for ctx_ids, ids in zip(contexts, fulls):
-        start = min(common_prefix_len(ctx_ids, ids), len(ids) - 1)  # at least one continuation token
-        start = max(start, 1)  # the BOS is never scored
+    for ids, start in scored_spans(tokenizer, pairs, task_type):
         if max_seq_len is not None and len(ids) > max_seq_len:
             crop = len(ids) - max_seq_len
             ids = ids[crop:]
-            start = max(start - crop, 1)  # position 0 has no prediction; a too-long continuation loses its head
+            start = max(start - crop, 1)  # position 0 has no prediction; a too-long span loses its head
         seqs.append((ids, start, len(ids)))
     return seqs
 
@@ -135,7 +168,7 @@ def evaluate_example(idx, model, tokenizer, data, device, task_meta):
     task_type = task_meta["task_type"]
     fewshot = sample_fewshot(data, idx, task_meta["num_fewshot"])
     pairs = render_sequences(example, fewshot, task_type, task_meta["continuation_delimiter"])
-    seqs = tokenize_sequences(tokenizer, pairs, model_max_seq_len(model))
+    seqs = tokenize_sequences(tokenizer, pairs, task_type, model_max_seq_len(model))
     mean_loss, greedy_match = forward_sequences(model, seqs, tokenizer.get_bos_token_id(), device)
     if task_type == "language_modeling":
         return bool(greedy_match[0].item())

@@ -24,7 +24,8 @@ from nanochat.common import UserError
 from nanochat import core_eval
 from nanochat.core_eval import (
     centered_accuracy, evaluate_core, evaluate_example, evaluate_task, get_eval_bundle,
-    download_file, load_bundle_tasks, sample_fewshot, tokenize_sequences,
+    download_file, load_bundle_tasks, sample_fewshot, tokenize_sequences, common_prefix_len,
+    common_suffix_len,
 )
 
 # -----------------------------------------------------------------------------
@@ -284,25 +285,77 @@ def test_fewshot_is_deterministic_and_excludes_the_example():
 
 def test_delimiter_space_merges_into_the_continuation():
     tok = WordTokenizer()
-    seqs = tokenize_sequences(tok, [("Capital of France? A: ", "Paris"), ("Capital of France? A: ", "Lyon is")])
-    for (ids, start, end), word in zip(seqs, [[" Paris"], [" Lyon", " is"]]):
-        assert ids[0] == 0 and end == len(ids)
-        assert ids[start:end] == [tok.vocab[p] for p in word]
-        assert ids[:start] == tok.encode("Capital of France? A:", prepend=0)
+    pairs = [("Capital of France? A: ", "Paris"), ("Capital of France? A: ", "Lyon is")]
+    for task_type in ("multiple_choice", "language_modeling"):
+        seqs = tokenize_sequences(tok, pairs, task_type)
+        for (ids, start, end), word in zip(seqs, [[" Paris"], [" Lyon", " is"]]):
+            assert ids[0] == 0 and end == len(ids)
+            assert ids[start:end] == [tok.vocab[p] for p in word]
+            assert ids[:start] == tok.encode("Capital of France? A:", prepend=0)
+
+
+def test_common_prefix_and_suffix():
+    assert common_prefix_len([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_len([[5, 2], [1, 2]]) == 0
+    assert common_suffix_len([[9, 1, 2, 3], [8, 2, 3], [7, 7, 2, 3]]) == 2
+    assert common_suffix_len([[1, 2], [1, 3]]) == 0
+    assert common_prefix_len([[1, 2]]) == 2 and common_suffix_len([[1, 2]]) == 2
+
+
+def test_mc_span_skips_tokens_all_choices_share():
+    """ " the" starts every choice, so it is context: only " sun" / " moon" are scored."""
+    tok = WordTokenizer()
+    pairs = [("Q: what shines? A: ", "the sun"), ("Q: what shines? A: ", "the moon")]
+    seqs = tokenize_sequences(tok, pairs, "multiple_choice")
+    assert [ids[start:end] for ids, start, end in seqs] == [[tok.vocab[" sun"]], [tok.vocab[" moon"]]]
+    assert seqs[0][1] == seqs[1][1] == len(tok.encode("Q: what shines? A: the", prepend=0))
+    # the language-modeling rule (score after the context) would have scored " the" too
+    (ids, start, end), = tokenize_sequences(tok, pairs[:1], "language_modeling")
+    assert ids[start:end] == [tok.vocab[" the"], tok.vocab[" sun"]]
+
+
+def test_schema_span_is_the_common_suffix():
+    tok = CharTokenizer()
+    pairs = [("The cat ", "sat down"), ("The dog ", "sat down")]
+    seqs = tokenize_sequences(tok, pairs, "schema")
+    assert [tok.decode(ids[s:e]) for ids, s, e in seqs] == [" sat down", " sat down"]
+    # options ending alike: the shared tail of the options is scored too; lengths may differ
+    pairs = [("Brightstone ", "ran"), ("Coldstone ", "ran")]
+    seqs = tokenize_sequences(tok, pairs, "schema")
+    assert [tok.decode(ids[s:e]) for ids, s, e in seqs] == ["stone ran", "stone ran"]
+    assert [e for _, _, e in seqs] == [len("Brightstone ran") + 1, len("Coldstone ran") + 1]
+
+
+def test_degenerate_spans_score_at_least_one_token():
+    tok = CharTokenizer()
+    (ids, start, end), = tokenize_sequences(tok, [("Q: ", "yes")], "multiple_choice")  # one choice
+    assert (start, end) == (len(ids) - 1, len(ids))
+    seqs = tokenize_sequences(tok, [("A ", "x"), ("A ", "x")], "schema")  # identical options
+    assert all(s == 1 and e == len(ids) for ids, s, e in seqs)
+
+
+def test_crop_shifts_the_mc_span():
+    tok = CharTokenizer()
+    context = "long few-shot context " * 4 + "Q: what shines? A: "
+    pairs = [(context, "the sun"), (context, "the moonlight")]
+    seqs = tokenize_sequences(tok, pairs, "multiple_choice", max_seq_len=16)
+    assert [tok.decode(ids[s:e]) for ids, s, e in seqs] == ["sun", "moonlight"]
+    assert [tok.decode(ids) for ids, _, _ in seqs] == [(context + c)[-16:] for _, c in pairs]
+    assert [s for _, s, _ in seqs] == [16 - 3, 16 - 9]
 
 
 def test_left_crop_keeps_the_continuation():
     tok = CharTokenizer()
     context, continuation = "a long few-shot context " * 5 + "Q: x? A: ", "answer"
-    (ids, start, end), = tokenize_sequences(tok, [(context, continuation)], max_seq_len=12)
+    (ids, start, end), = tokenize_sequences(tok, [(context, continuation)], "language_modeling", max_seq_len=12)
     assert len(ids) == 12 and end == 12
     assert tok.decode(ids[start:end]) == "answer"
     assert tok.decode(ids) == (context + continuation)[-12:]
     # a continuation longer than the window keeps its tail; position 0 is never scored
-    (ids, start, end), = tokenize_sequences(tok, [("Q: ", "abcdefghij")], max_seq_len=5)
+    (ids, start, end), = tokenize_sequences(tok, [("Q: ", "abcdefghij")], "language_modeling", max_seq_len=5)
     assert tok.decode(ids) == "fghij" and (start, end) == (1, 5)
     # no crop when it fits
-    (ids, start, end), = tokenize_sequences(tok, [("Q: ", "ab")], max_seq_len=12)
+    (ids, start, end), = tokenize_sequences(tok, [("Q: ", "ab")], "language_modeling", max_seq_len=12)
     assert ids == [BOS] + tok.encode("Q: ab") and start == 4
 
 
@@ -355,14 +408,47 @@ def test_partial_key_and_max_per_task(tasks, bundle_dir):
 
 
 def test_choice_scored_by_mean_not_total_loss():
-    """The short choice has the lower total loss (one miss in 3 tokens) but the long one the
-    lower mean (two misses in 11 tokens): the mean must decide."""
+    """Past the shared "ab", the short choice has the lower total loss (one miss in 1 token)
+    but the long one the lower mean (two misses in 9 tokens): the mean must decide."""
     model = AnswerKeyModel({"Q: ": "abXXXXXXXXX"})
     example = dict(query="Q:", choices=["abc", "abXXXXXXXZW"], gold=1)
     meta = dict(task_type="multiple_choice", num_fewshot=0, continuation_delimiter=" ")
     assert evaluate_example(0, model, CharTokenizer(), [example], "cpu", meta)
     example["gold"] = 0
     assert not evaluate_example(0, model, CharTokenizer(), [example], "cpu", meta)
+
+
+def context_span_argmin(model, pairs):
+    """Argmin of mean loss when every token after the context is scored (not upstream's rule)."""
+    tok = CharTokenizer()
+    seqs = [(ids, len(tok.encode(c, prepend=BOS)), len(ids)) for c, k in pairs
+            for ids in [tok.encode(c + k, prepend=BOS)]]
+    loss, _ = core_eval.forward_sequences(model, seqs, BOS, "cpu")
+    return loss.argmin().item()
+
+
+def test_mc_shared_leading_tokens_do_not_decide():
+    """The key reads "the sXn": scoring the shared "the " (nearly free for both) would dilute
+    choice 0's single miss more than choice 1's misses and pick "the sun"; scoring only
+    "sun" vs "moonlight" picks "the moonlight"."""
+    model = AnswerKeyModel({"A: ": "the sXn"})
+    example = dict(query="Q: what shines? A:", choices=["the sun", "the moonlight"], gold=1)
+    meta = dict(task_type="multiple_choice", num_fewshot=0, continuation_delimiter=" ")
+    assert evaluate_example(0, model, CharTokenizer(), [example], "cpu", meta)
+    pairs = [("Q: what shines? A: ", c) for c in example["choices"]]
+    assert context_span_argmin(model, pairs) == 0  # the shared tokens would flip it
+
+
+def test_schema_scores_only_the_common_suffix():
+    """Option 1's key predicts the shared "stone" and misses once in "ran"; option 0's key
+    predicts "ran" perfectly but only after its whole option. Over "ran" alone option 0 wins;
+    over the common suffix "stone ran" its unpredicted "stone " costs more than the miss."""
+    model = AnswerKeyModel({"Brightstone ": "ran", "Cold": "stone raX"})
+    example = dict(context_options=["Brightstone", "Coldstone"], continuation="ran", gold=1)
+    meta = dict(task_type="schema", num_fewshot=0, continuation_delimiter=" ")
+    assert evaluate_example(0, model, CharTokenizer(), [example], "cpu", meta)
+    pairs = [(o + " ", "ran") for o in example["context_options"]]
+    assert context_span_argmin(model, pairs) == 0  # scoring only the continuation would flip it
 
 
 def tiny_gpt(sequence_len=128):
@@ -378,7 +464,7 @@ def test_padding_does_not_change_scores():
     flag must equal those of the sequence run alone."""
     model = tiny_gpt()
     pairs = [("Pick it\nAnswer: ", "a"), ("Pick it\nAnswer: ", "a much longer choice"), ("Pick", " it")]
-    seqs = tokenize_sequences(CharTokenizer(), pairs)
+    seqs = tokenize_sequences(CharTokenizer(), pairs, "language_modeling")
     loss, greedy = core_eval.forward_sequences(model, seqs, BOS, "cpu")
     for i, s in enumerate(seqs):
         loss_i, greedy_i = core_eval.forward_sequences(model, [s], BOS, "cpu")
