@@ -81,6 +81,7 @@ class Linear(nn.Linear):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
+        self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
@@ -92,7 +93,7 @@ class CausalSelfAttention(nn.Module):
         if has_value_embedding(layer_idx, config.n_layer):
             self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head)
 
-    def forward(self, x, ve, cos, sin, window):
+    def forward(self, x, ve, cos, sin, window, kv_cache=None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)      # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)   # (B, T, Hkv, D)
@@ -103,7 +104,10 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        y = attend(q, k, v, window)
+        if kv_cache is None:
+            y = attend(q, k, v, window)
+        else:  # decoding: append k, v to the cache, attend over everything cached (engine.KVCache)
+            y = kv_cache.attend(self.layer_idx, q, k, v, window)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -145,8 +149,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window):
-        x = x + self.attn(norm(x), ve, cos, sin, window)
+    def forward(self, x, ve, cos, sin, window, kv_cache=None):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
         x = x + self.mlp(norm(x))
         return x
 
@@ -274,29 +278,43 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # forward
 
-    def embed(self, idx):
-        """Normalized token embeddings with the smear: for t >= 1 each position adds a gated
-        fraction of the previous position's (pre-smear) embedding."""
-        x = norm(self.transformer.wte(idx))  # (B, T, C)
-        if x.size(1) > 1:
-            gate = torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))  # (B, T-1, 1)
-            x = torch.cat([x[:, :1], x[:, 1:] + self.smear_lambda.to(x.dtype) * gate * x[:, :-1]], dim=1)
-        return x
+    def smear(self, x, prev=None):
+        """For t >= 1 each position adds a gated fraction of the previous position's (pre-smear)
+        normalized embedding. x: (B, T, C); prev: (B, 1, C), the embedding before x[:, 0] when
+        decoding with a cache (zeros for an empty row), else None (x[:, 0] has no predecessor)."""
+        if prev is None:
+            if x.size(1) == 1:
+                return x
+            cur, before = x[:, 1:], x[:, :-1]
+        else:
+            cur, before = x, torch.cat([prev, x[:, :-1]], dim=1)
+        gate = torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))  # (B, Tc, 1)
+        cur = cur + self.smear_lambda.to(x.dtype) * gate * before
+        return cur if prev is not None else torch.cat([x[:, :1], cur], dim=1)
 
-    def forward(self, idx, targets=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
         B, T = idx.shape
-        assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary table ({self.cos.size(1)})"
-        x = self.embed(idx)
+        emb = norm(self.transformer.wte(idx))  # (B, T, C) pre-smear
+        if kv_cache is None:
+            assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary table ({self.cos.size(1)})"
+            x = self.smear(emb)
+            cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)  # (1, T, 1, D/2)
+        else:
+            pos = kv_cache.positions(T)  # (B, T) absolute positions of the new tokens
+            assert int(pos.max()) < self.cos.size(1), "decoding past the rotary table"
+            x = self.smear(emb, kv_cache.smear_prev)
+            cos, sin = self.cos[0][pos].to(x.dtype), self.sin[0][pos].to(x.dtype)  # (B, T, 1, D/2)
         x0 = x
-        cos, sin = self.cos[:, :T].to(x.dtype), self.sin[:, :T].to(x.dtype)  # (1, T, 1, D/2)
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.window_sizes[i])
+            x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == self.config.n_layer // 2:
                 x_mid = x
         x = x - self.backout_lambda.to(x.dtype) * x_mid
+        if kv_cache is not None:
+            kv_cache.advance(T, emb[:, -1:])
 
         logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()  # (B, T, vocab)
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -1,0 +1,230 @@
+"""
+Inference: a KV cache, batched sampling and the calculator tool.
+
+- KVCache holds keys/values as [n_layer, B, T, n_kv_head, D] with a length per row, plus the
+  last token's pre-smear embedding per row (the smear mixes in the previous token).
+- Engine.generate prefills the prompt once with batch 1, clones that cache to num_samples
+  rows, then samples all rows together (temperature / top-k, seeded generator).
+- Tool use: when a row emits <|python_end|>, the expression since <|python_start|> is
+  evaluated by a small arithmetic evaluator (no eval, no builtins, a time limit) and
+  <|output_start|> result <|output_end|> is forced into that row's stream.
+"""
+
+import ast
+import math
+import time
+import operator
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    def __init__(self, batch_size, seq_len, n_kv_head, head_dim, n_layer, n_embd, device, dtype):
+        self.k = torch.zeros(n_layer, batch_size, seq_len, n_kv_head, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
+        self.smear_prev = torch.zeros(batch_size, 1, n_embd, device=device, dtype=dtype)  # (B, 1, C)
+        self._pos = None  # (B, T) positions of the tokens in the current forward
+
+    @classmethod
+    def for_model(cls, model, batch_size, seq_len):
+        c = model.config
+        dtype = model.transformer.wte.weight.dtype  # activations run in the embedding (compute) dtype
+        return cls(batch_size, seq_len, c.n_kv_head, c.n_embd // c.n_head, c.n_layer, c.n_embd, model.get_device(), dtype)
+
+    def expand_from(self, other):
+        """Copy a batch-1 cache into every row of this one (prefill once, sample N)."""
+        assert other.k.size(1) == 1 and other.k.size(2) <= self.k.size(2)
+        n = int(other.lengths[0])
+        self.k[:, :, :n] = other.k[:, :, :n]
+        self.v[:, :, :n] = other.v[:, :, :n]
+        self.lengths.fill_(n)
+        self.smear_prev.copy_(other.smear_prev.expand_as(self.smear_prev))
+
+    def positions(self, T):
+        """Absolute positions of T new tokens per row; called once at the start of a forward."""
+        self._pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
+        if int(self._pos.max()) >= self.k.size(2):
+            raise RuntimeError(f"KV cache full ({self.k.size(2)} tokens)")
+        return self._pos
+
+    def attend(self, layer, q, k, v, window):
+        """Write this layer's new k, v at each row's positions and attend over the cache.
+        q: (B, H, T, D); k, v: (B, Hkv, T, D). Query at position p sees key j iff 0 <= p-j <= window."""
+        pos = self._pos
+        rows = torch.arange(pos.size(0), device=pos.device)[:, None]  # (B, 1)
+        self.k[layer][rows, pos] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, Hkv, D) into [B, T_max, Hkv, D]
+        self.v[layer][rows, pos] = v.transpose(1, 2).to(self.v.dtype)
+        Tk = int(pos.max()) + 1
+        keys = self.k[layer, :, :Tk].transpose(1, 2)    # (B, Hkv, Tk, D)
+        values = self.v[layer, :, :Tk].transpose(1, 2)
+        kpos = torch.arange(Tk, device=pos.device)
+        dist = pos[:, :, None] - kpos[None, None, :]  # (B, T, Tk)
+        mask = ((dist >= 0) & (dist <= window))[:, None]  # (B, 1, T, Tk)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != keys.size(1))
+
+    def advance(self, T, last_emb):
+        self.lengths += T
+        self.smear_prev = last_emb.to(self.smear_prev.dtype)
+
+
+# -----------------------------------------------------------------------------
+# The calculator tool
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+MAX_EXPR_CHARS = 200
+MAX_MAGNITUDE = 1e18
+
+
+def calculator(expr, time_limit=0.1):
+    """Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses) or a letter
+    count "'strawberry'.count('r')"; anything else, or anything slow or huge, gives None.
+    Walks the syntax tree itself: no eval, no names, no builtins."""
+    expr = expr.strip().replace(",", "")  # "1,234" -> "1234"
+    if not expr or len(expr) > MAX_EXPR_CHARS:
+        return None
+    deadline = time.monotonic() + time_limit
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError):
+        return None
+
+    def ev(node):
+        if time.monotonic() > deadline:
+            raise ValueError("too slow")
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNOPS:
+            return _UNOPS[type(node.op)](ev(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            a, b = ev(node.left), ev(node.right)
+            if not all(isinstance(t, (int, float)) for t in (a, b)):
+                raise ValueError("arithmetic on non-numbers")
+            if isinstance(node.op, ast.Pow) and (abs(b) > 64 or abs(a) > 1e6):
+                raise ValueError("power too large")
+            out = _BINOPS[type(node.op)](a, b)
+            if abs(out) > MAX_MAGNITUDE:
+                raise ValueError("result too large")
+            return out
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+                and len(node.args) == 1 and not node.keywords):
+            s, sub = ev(node.func.value), ev(node.args[0])
+            if isinstance(s, str) and isinstance(sub, str):
+                return s.count(sub)
+        raise ValueError(f"not allowed: {type(node).__name__}")
+
+    try:
+        value = ev(tree)
+    except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        value = int(value) if value.is_integer() else round(value, 6)
+    return value if isinstance(value, (int, float)) else None
+
+
+# -----------------------------------------------------------------------------
+
+def sample_next(logits, generator, temperature=1.0, top_k=None):
+    """logits: (B, V) -> (B,) token ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k is not None:
+        vals, _ = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        logits = logits.masked_fill(logits < vals[:, -1:], -float("inf"))
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+class RowState:
+    """Per-sample bookkeeping: forced tool tokens, the python expression being written, done."""
+
+    def __init__(self):
+        self.forced = deque()
+        self.python_tokens = None  # list while inside <|python_start|> ... <|python_end|>
+        self.done = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Yields (token_column, token_masks): one token per sample per step; mask 0 marks a
+        token forced by the calculator tool. A row stops at <|assistant_end|> or <|bos|>."""
+        assert isinstance(tokens, list) and tokens and isinstance(tokens[0], int)
+        model, device = self.model, self.model.get_device()
+        limit = model.config.sequence_len if max_tokens is None else len(tokens) + max_tokens
+        limit = min(limit, model.cos.size(1))
+        if len(tokens) >= limit:
+            return
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        prefill = KVCache.for_model(model, 1, len(tokens))
+        logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill)[:, -1]  # (1, V)
+        cache = KVCache.for_model(model, num_samples, limit)
+        cache.expand_from(prefill)
+        logits = logits.expand(num_samples, -1)  # (N, V)
+
+        rows = [RowState() for _ in range(num_samples)]
+        steps = limit - len(tokens)
+        for step in range(steps):
+            sampled = sample_next(logits, generator, temperature, top_k).tolist()
+            column, masks = [], []
+            for row, token in zip(rows, sampled):
+                if row.done:  # finished rows keep feeding their last token; nobody reads them
+                    column.append(token)
+                    masks.append(1)
+                    continue
+                forced = bool(row.forced)
+                token = row.forced.popleft() if forced else token
+                column.append(token)
+                masks.append(0 if forced else 1)
+                self._track_tool(row, token)
+            yield column, masks
+            if all(row.done for row in rows) or step == steps - 1:
+                return
+            logits = model(torch.tensor(column, dtype=torch.long, device=device)[:, None], kv_cache=cache)[:, -1]
+
+    def _track_tool(self, row, token):
+        if token in self.stop_tokens:
+            row.done = True
+        elif token == self.python_start:
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
+            result = calculator(self.tokenizer.decode(row.python_tokens))
+            row.python_tokens = None
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """-> (results, masks): prompt + generated tokens per sample, stop tokens left out."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(column, column_masks)):
+                if done[i]:
+                    continue
+                if token in self.stop_tokens:
+                    done[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+        return results, masks
