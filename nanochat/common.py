@@ -128,6 +128,17 @@ def compute_init(device_type=""):
     return is_ddp, rank, local_rank, world_size, device
 
 
+def all_reduce_mean(tensors, world_size):
+    """Average tensors across ranks with one collective per dtype: flatten, all-reduce, copy back."""
+    for dtype in {t.dtype for t in tensors}:
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size)
+        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(chunk.view_as(t))
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

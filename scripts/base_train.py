@@ -19,10 +19,9 @@ import argparse
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.distributed as dist
 
 from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0,
-                             autodetect_device_type, compute_dtype)
+                             autodetect_device_type, compute_dtype, all_reduce_mean)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
@@ -139,17 +138,6 @@ def get_muon_momentum(it, num_iterations, warmdown_ratio):
 def get_muon_weight_decay(it, num_iterations, weight_decay):
     """Cosine decay of Muon's weight decay to 0 at the end of training."""
     return weight_decay * 0.5 * (1 + math.cos(math.pi * it / max(num_iterations, 1)))
-
-
-def all_reduce_mean(tensors, world_size):
-    """Average tensors across ranks with one collective per dtype: flatten, all-reduce, copy back."""
-    for dtype in {t.dtype for t in tensors}:
-        group = [t for t in tensors if t.dtype == dtype]
-        flat = torch.cat([t.reshape(-1) for t in group])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat.div_(world_size)
-        for t, chunk in zip(group, flat.split([t.numel() for t in group])):
-            t.copy_(chunk.view_as(t))
 
 
 def print_samples(model, tokenizer, prompts, max_tokens=32):
