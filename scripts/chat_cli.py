@@ -18,7 +18,7 @@ from nanochat.engine import Engine
 
 def stream_reply(engine, tokenizer, conversation, args, out=sys.stdout):
     """Generate the assistant's reply to `conversation`, printing it as it streams; returns its text."""
-    tokens = tokenizer.render_for_completion(conversation)
+    tokens = tokenizer.render_for_completion({"messages": conversation["messages"] + [{"role": "assistant", "content": ""}]})
     generated = []
     printed = ""
     for column, _ in engine.generate(tokens, num_samples=1, max_tokens=args.max_tokens, temperature=args.temperature,

@@ -1,0 +1,140 @@
+"""
+Evaluate a chat model on tasks.
+
+    python -m scripts.chat_eval -i sft -a Arithmetic,Spelling          # offline tasks (no download)
+    python -m scripts.chat_eval -i sft                                 # ARC-Easy/Challenge, MMLU, GSM8K, HumanEval
+    torchrun --standalone --nproc_per_node=8 scripts/chat_eval.py -i sft
+
+Categorical tasks (multiple choice) are scored without sampling: the letter with the highest
+logit after <|assistant_start|>, among the question's letters. Generative tasks sample an
+answer with the engine (calculator tool on) and let the task check it. ChatCORE is the mean
+over tasks of the accuracy centered by the random-guess baseline (0 for generative tasks).
+"""
+
+import os
+import sys
+import json
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type, atomic_write_json
+from nanochat.checkpoint_manager import load_model
+from nanochat.engine import Engine
+
+OFFLINE_TASKS = ["Arithmetic", "Spelling"]
+ONLINE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
+
+
+def make_task(name):
+    if name == "Arithmetic":
+        from tasks.arithmetic import Arithmetic
+        return Arithmetic(split="test", size=1000)
+    if name == "Spelling":
+        from tasks.spelling import Spelling
+        return Spelling(split="test", size=1000)
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+        return ARC(subset=name, split="test")
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+        return MMLU(subset="all", split="test")
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(subset="main", split="test")
+    if name == "HumanEval":
+        from tasks.humaneval import HumanEval
+        return HumanEval()
+    raise UserError(f"unknown task {name!r} (known: {', '.join(OFFLINE_TASKS + ONLINE_TASKS)})")
+
+
+@torch.no_grad()
+def categorical_correct(model, tokenizer, conversation):
+    """Pick the letter whose token has the highest logit right after <|assistant_start|>."""
+    tokens = tokenizer.render_for_completion(conversation)
+    logits = model(torch.tensor([tokens], dtype=torch.long, device=model.get_device()))[0, -1]  # (vocab,)
+    letter_ids = [tokenizer.encode(letter)[0] for letter in conversation["letters"]]
+    choice = conversation["letters"][int(torch.argmax(logits[letter_ids]))]
+    return choice == conversation["messages"][-1]["content"]
+
+
+def generative_correct(engine, tokenizer, task, conversation, num_samples, max_tokens, temperature, top_k, seed):
+    """Sample answers; correct if any sample passes the task's check (pass@num_samples)."""
+    tokens = tokenizer.render_for_completion(conversation)
+    results, _ = engine.generate_batch(tokens, num_samples=num_samples, max_tokens=max_tokens,
+                                       temperature=temperature, top_k=top_k, seed=seed)
+    answers = [tokenizer.decode(r[len(tokens):]) for r in results]
+    return any(task.evaluate(conversation, a) for a in answers)
+
+
+def evaluate_task(model, tokenizer, engine, task, max_problems, args, rank=0, world_size=1):
+    n = len(task) if max_problems < 0 else min(max_problems, len(task))
+    counts = torch.zeros(2, dtype=torch.long, device=model.get_device())  # (correct, total)
+    for i in range(rank, n, world_size):
+        conversation = task[i]
+        if task.eval_type == "categorical":
+            ok = categorical_correct(model, tokenizer, conversation)
+        else:
+            ok = generative_correct(engine, tokenizer, task, conversation, args.num_samples, args.max_new_tokens,
+                                    args.temperature, args.top_k, seed=args.seed + i)
+        counts[0] += int(bool(ok))
+        counts[1] += 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    correct, total = counts.tolist()
+    return correct / max(total, 1)
+
+
+def random_baseline(task):
+    """Chance accuracy: 1/choices averaged over a sample of questions for multiple choice, 0 otherwise."""
+    if task.eval_type != "categorical":
+        return 0.0
+    sample = [task[i] for i in range(min(len(task), 100))]
+    return sum(1 / len(c["letters"]) for c in sample) / max(len(sample), 1)
+
+
+def main():
+    p = argparse.ArgumentParser(description="Evaluate a chat model on tasks", allow_abbrev=False)
+    p.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"])
+    p.add_argument("-g", "--model-tag", type=str, default=None)
+    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("-a", "--tasks", type=str, default=",".join(ONLINE_TASKS), help="comma list of tasks")
+    p.add_argument("-x", "--max-problems", type=int, default=-1, help="per task (-1: all)")
+    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("-t", "--temperature", type=float, default=0.0)
+    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("-m", "--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device-type", type=str, default="")
+    args = p.parse_args()
+
+    _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
+    try:
+        names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+        tasks = {name: make_task(name) for name in names}
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        engine = Engine(model, tokenizer)
+        results, centered = {}, {}
+        for name, task in tasks.items():
+            acc = evaluate_task(model, tokenizer, engine, task, args.max_problems, args, rank, world_size)
+            base = random_baseline(task)
+            results[name], centered[name] = acc, (acc - base) / (1 - base)
+            print0(f"{name}: {100 * acc:.2f}% (random {100 * base:.1f}%)")
+        chatcore = sum(centered.values()) / len(centered) if centered else float("nan")
+        print0(f"ChatCORE: {chatcore:.4f}")
+        if rank == 0:
+            tag = args.model_tag or meta.get("model_tag") or f"d{model.config.n_layer}"
+            out = os.path.join(get_base_dir(), "chat_eval", f"{args.source}_{tag}_{meta.get('step')}.json")
+            atomic_write_json(dict(source=args.source, model_tag=tag, step=meta.get("step"), results=results,
+                                   centered=centered, chatcore=chatcore, user_config=vars(args)), out)
+            print0(f"wrote {out}")
+        return results
+    finally:
+        compute_cleanup()
+
+
+if __name__ == "__main__":
+    cli_main(main)
