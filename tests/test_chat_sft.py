@@ -1,0 +1,75 @@
+import os
+import sys
+import json
+import subprocess
+
+import torch
+
+from scripts.chat_sft import sft_batches
+from tasks.identity import Identity
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_packing_rows_are_whole_conversations_then_bos_padding(base_dir):
+    """Each row = whole rendered conversations back to back, then BOS padding; the targets are
+    the next tokens where the tokenizer's mask says assistant, -1 everywhere else."""
+    from nanochat.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()
+    data = Identity()
+    B, T = 4, 256
+    rendered = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in data]
+    x, y = next(sft_batches(data, tokenizer, B, T, "cpu"))
+    assert x.shape == y.shape == (B, T)
+    bos = tokenizer.get_bos_token_id()
+    for r in range(B):
+        row = x[r].tolist() + [None]  # the (T+1)-th token is only visible through the targets
+        expected = []
+        p = 0
+        while True:
+            match = next(((ids, mask) for ids, mask in rendered if row[p:p + len(ids)] == ids or
+                          (p + len(ids) == T + 1 and row[p:T] == ids[:-1])), None)
+            if match is None:
+                break
+            ids, mask = match
+            expected += [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+            expected.append(None)  # the boundary target: next conversation's BOS (or padding), checked below
+            p += len(ids)
+        assert p > 0, "a row must start with a whole conversation"
+        assert all(t == bos for t in row[p:T])  # the rest is BOS padding
+        targets = y[r].tolist()
+        for i, e in enumerate(expected[:T]):
+            if e is not None:
+                assert targets[i] == e
+        assert all(t == -1 for t in targets[p:])   # padding is never a target
+        assert all(t == -1 for i, t in enumerate(targets[:p]) if i < len(expected) and expected[i] is None)
+
+
+def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
+    """A saved base model -> chat_sft (offline mixture) -> chat_cli one-shot answer -> chat_eval offline tasks."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.checkpoint_manager import save_checkpoint
+    config = GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = GPT(config)
+    model.init_weights()
+    save_checkpoint(str(base_dir / "base_checkpoints" / "chat"), 3, model.state_dict(), None, {"step": 3, "model_config": config.to_dict()})
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled"}
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    run("scripts.chat_sft", "--model-tag", "chat", "--num-iterations", "4", "--eval-every", "2", "--eval-steps", "1",
+        "--device-batch-size", "2", "--device-type", "cpu")
+    ckpt = base_dir / "chatsft_checkpoints" / "chat"
+    meta = json.loads((ckpt / "meta_000004.json").read_text())
+    assert meta["model_config"] == config.to_dict() and meta["val_loss"] > 0
+    sft = torch.load(ckpt / "model_000004.pt")
+    assert not torch.equal(sft["lm_head.weight"], model.state_dict()["lm_head.weight"])  # it trained
+    out = run("scripts.chat_cli", "-g", "chat", "-p", "What is 2 plus 2?", "-t", "0", "--max-tokens", "8", "--device-type", "cpu")
+    assert out.strip()
+    out = run("scripts.chat_eval", "-i", "sft", "-g", "chat", "-a", "Arithmetic,Spelling", "-x", "2", "-m", "8", "--device-type", "cpu")
+    assert "Arithmetic:" in out and "ChatCORE:" in out
+    result = json.loads((base_dir / "chat_eval" / "sft_chat_4.json").read_text())
+    assert set(result["results"]) == {"Arithmetic", "Spelling"}
