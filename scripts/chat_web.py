@@ -1,0 +1,198 @@
+"""
+Talk to a model in the browser: a FastAPI app that serves a one-file page (nanochat/ui.html)
+and a streaming completion endpoint.
+
+    python -m scripts.chat_web                      # the latest SFT model on http://127.0.0.1:8000
+    python -m scripts.chat_web -i base -p 8080 --host 0.0.0.0
+
+Endpoints:
+    GET  /                  the chat page
+    GET  /health            {"status": "ok"}
+    POST /chat/completions  {"messages": [{"role", "content"}, ...], "temperature"?, "top_k"?, "max_tokens"?}
+                            -> text/event-stream: `data: {"token": "..."}` per decoded piece, then
+                               `data: {"done": true}`. A bad request gets HTTP 400 {"detail": "..."}.
+"""
+
+import os
+import sys
+import json
+import random
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, StreamingResponse
+
+import nanochat
+from nanochat.common import cli_main, compute_init, autodetect_device_type
+
+# Request limits: one browser tab talking to a small model, not a batch API.
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8000
+MAX_TOTAL_CHARS = 32000
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_K_RANGE = (1, 200)
+MAX_TOKENS_RANGE = (1, 4096)
+
+UI_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "ui.html")
+
+
+def _number(body, name, default, lo, hi, integer):
+    """body[name] (or the default) checked to be a number in [lo, hi]; bools are not numbers."""
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def validate_request(body, defaults):
+    """JSON body -> (messages, temperature, top_k, max_tokens); ValueError with a message a user
+    can act on. Roles: an optional system message first, then user/assistant alternating,
+    starting and ending with user (the reply is the next assistant turn)."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError("messages must be a list of {role, content} objects")
+    if not messages:
+        raise ValueError("messages is empty: send at least one user message")
+    if len(messages) > MAX_MESSAGES:
+        raise ValueError(f"too many messages: {len(messages)} > {MAX_MESSAGES}")
+    total = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be an object with string role and content")
+        if len(m["content"]) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"message {i} is too long: {len(m['content'])} > {MAX_MESSAGE_CHARS} characters")
+        total += len(m["content"])
+    if total > MAX_TOTAL_CHARS:
+        raise ValueError(f"conversation is too long: {total} > {MAX_TOTAL_CHARS} characters in all")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    if not turns:
+        raise ValueError("a system message must be followed by a user message")
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            index = i + len(messages) - len(turns)
+            raise ValueError(f"message {index} has role {m['role']!r}, expected {expected!r} "
+                             "(an optional system message first, then user/assistant alternating, starting with user)")
+    if turns[-1]["role"] != "user":
+        raise ValueError("the last message must be from the user")
+    temperature = _number(body, "temperature", defaults["temperature"], *TEMPERATURE_RANGE, integer=False)
+    top_k = _number(body, "top_k", defaults["top_k"], *TOP_K_RANGE, integer=True)
+    max_tokens = _number(body, "max_tokens", defaults["max_tokens"], *MAX_TOKENS_RANGE, integer=True)
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # drop any extra keys
+    return messages, float(temperature), top_k, max_tokens
+
+
+def stream_text(tokens, tokenizer):
+    """Token ids -> text pieces. Decodes the tokens so far and yields only the new text once it
+    ends in a complete character (a multi-byte character can span tokens; until its last byte
+    arrives the decode ends in U+FFFD). Whatever is left is flushed at the end."""
+    generated, sent = [], ""
+    for token in tokens:
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd") and len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(generated)
+    if len(text) > len(sent):
+        yield text[len(sent):]
+
+
+def sse(obj):
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def create_app(engine, tokenizer, defaults):
+    """The web app around one Engine. defaults: {"temperature", "top_k", "max_tokens"} used when
+    a request leaves them out. Generation runs in the server's thread pool (a sync generator),
+    so a slow model does not block other requests; each request has its own KV cache."""
+    with open(UI_PATH, encoding="utf-8") as f:
+        page = f.read()
+    context = engine.model.config.sequence_len
+    app = FastAPI(title="nanochat")
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return page
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(status_code=400, detail="request body is not valid JSON")
+        try:
+            messages, temperature, top_k, max_tokens = validate_request(body, defaults)
+            prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e))
+        if len(prompt) >= context:
+            raise HTTPException(status_code=400, detail=f"conversation is too long: {len(prompt)} tokens, "
+                                                        f"the model's context is {context}; start a new chat")
+        seed = random.randrange(2**31)  # a different reply each time, like the CLI with a fresh seed
+
+        def reply_tokens():
+            for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
+                                             temperature=temperature, top_k=top_k, seed=seed):
+                if column[0] in engine.stop_tokens:  # <|assistant_end|> (or <|bos|>)
+                    return
+                yield column[0]
+
+        def events():
+            try:
+                for piece in stream_text(reply_tokens(), tokenizer):
+                    yield sse({"token": piece})
+            except Exception as e:  # the status line is already sent: report in the stream
+                yield sse({"error": f"generation failed: {e}"})
+            yield sse({"done": True})
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def main():
+    p = argparse.ArgumentParser(description="Chat with a nanochat model in the browser", allow_abbrev=False)
+    p.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="which checkpoints to load")
+    p.add_argument("-g", "--model-tag", type=str, default=None)
+    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("-p", "--port", type=int, default=8000)
+    p.add_argument("--host", type=str, default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="default when a request gives none")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="default when a request gives none")
+    p.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
+    p.add_argument("--device-type", type=str, default="")
+    args = p.parse_args()
+    if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
+        p.error(f"temperature must be in {list(TEMPERATURE_RANGE)}")
+    if not TOP_K_RANGE[0] <= args.top_k <= TOP_K_RANGE[1]:
+        p.error(f"top-k must be in {list(TOP_K_RANGE)}")
+    if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
+        p.error(f"max-tokens must be in {list(MAX_TOKENS_RANGE)}")
+
+    import uvicorn
+    from nanochat.engine import Engine
+    from nanochat.checkpoint_manager import load_model
+    _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    app = create_app(Engine(model, tokenizer), tokenizer, defaults)
+    print(f"nanochat web chat on http://{args.host}:{args.port}/")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    cli_main(main)

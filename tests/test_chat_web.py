@@ -1,0 +1,239 @@
+"""
+The web chat: the page, the streaming endpoint and its request limits through FastAPI's test
+client, and the page in a real headless Chromium against a uvicorn server on 127.0.0.1.
+A tiny real GPT (random weights) and a tokenizer trained here; greedy decoding (temperature 0)
+keeps every reply deterministic.
+"""
+
+import json
+import shutil
+import socket
+import threading
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.engine import Engine
+from nanochat.tokenizer import RustBPETokenizer
+from scripts.chat_web import create_app, stream_text, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS
+
+DEFAULTS = {"temperature": 0.0, "top_k": 50, "max_tokens": 24}
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = "hello there, how are you today? I am a small model. The cat sat on the mat. 0123456789 " * 40
+    return RustBPETokenizer.train_from_iterator(iter([text]), 400)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=64, window_pattern="L"))
+    model.init_weights()
+    model.eval()
+    return Engine(model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def client(engine, tokenizer):
+    return TestClient(create_app(engine, tokenizer, DEFAULTS))
+
+
+def greedy_reply(engine, tokenizer, messages, max_tokens):
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    results, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=max_tokens, temperature=0)
+    return tokenizer.decode(results[0][len(prompt):])
+
+
+def sse_events(text):
+    """Parse a text/event-stream body: blank-line separated `data: <json>` events."""
+    chunks = [c for c in text.split("\n\n") if c]
+    assert text.endswith("\n\n")
+    assert all(c.startswith("data: ") and "\n" not in c for c in chunks), text
+    return [json.loads(c[len("data: "):]) for c in chunks]
+
+
+def test_page_is_served(client):
+    r = client.get("/")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/html")
+    html = r.text
+    for needle in ['id="messages"', 'id="input"', 'id="send"', 'id="new-chat"', "/chat/completions"]:
+        assert needle in html
+    assert "http://" not in html and "https://" not in html  # no CDN: the page works offline
+
+
+def test_health(client):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_streaming_completion_matches_engine(client, engine, tokenizer):
+    messages = HELLO + [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "how are you"}]
+    r = client.post("/chat/completions", json={"messages": messages, "max_tokens": 16})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == {"done": True}
+    pieces = [e["token"] for e in events[:-1]]
+    assert pieces and all(isinstance(p, str) and p for p in pieces)
+    assert "".join(pieces) == greedy_reply(engine, tokenizer, messages, max_tokens=16)
+
+
+def test_request_defaults_and_system_message(client, engine, tokenizer):
+    """No sampling fields: the server's defaults (greedy, 24 tokens). A system message first is allowed."""
+    messages = [{"role": "system", "content": "be brief"}] + HELLO
+    events = sse_events(client.post("/chat/completions", json={"messages": messages}).text)
+    assert events[-1] == {"done": True}
+    assert "".join(e["token"] for e in events[:-1]) == greedy_reply(engine, tokenizer, messages, max_tokens=24)
+
+
+def test_stream_text_emits_only_complete_characters(tokenizer):
+    text = "héllo 😀 wörld ✓"
+    ids = tokenizer.encode(text)  # the tokenizer saw no such characters: they split into byte tokens
+    assert len(ids) > len(text.split())
+    pieces = list(stream_text(iter(ids), tokenizer))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "😀" in pieces or any(p.endswith("😀") for p in pieces)
+
+
+def test_stream_text_flushes_an_incomplete_tail(tokenizer):
+    ids = tokenizer.encode("ok 😀")[:-1]  # cut the emoji's last byte off
+    assert "".join(stream_text(iter(ids), tokenizer)) == tokenizer.decode(ids)
+
+
+def _msgs(n):
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": "x"} for i in range(n)]
+
+
+BAD_REQUESTS = [
+    ({"messages": []}, "messages is empty"),
+    ({}, "messages must be a list"),
+    ({"messages": "hello"}, "messages must be a list"),
+    ({"messages": _msgs(MAX_MESSAGES + 1)}, f"too many messages: {MAX_MESSAGES + 1} > {MAX_MESSAGES}"),
+    ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]}, "message 0 is too long"),
+    ({"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 7000} for i in range(5)]},
+     f"conversation is too long: 35000 > {MAX_TOTAL_CHARS} characters"),
+    ({"messages": [{"role": "user", "content": 5}]}, "message 0 must be an object with string role and content"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "message 0 has role 'assistant', expected 'user'"),
+    ({"messages": HELLO + HELLO}, "message 1 has role 'user', expected 'assistant'"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "system", "content": "s"}]}, "message 1 has role 'system'"),
+    ({"messages": [{"role": "system", "content": "s"}]}, "a system message must be followed by a user message"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "message 0 has role 'bot'"),
+    ({"messages": _msgs(2)}, "the last message must be from the user"),
+    ({"messages": HELLO, "temperature": 2.5}, "temperature must be in [0.0, 2.0], got 2.5"),
+    ({"messages": HELLO, "temperature": -0.1}, "temperature must be in [0.0, 2.0]"),
+    ({"messages": HELLO, "temperature": "hot"}, "temperature must be a number"),
+    ({"messages": HELLO, "top_k": 0}, "top_k must be in [1, 200], got 0"),
+    ({"messages": HELLO, "top_k": 201}, "top_k must be in [1, 200], got 201"),
+    ({"messages": HELLO, "top_k": 5.5}, "top_k must be an integer"),
+    ({"messages": HELLO, "max_tokens": 0}, "max_tokens must be in [1, 4096], got 0"),
+    ({"messages": HELLO, "max_tokens": 4097}, "max_tokens must be in [1, 4096], got 4097"),
+    ({"messages": HELLO, "max_tokens": True}, "max_tokens must be an integer"),
+    ([1, 2], "request body must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_REQUESTS)
+def test_request_limits_give_400(client, body, message):
+    r = client.post("/chat/completions", json=body)
+    assert r.status_code == 400
+    assert message in r.json()["detail"]
+
+
+def test_invalid_json_gives_400(client):
+    r = client.post("/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+
+
+def test_prompt_longer_than_context_gives_400(client, tokenizer):
+    # under every character limit, but far more tokens than the model's 256-token context
+    words = " ".join(f"q{i}" for i in range(600))
+    r = client.post("/chat/completions", json={"messages": [{"role": "user", "content": words}]})
+    assert r.status_code == 400 and "the model's context is 256" in r.json()["detail"]
+
+
+def test_limits_at_the_edges_are_accepted(client):
+    body = {"messages": HELLO, "temperature": 2, "top_k": 200, "max_tokens": 1}
+    r = client.post("/chat/completions", json=body)
+    assert r.status_code == 200 and sse_events(r.text)[-1] == {"done": True}
+    # exactly MAX_MESSAGES (a system message, then user ... user) passes the count check and is
+    # stopped later, by the model's context
+    messages = [{"role": "system", "content": "s"}] + _msgs(MAX_MESSAGES - 1)
+    r = client.post("/chat/completions", json={"messages": messages})
+    assert r.status_code == 400 and "the model's context is 256" in r.json()["detail"]
+
+
+# -----------------------------------------------------------------------------
+# The page in a real browser
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def live_server(engine, tokenizer):
+    """uvicorn on a socket bound here to 127.0.0.1, port 0: the port is known before the server
+    thread starts, and connections made before it accepts wait in the listen backlog."""
+    import uvicorn
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tokenizer, DEFAULTS), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+def test_browser_streams_a_reply(live_server, engine, tokenizer, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (runtests.sh installs it with apt-get when run as root)")
+    from playwright.sync_api import sync_playwright
+    expected = greedy_reply(engine, tokenizer, HELLO, max_tokens=DEFAULTS["max_tokens"])
+    assert expected.strip(), "the tiny model's greedy reply is empty: pick another seed"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(live_server + "/")
+            page.fill("#input", HELLO[0]["content"])
+            page.click("#send")
+            page.wait_for_selector(".message.user")
+            # done when the bubble stops streaming; it must hold the streamed tokens
+            page.wait_for_selector(".message.assistant:not(.streaming)", timeout=60_000)
+            assert page.inner_text(".message.user") == HELLO[0]["content"]
+            bubble = page.locator(".message.assistant")
+            assert bubble.count() == 1 and "error" not in bubble.get_attribute("class")
+            assert bubble.evaluate("el => el.textContent") == expected
+            shot = tmp_path / "chat.png"
+            page.screenshot(path=str(shot))
+            assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            # the page keeps the conversation: a second turn sends both earlier messages
+            with page.expect_request("**/chat/completions") as request:
+                page.fill("#input", "how are you")
+                page.press("#input", "Enter")
+            sent = json.loads(request.value.post_data)["messages"]
+            assert sent == HELLO + [{"role": "assistant", "content": expected}, {"role": "user", "content": "how are you"}]
+            page.wait_for_function("document.querySelectorAll('.message.assistant:not(.streaming)').length == 2",
+                                   timeout=60_000)
+            # new chat clears the page and the conversation
+            page.click("#new-chat")
+            assert page.locator(".message").count() == 0
+            with page.expect_request("**/chat/completions") as request:
+                page.fill("#input", "again")
+                page.click("#send")
+            assert json.loads(request.value.post_data)["messages"] == [{"role": "user", "content": "again"}]
+            page.wait_for_selector(".message.assistant:not(.streaming)", timeout=60_000)
+        finally:
+            browser.close()
