@@ -46,7 +46,7 @@ def test_packing_rows_are_whole_conversations_then_bos_padding(base_dir):
 
 
 def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
-    """A saved base model -> chat_sft (offline mixture) -> chat_cli one-shot answer -> chat_eval offline tasks."""
+    """A saved base model -> chat_sft (offline mixture) -> chat_cli answer -> chat_eval offline tasks -> chat_rl."""
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.checkpoint_manager import save_checkpoint
     config = GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
@@ -73,3 +73,7 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     assert "Arithmetic:" in out and "ChatCORE:" in out
     result = json.loads((base_dir / "chat_eval" / "sft_chat_4.json").read_text())
     assert set(result["results"]) == {"Arithmetic", "Spelling"}
+    run("scripts.chat_rl", "--model-tag", "chat", "--num-iterations", "2", "--eval-every", "-1", "--eval-problems", "2",
+        "--problems-per-step", "1", "--num-samples", "2", "--max-new-tokens", "8", "--device-type", "cpu")
+    rl_meta = json.loads((base_dir / "chatrl_checkpoints" / "chat" / "meta_000002.json").read_text())
+    assert rl_meta["task"] == "Arithmetic" and 0.0 <= rl_meta["pass_at_1"] <= 1.0
