@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a laptop CPU, offline: embedded corpus -> tokenizer -> tiny base model ->
-# SFT -> a chat answer -> chat eval on the offline tasks. ~16 minutes on 2 cores.
+# SFT -> a chat answer -> chat eval on the offline tasks -> report.md. ~16 minutes on 2 cores.
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,6 +12,7 @@ export WANDB_MODE="${WANDB_MODE:-disabled}"
 .venv/bin/python -m pip install -q -e .
 PY=.venv/bin/python
 
+$PY -m nanochat.report reset
 $PY -m nanochat.dataset --offline
 $PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
 $PY -m scripts.tok_eval --no-compare
@@ -20,3 +21,4 @@ $PY -m scripts.base_eval --eval bpb,sample --model-tag cpu_d4 --split-tokens 131
 $PY -m scripts.chat_sft --model-tag cpu_d4 --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4
 $PY -m scripts.chat_cli --model-tag cpu_d4 -t 0 -p "What is 23 times 19?"
 $PY -m scripts.chat_eval -i sft --model-tag cpu_d4 -a Arithmetic,Spelling -x 30 -m 96
+$PY -m nanochat.report generate

@@ -120,6 +120,13 @@ def main(argv=None):
             out_path = os.path.join(get_base_dir(), "base_eval", name)
             atomic_write_json(results, out_path)
             print_table(results)
+            from nanochat.report import get_report
+            summary = {"model_tag": model_tag, "step": step}
+            summary.update({f"{split}_bpb": v for split, v in results.get("bpb", {}).items()})
+            if "core" in results:
+                summary["CORE"] = results["core"]["core_metric"]
+            samples = ["Samples:\n" + "\n".join(f"- {s!r}" for s in results["samples"])] if "samples" in results else []
+            get_report().log(section="Base model evaluation", data=[summary, *samples])
             print0(f"wrote {out_path}")
         return results
     finally:

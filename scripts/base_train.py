@@ -337,6 +337,11 @@ def train(argv=None):
                   wall_s=loop_state["total_training_time"])
 
     print0(f"done: min val bpb {loop_state['min_val_bpb']:.4f} | training time {loop_state['total_training_time'] / 60:.2f}m")
+    from nanochat.report import get_report
+    get_report().log(section="Base model training", data=[user_config, {
+        "model_tag": model_tag, "parameters (scaling)": num_params, "flops_per_token": f"{flops_per_token:.3e}",
+        "iterations": num_iterations, "tokens": num_iterations * total_batch_size, "total_batch_size": total_batch_size,
+        "val_bpb": val_bpb, "min_val_bpb": loop_state["min_val_bpb"], "wall_clock_s": round(loop_state["total_training_time"], 1)}])
     log.finish()
     return dict(final_loss=train_loss if num_iterations > start_step else None, val_bpb=val_bpb)
 

@@ -131,6 +131,9 @@ def main():
             atomic_write_json(dict(source=args.source, model_tag=tag, step=meta.get("step"), results=results,
                                    centered=centered, chatcore=chatcore, user_config=vars(args)), out)
             print0(f"wrote {out}")
+            from nanochat.report import get_report
+            get_report().log(section=f"Chat evaluation {args.source}", data=[{"model_tag": tag, "step": meta.get("step"),
+                                                                               **results, "ChatCORE": chatcore}])
         return results
     finally:
         compute_cleanup()

@@ -120,7 +120,7 @@ def main():
         pad_id = tokenizer.get_bos_token_id()
         n_eval = min(args.eval_problems, len(test_task))
 
-        accuracy = None
+        accuracy, t_start = None, time.time()
         for step in range(args.num_iterations + 1):
             last = step == args.num_iterations
             if last or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -166,6 +166,9 @@ def main():
                         user_config=user_config, model_tag=model_tag, source=dict(kind=args.source, step=meta.get("step")))
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(), None, meta_out, rank=rank)
         print0(f"saved RL checkpoint to {checkpoint_dir}")
+        from nanochat.report import get_report
+        get_report().log(section="Chat RL", data=[user_config, {"model_tag": model_tag, f"{args.task} pass@1": accuracy,
+                                                                 "wall_clock_s": round(time.time() - t_start, 1)}])
         log.finish()
     finally:
         compute_cleanup()

@@ -142,7 +142,7 @@ def main():
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
 
-        val_loss = None
+        val_loss, t_start = None, time.time()
         for step in range(args.num_iterations + 1):
             last = step == args.num_iterations
             if last or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -176,6 +176,9 @@ def main():
                         source=dict(kind=args.source, model_tag=model_tag, step=meta.get("step")), model_tag=model_tag)
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(), None, meta_out, rank=rank)
         print0(f"saved SFT checkpoint to {checkpoint_dir} (val loss {val_loss:.4f})")
+        from nanochat.report import get_report
+        get_report().log(section="Chat SFT", data=[user_config, {"model_tag": model_tag, "train_conversations": len(train_set),
+                                                                  "val_loss": val_loss, "wall_clock_s": round(time.time() - t_start, 1)}])
         log.finish()
     finally:
         compute_cleanup()

@@ -105,15 +105,20 @@ def main():
     header = f"{'text':<14}{'bytes':>10}" + "".join(f"{name:>24}" for name in encoders)
     print(header)
     print("-" * len(header))
+    table = [header, "-" * len(header)]
     for text_name, text in texts.items():
         n_bytes = len(text.encode("utf-8"))
         cells = []
         for encode in encoders.values():
             n_tokens = len(encode(text))
             cells.append(f"{n_tokens:>10,} tok {n_bytes / max(n_tokens, 1):>6.2f} B/t")
-        print(f"{text_name:<14}{n_bytes:>10,}" + "".join(f"{cell:>24}" for cell in cells))
+        row = f"{text_name:<14}{n_bytes:>10,}" + "".join(f"{cell:>24}" for cell in cells)
+        print(row)
+        table.append(row)
         if ours.decode(ours.encode(text)) != text:
             raise RuntimeError(f"our tokenizer does not round-trip the {text_name} text")
+    from nanochat.report import get_report
+    get_report().log(section="Tokenizer evaluation", data=["```\n" + "\n".join(table) + "\n```"])
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def main():
     nonzero = token_bytes[token_bytes > 0].float()
     print(f"saved {os.path.join(tokenizer_dir, 'token_bytes.pt')}: {len(SPECIAL_TOKENS)} special tokens, "
           f"token bytes min {int(nonzero.min())} max {int(nonzero.max())} mean {nonzero.mean():.2f}", flush=True)
+    from nanochat.report import get_report
+    get_report().log(section="Tokenizer training", data=[vars(args), {
+        "vocab_size": vocab_size, "train_chars": stats["chars"], "train_docs": stats["docs"], "train_time_s": round(train_time, 2),
+        "token_bytes_mean": round(float(nonzero.mean()), 3), "wall_clock_s": round(train_time, 2)}])
 
 
 if __name__ == "__main__":
