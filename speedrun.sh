@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU-node pipeline (vanilla): data -> tokenizer -> base pretraining -> base eval.
+# The GPU-node pipeline (vanilla): data -> tokenizer -> base pretraining -> base eval ->
+# chat SFT -> chat eval -> report.md.
 # Meant for one node of 8 GPUs (set NPROC for fewer); ~hours, not minutes. For the offline
 # CPU demo use runcpu.sh instead.
 #   bash speedrun.sh                 # d20 on the public pretraining shards
@@ -17,6 +18,8 @@ SHARDS="${SHARDS:-240}"
 source .venv/bin/activate
 pip install -q -e .
 
+python -m nanochat.report reset
+
 # data: 8 shards for the tokenizer first, the rest in the background while it trains
 python -m nanochat.dataset -n 8
 python -m nanochat.dataset -n "$SHARDS" &
@@ -27,3 +30,7 @@ wait $DOWNLOAD_PID
 
 torchrun --standalone --nproc_per_node="$NPROC" scripts/base_train.py --depth "$DEPTH" --run "$RUN"
 torchrun --standalone --nproc_per_node="$NPROC" scripts/base_eval.py --model-tag "d$DEPTH"
+
+torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_sft.py --model-tag "d$DEPTH" --mixture full --num-iterations 1000 --run "$RUN"
+torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_eval.py -i sft --model-tag "d$DEPTH"
+python -m nanochat.report generate
