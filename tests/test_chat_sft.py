@@ -55,8 +55,9 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     save_checkpoint(str(base_dir / "base_checkpoints" / "chat"), 3, model.state_dict(), None, {"step": 3, "model_config": config.to_dict()})
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled"}
 
-    def run(*args):
-        r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    def run(*args, stdin=None):
+        r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                           input=stdin)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 
@@ -69,6 +70,8 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     assert not torch.equal(sft["lm_head.weight"], model.state_dict()["lm_head.weight"])  # it trained
     out = run("scripts.chat_cli", "-g", "chat", "-p", "What is 2 plus 2?", "-t", "0", "--max-tokens", "8", "--device-type", "cpu")
     assert out.strip()
+    out = run("scripts.chat_cli", "-g", "chat", "-t", "0", "--max-tokens", "4", "--device-type", "cpu", stdin="hi\nclear\nhello\nquit\n")
+    assert out.count("Assistant:") == 2 and "(new conversation)" in out
     out = run("scripts.chat_eval", "-i", "sft", "-g", "chat", "-a", "Arithmetic,Spelling", "-x", "2", "-m", "8", "--device-type", "cpu")
     assert "Arithmetic:" in out and "ChatCORE:" in out
     result = json.loads((base_dir / "chat_eval" / "sft_chat_4.json").read_text())
