@@ -248,8 +248,11 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # optimizers
 
-    def setup_optimizers(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5):
-        """AdamW for embeddings, head and scalars; Muon for every 2-D matrix in the blocks."""
+    def setup_optimizers(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5,
+                         lr_multiplier=1.0):
+        """AdamW for embeddings, head and scalars; Muon for every 2-D matrix in the blocks.
+        Every group's lr (and its "initial_lr", what schedules scale) is multiplied by lr_multiplier
+        (fine-tuning starts from a fraction of the pretraining rates)."""
         from nanochat.optim import Muon
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
@@ -272,6 +275,7 @@ class GPT(nn.Module):
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
+                group["lr"] *= lr_multiplier
                 group["initial_lr"] = group["lr"]
         return optimizers
 

@@ -125,3 +125,10 @@ class Muon(torch.optim.Optimizer):
                 # decay only where the step -lr*upd already pulls p toward zero (same sign)
                 p.sub_(lr * wd * p * (upd * p > 0))
             p.sub_(lr * upd)
+
+
+def set_lr_multiplier(optimizers, multiplier):
+    """Schedule step: every param group's lr = its initial_lr (set by GPT.setup_optimizers) x multiplier."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier

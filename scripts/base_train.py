@@ -27,6 +27,7 @@ from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, prepare_state_dict
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import set_lr_multiplier
 from nanochat.dataset import get_data_dir
 from nanochat.runlog import RunLog, peak_flops
 
@@ -306,9 +307,7 @@ def train(argv=None):
         if is_ddp:
             all_reduce_mean([p.grad for p in orig_model.parameters()], world_size)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+        set_lr_multiplier(optimizers, lrm)
         for group in muon.param_groups:
             group["momentum"] = get_muon_momentum(step, num_iterations, args.warmdown_ratio)
             group["weight_decay"] = get_muon_weight_decay(step, num_iterations, weight_decay)

@@ -27,6 +27,7 @@ from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup,
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.runlog import RunLog
+from nanochat.optim import set_lr_multiplier
 
 
 def make_task(name, split):
@@ -111,10 +112,7 @@ def main():
         model_tag = args.model_tag or meta.get("model_tag") or f"d{model.config.n_layer}"
         engine = Engine(model, tokenizer)
         train_task, test_task = make_task(args.task, "train"), make_task(args.task, "test")
-        optimizers = model.setup_optimizers(weight_decay=0.0)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+        optimizers = model.setup_optimizers(weight_decay=0.0, lr_multiplier=args.init_lr_frac)
         checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", model_tag)
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
         pad_id = tokenizer.get_bos_token_id()
@@ -151,9 +149,7 @@ def main():
                 for p, g in zip(model.parameters(), grads):
                     p.grad = g
             lrm = 1.0 - step / args.num_iterations
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
+            set_lr_multiplier(optimizers, lrm)
             if any(p.grad is not None for p in model.parameters()):
                 for opt in optimizers:
                     opt.step()

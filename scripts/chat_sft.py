@@ -24,6 +24,7 @@ from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup,
                              all_reduce_mean)
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.runlog import RunLog
+from nanochat.optim import set_lr_multiplier
 
 
 def build_mixture(name, split):
@@ -129,11 +130,8 @@ def main():
         config = model.config
         T, B = config.sequence_len, args.device_batch_size
         model_tag = args.model_tag or meta.get("model_tag") or f"d{config.n_layer}"
-        optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                            matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, scalar_lr=args.scalar_lr)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"] = group["initial_lr"] * args.init_lr_frac
+        optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
+                                            weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, lr_multiplier=args.init_lr_frac)
 
         train_set, val_set = build_mixture(args.mixture, "train"), build_mixture(args.mixture, "test")
         print0(f"SFT of {args.source} {model_tag}: {len(train_set):,} train / {len(val_set):,} val conversations, "
@@ -161,9 +159,7 @@ def main():
             if is_ddp:
                 all_reduce_mean([p.grad for p in model.parameters()], world_size)
             lrm = 1.0 - step / args.num_iterations  # linear decay to 0
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
+            set_lr_multiplier(optimizers, lrm)
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)

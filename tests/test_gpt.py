@@ -165,3 +165,15 @@ def test_sequence_longer_than_rotary_table_is_refused():
     model = make_model(sequence_len=8)
     with pytest.raises(AssertionError):
         model(torch.zeros(1, 81, dtype=torch.long))
+
+
+def test_lr_multiplier_scales_every_group_and_schedules_follow_initial_lr():
+    from nanochat.optim import set_lr_multiplier
+    model = make_model(perturb=False)
+    full = model.setup_optimizers()
+    half = model.setup_optimizers(lr_multiplier=0.5)
+    for a, b in zip(full, half):
+        for ga, gb in zip(a.param_groups, b.param_groups):
+            assert gb["lr"] == gb["initial_lr"] == pytest.approx(0.5 * ga["initial_lr"])
+    set_lr_multiplier(half, 0.1)
+    assert all(g["lr"] == pytest.approx(0.1 * g["initial_lr"]) for opt in half for g in opt.param_groups)
