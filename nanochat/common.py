@@ -130,7 +130,7 @@ def compute_init(device_type=""):
 
 def all_reduce_mean(tensors, world_size):
     """Average tensors across ranks with one collective per dtype: flatten, all-reduce, copy back."""
-    for dtype in {t.dtype for t in tensors}:
+    for dtype in dict.fromkeys(t.dtype for t in tensors):  # same order on every rank
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)

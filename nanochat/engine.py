@@ -11,6 +11,7 @@ Inference: a KV cache, batched sampling and the calculator tool.
 """
 
 import ast
+import re
 import math
 import time
 import operator
@@ -27,6 +28,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
         self.smear_prev = torch.zeros(batch_size, 1, n_embd, device=device, dtype=dtype)  # (B, 1, C)
         self._pos = None  # (B, T) positions of the tokens in the current forward
+        self._tk, self._dist, self._masks = 0, None, {}  # key range, distances, masks per window
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
@@ -44,25 +46,29 @@ class KVCache:
         self.smear_prev.copy_(other.smear_prev.expand_as(self.smear_prev))
 
     def positions(self, T):
-        """Absolute positions of T new tokens per row; called once at the start of a forward."""
+        """Absolute positions of T new tokens per row; called once at the start of a forward.
+        Also fixes the key range and the distance table every layer's mask is cut from."""
         self._pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
-        if int(self._pos.max()) >= self.k.size(2):
+        self._tk = int(self._pos.max()) + 1  # one host sync per forward, not per layer
+        if self._tk > self.k.size(2):
             raise RuntimeError(f"KV cache full ({self.k.size(2)} tokens)")
+        kpos = torch.arange(self._tk, device=self._pos.device)
+        self._dist = self._pos[:, :, None] - kpos[None, None, :]  # (B, T, Tk)
+        self._masks = {}  # window -> (B, 1, T, Tk) bool
         return self._pos
 
     def attend(self, layer, q, k, v, window):
         """Write this layer's new k, v at each row's positions and attend over the cache.
         q: (B, H, T, D); k, v: (B, Hkv, T, D). Query at position p sees key j iff 0 <= p-j <= window."""
-        pos = self._pos
+        pos, Tk = self._pos, self._tk
         rows = torch.arange(pos.size(0), device=pos.device)[:, None]  # (B, 1)
         self.k[layer][rows, pos] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, Hkv, D) into [B, T_max, Hkv, D]
         self.v[layer][rows, pos] = v.transpose(1, 2).to(self.v.dtype)
-        Tk = int(pos.max()) + 1
         keys = self.k[layer, :, :Tk].transpose(1, 2)    # (B, Hkv, Tk, D)
         values = self.v[layer, :, :Tk].transpose(1, 2)
-        kpos = torch.arange(Tk, device=pos.device)
-        dist = pos[:, :, None] - kpos[None, None, :]  # (B, T, Tk)
-        mask = ((dist >= 0) & (dist <= window))[:, None]  # (B, 1, T, Tk)
+        if window not in self._masks:
+            self._masks[window] = ((self._dist >= 0) & (self._dist <= window))[:, None]
+        mask = self._masks[window]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != keys.size(1))
 
     def advance(self, T, last_emb):
@@ -84,7 +90,7 @@ def calculator(expr, time_limit=0.1):
     """Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses) or a letter
     count "'strawberry'.count('r')"; anything else, or anything slow or huge, gives None.
     Walks the syntax tree itself: no eval, no names, no builtins."""
-    expr = expr.strip().replace(",", "")  # "1,234" -> "1234"
+    expr = re.sub(r"(?<=\d),(?=\d{3}\b)", "", expr.strip())  # "1,234" -> "1234"; "f(1, 2)" untouched
     if not expr or len(expr) > MAX_EXPR_CHARS:
         return None
     deadline = time.monotonic() + time_limit
@@ -213,8 +219,9 @@ class Engine:
         elif row.python_tokens is not None:
             row.python_tokens.append(token)
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """-> (results, masks): prompt + generated tokens per sample, stop tokens left out."""
+    def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
+        """-> (results, masks): prompt + generated tokens per sample. The stop token that ended
+        a row is left out, or kept (mask 1: it was sampled) with keep_stop=True."""
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -222,9 +229,8 @@ class Engine:
             for i, (token, mask) in enumerate(zip(column, column_masks)):
                 if done[i]:
                     continue
-                if token in self.stop_tokens:
-                    done[i] = True
-                else:
+                done[i] = token in self.stop_tokens
+                if keep_stop or not done[i]:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks

@@ -247,6 +247,29 @@ class RustBPETokenizer:
 
         return ids[:max_tokens], mask[:max_tokens]
 
+    def parse_assistant(self, tokens):
+        """The inverse of an assistant turn's rendering: generated ids (no <|assistant_end|>)
+        -> message content, a str, or a list of text / python / python_output parts when the
+        reply used the calculator, so the history re-renders to the same tokens."""
+        kinds = {self.encode_special("<|python_start|>"): ("python", self.encode_special("<|python_end|>")),
+                 self.encode_special("<|output_start|>"): ("python_output", self.encode_special("<|output_end|>"))}
+        parts, chunk, kind, end = [], [], "text", None
+        for t in tokens:
+            if kind == "text" and t in kinds:
+                if chunk:
+                    parts.append({"type": "text", "text": self.decode(chunk)})
+                (kind, end), chunk = kinds[t], []
+            elif kind != "text" and t == end:
+                parts.append({"type": kind, "text": self.decode(chunk)})
+                kind, end, chunk = "text", None, []
+            else:
+                chunk.append(t)
+        if chunk or kind != "text":  # an unclosed call (the reply was cut off) keeps its text
+            parts.append({"type": "text" if kind == "text" else kind, "text": self.decode(chunk)})
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+
     def render_for_completion(self, conversation):
         """Prompt for sampling the last assistant turn: drop it, end with <|assistant_start|>."""
         messages = conversation["messages"]

@@ -17,7 +17,8 @@ from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 
 def stream_reply(engine, tokenizer, conversation, args, out=sys.stdout):
-    """Generate the assistant's reply to `conversation`, printing it as it streams; returns its text."""
+    """Generate the assistant's reply to `conversation`, printing it as it streams; returns its
+    message content (text, or parts when it called the calculator) for the history."""
     tokens = tokenizer.render_for_completion({"messages": conversation["messages"] + [{"role": "assistant", "content": ""}]})
     generated = []
     printed = ""
@@ -33,7 +34,7 @@ def stream_reply(engine, tokenizer, conversation, args, out=sys.stdout):
             out.flush()
             printed = text
     out.write(tokenizer.decode(generated)[len(printed):] + "\n")
-    return tokenizer.decode(generated)
+    return tokenizer.parse_assistant(generated)
 
 def main():
     p = argparse.ArgumentParser(description="Chat with a nanochat model", allow_abbrev=False)

@@ -43,17 +43,16 @@ def make_task(name, split):
 def rollout(engine, tokenizer, conversation, task, num_samples, max_tokens, temperature, seed):
     """-> (sequences: list of prompt+answer token lists, policy_masks: 1 on sampled answer tokens, rewards)"""
     prompt = tokenizer.render_for_completion(conversation)
-    results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_tokens,
+    results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_tokens, keep_stop=True,
                                            temperature=temperature, top_k=None, seed=seed)
-    end = tokenizer.encode_special("<|assistant_end|>")
     sequences, policy_masks, rewards = [], [], []
-    for tokens, mask in zip(results, masks):
-        answer = tokenizer.decode(tokens[len(prompt):])
-        rewards.append(task.reward(conversation, answer))
-        stopped = len(tokens) - len(prompt) < max_tokens  # else it ran out of tokens
-        tail = [end] if stopped else []  # a sampled stop token is part of the action
-        sequences.append(tokens + tail)
-        policy_masks.append([0] * len(prompt) + mask[len(prompt):] + [1] * len(tail))
+    for tokens, mask in zip(results, masks):  # a sampled stop token stays: it is part of the action
+        answer = tokens[len(prompt):]
+        if answer and answer[-1] in engine.stop_tokens:
+            answer = answer[:-1]
+        rewards.append(task.reward(conversation, tokenizer.decode(answer)))
+        sequences.append(tokens)
+        policy_masks.append(mask)
     return sequences, policy_masks, rewards
 
 
@@ -101,9 +100,14 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--init-lr-frac", type=float, default=0.05)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (<= 0: only at the end)")
     p.add_argument("--eval-problems", type=int, default=100)
     args = p.parse_args()
+    for name in ("num_iterations", "problems_per_step", "num_samples", "max_new_tokens", "eval_problems"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.init_lr_frac <= 0 or args.temperature <= 0:
+        p.error("--init-lr-frac and --temperature must be positive")
     user_config = vars(args).copy()
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())

@@ -88,6 +88,11 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, buffer_s
         yield inputs.to(device), targets.to(device)
 
 
+def sft_loss(model, x, y):
+    """Mean loss per assistant token; a batch with no assistant tokens (all targets -1) gives 0, not NaN."""
+    return model(x, y, loss_reduction="sum") / (y >= 0).sum().clamp(min=1)
+
+
 @torch.no_grad()
 def evaluate_loss(model, batches, steps):
     """Mean loss per assistant token over `steps` batches (all ranks together)."""
@@ -119,9 +124,14 @@ def main():
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--scalar-lr", type=float, default=0.5)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (<= 0: only at the end)")
     p.add_argument("--eval-steps", type=int, default=8)
     args = p.parse_args()
+    for name in ("device_batch_size", "grad_accum_steps", "num_iterations", "eval_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.init_lr_frac <= 0:
+        p.error("--init-lr-frac must be positive")
     user_config = vars(args).copy()
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
@@ -154,7 +164,7 @@ def main():
             t0 = time.time()
             for _ in range(args.grad_accum_steps):
                 x, y = next(train_batches)
-                loss = model(x, y)
+                loss = sft_loss(model, x, y)
                 (loss / args.grad_accum_steps).backward()
             if is_ddp:
                 all_reduce_mean([p.grad for p in model.parameters()], world_size)

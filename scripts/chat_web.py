@@ -91,20 +91,37 @@ def validate_request(body, defaults):
     return messages, float(temperature), top_k, max_tokens
 
 
+TOOL_DISPLAY = {"<|python_start|>": "[calc: ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
+
+
 def stream_text(tokens, tokenizer):
     """Token ids -> text pieces. Decodes the tokens so far and yields only the new text once it
     ends in a complete character (a multi-byte character can span tokens; until its last byte
-    arrives the decode ends in U+FFFD). Whatever is left is flushed at the end."""
+    arrives the decode ends in U+FFFD). Whatever is left is flushed at the end. Calculator
+    markers show as "[calc: 12*3 = 36]" rather than raw special tokens."""
+    display = {tokenizer.encode_special(k): v for k, v in TOOL_DISPLAY.items()}
     generated, sent = [], ""
     for token in tokens:
         generated.append(token)
-        text = tokenizer.decode(generated)
+        text = _decode_for_display(generated, tokenizer, display)
         if not text.endswith("\ufffd") and len(text) > len(sent):
             yield text[len(sent):]
             sent = text
-    text = tokenizer.decode(generated)
+    text = _decode_for_display(generated, tokenizer, display)
     if len(text) > len(sent):
         yield text[len(sent):]
+
+
+def _decode_for_display(tokens, tokenizer, display):
+    """Decode runs of ordinary tokens together (multi-byte characters span tokens), markers by the table."""
+    out, run = [], []
+    for t in tokens:
+        if t in display:
+            out += [tokenizer.decode(run), display[t]]
+            run = []
+        else:
+            run.append(t)
+    return "".join(out) + tokenizer.decode(run)
 
 
 def sse(obj):

@@ -151,7 +151,12 @@ def load_rows(path, config, split, data_files=None):
     """
     if data_files is None:
         import datasets
-        return datasets.load_dataset(path, config, split=split)
+        try:
+            return datasets.load_dataset(path, config, split=split)
+        except Exception as e:  # offline, unknown name, corrupt cache: one line, not a traceback
+            raise UserError(f"could not load dataset {path}/{config or ''} split {split!r}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                            f"(no network? pass local files with data_files=...)") from e
     import pyarrow as pa
     files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
     if not files:

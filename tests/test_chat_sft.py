@@ -5,7 +5,8 @@ import subprocess
 
 import torch
 
-from scripts.chat_sft import sft_batches
+from scripts.chat_sft import sft_batches, sft_loss
+from nanochat.gpt import GPT, GPTConfig
 from tasks.identity import Identity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,3 +81,19 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
         "--problems-per-step", "1", "--num-samples", "2", "--max-new-tokens", "8", "--device-type", "cpu")
     rl_meta = json.loads((base_dir / "chatrl_checkpoints" / "chat" / "meta_000002.json").read_text())
     assert rl_meta["task"] == "Arithmetic" and 0.0 <= rl_meta["pass_at_1"] <= 1.0
+
+
+def test_sft_loss_is_per_assistant_token_and_zero_when_none():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L"))
+    model.init_weights()
+    x = torch.randint(0, 64, (2, 16))
+    y = torch.randint(0, 64, (2, 16))
+    y[0, :10] = -1
+    per_token = model(x, y, loss_reduction="none")  # (B, T), 0 where masked
+    assert torch.allclose(sft_loss(model, x, y), per_token.sum() / 22, atol=1e-6)
+    none = torch.full_like(y, -1)
+    loss = sft_loss(model, x, none)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()  # an all-masked micro-batch still steps cleanly
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

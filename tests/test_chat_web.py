@@ -237,3 +237,10 @@ def test_browser_streams_a_reply(live_server, engine, tokenizer, tmp_path):
             page.wait_for_selector(".message.assistant:not(.streaming)", timeout=60_000)
         finally:
             browser.close()
+
+
+def test_stream_text_shows_calculator_calls_readably(tokenizer):
+    sp = tokenizer.encode_special
+    ids = (tokenizer.encode("so ") + [sp("<|python_start|>")] + tokenizer.encode("12*3") + [sp("<|python_end|>")]
+           + [sp("<|output_start|>")] + tokenizer.encode("36") + [sp("<|output_end|>")] + tokenizer.encode(" done"))
+    assert "".join(stream_text(iter(ids), tokenizer)) == "so [calc: 12*3 = 36] done"

@@ -90,7 +90,8 @@ def test_samples_are_seeded_and_rows_differ(tokenizer):
 
 def test_calculator():
     assert calculator("2 + 3 * 4") == 14
-    assert calculator("1,234 + 1") == 1235
+    assert calculator("1,234 + 1") == 1235 and calculator("1,234,567 + 1") == 1234568
+    assert calculator("1,2") is None  # a tuple, not 12
     assert calculator("7 / 2") == 3.5
     assert calculator("10 / 4 * 2") == 5
     assert calculator("'strawberry'.count('r')") == 3
@@ -144,6 +145,9 @@ def test_calculator_tool_forces_output_tokens(tokenizer):
     assert tokenizer.decode(out).endswith(" done")
     fed = [t for chunk in model.fed for t in chunk]
     assert fed[len(prompt) + k:len(prompt) + k + len(forced)] == forced  # the forced tokens go back into the model
+    model.fed.clear()
+    kept, kept_masks = engine.generate_batch(prompt, num_samples=1, max_tokens=60, temperature=0, keep_stop=True)
+    assert kept[0] == results[0] + [sp("<|assistant_end|>")] and kept_masks[0] == masks[0] + [1]
 
 
 def test_max_tokens_and_stop(tokenizer):

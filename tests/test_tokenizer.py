@@ -345,3 +345,20 @@ def test_tok_train_end_to_end(tmp_path):
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert "ours" in rows["text"] and "gpt2" not in rows["text"]
     assert {"news", "code", "train-shard", "val-shard"} <= set(rows)
+
+
+def test_parse_assistant_inverts_the_rendering(tok):
+    """A reply with a calculator call, parsed back into parts, re-renders to the same tokens."""
+    s = lambda name: sid(tok, name)
+    reply = (tok.encode("so ") + [s("<|python_start|>")] + tok.encode("12*3") + [s("<|python_end|>")]
+             + [s("<|output_start|>")] + tok.encode("36") + [s("<|output_end|>")] + tok.encode(" done"))
+    content = tok.parse_assistant(reply)
+    assert content == [{"type": "text", "text": "so "}, {"type": "python", "text": "12*3"},
+                       {"type": "python_output", "text": "36"}, {"type": "text", "text": " done"}]
+    user = {"role": "user", "content": "what is 12*3?"}
+    ids, _ = tok.render_conversation({"messages": [user, {"role": "assistant", "content": content}]})
+    prompt = tok.render_for_completion({"messages": [user, {"role": "assistant", "content": ""}]})
+    assert ids == prompt + reply + [s("<|assistant_end|>")]
+    assert tok.parse_assistant(tok.encode("plain words")) == "plain words"  # no tool: a plain string
+    cut = tok.parse_assistant(tok.encode("x") + [s("<|python_start|>")] + tok.encode("1+"))  # cut off mid-call
+    assert cut == [{"type": "text", "text": "x"}, {"type": "python", "text": "1+"}]
