@@ -1,0 +1,16 @@
+"""
+MegaContext: a learned long-context memory around the base GPT (design: shared/spec/megacontext.md).
+
+One module per component, read in this order:
+- positions.py        Gaussian RoPE: rotary angles from arbitrary positions, damped by each slot's LOD
+- gistnet.py          GistNet: a block of 32 embeddings -> one gist in the token-embedding space
+- tree.py             MegaContextTree: the whole history, LOD0 tokens + LOD1/LOD2/... gists, RAM or disk
+- working_context.py  WorkingContext: the fixed-budget mix of blocks and gists the model attends to,
+                      its edits, assembly, and the one invariant checker
+- lensnet.py          LensNet: signed focus scores for the working-context entries
+- allocator.py        FocusAllocator: scores -> legal expand / collapse edits within the budget
+The vanilla model never imports this package; `GPT.forward(inputs_embeds=..., positions=..., lod=...)`
+is the one hook into the base model.
+"""
+
+BLOCK_SIZE = 32  # K: tokens per LOD1 gist, and children per node at every level
