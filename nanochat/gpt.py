@@ -61,6 +61,11 @@ def window_sizes(config):
     return sizes
 
 
+def rotary_inv_freq(head_dim, device=None):
+    """(D/2,) rotary frequencies w_i = base^(-2i/D), float32."""
+    return ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+
+
 def apply_rotary(x, cos, sin):
     # x: (B, T, H, D); cos, sin: (1, T, 1, D/2)
     d = x.shape[-1] // 2
@@ -184,7 +189,7 @@ class GPT(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _rotary_tables(self, seq_len, head_dim, device=None):
-        inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        inv_freq = rotary_inv_freq(head_dim, device)
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)  # (T, D/2)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
 
@@ -282,23 +287,42 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # forward
 
-    def smear(self, x, prev=None):
+    def smear(self, x, prev=None, keep=None):
         """For t >= 1 each position adds a gated fraction of the previous position's (pre-smear)
         normalized embedding. x: (B, T, C); prev: (B, 1, C), the embedding before x[:, 0] when
-        decoding with a cache (zeros for an empty row), else None (x[:, 0] has no predecessor)."""
+        decoding with a cache (zeros for an empty row), else None (x[:, 0] has no predecessor).
+        keep: (B, T-1, 1), MegaContext only: 0 where slot t or t-1 is a gist (no smear there)."""
         if prev is None:
             if x.size(1) == 1:
                 return x
             cur, before = x[:, 1:], x[:, :-1]
+            before = before if keep is None else before * keep
         else:
             cur, before = x, torch.cat([prev, x[:, :-1]], dim=1)
         gate = torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))  # (B, Tc, 1)
         cur = cur + self.smear_lambda.to(x.dtype) * gate * before
         return cur if prev is not None else torch.cat([x[:, :1], cur], dim=1)
 
-    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
+    def embed_tokens(self, idx):
+        """Token ids -> normalized embeddings (..., C), before the smear. MegaContext gists live in
+        this space, so a working context of tokens and gists is one tensor of these."""
+        return norm(self.transformer.wte(idx))
+
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, *, inputs_embeds=None, positions=None, lod=None):
+        """Vanilla: idx (B, T) token ids -> logits (B, T, V), or the loss given targets.
+        MegaContext hook (inputs_embeds given): one working context of tokens and gists.
+          inputs_embeds: (B, T, C) slot embeddings (embed_tokens(ids) at token slots, gists elsewhere)
+          positions: (B, T) or (T,) float position each slot stands for (a gist: its span's center)
+          lod: (B, T) or (T,) long, 0 at token slots, the gist's level elsewhere
+          idx: (B, T) token ids at token slots, any value (e.g. -1) at gist slots
+        Gist slots get Gaussian RoPE (megacontext/positions.py), no value embedding (it is keyed
+        by token id; the slot's v is c_v(x) alone) and no smear in or out (the smear mixes in the
+        previous token, and a gist is not one). With lod all 0 and positions 0..T-1 the result
+        equals the vanilla forward on idx exactly."""
         B, T = idx.shape
-        emb = norm(self.transformer.wte(idx))  # (B, T, C) pre-smear
+        if inputs_embeds is not None:
+            return self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache)
+        emb = self.embed_tokens(idx)  # (B, T, C) pre-smear
         if kv_cache is None:
             assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary table ({self.cos.size(1)})"
             x = self.smear(emb)
@@ -308,18 +332,44 @@ class GPT(nn.Module):
             assert int(pos.max()) < self.cos.size(1), "decoding past the rotary table"
             x = self.smear(emb, kv_cache.smear_prev)
             cos, sin = self.cos[0][pos].to(x.dtype), self.sin[0][pos].to(x.dtype)  # (B, T, 1, D/2)
+        x = self._trunk(x, idx, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T, emb[:, -1:])
+        return self._head(x, targets, loss_reduction)
+
+    def _trunk(self, x, idx, cos, sin, kv_cache=None, token_mask=None):
+        """The layers: x (B, T, C) after the smear -> final residual (B, T, C). token_mask (B, T, 1),
+        MegaContext only: 1 where the slot is a token, which alone gets a value embedding."""
         x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            ve = None
+            if str(i) in self.value_embeds:
+                ve = self.value_embeds[str(i)](idx if token_mask is None else idx.clamp(min=0))
+                ve = ve if token_mask is None else ve * token_mask
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == self.config.n_layer // 2:
                 x_mid = x
-        x = x - self.backout_lambda.to(x.dtype) * x_mid
-        if kv_cache is not None:
-            kv_cache.advance(T, emb[:, -1:])
+        return x - self.backout_lambda.to(x.dtype) * x_mid
 
+    def _forward_mixed(self, idx, emb, positions, lod, targets, loss_reduction, kv_cache):
+        from nanochat.megacontext.positions import gaussian_rotary  # only MegaContext runs get here
+        if kv_cache is not None:
+            raise NotImplementedError("inputs_embeds with a KV cache: decode through megacontext, not the vanilla engine")
+        B, T, C = emb.shape
+        if positions is None or lod is None or idx.shape != (B, T):
+            raise ValueError(f"inputs_embeds {tuple(emb.shape)} needs positions, lod and idx of shape ({B}, {T})")
+        lod = lod.expand(B, T)
+        token_mask = (lod == 0).unsqueeze(-1).to(emb.dtype)  # (B, T, 1)
+        x = self.smear(emb, keep=token_mask[:, 1:] * token_mask[:, :-1])
+        cos, sin = gaussian_rotary(positions.expand(B, T), lod, self.config.n_embd // self.config.n_head)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (B, T, 1, D/2)
+        x = self._trunk(x, idx, cos, sin, token_mask=token_mask)
+        return self._head(x, targets, loss_reduction)
+
+    def _head(self, x, targets, loss_reduction):
+        B, T, _ = x.shape
         logits = self.lm_head(norm(x))[..., :self.config.vocab_size].float()  # (B, T, vocab)
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:

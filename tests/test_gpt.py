@@ -177,3 +177,73 @@ def test_lr_multiplier_scales_every_group_and_schedules_follow_initial_lr():
             assert gb["lr"] == gb["initial_lr"] == pytest.approx(0.5 * ga["initial_lr"])
     set_lr_multiplier(half, 0.1)
     assert all(g["lr"] == pytest.approx(0.1 * g["initial_lr"]) for opt in half for g in opt.param_groups)
+
+
+# -----------------------------------------------------------------------------
+# the MegaContext hook: model(idx, inputs_embeds=..., positions=..., lod=...)
+
+def mixed_inputs(model, idx):
+    T = idx.size(1)
+    return dict(inputs_embeds=model.embed_tokens(idx), positions=torch.arange(T, dtype=torch.float32),
+                lod=torch.zeros(T, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1, window_pattern="SL", sequence_len=256)])
+def test_hook_on_pure_tokens_equals_vanilla_exactly(kw):
+    model = make_model(**kw)
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.sequence_len))
+    targets = torch.randint(0, model.config.vocab_size, idx.shape)
+    assert torch.equal(model(idx, **mixed_inputs(model, idx)), model(idx))
+    assert torch.equal(model(idx, targets, **mixed_inputs(model, idx)), model(idx, targets))
+
+
+def test_vanilla_path_never_imports_megacontext():
+    code = ("import sys, torch\nfrom nanochat.gpt import GPT, GPTConfig\n"
+            "m = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)); m.init_weights()\n"
+            "m(torch.zeros(1, 8, dtype=torch.long))\n"
+            "assert not any(k.startswith('nanochat.megacontext') for k in sys.modules), 'imported'\n")
+    import subprocess, sys, os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_gist_slots_ignore_their_placeholder_id_and_get_no_smear():
+    model = make_model()
+    model.smear_lambda.data.fill_(0.5)  # make the smear matter
+    T = 24
+    idx = torch.randint(0, model.config.vocab_size, (1, T))
+    inputs = mixed_inputs(model, idx)
+    emb = inputs["inputs_embeds"].clone()
+    emb[0, 10] = torch.nn.functional.rms_norm(torch.randn(model.config.n_embd), (model.config.n_embd,))  # a "gist"
+    lod = inputs["lod"].clone()
+    lod[10] = 1
+    a, b = idx.clone(), idx.clone()
+    a[0, 10], b[0, 10] = -1, 7  # the id at a gist slot is a placeholder: no value embedding is looked up
+    out_a = model(a, inputs_embeds=emb, positions=inputs["positions"], lod=lod)
+    assert torch.equal(out_a, model(b, inputs_embeds=emb, positions=inputs["positions"], lod=lod))
+    # smear: a slot next to a gist keeps its own embedding; tokens elsewhere still smear
+    keep = torch.ones(1, T - 1, 1)
+    keep[0, 9] = keep[0, 10] = 0  # pairs (9, 10) and (10, 11)
+    x = model.smear(emb, keep=keep)
+    assert torch.equal(x[0, 10], emb[0, 10]) and torch.equal(x[0, 11], emb[0, 11])
+    assert not torch.equal(x[0, 12], emb[0, 12])
+
+
+def test_hook_takes_positions_beyond_any_table_and_is_shift_invariant():
+    model = make_model()
+    T = 16
+    idx = torch.randint(0, model.config.vocab_size, (1, T))
+    inputs = mixed_inputs(model, idx)
+    base = model(idx, **inputs)
+    far = dict(inputs, positions=inputs["positions"] + 1000.0)  # rotary is relative: a shift changes nothing
+    assert torch.allclose(model(idx, **far), base, atol=2e-3)
+    huge = dict(inputs, positions=inputs["positions"] + 5_000_000.0)  # far past the rotary table: no assert
+    assert torch.isfinite(model(idx, **huge)).all()
+
+
+def test_hook_rejects_missing_metadata():
+    model = make_model()
+    idx = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError):
+        model(idx, inputs_embeds=model.embed_tokens(idx))
