@@ -1,0 +1,242 @@
+"""
+The Working Context (WC): the fixed-budget sequence the model actually attends to.
+
+A WC is an ordered tuple of entries; each entry is one block of the MegaContext tree at one level:
+    Entry(level=0, start, end)   raw tokens [start, end): one LOD0 block, start % K == 0, end - start <= K
+    Entry(level=L, start, end)   one level-L gist of tokens [start, start + K**L), start % K**L == 0
+Cost: an LOD0 block costs its tokens (32, or fewer for the open tail block), a gist of any level 1.
+
+Invariants (written once here, checked by `check_working_context`, which tests and runtime call):
+  1. tiling: entries are contiguous, each starts where the previous ends (no gap, no overlap),
+     and the last ends at the newest token of the history;
+  2. alignment: every entry starts on its level's block grid and spans exactly one block
+     (only the newest LOD0 block may be short: the open tail);
+  3. existence: every gist is a complete node the tree has computed;
+  4. budget: total cost <= w_max;
+  5. recent protection: the newest `recent_tokens` tokens are covered by LOD0 entries.
+A WC need not reach back to token 0: it tiles [wc.start, n_tokens). Older history is then
+outside it (a truncated baseline); `WorkingContext.coarsest` covers all of it.
+
+Edits, each returning a new WC (a WC is an immutable value, so slates of variants are cheap):
+  expand(i):   a level-1 gist -> its LOD0 block; a level-L gist (L >= 2) -> its 32 level-(L-1) children
+  collapse(i): an LOD0 block -> its level-1 gist; 32 sibling level-L gists (entry i among them, all
+               present in the WC) -> their level-(L+1) parent
+Both change the cost by 31 (K - 1), expand up and collapse down; collapse(expand(wc, i)) == wc.
+
+The tree-like `source` used here needs: num_tokens, num_gists(level), tokens(start, end) -> (n,)
+LongTensor, gists(level, i0, i1) -> (i1-i0, D). MegaContextTree has them; so does the in-graph
+view that training builds over one sequence.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.megacontext import BLOCK_SIZE
+
+K = BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class Entry:
+    level: int
+    start: int
+    end: int
+
+    @property
+    def cost(self):
+        return self.end - self.start if self.level == 0 else 1
+
+    @property
+    def index(self):
+        """The node's index within its level (LOD0: the block index)."""
+        return self.start // K ** max(self.level, 1)
+
+
+class WorkingContextError(ValueError):
+    """A WC that breaks one of the invariants above."""
+
+
+def check_working_context(wc, source, w_max, recent_tokens=0):
+    """Raise WorkingContextError naming the first broken invariant; return wc when legal."""
+    entries, n = wc.entries, source.num_tokens
+    if not entries:
+        raise WorkingContextError("empty working context")
+    if entries[-1].end != n:
+        raise WorkingContextError(f"tiling: the last entry ends at {entries[-1].end}, the history at {n}")
+    for i, e in enumerate(entries):
+        if i > 0 and e.start != entries[i - 1].end:
+            kind = "gap" if e.start > entries[i - 1].end else "overlap"
+            raise WorkingContextError(f"tiling: {kind} between entry {i - 1} (ends {entries[i - 1].end}) and entry {i} (starts {e.start})")
+        span = K ** max(e.level, 1)
+        if e.level < 0 or e.start < 0 or e.start % span != 0:
+            raise WorkingContextError(f"alignment: entry {i} {e} does not start on the level-{e.level} grid ({span})")
+        if e.level == 0 and not (e.start < e.end <= e.start + K and (e.end == e.start + K or e.end == n)):
+            raise WorkingContextError(f"alignment: entry {i} {e} is not one LOD0 block (only the newest may be short)")
+        if e.level > 0 and e.end != e.start + span:
+            raise WorkingContextError(f"alignment: entry {i} {e} does not span one level-{e.level} block ({span} tokens)")
+        if e.level > 0 and e.index >= source.num_gists(e.level):
+            raise WorkingContextError(f"existence: entry {i} {e}: the tree has {source.num_gists(e.level)} level-{e.level} gists")
+    if wc.cost > w_max:
+        raise WorkingContextError(f"budget: cost {wc.cost} > w_max {w_max}")
+    for i, e in enumerate(entries):
+        if e.level > 0 and e.end > n - recent_tokens:
+            raise WorkingContextError(f"recent protection: entry {i} {e} is a gist within the newest {recent_tokens} tokens")
+    return wc
+
+
+class WorkingContext:
+    def __init__(self, entries):
+        self.entries = tuple(entries)
+        self.cost = sum(e.cost for e in self.entries)
+
+    def __eq__(self, other):
+        return isinstance(other, WorkingContext) and self.entries == other.entries
+
+    def __hash__(self):
+        return hash(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __repr__(self):
+        counts = {}
+        for e in self.entries:
+            counts[e.level] = counts.get(e.level, 0) + 1
+        mix = ", ".join(f"LOD{lvl}: {c}" for lvl, c in sorted(counts.items()))
+        return f"WorkingContext([{self.start}, {self.end}), cost {self.cost}, {mix})"
+
+    @property
+    def start(self):
+        return self.entries[0].start
+
+    @property
+    def end(self):
+        return self.entries[-1].end
+
+    # -------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def recent(cls, source, w_max):
+        """The baseline: the newest whole LOD0 blocks that fit in w_max (a truncated window)."""
+        n = source.num_tokens
+        assert n > 0 and w_max >= K, "need tokens and room for one block"
+        start = (n - 1) // K * K  # the newest block, maybe short
+        while start > 0 and n - (start - K) <= w_max:
+            start -= K
+        return cls(Entry(0, s, min(s + K, n)) for s in range(start, n, K))
+
+    @classmethod
+    def coarsest(cls, source, recent_tokens=0, max_level=None):
+        """The cheapest WC over the whole history: the blocks holding the newest recent_tokens at
+        LOD0, everything older as the coarsest complete gists (largest aligned level first)."""
+        n = source.num_tokens
+        lod0_from = max(0, (n - recent_tokens) // K * K)  # blocks ending after n - recent_tokens stay raw
+        levels = []
+        while source.num_gists(len(levels) + 1) > 0 and (max_level is None or len(levels) < max_level):
+            levels.append(len(levels) + 1)
+        entries, p = [], 0
+        while p < lod0_from:
+            level = next((L for L in reversed(levels) if p % K ** L == 0 and p + K ** L <= lod0_from
+                          and p // K ** L < source.num_gists(L)), 0)
+            end = p + K ** level if level else p + K
+            entries.append(Entry(level, p, end))
+            p = end
+        entries += [Entry(0, s, min(s + K, n)) for s in range(lod0_from, n, K)]
+        return cls(entries)
+
+    # -------------------------------------------------------------------------
+    # edits
+
+    def expand(self, i):
+        e = self.entries[i]
+        if e.level == 0:
+            raise WorkingContextError(f"cannot expand entry {i}: it is already raw tokens")
+        if e.level == 1:
+            children = [Entry(0, e.start, e.end)]
+        else:
+            span = K ** (e.level - 1)
+            children = [Entry(e.level - 1, s, s + span) for s in range(e.start, e.end, span)]
+        return WorkingContext(self.entries[:i] + tuple(children) + self.entries[i + 1:])
+
+    def collapse_range(self, i, source=None):
+        """(j0, j1, parent Entry) that collapse(i) would replace entries[j0:j1] with, or None when
+        entry i cannot collapse (a short tail block, siblings missing from the WC, or, given the
+        tree, a parent gist it has not computed)."""
+        e = self.entries[i]
+        if e.level == 0:
+            r = (i, i + 1, Entry(1, e.start, e.end)) if e.end - e.start == K else None
+        else:
+            r = self._sibling_range(i)
+        if r is not None and source is not None and r[2].index >= source.num_gists(r[2].level):
+            return None
+        return r
+
+    def _sibling_range(self, i):
+        e = self.entries[i]
+        span = K ** (e.level + 1)
+        p0 = e.start - e.start % span
+        j0 = i - (e.start - p0) // K ** e.level  # where the first sibling must sit
+        j1 = j0 + K
+        if j0 < 0 or j1 > len(self.entries):
+            return None
+        siblings = self.entries[j0:j1]
+        if siblings[0].start != p0 or any(s.level != e.level for s in siblings) or siblings[-1].end != p0 + span:
+            return None
+        return j0, j1, Entry(e.level + 1, p0, p0 + span)
+
+    def collapse(self, i, source=None):
+        r = self.collapse_range(i, source)
+        if r is None:
+            raise WorkingContextError(f"cannot collapse entry {i} {self.entries[i]}: not a whole block / sibling group")
+        j0, j1, parent = r
+        return WorkingContext(self.entries[:j0] + (parent,) + self.entries[j1:])
+
+    # -------------------------------------------------------------------------
+    # assembly
+
+    def assemble(self, source, embed_tokens):
+        """-> dict of per-slot tensors for the model (T = cost):
+        embeds (T, D): embed_tokens(ids) at token slots, the gist vectors elsewhere
+        token_ids (T,) long, -1 at gist slots; lod (T,) long; positions (T,) float: tokens at
+        their index, gists at their span's center, both relative to self.start (positions.py);
+        entry (T,) long: the entry each slot belongs to.
+        Contiguous runs of same-level entries are fetched with one call each."""
+        runs = []  # (level, first entry, last entry + 1)
+        for i, e in enumerate(self.entries):
+            if runs and runs[-1][0] == e.level and runs[-1][2] == i:
+                runs[-1][2] = i + 1
+            else:
+                runs.append([e.level, i, i + 1])
+        embeds, token_ids, lods, positions, entry_ids = [], [], [], [], []
+        for level, i0, i1 in runs:
+            a, b = self.entries[i0].start, self.entries[i1 - 1].end
+            if level == 0:
+                ids = source.tokens(a, b)  # (b - a,)
+                embeds.append(embed_tokens(ids.to(_device(embed_tokens))))
+                token_ids.append(ids)
+                positions.append(torch.arange(a, b, dtype=torch.float64))
+                entry_ids.append(torch.repeat_interleave(torch.arange(i0, i1), torch.tensor([self.entries[i].cost for i in range(i0, i1)])))
+            else:
+                span = K ** level
+                embeds.append(source.gists(level, a // span, b // span))  # (i1 - i0, D)
+                token_ids.append(torch.full((i1 - i0,), -1, dtype=torch.long))
+                positions.append(torch.arange(a, b, span, dtype=torch.float64) + (span - 1) / 2)
+                entry_ids.append(torch.arange(i0, i1))
+            lods.append(torch.full((len(token_ids[-1]),), level, dtype=torch.long))
+        first_tokens = next((x for x, (level, _, _) in zip(embeds, runs) if level == 0), embeds[0])
+        device, dtype = first_tokens.device, first_tokens.dtype  # gists join the token embeddings' dtype
+        return dict(
+            embeds=torch.cat([x.to(device=device, dtype=dtype) for x in embeds]),
+            token_ids=torch.cat(token_ids).to(device),
+            lod=torch.cat(lods).to(device),
+            positions=(torch.cat(positions) - self.start).float().to(device),
+            entry=torch.cat(entry_ids).to(device),
+        )
+
+
+def _device(embed_tokens):
+    """The device token ids must be on for embed_tokens (a bound model method, or any callable)."""
+    owner = getattr(embed_tokens, "__self__", None)
+    return owner.get_device() if hasattr(owner, "get_device") else torch.device("cpu")
