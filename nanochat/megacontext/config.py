@@ -1,0 +1,91 @@
+"""
+MegaContext settings: one dataclass, its command-line flags and its TOML keys.
+
+A run is vanilla unless `--megacontext` (or `megacontext = true` in a `--config` preset) is given.
+Every field below is also a flag `--mc-<field>` and a preset key `mc_<field>`; flags override the
+preset, which overrides these defaults. configs/*_mc.toml hold a preset per model size.
+"""
+
+import argparse
+from dataclasses import dataclass, fields, asdict
+
+from nanochat.common import UserError
+from nanochat.megacontext import BLOCK_SIZE
+
+
+@dataclass
+class MegaContextConfig:
+    # working context
+    w_max: int = 512                 # WC budget in slots (a token costs 1, a gist of any level 1)
+    max_level: int = 2               # deepest gist level built (LOD2 = 1024 tokens per gist)
+    recent_tokens: int = 64          # the newest tokens always stay raw (LOD0)
+    # GistNet
+    gist_kind: str = "transformer"   # linear | mlp | transformer
+    gist_pooling: str = "query"      # mean | query | cls (transformer only)
+    gist_layers: int = 2             # bidirectional blocks in the transformer GistNet
+    gist_shared: bool = True         # one GistNet for every level (False: one per level)
+    # LensNet
+    lens_layers: int = 2
+    lens_tail: int = 4               # tail gists summarizing the newest content
+    # Focus allocator
+    allocator: str = "greedy"        # greedy | stochastic
+    tau_expand: float = 0.1
+    tau_collapse: float = 0.1
+    n_diff: int = 4                  # edits per refocus
+    cooldown: int = 2                # refocus steps before a node may flip back
+    # training (base_train --megacontext)
+    horizon: int = 64                # H: teacher-forced tokens scored after each WC (a multiple of 32)
+    num_variants: int = 4            # WC variants per sequence, the recent-tokens baseline included
+    alpha_lod1: float = 0.02         # weight of the LOD1 gist cosine loss
+    alpha_lod2: float = 0.01         # weight of the LOD2 gist cosine loss
+    lens_weight: float = 0.1         # weight of the LensNet loss
+
+    def validate(self):
+        """Raise UserError (one line) for a setting that cannot work."""
+        checks = [
+            (self.w_max >= 2 * BLOCK_SIZE, f"mc_w_max must be at least {2 * BLOCK_SIZE}, got {self.w_max}"),
+            (1 <= self.max_level <= 6, f"mc_max_level must be in 1..6, got {self.max_level}"),
+            (0 <= self.recent_tokens <= self.w_max - BLOCK_SIZE, f"mc_recent_tokens must be in 0..w_max-{BLOCK_SIZE}, got {self.recent_tokens}"),
+            (self.gist_kind in ("linear", "mlp", "transformer"), f"mc_gist_kind must be linear, mlp or transformer, got {self.gist_kind!r}"),
+            (self.gist_pooling in ("mean", "query", "cls"), f"mc_gist_pooling must be mean, query or cls, got {self.gist_pooling!r}"),
+            (self.gist_layers >= 1 and self.lens_layers >= 1, "mc_gist_layers and mc_lens_layers must be at least 1"),
+            (self.lens_tail >= 0, f"mc_lens_tail must be >= 0, got {self.lens_tail}"),
+            (self.allocator in ("greedy", "stochastic"), f"mc_allocator must be greedy or stochastic, got {self.allocator!r}"),
+            (self.tau_expand >= 0 and self.tau_collapse >= 0, "mc_tau_expand and mc_tau_collapse must be >= 0"),
+            (self.n_diff >= 1 and self.cooldown >= 0, "mc_n_diff must be >= 1 and mc_cooldown >= 0"),
+            (self.horizon >= BLOCK_SIZE and self.horizon % BLOCK_SIZE == 0, f"mc_horizon must be a positive multiple of {BLOCK_SIZE}, got {self.horizon}"),
+            (self.num_variants >= 1, f"mc_num_variants must be at least 1, got {self.num_variants}"),
+            (min(self.alpha_lod1, self.alpha_lod2, self.lens_weight) >= 0, "loss weights must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_args(parser):
+    """One --mc-<field> flag per MegaContextConfig field (dest mc_<field>). The script itself
+    defines --megacontext (store_true) and calls this only when it is on, so a vanilla run
+    never imports this package."""
+    group = parser.add_argument_group("MegaContext (with --megacontext)")
+    for f in fields(MegaContextConfig):
+        kind = _bool if f.type is bool else f.type
+        group.add_argument(f"--mc-{f.name.replace('_', '-')}", dest=f"mc_{f.name}", type=kind, default=f.default)
+
+
+def from_args(args):
+    """The validated MegaContextConfig of parsed args, or None for a vanilla run."""
+    if not args.megacontext:
+        return None
+    return MegaContextConfig(**{f.name: getattr(args, f"mc_{f.name}") for f in fields(MegaContextConfig)}).validate()
