@@ -1,0 +1,163 @@
+"""
+The Focus Allocator: LensNet's signed scores -> a few legal expand / collapse edits of the WC.
+
+LensNet gives one score per WC entry, > 0 "look closer", < 0 "summarize". One allocator step:
+  1. candidates (rebuilt after every edit: list indices shift, so nodes are named by level/start)
+     expand:   a gist entry (level >= 1) with score > tau_expand, and only while cost + 31 <= w_max
+               (an expand always costs K - 1 = 31 slots: 1 gist -> 32 slots of detail)
+     collapse: an LOD0 full block -> its LOD1 gist, or a whole group of 32 sibling gists -> their
+               parent (WorkingContext.collapse_range, which also asks the tree that the parent
+               exists), scored by the mean of its members' scores, kept when that mean is below
+               -tau_collapse and the parent ends before the newest recent_tokens tokens
+               (recent protection); a collapse refunds 31 slots
+     Only the entries of the WC given to step() carry scores: what an edit creates waits for the
+     next scoring, so one step never undoes its own edits.
+  2. choice: by |score|. greedy takes the largest (ties: the oldest entry first); stochastic
+     samples one of the top_k with probabilities softmax(|score| / temperature), drawing from the
+     torch.Generator given (a seeded generator makes it deterministic).
+  3. kinds alternate, collapse first, so a collapse's refund can pay for the next expand; when
+     one kind has no candidate the other goes on. At most n_diff edits; stop when neither has one.
+The WC is checked (check_working_context: tiling, alignment, existence, budget, recent
+protection) on the way in and after every edit; check=False skips that, for benchmarks.
+
+Cooldown, the allocator's only state: every edit toggles one node, the parent side of the edit
+(a collapse makes node P present, expanding P opens it again; for LOD0 <-> LOD1, P is the LOD1
+gist). The allocator remembers, per node (level, start), the step that last toggled it, and
+refuses to toggle it again for the next `cooldown` steps: edited at step t, refused at steps
+t+1 .. t+cooldown, allowed from t+cooldown+1. So a collapsed group is not re-expanded (and an
+expanded gist not re-collapsed) right away. Further edits in the same direction (collapsing P's
+group into P's parent, expanding P's children) are not held back. Use one allocator per WC
+stream; reset() forgets the history (e.g. when a new document starts).
+"""
+
+from collections import namedtuple
+
+import torch
+
+from nanochat.megacontext import BLOCK_SIZE
+from nanochat.megacontext.working_context import check_working_context
+
+K = BLOCK_SIZE
+
+# one edit, for telemetry (swap rate = edits per step): kind "expand" or "collapse";
+# before / after: tuples of Entry (expand: (gist,) -> its children; collapse: members -> (parent,))
+Edit = namedtuple("Edit", ["kind", "before", "after"])
+
+
+class FocusAllocator:
+    def __init__(self, w_max, tau_expand=0.1, tau_collapse=0.1, n_diff=4, cooldown=2, strategy="greedy",
+                 temperature=1.0, recent_tokens=0, top_k=4, check=True):
+        if strategy not in ("greedy", "stochastic"):
+            raise ValueError(f"strategy must be 'greedy' or 'stochastic', got {strategy!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if n_diff < 0 or cooldown < 0 or recent_tokens < 0 or top_k < 1:
+            raise ValueError(f"need n_diff, cooldown, recent_tokens >= 0 and top_k >= 1 (got {n_diff}, {cooldown}, {recent_tokens}, {top_k})")
+        self.w_max = w_max
+        self.tau_expand = tau_expand
+        self.tau_collapse = tau_collapse
+        self.n_diff = n_diff
+        self.cooldown = cooldown
+        self.strategy = strategy
+        self.temperature = temperature
+        self.recent_tokens = recent_tokens
+        self.top_k = top_k  # stochastic: how many of the best candidates of a kind may be drawn
+        self.check = check
+        self.steps = 0  # step() calls so far
+        self.last_toggled = {}  # (level, start) of a node -> the step that last expanded or collapsed it
+
+    def reset(self):
+        self.steps = 0
+        self.last_toggled = {}
+
+    def step(self, wc, scores, source, generator=None):
+        """wc: WorkingContext; scores: (E,) one signed score per entry; source: the tree.
+        -> (new WorkingContext, list of Edit). A step with no candidate returns wc itself."""
+        scores = self._validate_scores(wc, scores)
+        if self.check:
+            check_working_context(wc, source, self.w_max, self.recent_tokens)
+        self.steps += 1
+        self.last_toggled = {node: t for node, t in self.last_toggled.items() if self.steps - t <= self.cooldown}
+        score_of = dict(zip(wc.entries, scores))  # Entry -> score; entries made by this step's edits have none
+        edits, order = [], ("collapse", "expand")
+        while len(edits) < self.n_diff:
+            for kind in order:
+                candidates = self._collapses(wc, source, score_of) if kind == "collapse" else self._expands(wc, score_of)
+                if candidates:
+                    break
+            else:
+                break  # no candidate of either kind
+            _, i, node = self._choose(candidates, generator)
+            if kind == "collapse":
+                j0, j1, _ = wc.collapse_range(i, source)
+                new_wc = wc.collapse(i, source)
+                edit = Edit("collapse", wc.entries[j0:j1], (node,))
+            else:
+                new_wc = wc.expand(i)
+                edit = Edit("expand", (node,), new_wc.entries[i:i + K if node.level > 1 else i + 1])
+            if self.check:
+                check_working_context(new_wc, source, self.w_max, self.recent_tokens)
+            self.last_toggled[(node.level, node.start)] = self.steps
+            edits.append(edit)
+            wc = new_wc
+            order = ("expand", "collapse") if kind == "collapse" else ("collapse", "expand")
+        return wc, edits
+
+    # -------------------------------------------------------------------------
+    # candidates: lists of (score, entry index, node toggled)
+
+    def _validate_scores(self, wc, scores):
+        scores = torch.as_tensor(scores)
+        if scores.ndim != 1 or scores.shape[0] != len(wc):
+            raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({len(wc)},): one score per working-context entry")
+        if not torch.isfinite(scores).all():
+            bad = torch.nonzero(~torch.isfinite(scores))[0].item()
+            raise ValueError(f"scores must be finite: entry {bad} scored {scores[bad].item()}")
+        return scores.detach().double().cpu().tolist()
+
+    def _cooling(self, node):
+        t = self.last_toggled.get((node.level, node.start))
+        return t is not None and self.steps - t <= self.cooldown
+
+    def _expands(self, wc, score_of):
+        if wc.cost + K - 1 > self.w_max:
+            return []  # every expand costs the same, so none fits
+        candidates = []
+        for i, e in enumerate(wc.entries):
+            s = score_of.get(e)
+            if e.level >= 1 and s is not None and s > self.tau_expand and not self._cooling(e):
+                candidates.append((s, i, e))
+        return candidates
+
+    def _collapses(self, wc, source, score_of):
+        protect_from = source.num_tokens - self.recent_tokens  # no gist may end after this token
+        seen, candidates = set(), []
+        for i, e in enumerate(wc.entries):
+            s = score_of.get(e)
+            if s is None or s >= -self.tau_collapse:
+                continue  # a group's mean is below -tau_collapse only if one of its members is
+            span = K ** (e.level + 1)
+            key = (e.level + 1, e.start - e.start % span)  # the parent's node, before the costlier range lookup
+            if key in seen:
+                continue
+            seen.add(key)
+            r = wc.collapse_range(i, source)
+            if r is None:
+                continue  # a short tail block, siblings missing from the WC, or a parent not in the tree
+            j0, j1, parent = r
+            members = [score_of.get(m) for m in wc.entries[j0:j1]]
+            if None in members or parent.end > protect_from or self._cooling(parent):
+                continue
+            mean = sum(members) / len(members)
+            if mean < -self.tau_collapse:
+                candidates.append((mean, j0, parent))
+        return candidates
+
+    def _choose(self, candidates, generator):
+        ranked = sorted(candidates, key=lambda c: (-abs(c[0]), c[2].start))
+        if self.strategy == "greedy":
+            return ranked[0]
+        top = ranked[:self.top_k]
+        logits = torch.tensor([abs(c[0]) for c in top], dtype=torch.float64) / self.temperature
+        k = torch.multinomial(torch.softmax(logits, 0), 1, generator=generator).item()
+        return top[k]
