@@ -1,0 +1,382 @@
+"""
+MegaContextTree: the whole history as LOD0 tokens plus LOD1, LOD2, ... gists, in RAM or on disk.
+
+Level 0 holds the token ids. A level-L node i (L >= 1) covers tokens [i * K**L, (i+1) * K**L),
+K = BLOCK_SIZE = 32; its gist is `gistnet(children, L)` over its 32 children: token embeddings
+(L = 1) or the stored level-(L-1) gists (L >= 2). Only complete nodes get gists (the open tail
+stays LOD0), and every gist has a version: 0 when made, +1 each time `refresh` recomputes it.
+
+Ingest appends tokens, then bottom-up, in batches, computes the gist of *every* node completed
+since the last call (rows num_gists(L) .. num_tokens // K**L). Children are always read back from
+storage (already rounded to fp16/bf16), so the tree does not depend on the chunking: one big ingest
+or 1-token ingests give the same tree (bitwise for a row-wise GistNet; a real one's batched matmuls
+may differ in the last float32 bit, which the rounding nearly always hides). Without a GistNet the
+tree holds tokens only; the first ingest with one computes every missing gist.
+
+Storage: per level a table of rows, uint32 token ids or D-wide gists as raw fp16/bf16 bits
+(uint16). RAM mode: growable numpy arrays. Disk mode (path=dir) and `save` use this layout, written
+with pwrite and read through numpy.memmap, so a 10M-token history costs almost no RSS:
+  dir/lod{L}.bin  64-byte little-endian header:
+                    magic b"MCCT" | format version u16 | level u16 | block size u32 | dim u32 |
+                    dtype code u8 (0 = uint32 tokens, 1 = fp16, 2 = bf16) | entry count u64 |
+                    model name, utf-8, zero-padded to byte 64
+                  then `count` rows: uint32 (LOD0) or dim x uint16 (gists), nothing else
+  dir/meta.json   format version, block size, dim, dtype, max_level, model name, row count of
+                  every level, and gist versions as runs [i0, i1, version] (version-0 runs left out)
+Durability: ingest writes rows past the committed end; `flush` fsyncs them, writes each header's
+count, then replaces meta.json atomically. meta.json is the commit record: load takes the counts
+from it and cuts off rows past them (an ingest never flushed). A file shorter than its count, a
+foreign file, another format version, or a dim / block size / dtype that disagrees with meta.json
+is refused with a one-line UserError.
+"""
+
+import os
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanochat.common import UserError, atomic_path, atomic_write_json
+from nanochat.megacontext import BLOCK_SIZE
+
+K = BLOCK_SIZE
+FORMAT_VERSION = 1
+MAGIC = b"MCCT"
+HEADER = struct.Struct("<4sHHIIBQ")  # magic, version, level, block size, dim, dtype code, count: 25 bytes
+HEADER_BYTES = 64                    # the rest of the 64 bytes is the model name
+NAME_BYTES = HEADER_BYTES - HEADER.size
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}  # code 0 = uint32 tokens (LOD0)
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+INGEST_BATCH = 1 << 20  # tokens appended per step of a long ingest (bounds the working memory)
+GIST_FLOATS = 1 << 22   # input floats per GistNet call: rows per call = GIST_FLOATS // (K * D)
+COPY_ROWS = 1 << 16     # rows per step when copying a level (save, load into RAM)
+
+
+@dataclass(frozen=True)
+class Node:
+    level: int
+    index: int
+    start: int        # first token covered
+    end: int          # one past the last token covered: start + K**level, even while incomplete
+    parent: tuple     # (level + 1, index // K), or None while the parent is incomplete or above max_level
+    children: object  # level 1: range of token positions; level >= 2: [(level - 1, j), ...]; only those started
+    version: int      # gist version (0 if there is no gist yet)
+    complete: bool    # all K**level tokens ingested
+
+
+def header_bytes(level, dim, code, count, model_name):
+    name = model_name.encode("utf-8")[:NAME_BYTES]
+    return HEADER.pack(MAGIC, FORMAT_VERSION, level, K, dim, code, count) + name.ljust(NAME_BYTES, b"\0")
+
+
+def to_bits(x, dtype):
+    """float tensor (n, D) -> the raw fp16/bf16 bits as numpy uint16 (n, D)."""
+    return x.detach().to("cpu", dtype).contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bits(bits, dtype):
+    """numpy uint16 (n, D) of fp16/bf16 bits -> float32 tensor (n, D)."""
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(dtype).float()
+
+
+class RamRows:
+    """Rows of one level in a growable numpy array (capacity doubles)."""
+
+    def __init__(self, np_dtype, width):
+        self.shape = () if width is None else (width,)
+        self.buf = np.empty((0,) + self.shape, np_dtype)
+        self.n = 0
+
+    def append(self, rows):
+        need = self.n + len(rows)
+        if need > len(self.buf):
+            buf = np.empty((max(need, 2 * len(self.buf), 256),) + self.shape, self.buf.dtype)
+            buf[:self.n] = self.buf[:self.n]
+            self.buf = buf
+        self.buf[self.n:need] = rows
+        self.n = need
+
+    def write(self, i0, rows):
+        self.buf[i0:i0 + len(rows)] = rows
+
+    def read(self, i0, i1):
+        return self.buf[i0:i1].copy()
+
+
+class DiskRows:
+    """Rows of one level in a lod{L}.bin file: pwrite to write, numpy.memmap (read-only) to read."""
+
+    def __init__(self, path, np_dtype, width, n):
+        self.path, self.np_dtype, self.n = path, np.dtype(np_dtype), n
+        self.shape = () if width is None else (width,)
+        self.row_bytes = self.np_dtype.itemsize * (width or 1)
+        self.file = open(path, "r+b")  # closes itself when the tree goes away
+        self.fd = self.file.fileno()
+        self.mm = None  # remapped when rows were appended past its end
+        if os.fstat(self.fd).st_size != HEADER_BYTES + n * self.row_bytes:  # drop rows never committed
+            os.ftruncate(self.fd, HEADER_BYTES + n * self.row_bytes)
+        self.flush()
+
+    def write(self, i0, rows):
+        data = memoryview(np.ascontiguousarray(rows, self.np_dtype)).cast("B")
+        offset = HEADER_BYTES + i0 * self.row_bytes
+        while len(data):  # pwrite may write less than asked
+            done = os.pwrite(self.fd, data, offset)
+            data, offset = data[done:], offset + done
+
+    def append(self, rows):
+        self.write(self.n, rows)
+        self.n += len(rows)
+
+    def read(self, i0, i1):
+        if i1 <= i0:
+            return np.empty((0,) + self.shape, self.np_dtype)
+        if self.mm is None or len(self.mm) < i1:
+            self.mm = np.memmap(self.path, self.np_dtype, "r", HEADER_BYTES, (self.n,) + self.shape)
+        return np.array(self.mm[i0:i1])
+
+    def flush(self):
+        """Data first, then the header count that exposes it."""
+        os.fsync(self.fd)
+        os.pwrite(self.fd, struct.pack("<Q", self.n), HEADER.size - 8)
+        os.fsync(self.fd)
+
+
+def check_level_file(path, level, dim, code, model_name, count):
+    """Validate lod{level}.bin against meta.json; raise a one-line UserError if it does not fit."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: missing (the tree directory is incomplete)")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) >= 4 and head[:4] != MAGIC:
+        raise UserError(f"{path}: not a MegaContext tree file (magic {head[:4]!r}, expected {MAGIC!r})")
+    if len(head) < HEADER_BYTES:
+        raise UserError(f"{path}: truncated ({size} bytes, shorter than the {HEADER_BYTES}-byte header)")
+    _, version, lvl, block, d, c, n = HEADER.unpack(head[:HEADER.size])
+    name, want_name = head[HEADER.size:].rstrip(b"\0"), model_name.encode("utf-8")[:NAME_BYTES]
+    for what, got, want in [("format version", version, FORMAT_VERSION), ("level", lvl, level), ("block size", block, K),
+                            ("dim", d, dim), ("dtype code", c, code), ("model name", name, want_name)]:
+        if got != want:
+            raise UserError(f"{path}: {what} {got} does not match the expected {what} {want}")
+    row_bytes = 4 if code == 0 else 2 * dim
+    if n < count or size < HEADER_BYTES + n * row_bytes:
+        held = (size - HEADER_BYTES) // row_bytes
+        raise UserError(f"{path}: truncated (meta.json says {count} rows, its header {n}, it holds {held})")
+
+
+def version_runs(v):
+    """uint32 versions (n,) -> [[i0, i1, version], ...] for the runs with version != 0."""
+    cuts = [0] + (np.flatnonzero(np.diff(v)) + 1).tolist() + [len(v)]
+    return [[a, b, int(v[a])] for a, b in zip(cuts[:-1], cuts[1:]) if b > a and v[a] != 0]
+
+
+class MegaContextTree:
+
+    def __init__(self, dim, gistnet, embed_tokens, max_level=None, path=None, dtype=torch.float16, model_name=""):
+        max_level = getattr(gistnet, "max_level", None) if max_level is None else max_level  # a GistNet's depth
+        self._setup(dim, gistnet, embed_tokens, max_level, path, dtype, model_name)
+        if path is not None:
+            if os.path.exists(os.path.join(path, "meta.json")):
+                raise UserError(f"{path} already holds a MegaContext tree: open it with MegaContextTree.load")
+            os.makedirs(path, exist_ok=True)
+        self._add_level()
+        self.flush()
+
+    def _setup(self, dim, gistnet, embed_tokens, max_level, path, dtype, model_name):
+        if dtype not in DTYPE_CODES:
+            raise UserError(f"gist storage dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        if max_level is not None and max_level < 0:
+            raise UserError(f"max_level must be >= 0 or None, got {max_level}")
+        depth, width = getattr(gistnet, "max_level", None), getattr(gistnet, "dim", dim)
+        if width != dim or (depth is not None and (max_level is None or max_level > depth)):
+            raise UserError(f"the GistNet (dim {width}, levels 1..{depth}) cannot serve a tree of dim {dim}, max_level {max_level}")
+        self.dim, self.gistnet, self.embed_tokens, self.max_level = dim, gistnet, embed_tokens, max_level
+        self.path, self.dtype, self.model_name = path, dtype, model_name
+        self.levels = []    # [0]: token ids (n,) uint32; [L]: gist bits (n, D) uint16
+        self.versions = []  # [L]: RamRows of uint32 gist versions, parallel to levels[L] ([0] unused)
+
+    def _add_level(self, count=0, versions=None):
+        L = len(self.levels)
+        np_dtype, width, code = (np.uint32, None, 0) if L == 0 else (np.uint16, self.dim, DTYPE_CODES[self.dtype])
+        if self.path is None:
+            rows = RamRows(np_dtype, width)
+        else:
+            file = os.path.join(self.path, f"lod{L}.bin")
+            if count == 0:  # new level: a fresh file (replaces a leftover that was never committed)
+                with open(file, "wb") as f:
+                    f.write(header_bytes(L, self.dim, code, 0, self.model_name))
+            rows = DiskRows(file, np_dtype, width, count)
+        self.levels.append(rows)
+        self.versions.append(RamRows(np.uint32, None))  # level 0 has none: tokens are never recomputed
+        self.versions[L].append(np.zeros(count if L else 0, np.uint32) if versions is None else versions)
+
+    # -------------------------------------------------------------------------
+    # Reading
+
+    @property
+    def num_tokens(self):
+        return self.levels[0].n
+
+    def num_gists(self, level):
+        assert level >= 1, "level 0 holds tokens, not gists"
+        return self.levels[level].n if level < len(self.levels) else 0
+
+    def tokens(self, start, end):
+        assert 0 <= start <= end <= self.num_tokens, f"tokens [{start}, {end}) outside [0, {self.num_tokens})"
+        return torch.from_numpy(self.levels[0].read(start, end).astype(np.int64))  # (end - start,)
+
+    def gists(self, level, i0, i1):
+        n = self.num_gists(level)
+        assert 0 <= i0 <= i1 <= n, f"gists [{i0}, {i1}) of level {level} outside [0, {n})"
+        if i1 == i0:
+            return torch.zeros(0, self.dim)
+        return from_bits(self.levels[level].read(i0, i1), self.dtype)  # (i1 - i0, D) float32
+
+    def gist(self, level, index):
+        return self.gists(level, index, index + 1)[0]  # (D,)
+
+    def node(self, level, index):
+        if level < 1 or (self.max_level is not None and level > self.max_level):
+            raise IndexError(f"no level {level} in this tree (levels 1..{self.max_level or 'any'})")
+        n, span = self.num_tokens, K ** level
+        start, end = index * span, (index + 1) * span
+        if index < 0 or start >= n:
+            raise IndexError(f"node ({level}, {index}) has no tokens yet ({n} ingested)")
+        parent_ok = (self.max_level is None or level < self.max_level) and (index // K + 1) * span * K <= n
+        if level == 1:
+            children = range(start, min(end, n))
+        else:
+            children = [(level - 1, j) for j in range(index * K, min((index + 1) * K, -(-n // (span // K))))]
+        version = int(self.versions[level].read(index, index + 1)[0]) if index < self.num_gists(level) else 0
+        return Node(level, index, start, end, (level + 1, index // K) if parent_ok else None, children, version, end <= n)
+
+    # -------------------------------------------------------------------------
+    # Writing
+
+    def ingest(self, tokens):
+        """Append tokens (list[int] or 1-D LongTensor, any length) and make every gist that completes."""
+        ids = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        if ids.ndim != 1:
+            raise UserError(f"tokens must be 1-D, got shape {tuple(ids.shape)}")
+        if len(ids) and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= 2 ** 32):
+            raise UserError(f"token ids must be integers in [0, 2**32), got {ids.dtype} in [{ids.min()}, {ids.max()}]")
+        for s in range(0, len(ids), INGEST_BATCH):
+            self.levels[0].append(ids[s:s + INGEST_BATCH].astype(np.uint32))
+            self._make_gists()
+
+    @torch.no_grad()
+    def _make_gists(self):
+        """Bottom-up, the gist of every complete node that has none yet."""
+        L = 1
+        while self.gistnet is not None and (self.max_level is None or L <= self.max_level) and self.num_tokens >= K ** L:
+            if L == len(self.levels):
+                self._add_level()
+            for a, b in self._batches(self.levels[L].n, self.num_tokens // K ** L):
+                self.levels[L].append(self._compute(L, a, b))
+                self.versions[L].append(np.zeros(b - a, np.uint32))
+            L += 1
+
+    @torch.no_grad()
+    def refresh(self, start=0, end=None):
+        """Recompute every gist overlapping tokens [start, end), at every level, and bump its version."""
+        if self.gistnet is None:
+            raise UserError("refresh needs a GistNet (this tree has gistnet=None)")
+        end = self.num_tokens if end is None else min(end, self.num_tokens)
+        assert start >= 0, f"start must be >= 0, got {start}"
+        for L in range(1, len(self.levels)):
+            span = K ** L  # the nodes overlapping [start, end):
+            for a, b in self._batches(start // span, min(-(-end // span), self.levels[L].n)):
+                self.levels[L].write(a, self._compute(L, a, b))
+                self.versions[L].write(a, self.versions[L].read(a, b) + 1)
+
+    def _batches(self, i0, i1):
+        step = max(1, GIST_FLOATS // (K * self.dim))
+        return [(a, min(a + step, i1)) for a in range(i0, i1, step)]
+
+    def _compute(self, L, a, b):
+        """Gist bits of level-L nodes a..b-1 from their children as stored: uint16 (b - a, D)."""
+        p = next(iter(self.gistnet.parameters()), None) if isinstance(self.gistnet, torch.nn.Module) else None
+        device, dtype = (p.device, p.dtype) if p is not None else ("cpu", torch.float32)
+        if L == 1:
+            ids = torch.from_numpy(self.levels[0].read(a * K, b * K).astype(np.int64))
+            x = self.embed_tokens(ids.to(device))  # (n * K, D)
+        else:
+            x = from_bits(self.levels[L - 1].read(a * K, b * K), self.dtype)  # (n * K, D)
+        g = self.gistnet(x.to(device, dtype).view(b - a, K, self.dim), L)  # (n, D)
+        assert g.shape == (b - a, self.dim), f"gistnet returned {tuple(g.shape)}, expected {(b - a, self.dim)}"
+        return to_bits(g, self.dtype)
+
+    # -------------------------------------------------------------------------
+    # Persistence
+
+    def _meta(self):
+        return {
+            "format_version": FORMAT_VERSION, "block_size": K, "dim": self.dim, "dtype": DTYPE_NAMES[self.dtype],
+            "max_level": self.max_level, "model_name": self.model_name,
+            "counts": [rows.n for rows in self.levels],
+            "versions": {str(L): version_runs(v.read(0, v.n)) for L, v in enumerate(self.versions) if L >= 1},
+        }
+
+    def flush(self):
+        """Disk mode: make everything ingested so far durable (data, then headers, then meta.json)."""
+        if self.path is not None:
+            for rows in self.levels:
+                rows.flush()
+            atomic_write_json(self._meta(), os.path.join(self.path, "meta.json"))
+
+    def save(self, path):
+        """Write the tree to directory `path` in the disk layout (for a disk tree at `path`: flush)."""
+        if self.path is not None and os.path.abspath(path) == os.path.abspath(self.path):
+            return self.flush()
+        os.makedirs(path, exist_ok=True)
+        meta_path = os.path.join(path, "meta.json")
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # a save that dies half-way leaves no meta.json, never a mix of two trees
+        for L, rows in enumerate(self.levels):
+            code = 0 if L == 0 else DTYPE_CODES[self.dtype]
+            with atomic_path(os.path.join(path, f"lod{L}.bin")) as tmp, open(tmp, "wb") as f:
+                f.write(header_bytes(L, self.dim, code, rows.n, self.model_name))
+                for i in range(0, rows.n, COPY_ROWS):
+                    f.write(rows.read(i, min(i + COPY_ROWS, rows.n)).tobytes())
+        atomic_write_json(self._meta(), meta_path)
+
+    @classmethod
+    def load(cls, path, gistnet, embed_tokens, dim=None, in_ram=False):
+        """Open a saved tree: disk mode on `path` (memory-mapped, ingest continues there), or a copy in RAM."""
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            raise UserError(f"{path}: no meta.json, not a saved MegaContext tree (or its save did not finish)")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            version, block, d, counts = meta["format_version"], meta["block_size"], meta["dim"], meta["counts"]
+            dtype = {name: t for t, name in DTYPE_NAMES.items()}[meta["dtype"]]
+            max_level, model_name, runs = meta["max_level"], meta["model_name"], meta["versions"]
+            if not counts or not all(isinstance(c, int) and c >= 0 for c in counts):
+                raise ValueError(f"counts {counts!r} are not row counts")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{meta_path}: unreadable tree metadata ({type(e).__name__}: {e})")
+        if version != FORMAT_VERSION:
+            raise UserError(f"{meta_path}: format version {version}, this code reads version {FORMAT_VERSION}")
+        if block != K or (dim is not None and d != dim):
+            raise UserError(f"{meta_path}: block size {block}, dim {d}; expected block size {K}, dim {dim or d}")
+        if any(counts[L] > counts[0] // K ** L for L in range(1, len(counts))):
+            raise UserError(f"{meta_path}: inconsistent counts {counts} (more gists than complete nodes)")
+        tree = cls.__new__(cls)
+        tree._setup(d, gistnet, embed_tokens, max_level, None if in_ram else path, dtype, model_name)
+        for L, count in enumerate(counts):
+            file = os.path.join(path, f"lod{L}.bin")
+            check_level_file(file, L, d, 0 if L == 0 else DTYPE_CODES[dtype], tree.model_name, count)
+            versions = np.zeros(count if L else 0, np.uint32)
+            for a, b, v in runs.get(str(L), []):
+                versions[a:b] = v
+            tree._add_level(count, versions)
+            rows = tree.levels[L]
+            if in_ram and count > 0:  # copy the committed rows; the file is only read
+                mm = np.memmap(file, rows.buf.dtype, "r", HEADER_BYTES, (count,) + rows.shape)
+                for i in range(0, count, COPY_ROWS):
+                    rows.append(mm[i:i + COPY_ROWS])
+        return tree

@@ -1,0 +1,380 @@
+"""
+MegaContextTree: chunking invariance, every completed node gisted, node metadata, refresh and
+versions, RAM / disk storage and their exact round trips, refusal of bad files, atomic metadata.
+The GistNet here is a tiny deterministic stand-in (row-wise, so results are bitwise comparable);
+the tree only relies on the call `gistnet(blocks (N, 32, D), level) -> (N, D)`.
+"""
+
+import os
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import nanochat.common
+from nanochat.common import UserError
+from nanochat.megacontext import BLOCK_SIZE as K
+from nanochat.megacontext.tree import MegaContextTree, DiskRows, HEADER, HEADER_BYTES
+
+D = 16
+VOCAB = 1000
+
+
+def rms(x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def make_embed(dim=D, seed=0):
+    table = torch.randn(VOCAB, dim, generator=torch.Generator().manual_seed(seed))
+    return lambda ids: rms(table[ids])  # (n,) -> (n, D)
+
+
+class ToyGistNet:
+    """Stand-in GistNet: a fixed random linear map of the block mean plus a per-level vector, row by
+    row (elementwise products and sums only, so a row's value does not depend on the batch)."""
+
+    def __init__(self, dim=D, seed=1):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(dim, dim, generator=g) / dim ** 0.5  # (D, D)
+        self.level_emb = torch.randn(8, dim, generator=g)  # (levels, D)
+        self.calls = 0
+
+    def __call__(self, blocks, level):
+        assert blocks.dim() == 3 and blocks.shape[1] == K and blocks.dtype == torch.float32
+        self.calls += 1
+        m = blocks.mean(1)  # (N, D)
+        return rms((m[:, :, None] * self.w).sum(1) + self.level_emb[level])  # (N, D)
+
+
+def reference_gists(ids, gistnet, embed, max_level, dtype=torch.float16, dim=D):
+    """Gists computed directly from the whole history, rounded to the storage dtype at each level."""
+    x = embed(torch.as_tensor(ids, dtype=torch.long))  # (n, D)
+    out = [None]
+    for L in range(1, max_level + 1):
+        n = len(x) // K
+        if n == 0:
+            break
+        x = gistnet(x[:n * K].view(n, K, dim), L).to(dtype).float()  # (n, D)
+        out.append(x)
+    return out
+
+
+def random_ids(n, seed=0):
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_tree(a, b):
+    assert a.num_tokens == b.num_tokens and len(a.levels) == len(b.levels)
+    assert torch.equal(a.tokens(0, a.num_tokens), b.tokens(0, b.num_tokens))
+    for L in range(1, len(a.levels)):
+        n = a.num_gists(L)
+        assert n == b.num_gists(L)
+        assert torch.equal(a.gists(L, 0, n), b.gists(L, 0, n))
+        assert [a.node(L, i).version for i in range(n)] == [b.node(L, i).version for i in range(n)]
+
+
+def tree_for(tmp_path, mode, **kw):
+    kw.setdefault("gistnet", ToyGistNet())
+    kw.setdefault("embed_tokens", make_embed())
+    return MegaContextTree(D, path=None if mode == "ram" else str(tmp_path / "tree"), **kw)
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_chunking_invariance_and_every_gist_computed(tmp_path, mode):
+    ids = random_ids(40000)  # L1: 1250 gists, L2: 39, L3: 1
+    gistnet, embed = ToyGistNet(), make_embed()
+    whole = MegaContextTree(D, gistnet, embed)
+    whole.ingest(ids)
+    chunked = tree_for(tmp_path, mode, gistnet=gistnet, embed_tokens=embed)
+    rng, s = np.random.default_rng(0), 0
+    while s < len(ids):
+        size = int(rng.choice([1, 31, 32, 33, 1000]))
+        chunked.ingest(ids[s:s + size].tolist() if size == 33 else ids[s:s + size])
+        s += size
+    assert_same_tree(whole, chunked)
+    ref = reference_gists(ids, gistnet, embed, max_level=5)
+    assert len(whole.levels) == len(ref) == 4
+    for L in range(1, 4):
+        assert torch.equal(whole.gists(L, 0, whole.num_gists(L)), ref[L])  # no row left zero or stale
+
+
+def test_one_token_at_a_time_equals_one_ingest():
+    ids = random_ids(2 * K * K + 70, seed=3)
+    gistnet, embed = ToyGistNet(), make_embed()
+    a, b = MegaContextTree(D, gistnet, embed, max_level=2), MegaContextTree(D, gistnet, embed, max_level=2)
+    a.ingest(ids)
+    for t in ids.tolist():
+        b.ingest([t])
+    assert_same_tree(a, b)
+    assert (a.num_gists(1), a.num_gists(2), len(a.levels)) == (66, 2, 3)
+
+
+def test_many_blocks_at_once_gists_every_completed_node():
+    gistnet, embed = ToyGistNet(), make_embed()
+    tree = MegaContextTree(D, gistnet, embed)
+    ids = random_ids(5 * K + 7 + 3000 * K, seed=4)
+    tree.ingest(ids[:5 * K + 7])
+    gistnet.calls = 0
+    tree.ingest(ids[5 * K + 7:])  # 3000 blocks complete at once, and their LOD2/LOD3 parents
+    assert gistnet.calls == 3  # batched: one GistNet call per level here, not one per node
+    ref = reference_gists(ids, gistnet, embed, max_level=3)
+    for L in (1, 2, 3):
+        g = tree.gists(L, 0, tree.num_gists(L))
+        assert len(g) == len(ids) // K ** L and torch.equal(g, ref[L])
+        assert (g.abs().sum(1) > 0).all() and len(torch.unique(g, dim=0)) == len(g)
+
+
+def test_node_metadata():
+    tree = MegaContextTree(D, ToyGistNet(), make_embed())
+    tree.ingest(random_ids(2 * K * K + 40))  # 2088 tokens: 65 LOD1 nodes complete, 2 LOD2
+    n = tree.node(1, 0)
+    assert (n.level, n.index, n.start, n.end, n.parent, n.children, n.complete) == (1, 0, 0, 32, (2, 0), range(0, 32), True)
+    assert tree.node(1, 64).parent is None  # LOD2 node 2 is not complete yet
+    open_node = tree.node(1, 65)
+    assert (open_node.start, open_node.end, open_node.complete, open_node.children) == (2080, 2112, False, range(2080, 2088))
+    n2 = tree.node(2, 1)
+    assert (n2.start, n2.end, n2.complete, n2.parent, n2.version) == (1024, 2048, True, None, 0)
+    assert n2.children == [(1, j) for j in range(32, 64)]
+    assert tree.node(2, 2).children == [(1, 64), (1, 65)] and not tree.node(2, 2).complete
+    for level, index in [(1, 66), (1, -1), (0, 0), (3, 1)]:
+        with pytest.raises(IndexError):
+            tree.node(level, index)
+    capped = MegaContextTree(D, ToyGistNet(), make_embed(), max_level=1)
+    capped.ingest(random_ids(2 * K * K))
+    assert capped.node(1, 0).parent is None and capped.num_gists(2) == 0
+    with pytest.raises(IndexError):
+        capped.node(2, 0)
+    for L in (1, 2):  # every complete node has a gist and its children's spans tile its own
+        for i in range(tree.num_gists(L)):
+            node = tree.node(L, i)
+            assert node.complete and node.end - node.start == K ** L
+            if L == 2:
+                assert [tree.node(*c).start for c in node.children] == list(range(node.start, node.end, K))
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_refresh_updates_gists_in_range_and_bumps_versions(tmp_path, mode):
+    ids = random_ids(3 * K * K + 50, seed=5)
+    embed = make_embed()
+    tree = tree_for(tmp_path, mode, embed_tokens=embed)
+    tree.ingest(ids)
+    before = [None] + [tree.gists(L, 0, tree.num_gists(L)) for L in (1, 2)]
+    tree.gistnet = new = ToyGistNet(seed=9)  # "after a training step"
+    tree.refresh(1000, 1100)  # LOD1 nodes 31..34, LOD2 node 0 and 1
+    g1 = tree.gists(1, 0, tree.num_gists(1))
+    x = embed(ids[31 * K:35 * K]).view(4, K, D)
+    assert torch.equal(g1[31:35], new(x, 1).half().float())
+    assert torch.equal(g1[:31], before[1][:31]) and torch.equal(g1[35:], before[1][35:])
+    assert [tree.node(1, i).version for i in range(29, 37)] == [0, 0, 1, 1, 1, 1, 0, 0]
+    g2 = tree.gists(2, 0, 3)
+    assert torch.equal(g2[:2], new(g1[:2 * K].view(2, K, D), 2).half().float())
+    assert torch.equal(g2[2], before[2][2])
+    assert [tree.node(2, i).version for i in range(3)] == [1, 1, 0]
+    tree.refresh()
+    ref = reference_gists(ids, new, embed, max_level=2)
+    for L in (1, 2):
+        assert torch.equal(tree.gists(L, 0, tree.num_gists(L)), ref[L])
+    assert tree.node(1, 32).version == 2 and tree.node(1, 0).version == 1
+    tree.save(str(tmp_path / "saved"))
+    assert_same_tree(tree, MegaContextTree.load(str(tmp_path / "saved"), new, embed))
+    if mode == "disk":  # refreshed rows and versions are durable after flush
+        tree.flush()
+        assert_same_tree(tree, MegaContextTree.load(tree.path, new, embed))
+    with pytest.raises(UserError, match="GistNet"):
+        MegaContextTree(D, None, embed).refresh()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ram_save_load_round_trip_is_exact(tmp_path, dtype):
+    gistnet, embed = ToyGistNet(), make_embed()
+    tree = MegaContextTree(D, gistnet, embed, max_level=2, dtype=dtype, model_name="d20-mc")
+    ids = random_ids(3 * K * K + 11, seed=6)
+    tree.ingest(ids)
+    tree.refresh(0, 64)
+    ref = reference_gists(ids, gistnet, embed, max_level=2, dtype=dtype)
+    assert torch.equal(tree.gists(1, 0, tree.num_gists(1)), ref[1]) and torch.equal(tree.gists(2, 0, 3), ref[2])
+    path = str(tmp_path / "t")
+    tree.save(path)
+    sizes = {f: os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)}
+    assert sizes["lod0.bin"] == HEADER_BYTES + 4 * len(ids)
+    assert sizes["lod1.bin"] == HEADER_BYTES + 2 * D * (len(ids) // K)
+    assert sizes["lod2.bin"] == HEADER_BYTES + 2 * D * 3
+    with open(os.path.join(path, "lod1.bin"), "rb") as f:
+        head = f.read(HEADER_BYTES)
+    assert HEADER.unpack(head[:HEADER.size]) == (b"MCCT", 1, 1, K, D, 1 if dtype == torch.float16 else 2, len(ids) // K)
+    assert head[HEADER.size:].rstrip(b"\0") == b"d20-mc"
+    for in_ram in (False, True):
+        back = MegaContextTree.load(path, gistnet, embed, in_ram=in_ram)
+        assert_same_tree(tree, back)
+        assert (back.dtype, back.max_level, back.model_name, back.path) == (dtype, 2, "d20-mc", None if in_ram else path)
+        for L in (1, 2):  # bitwise: compare the stored bits, not just the float values
+            assert np.array_equal(back.levels[L].read(0, back.num_gists(L)), tree.levels[L].read(0, tree.num_gists(L)))
+
+
+def test_disk_mode_equals_ram_and_continues_after_reopen(tmp_path):
+    gistnet, embed = ToyGistNet(), make_embed()
+    ids = random_ids(5000, seed=7)
+    ram = MegaContextTree(D, gistnet, embed)
+    ram.ingest(ids)
+    path = str(tmp_path / "disk")
+    disk = MegaContextTree(D, gistnet, embed, path=path)
+    disk.ingest(ids[:1234])
+    disk.flush()
+    disk = MegaContextTree.load(path, gistnet, embed, dim=D)
+    assert disk.num_tokens == 1234 and isinstance(disk.levels[0], DiskRows)
+    disk.ingest(ids[1234:])
+    assert_same_tree(ram, disk)
+    disk.flush()
+    assert os.path.getsize(os.path.join(path, "lod2.bin")) == HEADER_BYTES + 2 * D * 4
+    disk.ingest(random_ids(3000, seed=8))  # never flushed: dropped on reopen, files cut back
+    disk = MegaContextTree.load(path, gistnet, embed)
+    assert_same_tree(ram, disk)
+    assert os.path.getsize(os.path.join(path, "lod0.bin")) == HEADER_BYTES + 4 * 5000
+    assert sorted(os.listdir(path)) == ["lod0.bin", "lod1.bin", "lod2.bin", "meta.json"]
+    with pytest.raises(UserError, match="already holds"):
+        MegaContextTree(D, gistnet, embed, path=path)
+
+
+def test_tree_without_gistnet_catches_up_later(tmp_path):
+    embed, ids = make_embed(), random_ids(3000, seed=10)
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(D, None, embed, path=path)
+    tree.ingest(ids[:2500])
+    assert tree.num_gists(1) == 0 and tree.node(1, 3).complete
+    tree.flush()
+    gistnet = ToyGistNet()
+    tree = MegaContextTree.load(path, gistnet, embed)
+    tree.ingest(ids[2500:])
+    ref = reference_gists(ids, gistnet, embed, max_level=4)
+    assert tree.num_gists(1) == 93 and torch.equal(tree.gists(1, 0, 93), ref[1]) and torch.equal(tree.gists(2, 0, 2), ref[2])
+
+
+def corrupt(path, file, offset=None, data=None, cut=None):
+    p = os.path.join(path, file)
+    if cut is not None:
+        os.truncate(p, os.path.getsize(p) - cut)
+    else:
+        with open(p, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+
+def edit_meta(path, **changes):
+    p = os.path.join(path, "meta.json")
+    meta = json.load(open(p))
+    meta.update(changes)
+    json.dump(meta, open(p, "w"))
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda p: corrupt(p, "lod1.bin", cut=3), "truncated"),
+    (lambda p: corrupt(p, "lod0.bin", cut=4 * 100 + HEADER_BYTES), "truncated"),
+    (lambda p: corrupt(p, "lod2.bin", 0, b"PK\x03\x04"), "not a MegaContext tree file"),
+    (lambda p: corrupt(p, "lod1.bin", 4, struct.pack("<H", 7)), "format version 7"),
+    (lambda p: corrupt(p, "lod1.bin", 12, struct.pack("<I", D + 1)), "dim"),
+    (lambda p: corrupt(p, "lod1.bin", 8, struct.pack("<I", 64)), "block size"),
+    (lambda p: corrupt(p, "lod1.bin", 16, b"\x02"), "dtype"),
+    (lambda p: corrupt(p, "lod1.bin", 17, struct.pack("<Q", 3)), "truncated"),
+    (lambda p: corrupt(p, "lod1.bin", 25, b"other"), "model name"),
+    (lambda p: os.remove(os.path.join(p, "meta.json")), "no meta.json"),
+    (lambda p: os.remove(os.path.join(p, "lod2.bin")), "missing"),
+    (lambda p: corrupt(p, "meta.json", 0, b"}"), "unreadable"),
+    (lambda p: edit_meta(p, format_version=2), "format version 2"),
+    (lambda p: edit_meta(p, dtype="float32"), "unreadable"),
+    (lambda p: edit_meta(p, counts=[100, 50]), "inconsistent counts"),
+])
+def test_load_refuses_bad_files_with_one_line_error(tmp_path, damage, match):
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(D, ToyGistNet(), make_embed(), model_name="m")
+    tree.ingest(random_ids(2 * K * K + 5))
+    tree.save(path)
+    damage(path)
+    with pytest.raises(UserError, match=match) as e:
+        MegaContextTree.load(path, ToyGistNet(), make_embed())
+    assert "\n" not in str(e.value)
+
+
+def test_load_refuses_a_different_dim(tmp_path):
+    path = str(tmp_path / "t")
+    MegaContextTree(D, None, make_embed()).save(path)
+    with pytest.raises(UserError, match="dim 16; expected block size 32, dim 8"):
+        MegaContextTree.load(path, None, make_embed(), dim=8)
+
+
+def test_meta_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(D, ToyGistNet(), make_embed(), path=path)
+    tree.ingest(random_ids(100))
+    tree.flush()
+    committed = open(os.path.join(path, "meta.json")).read()
+
+    def dump_half_then_crash(obj, f, **kw):
+        f.write('{"format_version": ')
+        raise OSError("disk full")
+    monkeypatch.setattr(nanochat.common.json, "dump", dump_half_then_crash)
+    tree.ingest(random_ids(100, seed=1))
+    with pytest.raises(OSError):
+        tree.flush()
+    monkeypatch.undo()
+    assert open(os.path.join(path, "meta.json")).read() == committed
+    assert sorted(os.listdir(path)) == ["lod0.bin", "lod1.bin", "meta.json"]  # no temp file left
+    assert MegaContextTree.load(path, ToyGistNet(), make_embed()).num_tokens == 100
+
+
+def test_bad_arguments_are_refused():
+    tree = MegaContextTree(D, ToyGistNet(), make_embed())
+    for bad in ([[1, 2]], [-1, 3], [0.5, 2.0], np.array([2 ** 32], dtype=np.int64)):
+        with pytest.raises(UserError):
+            tree.ingest(bad)
+    tree.ingest([])
+    assert tree.num_tokens == 0 and tree.gists(1, 0, 0).shape == (0, D)
+    with pytest.raises(UserError, match="float16 or torch.bfloat16"):
+        MegaContextTree(D, None, make_embed(), dtype=torch.float32)
+
+
+def test_two_million_token_disk_tree_lives_on_disk(tmp_path):
+    dim, n = 8, 2_000_000
+    gistnet, embed = ToyGistNet(dim), make_embed(dim)
+    path = str(tmp_path / "big")
+    tree = MegaContextTree(dim, gistnet, embed, max_level=3, path=path)
+    ids = np.random.default_rng(0).integers(0, VOCAB, n, dtype=np.int64)
+    for s in range(0, n, 700_001):
+        tree.ingest(ids[s:s + 700_001])
+    tree.flush()
+    counts = [n, n // K, n // K ** 2, n // K ** 3]
+    assert [tree.num_tokens] + [tree.num_gists(L) for L in (1, 2, 3)] == counts == [2_000_000, 62_500, 1953, 61]
+    for L, c in enumerate(counts):
+        assert isinstance(tree.levels[L], DiskRows)
+        assert os.path.getsize(os.path.join(path, f"lod{L}.bin")) == HEADER_BYTES + c * (4 if L == 0 else 2 * dim)
+    assert json.load(open(os.path.join(path, "meta.json")))["counts"] == counts
+    tree = MegaContextTree.load(path, gistnet, embed)
+    rng = np.random.default_rng(1)
+    for i in rng.integers(0, counts[1], 20).tolist():  # random LOD1 rows: from their tokens
+        x = embed(torch.from_numpy(ids[i * K:(i + 1) * K])).view(1, K, dim)
+        assert torch.equal(tree.gist(1, i), gistnet(x, 1).half().float()[0])
+    for i in rng.integers(0, counts[2], 5).tolist():  # random LOD2 rows: from the stored LOD1 rows
+        assert torch.equal(tree.gist(2, i), gistnet(tree.gists(1, i * K, (i + 1) * K)[None], 2).half().float()[0])
+    assert torch.equal(tree.tokens(n - 5, n), torch.from_numpy(ids[-5:]))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_real_gistnet_chunking_invariance(kind):
+    from nanochat.megacontext.gistnet import GistNet
+    torch.manual_seed(0)
+    gistnet, embed = GistNet(D, kind=kind, n_head=2, max_level=2), make_embed()
+    for p in gistnet.parameters():  # move away from the mean-pooling init so the network matters
+        p.data += 0.1 * torch.randn_like(p)
+    ids = random_ids(2 * K * K + 100, seed=11)
+    whole = MegaContextTree(D, gistnet, embed)
+    whole.ingest(ids)
+    assert whole.max_level == 2 and len(whole.levels) == 3
+    chunked = MegaContextTree(D, gistnet, embed)
+    for s in range(0, len(ids), 33):
+        chunked.ingest(ids[s:s + 33])
+    for L in (1, 2):
+        a, b = whole.gists(L, 0, whole.num_gists(L)), chunked.gists(L, 0, chunked.num_gists(L))
+        assert torch.allclose(a, b, atol=2e-3, rtol=0), (a - b).abs().max()  # one fp16 ulp, if a matmul rounds apart
+    with pytest.raises(UserError, match="cannot serve"):
+        MegaContextTree(D, gistnet, embed, max_level=3)
