@@ -16,3 +16,17 @@ def test_train_throughput_prints_one_json_line():
     result = json.loads(lines[0])
     assert result["benchmark"] == "train_throughput" and result["tok_per_sec"] > 0 and result["device"] == "cpu"
     assert result["mfu"] is None and result["max_seq_len"] == 64 and result["flops_per_token"] > 0
+
+
+def test_mc_core_prints_ingest_and_refocus_lines_for_ram_and_disk():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.mc_core", "--histories", "3000,40000", "--w-max", "256,1024",
+                        "--dim", "16", "--vocab-size", "256", "--repeats", "2", "--disk-from", "40000"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    ingest = [x for x in lines if x["benchmark"] == "mc_ingest"]
+    refocus = [x for x in lines if x["benchmark"] == "mc_refocus"]
+    assert [(x["history"], x["storage"]) for x in ingest] == [(3000, "ram"), (40000, "disk")]
+    assert ingest[1]["tree_disk_mb"] > 0 and all(x["tokens_per_sec"] > 0 for x in ingest)
+    assert len(refocus) == 4 and all(x["wc_cost"] <= x["w_max"] and x["slots"] == x["wc_cost"] for x in refocus)
+    assert all(x["wc_cost"] > x["w_max"] - 32 for x in refocus)  # the budget is filled before timing

@@ -175,3 +175,24 @@ def test_assembly_feeds_the_model():
     ids = slots["token_ids"][None]
     logits = model(ids, inputs_embeds=slots["embeds"][None], positions=slots["positions"], lod=slots["lod"])
     assert logits.shape == (1, wc.cost, 100) and torch.isfinite(logits).all()
+
+
+def test_assembly_from_a_real_tree_with_gistnet():
+    from nanochat.gpt import norm
+    from nanochat.megacontext.gistnet import GistNet
+    from nanochat.megacontext.tree import MegaContextTree
+    torch.manual_seed(0)
+    wte = torch.nn.Embedding(100, D)
+    embed = lambda ids: norm(wte(ids))
+    tree = MegaContextTree(D, GistNet(D, kind="mlp", max_level=2).eval(), embed)
+    ids = torch.randint(0, 100, (2500,))
+    tree.ingest(ids)
+    wc = WorkingContext.coarsest(tree, recent_tokens=100)
+    check_working_context(wc, tree, w_max=1000, recent_tokens=100)
+    assert [e.level for e in wc.entries[:3]] == [2, 2, 1]
+    with torch.no_grad():
+        slots = wc.assemble(tree, embed)
+    assert torch.equal(slots["embeds"][0], tree.gist(2, 0)) and torch.equal(slots["embeds"][2], tree.gist(1, 64))
+    tail = wc.entries[-1]
+    assert torch.equal(slots["token_ids"][-(tail.end - tail.start):], ids[tail.start:])
+    assert torch.equal(slots["embeds"][-1], embed(ids[-1:])[0])
