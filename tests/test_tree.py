@@ -378,3 +378,27 @@ def test_real_gistnet_chunking_invariance(kind):
         assert torch.allclose(a, b, atol=2e-3, rtol=0), (a - b).abs().max()  # one fp16 ulp, if a matmul rounds apart
     with pytest.raises(UserError, match="cannot serve"):
         MegaContextTree(D, gistnet, embed, max_level=3)
+
+
+# -----------------------------------------------------------------------------
+# property: any token stream, any chunking, RAM or disk -> the same tree
+
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 3000), cuts=st.lists(st.integers(1, 3000), max_size=12), seed=st.integers(0, 99), disk=st.booleans())
+def test_property_ingest_is_chunking_invariant(tmp_path_factory, n, cuts, seed, disk):
+    ids = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+    gistnet, embed = ToyGistNet(), make_embed()
+    whole = MegaContextTree(D, gistnet, embed, max_level=3)
+    whole.ingest(ids)
+    path = str(tmp_path_factory.mktemp("tree")) + "/t" if disk else None
+    chunked = MegaContextTree(D, gistnet, embed, max_level=3, path=path)
+    bounds = sorted({0, n, *[c % (n + 1) for c in cuts]})
+    for a, b in zip(bounds, bounds[1:]):
+        chunked.ingest(ids[a:b])
+    assert chunked.num_tokens == n and torch.equal(chunked.tokens(0, n), ids)
+    for L in range(1, 4):
+        assert chunked.num_gists(L) == whole.num_gists(L) == n // K ** L
+        assert torch.equal(chunked.gists(L, 0, n // K ** L), whole.gists(L, 0, n // K ** L))
