@@ -317,8 +317,8 @@ class GPT(nn.Module):
           idx: (B, T) token ids at token slots, any value (e.g. -1) at gist slots
         Gist slots get Gaussian RoPE (megacontext/positions.py), no value embedding (it is keyed
         by token id; the slot's v is c_v(x) alone) and no smear in or out (the smear mixes in the
-        previous token, and a gist is not one). With lod all 0 and positions 0..T-1 the result
-        equals the vanilla forward on idx exactly."""
+        previous token, and a gist is not one). With lod all 0 and positions 0..T-1 (T <= 4096,
+        see positions.SPLIT) the result equals the vanilla forward on idx exactly."""
         B, T = idx.shape
         if inputs_embeds is not None:
             return self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache)

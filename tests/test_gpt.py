@@ -247,3 +247,30 @@ def test_hook_rejects_missing_metadata():
     idx = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError):
         model(idx, inputs_embeds=model.embed_tokens(idx))
+
+
+def test_hook_wiring_lod_changes_rotary_smear_is_cut_and_gists_get_gradients(monkeypatch):
+    """The hook itself must pass lod to Gaussian RoPE, cut the smear around gists, and keep gists
+    in the graph (a test of the pieces alone would pass with any of these broken)."""
+    model = make_model()
+    model.smear_lambda.data.fill_(0.5)
+    T = 24
+    idx = torch.randint(0, model.config.vocab_size, (1, T))
+    emb = model.embed_tokens(idx).detach().clone()
+    emb[0, 10] = torch.nn.functional.rms_norm(torch.randn(model.config.n_embd), (model.config.n_embd,))
+    emb.requires_grad_(True)
+    positions = torch.arange(T, dtype=torch.float64)
+    lod1 = torch.zeros(T, dtype=torch.long)
+    lod1[10] = 1
+    lod2 = lod1.clone()
+    lod2[10] = 2
+    seen = {}
+    smear = model.smear
+    monkeypatch.setattr(model, "smear", lambda x, prev=None, keep=None: seen.setdefault("keep", keep) is not None and smear(x, prev, keep))
+    out1 = model(idx, inputs_embeds=emb, positions=positions, lod=lod1)
+    keep = seen["keep"][0, :, 0]
+    assert keep[9] == 0 and keep[10] == 0 and keep.sum() == T - 3  # pairs (9, 10) and (10, 11) cut, the rest kept
+    out2 = model(idx, inputs_embeds=emb, positions=positions, lod=lod2)
+    assert not torch.allclose(out1[0, 11:], out2[0, 11:])  # the gist's level changes how later slots see it
+    out1[0, -1].sum().backward()
+    assert emb.grad[0, 10].abs().sum() > 0  # the gist is in the graph

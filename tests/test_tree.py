@@ -180,7 +180,7 @@ def test_refresh_updates_gists_in_range_and_bumps_versions(tmp_path, mode):
     tree.save(str(tmp_path / "saved"))
     assert_same_tree(tree, MegaContextTree.load(str(tmp_path / "saved"), new, embed))
     if mode == "disk":  # refreshed rows and versions are durable after flush
-        tree.flush()
+        tree.close()
         assert_same_tree(tree, MegaContextTree.load(tree.path, new, embed))
     with pytest.raises(UserError, match="GistNet"):
         MegaContextTree(D, None, embed).refresh()
@@ -221,14 +221,18 @@ def test_disk_mode_equals_ram_and_continues_after_reopen(tmp_path):
     path = str(tmp_path / "disk")
     disk = MegaContextTree(D, gistnet, embed, path=path)
     disk.ingest(ids[:1234])
-    disk.flush()
+    disk.close()
     disk = MegaContextTree.load(path, gistnet, embed, dim=D)
+    with pytest.raises(UserError, match="open for writing"):  # one writer per directory
+        MegaContextTree.load(path, gistnet, embed)
     assert disk.num_tokens == 1234 and isinstance(disk.levels[0], DiskRows)
     disk.ingest(ids[1234:])
     assert_same_tree(ram, disk)
     disk.flush()
     assert os.path.getsize(os.path.join(path, "lod2.bin")) == HEADER_BYTES + 2 * D * 4
     disk.ingest(random_ids(3000, seed=8))  # never flushed: dropped on reopen, files cut back
+    assert MegaContextTree.load(path, gistnet, embed, in_ram=True).num_tokens == 5000  # a reader sees the commit
+    disk.close(flush=False)
     disk = MegaContextTree.load(path, gistnet, embed)
     assert_same_tree(ram, disk)
     assert os.path.getsize(os.path.join(path, "lod0.bin")) == HEADER_BYTES + 4 * 5000
@@ -243,7 +247,7 @@ def test_tree_without_gistnet_catches_up_later(tmp_path):
     tree = MegaContextTree(D, None, embed, path=path)
     tree.ingest(ids[:2500])
     assert tree.num_gists(1) == 0 and tree.node(1, 3).complete
-    tree.flush()
+    tree.close()
     gistnet = ToyGistNet()
     tree = MegaContextTree.load(path, gistnet, embed)
     tree.ingest(ids[2500:])
@@ -318,6 +322,7 @@ def test_meta_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         tree.flush()
     monkeypatch.undo()
+    tree.close(flush=False)
     assert open(os.path.join(path, "meta.json")).read() == committed
     assert sorted(os.listdir(path)) == ["lod0.bin", "lod1.bin", "meta.json"]  # no temp file left
     assert MegaContextTree.load(path, ToyGistNet(), make_embed()).num_tokens == 100
@@ -349,6 +354,7 @@ def test_two_million_token_disk_tree_lives_on_disk(tmp_path):
         assert isinstance(tree.levels[L], DiskRows)
         assert os.path.getsize(os.path.join(path, f"lod{L}.bin")) == HEADER_BYTES + c * (4 if L == 0 else 2 * dim)
     assert json.load(open(os.path.join(path, "meta.json")))["counts"] == counts
+    tree.close()
     tree = MegaContextTree.load(path, gistnet, embed)
     rng = np.random.default_rng(1)
     for i in rng.integers(0, counts[1], 20).tolist():  # random LOD1 rows: from their tokens
@@ -402,3 +408,13 @@ def test_property_ingest_is_chunking_invariant(tmp_path_factory, n, cuts, seed, 
     for L in range(1, 4):
         assert chunked.num_gists(L) == whole.num_gists(L) == n // K ** L
         assert torch.equal(chunked.gists(L, 0, n // K ** L), whole.gists(L, 0, n // K ** L))
+
+
+def test_load_refuses_a_tree_built_for_another_model(tmp_path):
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(D, ToyGistNet(), make_embed(), path=path, model_name="d12")
+    tree.ingest(random_ids(100))
+    tree.close()
+    with pytest.raises(UserError, match="built for model 'd12', not 'd20'"):
+        MegaContextTree.load(path, ToyGistNet(), make_embed(), model_name="d20")
+    assert MegaContextTree.load(path, ToyGistNet(), make_embed(), model_name="d12").num_tokens == 100

@@ -60,7 +60,7 @@ def test_recent_is_the_newest_whole_blocks_within_budget():
 
 
 def test_coarsest_covers_the_whole_history_cheaply():
-    src = ArraySource(70_000)  # 2 LOD3-sized spans would need 65,536 tokens each: only one complete... none at LOD3
+    src = ArraySource(70_000)  # two complete LOD3 gists (32,768 tokens each), then LOD2 / LOD1 / raw
     wc = WorkingContext.coarsest(src, recent_tokens=64)
     check_working_context(wc, src, w_max=10_000, recent_tokens=64)
     assert wc.start == 0
@@ -88,6 +88,10 @@ def test_checker_names_each_broken_invariant():
         recent = 150 if name == "recent" else 0
         with pytest.raises(WorkingContextError, match=name if name not in ("gap", "overlap") else "tiling"):
             check_working_context(WorkingContext(entries), ArraySource(200, max_level=0) if name == "existence" else src, w_max, recent)
+    short = WorkingContext.recent(src, 64)  # tokens 160..200: legal for 40 recent tokens, not for 150
+    check_working_context(short, src, 64, recent_tokens=40)
+    with pytest.raises(WorkingContextError, match="recent protection: the WC starts"):
+        check_working_context(short, src, 64, recent_tokens=150)
     misaligned = [Entry(1, 16, 48)]  # failure mode 4: a gist that claims a span off its grid
     with pytest.raises(WorkingContextError, match="alignment"):
         check_working_context(WorkingContext([Entry(0, 0, 16)] + misaligned + [Entry(0, 48, 64)]), ArraySource(64), 1000)
@@ -142,7 +146,7 @@ def test_property_all_lod0_assembly_equals_the_token_embeddings(n, w_max):
     ids = src.ids[wc.start:]
     assert torch.equal(slots["embeds"], embed_tokens(ids))
     assert torch.equal(slots["token_ids"], ids) and (slots["lod"] == 0).all()
-    assert torch.equal(slots["positions"], torch.arange(len(ids), dtype=torch.float32))
+    assert torch.equal(slots["positions"], torch.arange(len(ids), dtype=torch.float64))
 
 
 def test_assembly_of_a_mixed_wc():
@@ -196,3 +200,30 @@ def test_assembly_from_a_real_tree_with_gistnet():
     tail = wc.entries[-1]
     assert torch.equal(slots["token_ids"][-(tail.end - tail.start):], ids[tail.start:])
     assert torch.equal(slots["embeds"][-1], embed(ids[-1:])[0])
+
+
+class HugeSource:
+    """A 40M-token history that stores nothing: every token is 0, every gist a zero vector."""
+    num_tokens = 40_000_000
+
+    def num_gists(self, level):
+        return self.num_tokens // K ** level if level <= 4 else 0
+
+    def tokens(self, start, end):
+        return torch.zeros(end - start, dtype=torch.long)
+
+    def gists(self, level, i0, i1):
+        return torch.zeros(i1 - i0, D)
+
+
+def test_positions_stay_exact_far_past_float32_integers():
+    src = HugeSource()
+    wc = WorkingContext.coarsest(src, recent_tokens=64)
+    assert wc.start == 0 and wc.cost < 400
+    slots = wc.assemble(src, embed_tokens)
+    n = src.num_tokens
+    assert slots["positions"].dtype == torch.float64
+    assert torch.equal(slots["positions"][-4:], torch.arange(n - 4, n, dtype=torch.float64))  # float32 would give ..96, 96, 00, 00
+    e = next(i for i, e in enumerate(wc.entries) if e.level == 1)  # a LOD1 gist deep in the history: center x.5
+    slot = int((slots["entry"] == e).nonzero()[0])
+    assert slots["positions"][slot] == wc.entries[e].start + 15.5

@@ -16,7 +16,11 @@ in exact arithmetic, and an all-token WC reads positions 0..T-1, the vanilla one
 Precision: a float32 angle p*w at p = 10M has an error of about a radian, which would scramble
 the fast frequencies of recent tokens. So a position is split p = hi + lo with lo = p mod 4096:
 hi*w is reduced mod 2*pi in float64, lo*w is the float32 product the vanilla table uses. Below
-4096 hi is 0 and the angles are bit-identical to the vanilla ones.
+4096 hi is 0 and the angles are bit-identical to the vanilla ones. Positions arrive as float64
+(WorkingContext.assemble makes them so): float32 cannot hold x.5 gist centers past 2**23.
+
+Note: the model applies QK-norm after the rotation, so a damped slot's q/k is renormalized:
+damping shifts a gist's weight from fast to slow frequencies; it does not make the gist quieter.
 """
 
 import math
@@ -30,9 +34,11 @@ SPLIT = 4096  # positions below this rotate exactly as the vanilla float32 table
 
 
 def gaussian_rotary(positions, lod, head_dim, block_size=BLOCK_SIZE):
-    """positions: (B, T) float (a gist's span center, may be x.5); lod: (B, T) long.
+    """positions: (B, T) float64 (or float32 below 2**24; a gist's span center may be x.5); lod: (B, T) long.
     -> cos, sin: (B, T, 1, D/2) float32, each frequency damped by exp(-(sigma w)^2 / 2),
     sigma = block_size ** lod for gists, no damping for tokens."""
+    device = lod.device
+    positions = positions.to(device if device.type != "mps" else "cpu")  # MPS has no float64: angles on the CPU
     inv_freq = rotary_inv_freq(head_dim, positions.device)  # (D/2,)
     p = positions.double()
     hi = torch.floor(p / SPLIT) * SPLIT  # (B, T) multiples of 4096
@@ -40,6 +46,7 @@ def gaussian_rotary(positions, lod, head_dim, block_size=BLOCK_SIZE):
     angles = (p - hi).float()[..., None] * inv_freq + hi_angles  # below 4096: the vanilla products, + 0.0
     cos, sin = angles.cos(), angles.sin()
     sigma = float(block_size) ** lod.float()  # (B, T)
+    cos, sin, inv_freq = cos.to(device), sin.to(device), inv_freq.to(device)
     damp = torch.exp(-0.5 * (sigma[..., None] * inv_freq) ** 2)  # (B, T, D/2)
     damp = torch.where((lod == 0)[..., None], torch.ones_like(damp), damp)  # tokens: undamped, exactly
     return (cos * damp)[:, :, None, :], (sin * damp)[:, :, None, :]

@@ -32,6 +32,8 @@ is refused with a one-line UserError.
 
 import os
 import json
+import fcntl
+import weakref
 import struct
 from dataclasses import dataclass
 
@@ -174,14 +176,16 @@ def version_runs(v):
 
 
 class MegaContextTree:
+    """The history of one stream. dim: embedding width D; gistnet: (N, 32, D), level -> (N, D), or
+    None (tokens only); embed_tokens: ids (n,) -> (n, D); max_level: deepest gist level (default:
+    the GistNet's); path: None = RAM, else a directory for disk mode (one writer at a time);
+    dtype: gist storage, fp16 or bf16; model_name: recorded in the files, checked by load."""
 
     def __init__(self, dim, gistnet, embed_tokens, max_level=None, path=None, dtype=torch.float16, model_name=""):
         max_level = getattr(gistnet, "max_level", None) if max_level is None else max_level  # a GistNet's depth
+        if path is not None and os.path.exists(os.path.join(path, "meta.json")):
+            raise UserError(f"{path} already holds a MegaContext tree: open it with MegaContextTree.load")
         self._setup(dim, gistnet, embed_tokens, max_level, path, dtype, model_name)
-        if path is not None:
-            if os.path.exists(os.path.join(path, "meta.json")):
-                raise UserError(f"{path} already holds a MegaContext tree: open it with MegaContextTree.load")
-            os.makedirs(path, exist_ok=True)
         self._add_level()
         self.flush()
 
@@ -195,6 +199,16 @@ class MegaContextTree:
             raise UserError(f"the GistNet (dim {width}, levels 1..{depth}) cannot serve a tree of dim {dim}, max_level {max_level}")
         self.dim, self.gistnet, self.embed_tokens, self.max_level = dim, gistnet, embed_tokens, max_level
         self.path, self.dtype, self.model_name = path, dtype, model_name
+        self._lock = None  # disk mode: a finalizer holding the directory's flock'ed fd while this tree may write
+        if path is not None:  # one writer per directory: opening trims uncommitted rows, which would cut a live writer's
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY)  # flock on the directory itself: no extra file
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"{path}: the tree is open for writing by another process (read a copy with load(..., in_ram=True))")
+            self._lock = weakref.finalize(self, os.close, fd)  # released by close(), or when the tree is collected
         self.levels = []    # [0]: token ids (n,) uint32; [L]: gist bits (n, D) uint16
         self.versions = []  # [L]: RamRows of uint32 gist versions, parallel to levels[L] ([0] unused)
 
@@ -327,6 +341,19 @@ class MegaContextTree:
                 rows.flush()
             atomic_write_json(self._meta(), os.path.join(self.path, "meta.json"))
 
+    def close(self, flush=True):
+        """Disk mode: flush (unless told not to: unflushed rows are then dropped, as after a crash),
+        close the files and let another writer open the directory. The tree is unusable after."""
+        if self.path is None or self._lock is None:
+            return
+        if flush:
+            self.flush()
+        for rows in self.levels:
+            rows.mm = None
+            rows.file.close()
+        self._lock()  # the finalizer: closes the fd, which releases the lock
+        self._lock = None
+
     def save(self, path):
         """Write the tree to directory `path` in the disk layout (for a disk tree at `path`: flush)."""
         if self.path is not None and os.path.abspath(path) == os.path.abspath(self.path):
@@ -344,8 +371,10 @@ class MegaContextTree:
         atomic_write_json(self._meta(), meta_path)
 
     @classmethod
-    def load(cls, path, gistnet, embed_tokens, dim=None, in_ram=False):
-        """Open a saved tree: disk mode on `path` (memory-mapped, ingest continues there), or a copy in RAM."""
+    def load(cls, path, gistnet, embed_tokens, dim=None, in_ram=False, model_name=None):
+        """Open a saved tree: disk mode on `path` (memory-mapped, ingest continues there; one writer
+        at a time), or a copy in RAM (only reads the files). Given model_name, a tree built for
+        another model is refused."""
         meta_path = os.path.join(path, "meta.json")
         if not os.path.exists(meta_path):
             raise UserError(f"{path}: no meta.json, not a saved MegaContext tree (or its save did not finish)")
@@ -354,7 +383,7 @@ class MegaContextTree:
                 meta = json.load(f)
             version, block, d, counts = meta["format_version"], meta["block_size"], meta["dim"], meta["counts"]
             dtype = {name: t for t, name in DTYPE_NAMES.items()}[meta["dtype"]]
-            max_level, model_name, runs = meta["max_level"], meta["model_name"], meta["versions"]
+            max_level, stored_name, runs = meta["max_level"], meta["model_name"], meta["versions"]
             if not counts or not all(isinstance(c, int) and c >= 0 for c in counts):
                 raise ValueError(f"counts {counts!r} are not row counts")
         except (ValueError, KeyError, TypeError) as e:
@@ -363,10 +392,12 @@ class MegaContextTree:
             raise UserError(f"{meta_path}: format version {version}, this code reads version {FORMAT_VERSION}")
         if block != K or (dim is not None and d != dim):
             raise UserError(f"{meta_path}: block size {block}, dim {d}; expected block size {K}, dim {dim or d}")
+        if model_name is not None and model_name != stored_name:
+            raise UserError(f"{meta_path}: built for model {stored_name!r}, not {model_name!r}")
         if any(counts[L] > counts[0] // K ** L for L in range(1, len(counts))):
             raise UserError(f"{meta_path}: inconsistent counts {counts} (more gists than complete nodes)")
         tree = cls.__new__(cls)
-        tree._setup(d, gistnet, embed_tokens, max_level, None if in_ram else path, dtype, model_name)
+        tree._setup(d, gistnet, embed_tokens, max_level, None if in_ram else path, dtype, stored_name)
         for L, count in enumerate(counts):
             file = os.path.join(path, f"lod{L}.bin")
             check_level_file(file, L, d, 0 if L == 0 else DTYPE_CODES[dtype], tree.model_name, count)

@@ -77,6 +77,8 @@ def check_working_context(wc, source, w_max, recent_tokens=0):
             raise WorkingContextError(f"alignment: entry {i} {e} does not span one level-{e.level} block ({span} tokens)")
         if e.level > 0 and e.index >= source.num_gists(e.level):
             raise WorkingContextError(f"existence: entry {i} {e}: the tree has {source.num_gists(e.level)} level-{e.level} gists")
+    if wc.start > max(0, n - recent_tokens):
+        raise WorkingContextError(f"recent protection: the WC starts at {wc.start}, the newest {recent_tokens} tokens start at {n - recent_tokens}")
     if wc.cost > w_max:
         raise WorkingContextError(f"budget: cost {wc.cost} > w_max {w_max}")
     for i, e in enumerate(entries):
@@ -196,13 +198,20 @@ class WorkingContext:
     # -------------------------------------------------------------------------
     # assembly
 
-    def assemble(self, source, embed_tokens):
-        """-> dict of per-slot tensors for the model (T = cost):
-        embeds (T, D): embed_tokens(ids) at token slots, the gist vectors elsewhere
-        token_ids (T,) long, -1 at gist slots; lod (T,) long; positions (T,) float: tokens at
-        their index, gists at their span's center, both relative to self.start (positions.py);
+    def assemble(self, source, embed_tokens, device=None, dtype=None):
+        """-> dict of per-slot tensors for the model (T = cost), all on `device`:
+        embeds (T, D) in `dtype`: embed_tokens(ids) at token slots, the gist vectors elsewhere
+        token_ids (T,) long, -1 at gist slots; lod (T,) long; positions (T,) float64: tokens at
+        their index, gists at their span's center, both relative to self.start (float64 keeps
+        x.5 centers and positions past 2**24 exact; positions.py takes them as they are);
         entry (T,) long: the entry each slot belongs to.
+        device / dtype default to those of the model that owns embed_tokens (a bound method).
         Contiguous runs of same-level entries are fetched with one call each."""
+        owner = getattr(embed_tokens, "__self__", None)
+        if device is None:
+            device = owner.get_device() if hasattr(owner, "get_device") else torch.device("cpu")
+        if dtype is None:
+            dtype = owner.transformer.wte.weight.dtype if hasattr(owner, "transformer") else torch.float32
         runs = []  # (level, first entry, last entry + 1)
         for i, e in enumerate(self.entries):
             if runs and runs[-1][0] == e.level and runs[-1][2] == i:
@@ -214,7 +223,7 @@ class WorkingContext:
             a, b = self.entries[i0].start, self.entries[i1 - 1].end
             if level == 0:
                 ids = source.tokens(a, b)  # (b - a,)
-                embeds.append(embed_tokens(ids.to(_device(embed_tokens))))
+                embeds.append(embed_tokens(ids.to(device)))
                 token_ids.append(ids)
                 positions.append(torch.arange(a, b, dtype=torch.float64))
                 entry_ids.append(torch.repeat_interleave(torch.arange(i0, i1), torch.tensor([self.entries[i].cost for i in range(i0, i1)])))
@@ -225,18 +234,11 @@ class WorkingContext:
                 positions.append(torch.arange(a, b, span, dtype=torch.float64) + (span - 1) / 2)
                 entry_ids.append(torch.arange(i0, i1))
             lods.append(torch.full((len(token_ids[-1]),), level, dtype=torch.long))
-        first_tokens = next((x for x, (level, _, _) in zip(embeds, runs) if level == 0), embeds[0])
-        device, dtype = first_tokens.device, first_tokens.dtype  # gists join the token embeddings' dtype
         return dict(
             embeds=torch.cat([x.to(device=device, dtype=dtype) for x in embeds]),
             token_ids=torch.cat(token_ids).to(device),
             lod=torch.cat(lods).to(device),
-            positions=(torch.cat(positions) - self.start).float().to(device),
+            positions=(torch.cat(positions) - self.start).to(device if torch.device(device).type != "mps" else "cpu"),  # MPS has no float64
             entry=torch.cat(entry_ids).to(device),
         )
 
-
-def _device(embed_tokens):
-    """The device token ids must be on for embed_tokens (a bound model method, or any callable)."""
-    owner = getattr(embed_tokens, "__self__", None)
-    return owner.get_device() if hasattr(owner, "get_device") else torch.device("cpu")
