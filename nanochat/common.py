@@ -149,6 +149,13 @@ def all_reduce_mean(tensors, world_size):
             t.copy_(chunk.view_as(t))
 
 
+def require_at_least_one(parser, args, *names):
+    """parser.error for the first of these integer args (dests) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
+from nanochat.common import (require_at_least_one, UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
                              all_reduce_mean)
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.engine import Engine
@@ -103,9 +103,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (<= 0: only at the end)")
     p.add_argument("--eval-problems", type=int, default=100)
     args = p.parse_args()
-    for name in ("num_iterations", "problems_per_step", "num_samples", "max_new_tokens", "eval_problems"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, "num_iterations", "problems_per_step", "num_samples", "max_new_tokens", "eval_problems")
     if args.init_lr_frac <= 0 or args.temperature <= 0:
         p.error("--init-lr-frac and --temperature must be positive")
     user_config = vars(args).copy()

@@ -136,8 +136,7 @@ class FocusAllocator:
             s = score_of.get(e)
             if s is None or s >= -self.tau_collapse:
                 continue  # a group's mean is below -tau_collapse only if one of its members is
-            span = K ** (e.level + 1)
-            key = (e.level + 1, e.start - e.start % span)  # the parent's node, before the costlier range lookup
+            key = e.parent  # one range lookup per parent node
             if key in seen:
                 continue
             seen.add(key)

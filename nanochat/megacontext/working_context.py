@@ -48,6 +48,13 @@ class Entry:
         return self.end - self.start if self.level == 0 else 1
 
     @property
+    def parent(self):
+        """The node one collapse turns this entry into: an LOD0 block's LOD1 gist, a gist's parent."""
+        span = K ** (self.level + 1)
+        p0 = self.start - self.start % span
+        return Entry(self.level + 1, p0, p0 + span)
+
+    @property
     def index(self):
         """The node's index within its level (LOD0: the block index)."""
         return self.start // K ** max(self.level, 1)
@@ -177,16 +184,15 @@ class WorkingContext:
 
     def _sibling_range(self, i):
         e = self.entries[i]
-        span = K ** (e.level + 1)
-        p0 = e.start - e.start % span
-        j0 = i - (e.start - p0) // K ** e.level  # where the first sibling must sit
+        parent = e.parent
+        j0 = i - (e.start - parent.start) // K ** e.level  # where the first sibling must sit
         j1 = j0 + K
         if j0 < 0 or j1 > len(self.entries):
             return None
         siblings = self.entries[j0:j1]
-        if siblings[0].start != p0 or any(s.level != e.level for s in siblings) or siblings[-1].end != p0 + span:
+        if siblings[0].start != parent.start or any(s.level != e.level for s in siblings) or siblings[-1].end != parent.end:
             return None
-        return j0, j1, Entry(e.level + 1, p0, p0 + span)
+        return j0, j1, parent
 
     def collapse(self, i, source=None):
         r = self.collapse_range(i, source)
