@@ -308,20 +308,23 @@ class GPT(nn.Module):
         this space, so a working context of tokens and gists is one tensor of these."""
         return norm(self.transformer.wte(idx))
 
-    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, *, inputs_embeds=None, positions=None, lod=None):
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, *, inputs_embeds=None, positions=None, lod=None,
+                logits_at=None):
         """Vanilla: idx (B, T) token ids -> logits (B, T, V), or the loss given targets.
         MegaContext hook (inputs_embeds given): one working context of tokens and gists.
           inputs_embeds: (B, T, C) slot embeddings (embed_tokens(ids) at token slots, gists elsewhere)
           positions: (B, T) or (T,) float position each slot stands for (a gist: its span's center)
           lod: (B, T) or (T,) long, 0 at token slots, the gist's level elsewhere
           idx: (B, T) token ids at token slots, any value (e.g. -1) at gist slots
+          logits_at: (B, H) long or None: compute logits (and the loss: targets then (B, H)) only at
+            these slots, e.g. the horizon after a working context (saves the (B, T, V) logits)
         Gist slots get Gaussian RoPE (megacontext/positions.py), no value embedding (it is keyed
         by token id; the slot's v is c_v(x) alone) and no smear in or out (the smear mixes in the
         previous token, and a gist is not one). With lod all 0 and positions 0..T-1 (T <= 4096,
         see positions.SPLIT) the result equals the vanilla forward on idx exactly."""
         B, T = idx.shape
         if inputs_embeds is not None:
-            return self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache)
+            return self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache, logits_at)
         emb = self.embed_tokens(idx)  # (B, T, C) pre-smear
         if kv_cache is None:
             assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary table ({self.cos.size(1)})"
@@ -353,7 +356,7 @@ class GPT(nn.Module):
                 x_mid = x
         return x - self.backout_lambda.to(x.dtype) * x_mid
 
-    def _forward_mixed(self, idx, emb, positions, lod, targets, loss_reduction, kv_cache):
+    def _forward_mixed(self, idx, emb, positions, lod, targets, loss_reduction, kv_cache, logits_at=None):
         from nanochat.megacontext.positions import gaussian_rotary  # only MegaContext runs get here
         if kv_cache is not None:
             raise NotImplementedError("inputs_embeds with a KV cache: decode through megacontext, not the vanilla engine")
@@ -366,6 +369,8 @@ class GPT(nn.Module):
         cos, sin = gaussian_rotary(positions.expand(B, T), lod, self.config.n_embd // self.config.n_head)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (B, T, 1, D/2)
         x = self._trunk(x, idx, cos, sin, token_mask=token_mask)
+        if logits_at is not None:
+            x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, C))  # (B, H, C)
         return self._head(x, targets, loss_reduction)
 
     def _head(self, x, targets, loss_reduction):

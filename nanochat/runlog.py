@@ -23,6 +23,7 @@ class RunLog:
     def write(self, **metrics):
         if not self.enabled:
             return
+        metrics = {k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()}  # NaN -> null (strict JSON)
         record = {"time": time.time(), **metrics}
         with open(self.path, "a", encoding="utf-8") as f:  # one short line per append: a crash loses at most that line
             f.write(json.dumps(record) + "\n")

@@ -167,11 +167,13 @@ def main(argv=None):
 
 def train(argv=None):
     args = parse_args(argv)
-    if args.megacontext:  # settings are parsed and checked; the training loop for them is not written yet
+    mc = None
+    if args.megacontext:  # the one switch: everything MegaContext below hangs off `mc`
         from nanochat.megacontext.config import from_args
-        from_args(args)
-        raise UserError("--megacontext: the MegaContext components exist (nanochat/megacontext/) but base_train "
-                        "cannot train them yet; this run would silently be vanilla, so it stops here")
+        mc = from_args(args)
+        if args.max_seq_len + 1 - mc.horizon <= mc.w_max:
+            raise UserError(f"--megacontext: the history (max_seq_len + 1 - mc_horizon = {args.max_seq_len + 1 - mc.horizon} tokens) "
+                            f"must be longer than mc_w_max ({mc.w_max}), or there is nothing to compress")
     user_config = vars(args).copy()
     device_type = args.device_type or autodetect_device_type()
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
@@ -225,12 +227,23 @@ def train(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
                                         matrix_lr=args.matrix_lr * lr_scale, weight_decay=weight_decay, scalar_lr=args.scalar_lr * lr_scale)
     adamw, muon = optimizers
+    if mc is not None:  # GistNet + LensNet and their AdamW, scheduled with the model's optimizers
+        from nanochat.megacontext.checkpoint import build_modules, save_megacontext, load_megacontext
+        from nanochat.megacontext.training import MegaContextTrainer
+        gistnet, lensnet = build_modules(mc, config, device)
+        trainer = MegaContextTrainer(model, gistnet, lensnet, mc, seed=0)
+        mc_optimizer = trainer.make_optimizer()
+        gist_flops = 6 * sum(p.numel() for p in gistnet.parameters())  # per history token gisted
+        print0(f"megacontext: {json.dumps(mc.to_dict())}")
+        print0(f"megacontext: GistNet {sum(p.numel() for p in gistnet.parameters()):,} params | LensNet "
+               f"{sum(p.numel() for p in lensnet.parameters()):,} params | history {args.max_seq_len + 1 - mc.horizon} tokens "
+               f"= {(args.max_seq_len + 1 - mc.horizon) / mc.w_max:.1f}x w_max")
 
     # checkpoint dir and resume -----------------------------------------------------------
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     start_step, loader_state = 0, None
-    loop_state = dict(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0)
+    loop_state = dict(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0, flops_seen=0.0)
     if args.resume_from_step >= 0:
         model_data, optim_data, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
         missing = [k for k in ("model_config", "step", "loop_state") if k not in meta]
@@ -243,10 +256,19 @@ def train(argv=None):
         for opt, state in zip(optimizers, optim_data["optimizers"]):
             opt.load_state_dict(state)
         start_step = meta["step"]
+        if mc is not None:
+            saved_mc, saved_gistnet, saved_lensnet, mc_state = load_megacontext(checkpoint_dir, start_step, config, device)
+            if saved_mc != mc:
+                changed = sorted(k for k, v in mc.to_dict().items() if saved_mc.to_dict()[k] != v)
+                raise UserError(f"cannot resume: the checkpoint's MegaContext settings differ in {', '.join(changed)}")
+            gistnet.load_state_dict(saved_gistnet.state_dict())
+            lensnet.load_state_dict(saved_lensnet.state_dict())
+            mc_optimizer.load_state_dict(mc_state)
         if start_step > num_iterations:
             raise UserError(f"cannot resume from step {start_step}: this run has only {num_iterations} iterations")
         loader_state = optim_data["dataloader_state_dict"]
         loop_state = meta["loop_state"]
+        loop_state.setdefault("flops_seen", start_step * total_batch_size * flops_per_token)  # older checkpoints
         print0(f"resumed from step {start_step} in {checkpoint_dir}")
         del model_data, optim_data
 
@@ -275,6 +297,10 @@ def train(argv=None):
                     device_batch_size=B, max_seq_len=T, total_batch_size=total_batch_size,
                     dataloader_state_dict=loader_state, loop_state=loop_state, dataset=os.path.basename(get_data_dir()))
         optim_data = dict(optimizers=[opt.state_dict() for opt in optimizers], dataloader_state_dict=loader_state)
+        if mc is not None:  # beside the model, before the meta (the meta, written last, marks a complete step)
+            meta["megacontext"] = mc.to_dict()
+            if master:
+                save_megacontext(checkpoint_dir, step, mc, gistnet, lensnet, mc_optimizer)
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_data, meta, rank=rank)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
 
@@ -289,7 +315,7 @@ def train(argv=None):
             val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
             loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            log.write(step=step, kind="eval", val_bpb=val_bpb, tokens_seen=step * total_batch_size, flops_seen=step * total_batch_size * flops_per_token,
+            log.write(step=step, kind="eval", val_bpb=val_bpb, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
                       wall_s=loop_state["total_training_time"])
             model.train()
         if args.core_metric_every > 0 and step > start_step and (step % args.core_metric_every == 0 or last_step):
@@ -310,22 +336,34 @@ def train(argv=None):
 
         # one optimization step: grad_accum_steps micro-batches, then all-reduce and update
         t0 = time.time()  # the previous step ended in a sync (or an eval's .item())
-        for _ in range(grad_accum_steps):
+        step_flops = flops_per_token * total_batch_size
+        mc_stats = []
+        for micro in range(grad_accum_steps):
             loss = model(x, y)
             train_loss = loss.detach()
-            (loss / grad_accum_steps).backward()
+            if mc is None:
+                (loss / grad_accum_steps).backward()
+            else:
+                (mc.lm_weight * loss / grad_accum_steps).backward()
+                stats = trainer.backward(x, y, step, num_iterations, grad_scale=1 / grad_accum_steps,
+                                         stream=rank * grad_accum_steps + micro)
+                step_flops += world_size * B * (stats.get("slots", 0.0) * flops_per_token + (T + 1 - mc.horizon) * gist_flops)
+                mc_stats.append(stats)
             loader_state = next_loader_state  # the state after the batch just consumed: what a checkpoint resumes from
             x, y, next_loader_state = next(train_loader)
+        params = list(orig_model.parameters()) + ([] if mc is None else trainer.parameters())
         if is_ddp:
-            all_reduce_mean([p.grad for p in orig_model.parameters()], world_size)
+            all_reduce_mean([p.grad for p in params], world_size)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-        set_lr_multiplier(optimizers, lrm)
+        step_optimizers = optimizers if mc is None else optimizers + [mc_optimizer]
+        set_lr_multiplier(step_optimizers, lrm)
         for group in muon.param_groups:
             group["momentum"] = get_muon_momentum(step, num_iterations, args.warmdown_ratio)
             group["weight_decay"] = get_muon_weight_decay(step, num_iterations, weight_decay)
-        for opt in optimizers:
+        for opt in step_optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         train_loss = train_loss.item()
         synchronize()
         dt = time.time() - t0
@@ -336,16 +374,24 @@ def train(argv=None):
         smooth = loop_state["smooth_train_loss"] / (1 - beta ** step)
         if step > start_step + 10 or num_iterations - start_step <= 10:  # skip the compile/warmup steps in the clock
             loop_state["total_training_time"] += dt
-        tok_per_sec = total_batch_size / dt
-        mfu = flops_per_token * tok_per_sec / (peak * world_size) if peak else None
+        loop_state["flops_seen"] += step_flops
+        tok_per_sec = total_batch_size / dt  # raw data tokens per second, the same measure for vanilla and MegaContext
+        mfu = step_flops / dt / (peak * world_size) if peak else None
         done = (step - start_step) / (num_iterations - start_step)
         eta = dt * (num_iterations - step)
         mfu_str = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+        mc_line, mc_metrics = "", {}
+        if mc is not None:  # micro-batch means of the trainer's stats (NaN: none of them measured it)
+            for k in mc_stats[0]:
+                vals = [st[k] for st in mc_stats if k in st and st[k] == st[k]]
+                mc_metrics[f"mc/{k}"] = sum(vals) / len(vals) if vals else float("nan")
+            mc_line = (f" | C2 {mc_metrics['mc/budget']:.0f} | hz {mc_metrics['mc/horizon_loss']:.3f} | lens {mc_metrics['mc/lens_loss']:.3f}"
+                       f" agree {mc_metrics['mc/lens_agree']:.2f} | gist cos {mc_metrics['mc/gist_cos_lod1']:.2f}")
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.1f}%) | loss {smooth:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms "
-               f"| tok/s {tok_per_sec:,.0f} | mfu {mfu_str} | eta {eta / 60:.1f}m")
+               f"| tok/s {tok_per_sec:,.0f} | mfu {mfu_str}{mc_line} | eta {eta / 60:.1f}m")
         log.write(step=step, kind="train", loss=train_loss, smooth_loss=smooth, lr_mult=lrm, tok_per_sec=tok_per_sec, mfu=mfu,
-                  tokens_seen=step * total_batch_size, flops_seen=step * total_batch_size * flops_per_token,
-                  wall_s=loop_state["total_training_time"])
+                  tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
+                  wall_s=loop_state["total_training_time"], **mc_metrics)
 
     print0(f"done: min val bpb {loop_state['min_val_bpb']:.4f} | training time {loop_state['total_training_time'] / 60:.2f}m")
     from nanochat.report import get_report

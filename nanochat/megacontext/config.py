@@ -26,9 +26,12 @@ class MegaContextConfig:
     gist_shared: bool = True         # one GistNet for every level (False: one per level)
     # LensNet
     lens_layers: int = 2
+    lens_hidden: int = 256           # LensNet width (its input is projected from the model's dim)
     lens_tail: int = 4               # tail gists summarizing the newest content
     # Focus allocator
     allocator: str = "greedy"        # greedy | stochastic
+    temperature: float = 1.0         # stochastic: softmax temperature over |score|
+    top_k: int = 4                   # stochastic: candidates of a kind it may draw from
     tau_expand: float = 0.1
     tau_collapse: float = 0.1
     n_diff: int = 4                  # edits per refocus
@@ -39,6 +42,14 @@ class MegaContextConfig:
     alpha_lod1: float = 0.02         # weight of the LOD1 gist cosine loss
     alpha_lod2: float = 0.01         # weight of the LOD2 gist cosine loss
     lens_weight: float = 0.1         # weight of the LensNet loss
+    lm_weight: float = 1.0           # weight of the vanilla next-token loss on the full rows (0: horizon loss only)
+    anneal_frac: float = 0.3         # variant budget C2 goes from the history length to w_max over this fraction of steps
+    lens_loss: str = "pairwise"      # pairwise (Bradley-Terry) | regression (argmin targets) | both
+    lens_lambda: float = 0.01        # regression targets: distance penalty per edit in the argmin
+    lens_reg: float = 0.1            # weight of the legality + zero-sum budget + hysteresis regularizers
+    gist_lr: float = 3e-3            # AdamW lr of GistNet (scheduled like the model's)
+    lens_lr: float = 1e-3            # AdamW lr of LensNet
+    eval_rows: int = 16              # validation rows scored on the MegaContext path at each eval
 
     def validate(self):
         """Raise UserError (one line) for a setting that cannot work."""
@@ -50,6 +61,13 @@ class MegaContextConfig:
             (self.gist_pooling in ("mean", "query", "cls"), f"mc_gist_pooling must be mean, query or cls, got {self.gist_pooling!r}"),
             (self.gist_layers >= 1 and self.lens_layers >= 1, "mc_gist_layers and mc_lens_layers must be at least 1"),
             (self.lens_tail >= 0, f"mc_lens_tail must be >= 0, got {self.lens_tail}"),
+            (self.lens_hidden >= 4 and self.lens_hidden % 4 == 0, f"mc_lens_hidden must be a positive multiple of 4, got {self.lens_hidden}"),
+            (self.temperature > 0 and self.top_k >= 1, "mc_temperature must be > 0 and mc_top_k >= 1"),
+            (self.lens_loss in ("pairwise", "regression", "both"), f"mc_lens_loss must be pairwise, regression or both, got {self.lens_loss!r}"),
+            (0 <= self.anneal_frac <= 1, f"mc_anneal_frac must be in [0, 1], got {self.anneal_frac}"),
+            (min(self.lm_weight, self.lens_lambda, self.lens_reg) >= 0 and self.gist_lr > 0 and self.lens_lr > 0,
+             "mc_lm_weight, mc_lens_lambda, mc_lens_reg must be >= 0 and the learning rates > 0"),
+            (self.eval_rows >= 0, f"mc_eval_rows must be >= 0, got {self.eval_rows}"),
             (self.allocator in ("greedy", "stochastic"), f"mc_allocator must be greedy or stochastic, got {self.allocator!r}"),
             (self.tau_expand >= 0 and self.tau_collapse >= 0, "mc_tau_expand and mc_tau_collapse must be >= 0"),
             (self.n_diff >= 1 and self.cooldown >= 0, "mc_n_diff must be >= 1 and mc_cooldown >= 0"),

@@ -20,8 +20,11 @@ variant is additive: utility[v] = sum_e edits[v, e] * scores[e]. Losses:
   slate: WC* = argmin_v DeltaNLL[v] + lam * D(v), D(v) = sum_e |edits[v, e]| (edits away from the
   current WC), and the target of entry e is WC*'s edit of e (+1 / -1 / 0), supervised only where
   some variant edited e. temperature > 0 replaces the argmin by a softmin (targets in [-1, 1]).
-Not here: the budget (zero-sum) and legality regularizers and hysteresis; the allocator enforces
-legality and budget on the edits it makes.
+- lens_regularizer: legality (no expanding an LOD0 block, no collapsing what cannot collapse), a
+  zero-sum budget term (each WC's mean score near 0: expansions paid for by collapses) and
+  hysteresis (entries no evaluated variant edited are pulled to 0, so only evidence moves a score
+  past the allocator's thresholds). The allocator still enforces legality and budget on its edits.
+- lens_agreement: how often the predicted utilities order two variants as the measured DeltaNLL does.
 """
 
 import math
@@ -151,3 +154,28 @@ def lens_targets(edits, delta_nll, lam=0.01, valid=None, temperature=0.0):
     targets = torch.einsum("bv,bve->be", weights, edits)  # (B, E)
     mask = (edits != 0).any(dim=1)  # (B, E)
     return targets, mask
+
+
+def lens_regularizer(scores, mask, can_expand, can_collapse, supervised):
+    """scores (B, E); mask, can_expand, can_collapse, supervised (B, E) bool -> scalar:
+    legality: relu(score)^2 where expanding is illegal + relu(-score)^2 where collapsing is illegal;
+    budget: the square of each WC's mean score; hysteresis: score^2 where no variant edited the entry."""
+    s, m = scores.float(), mask.float()
+    n = m.sum().clamp(min=1)
+    illegal = F.relu(s).square() * (~can_expand).float() + F.relu(-s).square() * (~can_collapse).float()
+    legality = (illegal * m).sum() / n
+    row_mean = (s * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)  # (B,)
+    budget = row_mean.square().mean()
+    hysteresis = (s.square() * m * (~supervised).float()).sum() / n
+    return legality + budget + hysteresis
+
+
+@torch.no_grad()
+def lens_agreement(utilities, delta_nll, valid, tol=1e-3):
+    """utilities, delta_nll (B, V), valid (B, V) bool -> (agreeing pairs, pairs): over the pairs of valid
+    variants whose measured DeltaNLL differs by more than tol, those where the variant LensNet
+    predicts better (higher utility) is the one measured better (lower DeltaNLL)."""
+    better = (delta_nll[:, None, :] - delta_nll[:, :, None]) > tol  # (B, V, V): [b, i, j] = i measured better than j
+    pair = better & valid[:, :, None] & valid[:, None, :]
+    agree = pair & (utilities[:, :, None] > utilities[:, None, :])
+    return int(agree.sum()), int(pair.sum())

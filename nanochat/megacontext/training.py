@@ -1,0 +1,311 @@
+"""
+End-to-end MegaContext training (design: shared/spec/megacontext.md, "End-to-end training").
+
+`MegaContextTrainer.backward(x, y, ...)` takes one pretraining micro-batch, the very (B, T) rows a
+vanilla run sees, and backpropagates, on top of the caller's lm_weight * (vanilla next-token loss):
+    horizon loss                          per row, the mean over its WC variants of the NLL of the
+                                          next H true tokens, averaged over rows
+  + alpha_lod1 * LOD1 gist loss (+ alpha_lod2 * LOD2 gist loss, active when H >= 1024)
+  + lens_weight * LensNet loss
+Per row S of T + 1 tokens: the horizon is S[c:], its last H tokens (c = T + 1 - H); the history is S[:c].
+1. source: the history's gist pyramid, built in the autograd graph (horizon.build_source), so the
+   horizon loss reaches GistNet and the token embeddings through every gist a variant uses.
+2. slate, every variant of cost <= C2 (variant_budget: annealed from the history length down to w_max):
+     baseline   the newest C2 tokens, raw (WorkingContext.recent): a truncated window
+     reference  a random legal mix: the coarsest WC over the whole history, then random expansions
+                until none fits
+     perturbed  the reference plus 1-2 random edits of its own entries (collapse a group and/or
+                expand a gist), within C2; redrawn when it duplicates a variant already in the slate
+     lens       (num_variants >= 4, the last slot) LensNet + allocator's own refocus of the reference
+   While C2 covers the whole history every variant would be the raw baseline, so only it is scored.
+3. one forward of every variant of every row (horizon.horizon_nll): [WC || S[c : c+H-1]], logits only at
+   the H slots that predict S[c : c+H].
+4. gist losses: 1 - cos(GistNet(soft predicted horizon blocks), GistNet(true horizon blocks)), where
+   soft = softmax(logits) @ norm(wte), the embedding the model expects next, in the space gists live
+   in; the target side is detached.
+5. LensNet scores the reference's entries. The reference and its perturbed / lens variants are the
+   reference plus per-entry edits (expanded +1; each member of a collapsed group -1/len(group), so the
+   predicted utility of a collapse is minus the mean of its members' scores, what the allocator ranks
+   by), measured by DeltaNLL = NLL(variant) - NLL(reference); the loss is pairwise Bradley-Terry and/or
+   regression on argmin targets (mc_lens_loss) + lens_reg * lensnet.lens_regularizer.
+Memory: rows go through in chunks whose variant slots fit in the vanilla micro-batch's B * T slots,
+each chunk backpropagated on its own, so peak memory stays near the vanilla run's.
+Randomness: the slate's RNG is seeded from (seed, step, stream, chunk), so a resumed run draws the same.
+"""
+
+import time
+import random
+from collections import namedtuple
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import norm
+from nanochat.megacontext import BLOCK_SIZE
+from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.horizon import build_source, horizon_nll, score_entries
+from nanochat.megacontext.lensnet import (pairwise_lens_loss, regression_lens_loss, lens_targets, lens_regularizer,
+                                          lens_agreement, variant_utilities)
+from nanochat.megacontext.working_context import WorkingContext
+
+K = BLOCK_SIZE
+
+# one WC variant of one row: kind in baseline | reference | perturbed | lens; edits: {Entry of the
+# reference: edit value} (None for the baseline, which is not an edit of the reference)
+Variant = namedtuple("Variant", ["row", "kind", "wc", "edits"])
+
+
+def variant_budget(step, num_iterations, history, config):
+    """C2 at `step`: linear from the history length down to w_max over the first anneal_frac of the
+    run, in whole blocks, never below w_max."""
+    ramp = config.anneal_frac * num_iterations
+    frac = max(0.0, 1.0 - step / ramp) if ramp > 0 else 0.0
+    c2 = config.w_max + frac * max(0, history - config.w_max)
+    return max(config.w_max, int(c2) // K * K)
+
+
+def random_mix(source, budget, config, rng):
+    """The coarsest WC over the whole history, then random expansions while one fits; None when even
+    the coarsest WC exceeds the budget."""
+    wc = WorkingContext.coarsest(source, config.recent_tokens, config.max_level)
+    if wc.cost > budget:
+        return None
+    while wc.cost + K - 1 <= budget:
+        gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
+        if not gists:
+            break
+        wc = wc.expand(rng.choice(gists))
+    return wc
+
+
+def perturb(ref, source, budget, recent_tokens, rng, n_edits):
+    """ref plus up to n_edits random legal edits of ref's own entries -> (wc, {ref Entry: edit value}).
+    Each round collapses a random group (always when no expansion fits, else half the time), then
+    expands a random gist when one fits (a round that collapsed skips it a quarter of the time)."""
+    protect_from = source.num_tokens - recent_tokens
+    wc, edits, ref_entries = ref, {}, set(ref.entries)
+
+    def untouched(e):
+        return e in ref_entries and e not in edits
+
+    for _ in range(n_edits):
+        groups = {}  # parent Entry -> (an entry index of the group, the group's members)
+        for i, e in enumerate(wc.entries):
+            if not untouched(e) or e.parent in groups:
+                continue
+            r = wc.collapse_range(i, source)
+            if r is not None and r[2].end <= protect_from and all(untouched(m) for m in wc.entries[r[0]:r[1]]):
+                groups[r[2]] = (i, wc.entries[r[0]:r[1]])
+        collapsed = bool(groups) and (wc.cost + K - 1 > budget or rng.random() < 0.5)
+        if collapsed:
+            i, members = rng.choice(list(groups.values()))
+            wc = wc.collapse(i, source)
+            edits.update({m: -1.0 / len(members) for m in members})
+        expandable = [i for i, e in enumerate(wc.entries) if e.level > 0 and untouched(e)]
+        if expandable and wc.cost + K - 1 <= budget and not (collapsed and rng.random() < 0.25):
+            i = rng.choice(expandable)
+            edits[wc.entries[i]] = 1.0
+            wc = wc.expand(i)
+    return wc, edits
+
+
+def allocator_edits(steps):
+    """The allocator's Edit list -> {Entry of the WC it was given: edit value}."""
+    edits = {}
+    for edit in steps:
+        if edit.kind == "expand":
+            edits[edit.before[0]] = 1.0
+        else:
+            edits.update({m: -1.0 / len(edit.before) for m in edit.before})
+    return edits
+
+
+def gist_loss(model, gistnet, logits, targets, level):
+    """logits (R, H, V), targets (R, H) true tokens -> (mean 1 - cos, mean cos detached) over the
+    level-`level` gists of the first H // 32**level whole spans of the horizon, or None if H is shorter."""
+    span = K ** level
+    n = targets.size(1) // span * span
+    if n == 0:
+        return None
+    V = logits.size(-1)
+    dtype = model.transformer.wte.weight.dtype
+    table = norm(model.transformer.wte.weight[:V].float())  # (V, D): every token's normalized embedding
+    soft = torch.softmax(logits[:, :n], dim=-1) @ table  # (R, n, D) expected next embedding
+    true = model.embed_tokens(targets[:, :n]).float()  # (R, n, D)
+
+    def gists(x):  # (R, n, D) -> (R * n // span, D)
+        x = x.to(dtype).reshape(-1, K, x.size(-1))
+        for L in range(1, level + 1):
+            x = gistnet(x, L)
+            if L < level:
+                x = x.reshape(-1, K, x.size(-1))
+        return x.float()
+
+    cos = F.cosine_similarity(gists(soft), gists(true).detach(), dim=-1)
+    return (1 - cos).mean(), cos.mean().detach()
+
+
+class MegaContextTrainer:
+    def __init__(self, model, gistnet, lensnet, config, seed=0):
+        self.model, self.gistnet, self.lensnet, self.config, self.seed = model, gistnet, lensnet, config, seed
+
+    def parameters(self):
+        return list(self.gistnet.parameters()) + list(self.lensnet.parameters())
+
+    def make_optimizer(self):
+        """AdamW for every GistNet and LensNet parameter (2-D or not), lr scheduled like the model's."""
+        groups = [dict(params=list(self.gistnet.parameters()), lr=self.config.gist_lr),
+                  dict(params=list(self.lensnet.parameters()), lr=self.config.lens_lr)]
+        fused = next(self.gistnet.parameters()).device.type == "cuda"
+        opt = torch.optim.AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+        return opt
+
+    def backward(self, x, y, step, num_iterations, grad_scale=1.0, stream=0):
+        """x, y: (B, T) one loader micro-batch. Backpropagates grad_scale x the MegaContext losses;
+        -> stats: dict of floats (row-weighted means over the chunks)."""
+        rows = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the packed rows
+        B, n = rows.shape
+        H = self.config.horizon
+        budget = variant_budget(step, num_iterations, n - H, self.config)
+        chunk = max(1, B * (n - 1) // (self.config.num_variants * (budget + H)))
+        totals = {}
+        for r0 in range(0, B, chunk):
+            part = rows[r0:r0 + chunk]
+            rng = random.Random(f"{self.seed}:{step}:{stream}:{r0}")
+            loss, stats = self.loss(part, budget, rng)
+            (loss * grad_scale * part.size(0) / B).backward()
+            for k, v in stats.items():
+                w = part.size(0) if v == v else 0  # a NaN (nothing measured in this chunk) counts for nothing
+                s, ws = totals.get(k, (0.0, 0))
+                totals[k] = (s + (v * w if w else 0.0), ws + w)
+        out = {k: s / w if w else float("nan") for k, (s, w) in totals.items()}
+        out["budget"] = budget
+        return out
+
+    def slate(self, sources, budget, rng):
+        """-> (variants, refs, lens_rows, scores, swaps): variants of every row (baseline first, then the
+        reference and its edits), each row's reference WC (None when it is the baseline), the rows that
+        have a reference, LensNet's scores (len(lens_rows), E) of their references, and the number of
+        edits of each allocator step."""
+        cfg, model = self.config, self.model
+        baselines = [WorkingContext.recent(src, budget) for src in sources]
+        refs = [random_mix(src, budget, cfg, rng) for src in sources]
+        refs = [r if r is not None and r != b else None for r, b in zip(refs, baselines)]
+        lens_rows = [b for b, r in enumerate(refs) if r is not None]
+        scores = None
+        if lens_rows:
+            with torch.no_grad():  # LensNet's inputs are detached anyway
+                assembled = [refs[b].assemble(sources[b], model.embed_tokens) for b in lens_rows]
+            scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
+        variants, swaps = [], []
+        for b, base in enumerate(baselines):
+            variants.append(Variant(b, "baseline", base, None))
+            ref = refs[b]
+            if ref is None:
+                continue
+            seen = {base, ref}
+            variants.append(Variant(b, "reference", ref, {}))
+            for k in range(cfg.num_variants - 2):
+                wc = None
+                if cfg.num_variants >= 4 and k == cfg.num_variants - 3:  # the last slot: LensNet + allocator
+                    allocator = FocusAllocator(budget, cfg.tau_expand, cfg.tau_collapse, cfg.n_diff, cooldown=0,
+                                               strategy=cfg.allocator, temperature=cfg.temperature,
+                                               recent_tokens=cfg.recent_tokens, top_k=cfg.top_k)
+                    row_scores = scores[lens_rows.index(b), :len(ref)]
+                    wc, steps = allocator.step(ref, row_scores, sources[b], generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+                    swaps.append(len(steps))
+                    kind, edits = "lens", allocator_edits(steps)
+                if wc is None or wc in seen:
+                    for _ in range(4):
+                        wc, edits = perturb(ref, sources[b], budget, cfg.recent_tokens, rng, n_edits=rng.choice((1, 2)))
+                        if wc not in seen:
+                            break
+                    kind = "perturbed"
+                if wc not in seen:
+                    seen.add(wc)
+                    variants.append(Variant(b, kind, wc, edits))
+        return variants, refs, lens_rows, scores, swaps
+
+    def loss(self, rows, budget, rng):
+        """rows (R, T + 1) -> (scalar loss to backpropagate, stats dict of floats, NaN = nothing measured)."""
+        cfg, model = self.config, self.model
+        H = cfg.horizon
+        c = rows.size(1) - H
+        sources = [build_source(model, self.gistnet, row[:c], cfg.max_level) for row in rows]
+        horizons = [row[c:] for row in rows]
+        t0 = time.perf_counter()
+        variants, refs, lens_rows, scores, swaps = self.slate(sources, budget, rng)
+        controller_s = time.perf_counter() - t0
+
+        nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [sources[v.row] for v in variants],
+                                     [horizons[v.row] for v in variants], return_logits=True)  # (Rv, H), (Rv, H, V)
+        item_nll = nll.mean(dim=1)  # (Rv,)
+        row_of = torch.tensor([v.row for v in variants], device=item_nll.device)
+        per_row = torch.zeros(len(rows), device=item_nll.device).index_add(0, row_of, item_nll)
+        per_row = per_row / torch.bincount(row_of, minlength=len(rows))
+        loss = per_row.mean()
+        nan = float("nan")
+        stats = dict(horizon_loss=loss.item())
+        for kind in ("baseline", "reference", "perturbed", "lens"):
+            sel = [i for i, v in enumerate(variants) if v.kind == kind]
+            stats[f"nll_{kind}"] = item_nll[sel].mean().item() if sel else nan
+
+        targets = torch.stack([horizons[v.row] for v in variants])  # (Rv, H)
+        for level, alpha in ((1, cfg.alpha_lod1), (2, cfg.alpha_lod2)):
+            g = gist_loss(model, self.gistnet, logits, targets, level) if level <= cfg.max_level else None
+            stats[f"gist_cos_lod{level}"] = g[1].item() if g is not None else nan
+            if g is not None and alpha > 0:
+                loss = loss + alpha * g[0]
+
+        stats.update(lens_loss=nan, lens_agree=nan, swap_rate=sum(swaps) / len(swaps) if swaps else nan,
+                     variants=len(variants) / len(rows), slots=sum(v.wc.cost + H - 1 for v in variants) / len(rows),
+                     budget_util=sum(v.wc.cost for v in variants) / len(variants) / budget,
+                     controller_ms=1000 * controller_s)
+        if lens_rows:
+            lens_loss, lens_stats = self.lens_loss(variants, refs, lens_rows, scores, item_nll.detach(), sources)
+            stats.update(lens_stats)
+            loss = loss + cfg.lens_weight * lens_loss
+        return loss, stats
+
+    def lens_loss(self, variants, refs, lens_rows, scores, item_nll, sources):
+        """The LensNet loss over the rows that have a reference, and its stats."""
+        cfg = self.config
+        device = scores.device
+        per_row = [[i for i, v in enumerate(variants) if v.row == b and v.kind != "baseline"] for b in lens_rows]
+        L, V, E = len(lens_rows), max(len(p) for p in per_row), scores.size(1)
+        edits = torch.zeros(L, V, E, device=device)
+        delta = torch.zeros(L, V, device=device)
+        valid = torch.zeros(L, V, dtype=torch.bool, device=device)
+        mask = torch.zeros(L, E, dtype=torch.bool, device=device)
+        can_expand, can_collapse = mask.clone(), mask.clone()
+        mix = {}
+        for j, (b, items) in enumerate(zip(lens_rows, per_row)):
+            ref = refs[b]
+            where = {e: i for i, e in enumerate(ref.entries)}
+            protect_from = sources[b].num_tokens - cfg.recent_tokens
+            for i, e in enumerate(ref.entries):
+                mask[j, i] = True
+                can_expand[j, i] = e.level > 0
+                can_collapse[j, i] = e.level < cfg.max_level and e.parent.end <= protect_from and e.cost in (1, K)
+                mix[e.level] = mix.get(e.level, 0) + 1
+            for s, i in enumerate(items):  # items[0] is the reference itself (no edits)
+                for entry, value in variants[i].edits.items():
+                    edits[j, s, where[entry]] = value
+                delta[j, s] = item_nll[i] - item_nll[items[0]]
+                valid[j, s] = True
+        if cfg.lens_loss in ("pairwise", "both"):
+            loss = pairwise_lens_loss(scores, edits, delta, valid)
+        else:
+            loss = scores.new_zeros(())
+        if cfg.lens_loss in ("regression", "both"):
+            targets, supervised = lens_targets(edits, delta, lam=cfg.lens_lambda, valid=valid)
+            loss = loss + regression_lens_loss(scores, targets, supervised & mask)
+        supervised = (edits != 0).any(dim=1)
+        loss = loss + cfg.lens_reg * lens_regularizer(scores, mask, can_expand, can_collapse, supervised)
+        agree, pairs = lens_agreement(variant_utilities(scores.detach().float(), edits), delta, valid)
+        n_entries = sum(mix.values())
+        stats = dict(lens_loss=loss.item(), lens_agree=agree / pairs if pairs else float("nan"),
+                     **{f"lod{lvl}_frac": mix.get(lvl, 0) / n_entries for lvl in range(cfg.max_level + 1)})
+        return loss, stats
