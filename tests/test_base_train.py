@@ -171,3 +171,71 @@ def test_stale_token_bytes_is_a_user_error(tiny_base_dir, tmp_path, monkeypatch)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="token_bytes.pt has 300 entries"):
         base_train.main(TINY + ["--num-iterations", "1"])
+
+
+# -----------------------------------------------------------------------------
+# --megacontext: the same loop, plus GistNet + LensNet (nanochat/megacontext/training.py)
+
+MC_TINY = TINY + ["--max-seq-len", "128", "--megacontext", "--mc-w-max", "64", "--mc-horizon", "32", "--mc-recent-tokens", "32",
+                  "--mc-max-level", "1", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32",
+                  "--mc-num-variants", "4", "--mc-anneal-frac", "0.5", "--mc-tau-expand", "0", "--mc-tau-collapse", "0"]
+
+
+def test_megacontext_resume_continues_exactly_and_checkpoints_round_trip(base_dir):
+    """4 steps straight == 2 steps, stop, resume, 2 more: the base model, GistNet and LensNet bitwise."""
+    common = MC_TINY + ["--num-iterations", "4", "--eval-every", "2"]
+    straight = base_train.main(common + ["--model-tag", "mc_straight"])
+    ckpt = base_dir / "base_checkpoints" / "mc_straight"
+    first = base_train.main(common + ["--model-tag", "mc_resumed", "--save-every", "2"])
+    assert first["final_loss"] == straight["final_loss"]
+    resumed_dir = base_dir / "base_checkpoints" / "mc_resumed"
+    for f in ("model_000004.pt", "meta_000004.json", "optim_000004_rank0.pt", "mc_000004.pt"):
+        os.remove(resumed_dir / f)
+    resumed = base_train.main(common + ["--model-tag", "mc_resumed", "--resume-from-step", "2"])
+    assert resumed["final_loss"] == straight["final_loss"] and resumed["val_bpb"] == straight["val_bpb"]
+    for name in ("model_000004.pt", "mc_000004.pt"):
+        a, b = torch.load(ckpt / name), torch.load(resumed_dir / name)
+        if name.startswith("mc_"):
+            assert a["mc_config"] == b["mc_config"] and a["optimizer"] is not None
+            a, b = {**a["gistnet"], **{"lens." + k: v for k, v in a["lensnet"].items()}}, {**b["gistnet"], **{"lens." + k: v for k, v in b["lensnet"].items()}}
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # failure mode 2: the saved GistNet / LensNet are trained weights, not their initialization
+    from nanochat.checkpoint_manager import build_model
+    from nanochat.megacontext.checkpoint import build_modules, load_megacontext
+    model, _, meta = build_model(str(ckpt), 4, "cpu", "eval")  # the vanilla loader ignores mc_*.pt
+    assert meta["megacontext"]["w_max"] == 64
+    mc, gistnet, lensnet, _ = load_megacontext(str(ckpt), 4, model.config, "cpu")
+    fresh_gist, fresh_lens = build_modules(mc, model.config)
+    assert not torch.equal(gistnet.encoders[0].head.weight, fresh_gist.encoders[0].head.weight)
+    assert not torch.equal(lensnet.head.weight, fresh_lens.head.weight)
+    assert set(torch.load(ckpt / "model_000004.pt").keys()) == set(model.state_dict().keys())  # the vanilla key set
+    records = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    for key in ("mc/horizon_loss", "mc/gist_cos_lod1", "mc/lens_loss", "mc/lens_agree", "mc/swap_rate", "mc/budget_util",
+                "mc/lod0_frac", "mc/lod1_frac", "mc/controller_ms", "mc/budget", "tokens_seen", "flops_seen", "wall_s"):
+        assert key in train[-1], key
+    assert train[0]["mc/budget"] > 64 and train[-1]["mc/budget"] == 64  # C2 annealed down to w_max
+
+
+def test_vanilla_and_megacontext_twins_see_the_same_tokens_in_the_same_order(base_dir):
+    vanilla_args = TINY + ["--max-seq-len", "128"]
+    common = ["--num-iterations", "2", "--eval-every", "-1"]
+    base_train.main(vanilla_args + common + ["--model-tag", "twin_vanilla"])
+    base_train.main(MC_TINY + common + ["--model-tag", "twin_mc"])
+    logs = {}
+    for tag in ("twin_vanilla", "twin_mc"):
+        lines = (base_dir / "base_checkpoints" / tag / "train_log.jsonl").read_text().splitlines()
+        logs[tag] = [json.loads(line) for line in lines if json.loads(line)["kind"] == "train"]
+    v, m = logs["twin_vanilla"], logs["twin_mc"]
+    assert [r["tokens_seen"] for r in v] == [r["tokens_seen"] for r in m]
+    assert v[0]["loss"] == m[0]["loss"]  # same init, same first batch: the same next-token loss before any update
+    assert m[-1]["flops_seen"] > v[-1]["flops_seen"]  # the MegaContext work is counted
+
+
+def test_megacontext_settings_that_cannot_work_are_user_errors(base_dir):
+    with pytest.raises(UserError, match="must be longer than mc_w_max"):
+        base_train.main(MC_TINY + ["--max-seq-len", "64", "--num-iterations", "1"])
+    base_train.main(MC_TINY + ["--num-iterations", "2", "--eval-every", "-1", "--model-tag", "mc_change"])
+    with pytest.raises(UserError, match="MegaContext settings differ in w_max"):
+        base_train.main(MC_TINY + ["--num-iterations", "3", "--eval-every", "-1", "--model-tag", "mc_change",
+                                   "--resume-from-step", "2", "--mc-w-max", "96"])

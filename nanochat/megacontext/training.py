@@ -30,7 +30,8 @@ Per row S of T + 1 tokens: the horizon is S[c:], its last H tokens (c = T + 1 - 
    regression on argmin targets (mc_lens_loss) + lens_reg * lensnet.lens_regularizer.
 Memory: rows go through in chunks whose variant slots fit in the vanilla micro-batch's B * T slots,
 each chunk backpropagated on its own, so peak memory stays near the vanilla run's.
-Randomness: the slate's RNG is seeded from (seed, step, stream, chunk), so a resumed run draws the same.
+Randomness: each row's slate RNG is seeded from (seed, step, stream, row), so a resumed run draws the
+same slates, and so does any chunking.
 """
 
 import time
@@ -56,12 +57,14 @@ Variant = namedtuple("Variant", ["row", "kind", "wc", "edits"])
 
 
 def variant_budget(step, num_iterations, history, config):
-    """C2 at `step`: linear from the history length down to w_max over the first anneal_frac of the
-    run, in whole blocks, never below w_max."""
+    """C2 at `step`: linear from the history length (rounded up to whole blocks: every variant is then
+    the raw history) down to w_max over the first anneal_frac of the run, in whole blocks; w_max after."""
     ramp = config.anneal_frac * num_iterations
     frac = max(0.0, 1.0 - step / ramp) if ramp > 0 else 0.0
-    c2 = config.w_max + frac * max(0, history - config.w_max)
-    return max(config.w_max, int(c2) // K * K)
+    if frac == 0 or history <= config.w_max:
+        return config.w_max
+    c2 = config.w_max + frac * (history - config.w_max)
+    return max(config.w_max, -(-int(c2) // K) * K)
 
 
 def random_mix(source, budget, config, rng):
@@ -162,19 +165,21 @@ class MegaContextTrainer:
             group["initial_lr"] = group["lr"]
         return opt
 
-    def backward(self, x, y, step, num_iterations, grad_scale=1.0, stream=0):
+    def backward(self, x, y, step, num_iterations, grad_scale=1.0, stream=0, max_slots=None):
         """x, y: (B, T) one loader micro-batch. Backpropagates grad_scale x the MegaContext losses;
-        -> stats: dict of floats (row-weighted means over the chunks)."""
+        -> stats: dict of floats (row-weighted means over the chunks). Rows go in chunks of at most
+        max_slots variant slots (default B * T, the vanilla micro-batch)."""
         rows = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the packed rows
         B, n = rows.shape
         H = self.config.horizon
         budget = variant_budget(step, num_iterations, n - H, self.config)
-        chunk = max(1, B * (n - 1) // (self.config.num_variants * (budget + H)))
+        max_slots = B * (n - 1) if max_slots is None else max_slots
+        chunk = max(1, max_slots // (self.config.num_variants * (budget + H)))
         totals = {}
         for r0 in range(0, B, chunk):
             part = rows[r0:r0 + chunk]
-            rng = random.Random(f"{self.seed}:{step}:{stream}:{r0}")
-            loss, stats = self.loss(part, budget, rng)
+            rngs = [random.Random(f"{self.seed}:{step}:{stream}:{r0 + i}") for i in range(part.size(0))]  # one per row
+            loss, stats = self.loss(part, budget, rngs)
             (loss * grad_scale * part.size(0) / B).backward()
             for k, v in stats.items():
                 w = part.size(0) if v == v else 0  # a NaN (nothing measured in this chunk) counts for nothing
@@ -184,14 +189,14 @@ class MegaContextTrainer:
         out["budget"] = budget
         return out
 
-    def slate(self, sources, budget, rng):
+    def slate(self, sources, budget, rngs):
         """-> (variants, refs, lens_rows, scores, swaps): variants of every row (baseline first, then the
         reference and its edits), each row's reference WC (None when it is the baseline), the rows that
         have a reference, LensNet's scores (len(lens_rows), E) of their references, and the number of
         edits of each allocator step."""
         cfg, model = self.config, self.model
         baselines = [WorkingContext.recent(src, budget) for src in sources]
-        refs = [random_mix(src, budget, cfg, rng) for src in sources]
+        refs = [random_mix(src, budget, cfg, rng) for src, rng in zip(sources, rngs)]
         refs = [r if r is not None and r != b else None for r, b in zip(refs, baselines)]
         lens_rows = [b for b, r in enumerate(refs) if r is not None]
         scores = None
@@ -201,6 +206,7 @@ class MegaContextTrainer:
             scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
         variants, swaps = [], []
         for b, base in enumerate(baselines):
+            rng = rngs[b]
             variants.append(Variant(b, "baseline", base, None))
             ref = refs[b]
             if ref is None:
@@ -228,15 +234,16 @@ class MegaContextTrainer:
                     variants.append(Variant(b, kind, wc, edits))
         return variants, refs, lens_rows, scores, swaps
 
-    def loss(self, rows, budget, rng):
-        """rows (R, T + 1) -> (scalar loss to backpropagate, stats dict of floats, NaN = nothing measured)."""
+    def loss(self, rows, budget, rngs):
+        """rows (R, T + 1), rngs: one random.Random per row -> (scalar loss to backpropagate, stats dict
+        of floats, NaN = nothing measured)."""
         cfg, model = self.config, self.model
         H = cfg.horizon
         c = rows.size(1) - H
         sources = [build_source(model, self.gistnet, row[:c], cfg.max_level) for row in rows]
         horizons = [row[c:] for row in rows]
         t0 = time.perf_counter()
-        variants, refs, lens_rows, scores, swaps = self.slate(sources, budget, rng)
+        variants, refs, lens_rows, scores, swaps = self.slate(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
 
         nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [sources[v.row] for v in variants],

@@ -1,0 +1,152 @@
+"""End-to-end MegaContext training (nanochat/megacontext/training.py) on a tiny real GPT."""
+
+import random
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.megacontext.allocator import Edit
+from nanochat.megacontext.checkpoint import build_modules
+from nanochat.megacontext.config import MegaContextConfig
+from nanochat.megacontext.horizon import build_source
+from nanochat.megacontext.lensnet import variant_utilities
+from nanochat.megacontext.training import (MegaContextTrainer, allocator_edits, gist_loss, perturb, random_mix,
+                                           variant_budget)
+from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
+
+T, V = 384, 97  # rows of T + 1 = 385 tokens: a 353-token history and a 32-token horizon
+
+
+def make(num_variants=4, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model_config = GPTConfig(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+    model = GPT(model_config)
+    model.init_weights()
+    settings = dict(w_max=128, max_level=1, recent_tokens=32, gist_layers=1, lens_layers=1, lens_hidden=64, horizon=32,
+                    num_variants=num_variants, tau_expand=0.0, tau_collapse=0.0, anneal_frac=0.0)
+    mc = MegaContextConfig(**{**settings, **overrides}).validate()
+    gistnet, lensnet = build_modules(mc, model_config)
+    return model, gistnet, lensnet, mc
+
+
+def batch(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, V, (B, T + 1), generator=g)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def test_variant_budget_anneals_from_the_history_to_w_max_in_whole_blocks():
+    mc = MegaContextConfig(w_max=128, anneal_frac=0.5)
+    assert variant_budget(0, 100, 993, mc) == 1024  # the whole history, in whole blocks
+    assert variant_budget(50, 100, 993, mc) == 128 and variant_budget(99, 100, 993, mc) == 128
+    assert variant_budget(99, 100, 993, MegaContextConfig(w_max=130, anneal_frac=0.5)) == 130  # never rounded past w_max
+    mid = variant_budget(25, 100, 993, mc)
+    assert 128 < mid < 992 and mid % 32 == 0
+    assert variant_budget(0, 100, 993, MegaContextConfig(w_max=128, anneal_frac=0.0)) == 128
+
+
+def test_random_mix_and_perturb_are_legal_within_budget_and_their_edits_describe_them():
+    model, gistnet, _, mc = make()
+    seq = torch.randint(0, V, (353,), generator=torch.Generator().manual_seed(1))
+    source = build_source(model, gistnet, seq, mc.max_level)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(20):
+        ref = random_mix(source, 128, mc, rng)
+        check_working_context(ref, source, 128, mc.recent_tokens)
+        assert ref.start == 0 and ref.cost + 31 > 128  # covers the whole history and uses the budget
+        seen.add(ref)
+        wc, edits = perturb(ref, source, 128, mc.recent_tokens, rng, n_edits=2)
+        check_working_context(wc, source, 128, mc.recent_tokens)
+        assert edits and set(edits) <= set(ref.entries)
+        for entry, value in edits.items():
+            assert entry not in wc.entries  # every edited reference entry is gone from the variant
+            if value == 1.0:
+                assert entry.level == 1 and Entry(0, entry.start, entry.end) in wc.entries  # expanded
+            else:
+                assert value == -1.0 and entry.level == 0 and entry.parent in wc.entries  # collapsed (LOD0 -> LOD1: one member)
+    assert len(seen) > 5  # diverse mixes
+    assert random_mix(source, 40, mc, rng) is None  # even the coarsest WC does not fit
+
+
+def test_a_collapse_edit_scores_minus_the_mean_of_its_members_like_the_allocator():
+    members = tuple(Entry(1, 32 * i, 32 * i + 32) for i in range(32))
+    edits = allocator_edits([Edit("collapse", members, (Entry(2, 0, 1024),)), Edit("expand", (Entry(1, 1024, 1056),), ())])
+    assert all(edits[m] == -1 / 32 for m in members) and edits[Entry(1, 1024, 1056)] == 1.0
+    entries = list(members) + [Entry(1, 1024, 1056)]
+    scores = torch.randn(1, len(entries))
+    row = torch.tensor([[edits[e] for e in entries]])  # (1, E)
+    u = variant_utilities(scores, row[:, None, :])[0, 0]
+    torch.testing.assert_close(u, -scores[0, :32].mean() + scores[0, 32])
+
+
+def test_gist_loss_is_zero_for_a_perfect_prediction_and_none_below_a_block():
+    model, gistnet, _, _ = make()
+    targets = torch.randint(0, V, (2, 32))
+    perfect = torch.full((2, 32, V), -50.0).scatter(2, targets[..., None], 50.0)
+    loss, cos = gist_loss(model, gistnet, perfect, targets, 1)
+    assert loss.item() < 1e-5 and cos.item() > 1 - 1e-5
+    loss, _ = gist_loss(model, gistnet, torch.randn(2, 32, V, requires_grad=True), targets, 1)
+    assert loss.item() > 0.01
+    assert gist_loss(model, gistnet, perfect, targets, 2) is None  # LOD2 needs a 1024-token horizon
+
+
+def test_a_training_step_changes_gistnet_and_lensnet_weights():
+    # failure mode 2: GistNet and LensNet must get gradients and be in an optimizer
+    model, gistnet, lensnet, mc = make()
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    opt = trainer.make_optimizer()
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in trainer.parameters()}
+    before = [p.detach().clone() for p in trainer.parameters()]
+    x, y = batch()
+    stats = trainer.backward(x, y, step=10, num_iterations=10)
+    assert stats["variants"] > 2 and stats["budget"] == 128 and stats["budget_util"] <= 1.0
+    assert stats["lens_loss"] > 0 and 0 < stats["gist_cos_lod1"] <= 1
+    assert gistnet.encoders[0].head.weight.grad.abs().sum() > 0
+    assert lensnet.head.weight.grad.abs().sum() > 0 and lensnet.in_proj.weight.grad.abs().sum() > 0
+    opt.step()
+    changed = [not torch.equal(b, p) for b, p in zip(before, trainer.parameters())]
+    assert sum(changed) >= len(changed) // 2
+    assert not torch.equal(before[-1], list(trainer.parameters())[-1])  # LensNet's head moved
+
+
+def test_slates_are_deterministic_and_chunking_does_not_change_the_gradients():
+    grads = []
+    for max_slots in (None, 1):  # one chunk of 3 rows / one row per chunk
+        model, gistnet, lensnet, mc = make()
+        trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+        x, y = batch()
+        stats = trainer.backward(x, y, step=5, num_iterations=10, max_slots=max_slots)
+        grads.append(([p.grad.clone() for p in model.parameters() if p.grad is not None],
+                      [p.grad.clone() for p in trainer.parameters() if p.grad is not None], stats))
+    (g_model_a, g_mc_a, s_a), (g_model_b, g_mc_b, s_b) = grads
+    assert len(g_mc_a) == len(g_mc_b) and len(g_model_a) == len(g_model_b)
+    for a, b in zip(g_model_a + g_mc_a, g_model_b + g_mc_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert s_a["horizon_loss"] == pytest.approx(s_b["horizon_loss"], rel=1e-5)
+
+
+def test_while_the_budget_covers_the_history_only_the_raw_baseline_is_scored():
+    model, gistnet, lensnet, mc = make(anneal_frac=1.0)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    x, y = batch()
+    stats = trainer.backward(x, y, step=0, num_iterations=10)  # C2 covers the 353-token history
+    assert stats["budget"] == 384
+    assert stats["variants"] == 1  # every variant would be the raw history: the baseline alone is scored
+    stats = trainer.backward(x, y, step=5, num_iterations=10)
+    assert 128 < stats["budget"] < 384 and stats["variants"] > 1
+
+
+def test_the_horizon_loss_is_the_mean_nll_of_the_variants():
+    model, gistnet, lensnet, mc = make(num_variants=1)  # the baseline only: a truncated window of 128 tokens
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    x, y = batch(B=1)
+    loss, stats = trainer.loss(torch.cat([x, y[:, -1:]], 1), 128, [random.Random(0)])
+    rows = torch.cat([x, y[:, -1:]], 1)[0]
+    c = T + 1 - 32
+    start = 256  # recent(128) of a 353-token history: whole blocks 256..351 + the 1-token tail block (97 slots)
+    logits = model(rows[None, start:-1])[0, -32:]
+    expected = torch.nn.functional.cross_entropy(logits, rows[c:])
+    assert stats["nll_baseline"] == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["horizon_loss"] == pytest.approx(expected.item(), rel=1e-5)
