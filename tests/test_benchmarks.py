@@ -30,3 +30,18 @@ def test_mc_core_prints_ingest_and_refocus_lines_for_ram_and_disk():
     assert ingest[1]["tree_disk_mb"] > 0 and all(x["tokens_per_sec"] > 0 for x in ingest)
     assert len(refocus) == 4 and all(x["wc_cost"] <= x["w_max"] and x["slots"] == x["wc_cost"] for x in refocus)
     assert all(x["wc_cost"] > x["w_max"] - 32 for x in refocus)  # the budget is filled before timing
+
+
+def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
+    r = subprocess.run([sys.executable, "-m", "benchmarks.mc_train_throughput", "--depth", "1", "--aspect-ratio", "64",
+                        "--head-dim", "64", "--max-seq-len", "160", "--device-batch-size", "2", "--vocab-size", "256",
+                        "--steps", "1", "--warmup", "1", "--device-type", "cpu", "--megacontext", "--mc-w-max", "64",
+                        "--mc-horizon", "32", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["benchmark"] == "mc_train_throughput" and result["w_max"] == 64 and result["max_seq_len"] == 160
+    assert result["vanilla_tok_per_sec"] > 0 and result["mc_tok_per_sec"] > 0
+    assert result["ratio"] == round(result["mc_tok_per_sec"] / result["vanilla_tok_per_sec"], 3)

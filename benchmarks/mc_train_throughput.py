@@ -1,0 +1,99 @@
+"""
+MegaContext vs vanilla training throughput on the same preset: raw data tokens per second of an
+optimizer step (one micro-batch), vanilla next-token training against `base_train --megacontext`
+with the variant budget at w_max (after annealing) and at the annealing midpoint, plus peak GPU
+memory of each. Random tokens, no tokenizer or data needed. Prints one JSON line.
+
+    python -m benchmarks.mc_train_throughput --config configs/cpu_tiny_mc.toml --steps 3
+    python -m benchmarks.mc_train_throughput --config configs/d12_mc.toml          # GPU
+Any base_train flag can follow (e.g. --device-batch-size 16, --mc-num-variants 3).
+"""
+
+import os
+import sys
+import json
+import time
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from nanochat.common import UserError, cli_main, compute_init, compute_dtype, autodetect_device_type
+from nanochat.gpt import GPT
+from nanochat.megacontext.checkpoint import build_modules
+from nanochat.megacontext.config import from_args
+from nanochat.megacontext.training import MegaContextTrainer
+from scripts.base_train import parse_args, model_config_from_args
+
+
+def main():
+    p = argparse.ArgumentParser(allow_abbrev=False)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=32768)
+    own, rest = p.parse_known_args()
+    args = parse_args(rest)
+    mc = from_args(args)
+    if mc is None:
+        raise UserError("give a MegaContext preset or --megacontext (the vanilla twin is measured on the same settings)")
+    device_type = args.device_type or autodetect_device_type()
+    _, _, _, _, device = compute_init(device_type)
+    config = model_config_from_args(args, own.vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    gistnet, lensnet = build_modules(mc, config, device)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    optimizers.append(trainer.make_optimizer())
+    use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+    lm = torch.compile(model, dynamic=False) if use_compile else model
+    cuda = device_type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    B, T = args.device_batch_size, args.max_seq_len
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, own.vocab_size, (B, T), device=device, generator=gen)
+    y = torch.randint(0, own.vocab_size, (B, T), device=device, generator=gen)
+
+    def measure(step_fn):
+        for _ in range(own.warmup):
+            step_fn()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.time()
+        for _ in range(own.steps):
+            step_fn()
+        sync()
+        dt = (time.time() - t0) / own.steps
+        mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
+        return round(B * T / dt, 1), mem
+
+    def step(anneal_step):
+        def fn():
+            lm(x, y).backward()
+            if anneal_step is not None:
+                trainer.backward(x, y, anneal_step, 100)
+            for opt in optimizers:
+                opt.step()
+            for q in list(model.parameters()) + trainer.parameters():
+                q.grad = None
+        return fn
+
+    vanilla, vanilla_mem = measure(step(None))
+    mid, mid_mem = measure(step(round(50 * mc.anneal_frac)))  # halfway through the annealing
+    target, target_mem = measure(step(100))  # C2 = w_max
+    result = dict(benchmark="mc_train_throughput", device=torch.cuda.get_device_name(device) if cuda else device_type,
+                  dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled_lm=use_compile, depth=args.depth,
+                  max_seq_len=T, device_batch_size=B, w_max=mc.w_max, horizon=mc.horizon, num_variants=mc.num_variants,
+                  vanilla_tok_per_sec=vanilla, mc_tok_per_sec=target, mc_anneal_mid_tok_per_sec=mid,
+                  ratio=round(target / vanilla, 3), ratio_anneal_mid=round(mid / vanilla, 3),
+                  vanilla_peak_mem_gib=vanilla_mem, mc_peak_mem_gib=target_mem, mc_anneal_mid_peak_mem_gib=mid_mem)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    cli_main(main)
