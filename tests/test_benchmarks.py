@@ -36,7 +36,7 @@ def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
     r = subprocess.run([sys.executable, "-m", "benchmarks.mc_train_throughput", "--depth", "1", "--aspect-ratio", "64",
                         "--head-dim", "64", "--max-seq-len", "160", "--device-batch-size", "2", "--vocab-size", "256",
                         "--steps", "1", "--warmup", "1", "--device-type", "cpu", "--megacontext", "--mc-w-max", "64",
-                        "--mc-horizon", "32", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32"],
+                        "--mc-horizon", "32", "--mc-recent-tokens", "32", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
