@@ -23,6 +23,15 @@ A new loader re-reads and re-tokenizes exactly those documents and yields the sa
 an uninterrupted loader would have. A state without `buffer` (upstream nanochat writes only
 pq_idx/rg_idx/epoch) or from another rank/world size resumes approximately: empty buffer,
 reading from this rank's first row group at or after (pq_idx, rg_idx).
+
+Synthetic long-range documents (long_range_frac > 0, see longrange.py): each row group read
+gets round(long_range_frac * len(texts)) of them appended after its real texts, each
+long_range_tokens tokens long including its BOS (default T+1: one whole row; best-fit then
+packs it first in a row, its answer within the row's last 16 tokens), with filler from the
+row group's own texts.
+They are generated from a seed of (pq_idx, rg_idx) alone, so they are the same on every epoch
+and every world size, and their buffer references (pq_idx, rg_idx, len(texts) + j) are resumed
+exactly like real rows. long_range_frac = 0 reads only the real texts.
 """
 
 import os
@@ -33,10 +42,18 @@ import torch
 
 from nanochat.common import UserError, get_dist_info, print0
 from nanochat.dataset import split_paths, row_group_offsets, locate_row_group, read_row_group
+from nanochat.longrange import mix_documents
 
 
-def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=None, buffer_size=1000, data_dir=None):
+def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=None, buffer_size=1000, data_dir=None,
+                       long_range_frac=0.0, long_range_tokens=None):
     """Infinite generator of (inputs [B, T] int64, targets [B, T] int64, state_dict)."""
+    if not 0.0 <= long_range_frac <= 1.0:
+        raise UserError(f"the long-range document fraction must be in [0, 1], got {long_range_frac}")
+    long_range_tokens = T + 1 if long_range_tokens is None else long_range_tokens
+    if long_range_frac > 0 and not 2 <= long_range_tokens <= T + 1:
+        raise UserError(f"long-range documents of {long_range_tokens} tokens do not fit a row of T+1 = {T + 1} tokens "
+                        f"whole (their answer is their last tokens); use 2..{T + 1}")
     _, rank, _, world_size = get_dist_info()
     paths = split_paths(split, data_dir)
     offsets = row_group_offsets(paths)
@@ -47,6 +64,15 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
     bos = tokenizer.get_bos_token_id()
     row_len = T + 1  # inputs are row[:-1], targets row[1:]
     device = torch.device(device)
+
+    def read_texts(pq_idx, rg_idx):
+        """The documents of a row group: its real texts, then its synthetic long-range ones."""
+        texts = read_row_group(paths[pq_idx], rg_idx)
+        if long_range_frac > 0:
+            seed = pq_idx * 1_000_003 + rg_idx  # not rank, world size or epoch: a resume regenerates them
+            texts = texts + mix_documents(texts, long_range_frac, seed, long_range_tokens - 1,  # - 1: the BOS
+                                          lambda text: len(tokenizer.encode(text)))
+        return texts
 
     # The buffer, sorted by length (equal lengths in insertion order), as parallel lists:
     # lengths[i] = len(docs[i]); docs[i] = token ids with BOS first; refs[i] = (pq_idx, rg_idx, row)
@@ -79,7 +105,7 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
             k, epoch = 0, epoch + 1
         exact = "buffer" in state and state.get("rank", 0) == rank and state.get("world_size", 1) == world_size
         if exact:
-            restore_buffer(state["buffer"], paths, offsets, tokenizer, bos, lengths, docs, refs)
+            restore_buffer(state["buffer"], paths, offsets, read_texts, tokenizer, bos, lengths, docs, refs)
             in_buffer.update(ref[:2] for ref in refs)
         else:
             print0(f"dataloader: approximate resume of the {split} split from pq_idx={pq_idx}, rg_idx={rg_idx}, "
@@ -92,7 +118,7 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
         nonlocal k, epoch
         for _ in range(num_mine + 1):  # normally one pass; the loop only guards against empty data
             pq_idx, rg_idx = next_row_group()
-            texts = read_row_group(paths[pq_idx], rg_idx)
+            texts = read_texts(pq_idx, rg_idx)
             for row, tokens in enumerate(tokenizer.encode(texts, prepend=bos) if texts else []):
                 add(tokens, (pq_idx, rg_idx, row))
             k += 1
@@ -132,9 +158,10 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
         yield inputs, targets, state_dict()
 
 
-def restore_buffer(buffer_refs, paths, offsets, tokenizer, bos, lengths, docs, refs):
-    """Re-read and re-tokenize the documents named by buffer_refs into the (empty) buffer lists,
-    in the saved order; checks that they come out sorted, i.e. that the data did not change."""
+def restore_buffer(buffer_refs, paths, offsets, read_texts, tokenizer, bos, lengths, docs, refs):
+    """Re-read (read_texts(pq_idx, rg_idx) -> the row group's documents) and re-tokenize the
+    documents named by buffer_refs into the (empty) buffer lists, in the saved order; checks
+    that they come out sorted, i.e. that the data did not change."""
     wanted = {}  # (pq_idx, rg_idx) -> rows needed from that row group
     for pq_idx, rg_idx, row in buffer_refs:
         wanted.setdefault((pq_idx, rg_idx), set()).add(row)
@@ -142,7 +169,7 @@ def restore_buffer(buffer_refs, paths, offsets, tokenizer, bos, lengths, docs, r
     for (pq_idx, rg_idx), rows in wanted.items():
         if not (0 <= pq_idx < len(paths) and 0 <= rg_idx < offsets[pq_idx + 1] - offsets[pq_idx]):
             raise UserError(f"dataloader resume state names row group {rg_idx} of shard {pq_idx}, which does not exist")
-        texts = read_row_group(paths[pq_idx], rg_idx)
+        texts = read_texts(pq_idx, rg_idx)
         rows = sorted(rows)
         if rows[-1] >= len(texts):
             raise UserError(f"dataloader resume state names row {rows[-1]} of {paths[pq_idx]} row group {rg_idx}, "
