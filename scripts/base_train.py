@@ -52,6 +52,10 @@ def build_parser():
     # batch
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1: derived from depth)")
+    # data
+    p.add_argument("--long-range-frac", type=float, default=0.0,
+                   help="synthetic long-range documents (passkey, key-value recall, variable use) per real document (nanochat/longrange.py)")
+    p.add_argument("--long-range-tokens", type=int, default=-1, help="tokens per synthetic document, BOS included, at most max_seq_len + 1 (-1: a full row)")
     # optimization
     p.add_argument("--embedding-lr", type=float, default=0.3)
     p.add_argument("--unembedding-lr", type=float, default=0.008)
@@ -279,7 +283,9 @@ def train(argv=None):
 
     # data ---------------------------------------------------------------------------------
     T, B = args.max_seq_len, args.device_batch_size
-    train_loader = bos_bestfit_loader(tokenizer, B, T, "train", device=device, resume_state_dict=loader_state)
+    train_loader = bos_bestfit_loader(tokenizer, B, T, "train", device=device, resume_state_dict=loader_state,
+                                      long_range_frac=args.long_range_frac,
+                                      long_range_tokens=None if args.long_range_tokens == -1 else args.long_range_tokens)
     x, y, next_loader_state = next(train_loader)  # always one batch ahead, so packing overlaps GPU work
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
 

@@ -239,3 +239,11 @@ def test_megacontext_settings_that_cannot_work_are_user_errors(base_dir):
     with pytest.raises(UserError, match="MegaContext settings differ in w_max"):
         base_train.main(MC_TINY + ["--num-iterations", "3", "--eval-every", "-1", "--model-tag", "mc_change",
                                    "--resume-from-step", "2", "--mc-w-max", "96"])
+
+
+def test_long_range_documents_reach_the_training_loader(base_dir):
+    with pytest.raises(UserError, match="long-range documents of 100000 tokens do not fit"):
+        base_train.main(TINY + ["--num-iterations", "1", "--long-range-frac", "0.5", "--long-range-tokens", "100000"])
+    out = base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--long-range-frac", "0.5", "--model-tag", "lr_mix"])
+    plain = base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "lr_plain"])
+    assert out["final_loss"] != plain["final_loss"]  # other documents in the first batch

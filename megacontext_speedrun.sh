@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The MegaContext pipeline: a MegaContext base model (base model + GistNet + LensNet trained end to
+# end) and its vanilla twin on the same tokens in the same order -> base eval -> mc_eval (gap closed
+# vs truncation, gist substitution DeltaNLL, LensNet audit, NLL vs history plot) -> chat SFT of the
+# MegaContext model -> a chat answer -> chat eval -> report.md.
+#
+#   bash megacontext_speedrun.sh           # GPU node: d12 (configs/d12_mc.toml + its twin configs/d12.toml)
+#   DEPTH=20 NPROC=8 bash megacontext_speedrun.sh
+#   bash megacontext_speedrun.sh           # no GPU: the tiny CPU profile, offline (the README's main job, ~20 min)
+#   TWIN=1 bash megacontext_speedrun.sh    # CPU: also train the vanilla twin (configs/cpu_tiny.toml)
+# Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); curves: base_checkpoints/<tag>/train_log.jsonl
+# (tokens_seen, flops_seen, wall_s in every line, so the twins overlay by tokens, FLOPs or time).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+export WANDB_MODE="${WANDB_MODE:-disabled}"
+RUN="${WANDB_RUN:-dummy}"
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q -e .
+PY=.venv/bin/python
+
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    export OMP_NUM_THREADS=1
+    DEPTH="${DEPTH:-12}"
+    NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"
+    SHARDS="${SHARDS:-240}"
+    TRAIN="torchrun --standalone --nproc_per_node=$NPROC"
+    $PY -m nanochat.report reset
+    $PY -m nanochat.dataset -n 8
+    $PY -m nanochat.dataset -n "$SHARDS" &
+    DOWNLOAD_PID=$!
+    $PY -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
+    $PY -m scripts.tok_eval
+    wait $DOWNLOAD_PID
+    $TRAIN scripts/base_train.py --config "configs/d${DEPTH}_mc.toml" --model-tag "d${DEPTH}_mc" --run "${RUN}_mc"
+    $TRAIN scripts/base_train.py --config "configs/d${DEPTH}.toml" --model-tag "d${DEPTH}" --run "$RUN"
+    $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}_mc"
+    $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}"
+    $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc"
+    $TRAIN scripts/chat_sft.py --model-tag "d${DEPTH}_mc" --mixture full --num-iterations 1000 --run "$RUN"
+    $TRAIN scripts/chat_eval.py -i sft --model-tag "d${DEPTH}_mc"
+else
+    export NANOCHAT_DATASET=pystdlib  # the embedded offline corpus
+    TAG=cpu_d4_mc
+    $PY -m nanochat.report reset
+    $PY -m nanochat.dataset --offline
+    $PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
+    $PY -m scripts.tok_eval --no-compare
+    $PY -m scripts.base_train --config configs/cpu_tiny_mc.toml --model-tag "$TAG" --run "$RUN"
+    if [ "${TWIN:-0}" = 1 ]; then
+        $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d4 --run "$RUN"
+    fi
+    $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
+    $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 24
+    $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
+    $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
+    $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
+fi
+$PY -m nanochat.report generate
