@@ -1,0 +1,159 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.megacontext.config import MegaContextConfig
+from nanochat.megacontext.checkpoint import build_modules
+from nanochat.megacontext.evaluation import (evaluate_sequences, gap_closed, make_allocator, measure_sequences, refocus,
+                                             spearman, summarize, validate)
+from nanochat.megacontext.horizon import build_source
+from nanochat.megacontext.working_context import WorkingContext
+
+V = 256
+MC_TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "256", "--window-pattern", "SL",
+           "--device-batch-size", "1", "--total-batch-size", "256", "--eval-tokens", "256", "--core-metric-every", "-1",
+           "--sample-every", "-1", "--warmup-steps", "1", "--device-type", "cpu", "--eval-every", "-1"]
+MC_FLAGS = ["--megacontext", "--mc-w-max", "64", "--mc-horizon", "32", "--mc-recent-tokens", "32", "--mc-max-level", "1",
+            "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "64"]
+
+
+def tiny(max_level=1, w_max=64, seed=0, **mc):
+    """A real GPT (n_embd 64, 2 layers) with weights jittered off the init (whose zero projections
+    would make every layer a no-op), and fresh GistNet / LensNet."""
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=256, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = MegaContextConfig(w_max=w_max, max_level=max_level, recent_tokens=32, horizon=32, gist_layers=1, lens_layers=1,
+                            lens_hidden=64, **mc).validate()
+    gistnet, lensnet = build_modules(cfg, config)
+    return model, gistnet, lensnet, cfg
+
+
+def loud(lensnet, gain=50.0):
+    """Saturate LensNet's tanh so that most entries score beyond the allocator's thresholds."""
+    with torch.no_grad():
+        lensnet.head.weight.mul_(gain)
+    return lensnet
+
+
+def test_nll_full_equals_the_vanilla_forward():
+    model, gistnet, lensnet, cfg = tiny()
+    seqs = [torch.randint(0, V, (n,)) for n in (200, 137)]  # different lengths: one row is padded
+    records = measure_sequences(model, gistnet, lensnet, cfg, seqs, refocus_iters=1, audit_edits=0)
+    for s, rec in zip(seqs, records):
+        with torch.no_grad():
+            logits = model(s[None, :-1])[0, -32:]  # (H, V): the slots that predict the last 32 tokens
+        vanilla = F.cross_entropy(logits, s[-32:]).item()
+        assert rec["nll_full"] == pytest.approx(vanilla, abs=1e-5)
+        assert rec["nll_trunc"] != pytest.approx(vanilla, abs=1e-4)  # the window really drops history
+
+
+def test_gap_closed_formula():
+    assert gap_closed(3.0, 2.0, 2.5) == pytest.approx(0.5)
+    assert gap_closed(3.0, 2.0, 3.0) == 0.0 and gap_closed(3.0, 2.0, 2.0) == 1.0
+    assert gap_closed(3.0, 3.0, 2.0) is None
+
+    def rec(trunc, full, mc):
+        return dict(nll_trunc=trunc, nll_full=full, nll_mc=mc, violations=0, wc_util=1.0, mc_coverage=1.0, swaps=[2, 0],
+                    audit=[], audit_agree=0, audit_pairs=0)
+    # of the means (3.5, 2.0, 3.0) -> 1/3, not the mean of the per-sequence gaps (0 and 1/2)
+    s = summarize([rec(4.0, 2.0, 4.0), rec(3.0, 2.0, 2.0)])
+    assert s["gap_closed"] == pytest.approx((3.5 - 3.0) / (3.5 - 2.0)) and s["n"] == 2
+    assert s["swap_rate"] == pytest.approx(1.0) and s["refocus_iters"] == 2 and s["budget_violations"] == 0
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)  # tied ranks 1.5, 1.5, 3
+    assert spearman([1, 1, 1], [1, 2, 3]) is None and spearman([1, 2], [1, 2]) is None
+
+
+@pytest.mark.parametrize("max_level,lengths", [(2, (1100, 700)), (1, (3000,))])
+def test_budget_invariants_hold(max_level, lengths):
+    """A loud LensNet edits a lot; every edit is checked by the allocator and the final WCs are legal,
+    within budget; a history whose coarsest WC exceeds w_max is trimmed to fit (coverage < 1)."""
+    model, gistnet, lensnet, cfg = tiny(max_level=max_level, w_max=128, allocator="stochastic")
+    loud(lensnet)
+    seqs = [torch.randint(0, V, (n,)) for n in lengths]
+    records = measure_sequences(model, gistnet, lensnet, cfg, seqs, refocus_iters=4, audit_edits=6)
+    s = summarize(records)
+    assert s["budget_violations"] == 0 and 0 < s["wc_util"] <= 1
+    assert all(0 < len(r["audit"]) <= 6 for r in records) and s["audit_edits"] == sum(len(r["audit"]) for r in records)
+    assert f"dnll_lod{max_level}" in s and "gist_cos_lod1" in s
+    if lengths == (3000,):  # 93 LOD1 gists + 32..63 raw tokens > 128 slots: the oldest gists are dropped
+        assert records[0]["mc_coverage"] < 1 and records[0]["wc_util"] > 0.75
+    else:
+        assert sum(sum(r["swaps"]) for r in records) > 0  # the allocator did move
+
+
+def test_refocus_stops_when_there_is_no_edit():
+    model, gistnet, lensnet, cfg = tiny(w_max=128)
+    source = build_source(model, gistnet, torch.randint(0, V, (600,)), cfg.max_level)
+    start = WorkingContext.coarsest(source, cfg.recent_tokens, cfg.max_level)
+    with torch.no_grad():
+        lensnet.head.weight.zero_()  # every score 0: inside both thresholds, no candidate
+        wc, edits = refocus(model, lensnet, make_allocator(cfg), start, source, iterations=5)
+    assert wc == start and edits == [[]]
+    loud(lensnet)
+    with torch.no_grad():
+        lensnet.head.weight.normal_(std=10.0)  # large scores of both signs
+        wc, edits = refocus(model, lensnet, make_allocator(cfg), start, source, iterations=50)
+    assert edits[0] and wc != start and wc.cost <= cfg.w_max
+    assert len(edits) == 50 or edits[-1] == []  # ran out of iterations, or stopped at the first idle one
+    assert all(step for step in edits[:-1])  # no idle iteration before the last
+
+
+def test_validate_returns_finite_numbers():
+    model, gistnet, lensnet, cfg = tiny()
+    rows = torch.randint(0, V, (3, 257))  # (R, T + 1) as base_train's val loader packs them
+    out = validate(model, gistnet, lensnet, cfg, rows)
+    assert {"gap_closed", "nll_trunc", "nll_full", "nll_mc", "dnll_lod1", "gist_cos_lod1", "budget_violations", "wc_util"} <= set(out)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.values()), out
+    assert out["budget_violations"] == 0 and out["wc_util"] <= 1
+
+
+def test_answer_tokens_and_bad_input():
+    model, gistnet, lensnet, cfg = tiny()
+    seqs = [torch.randint(0, V, (300,)) for _ in range(2)]
+    s = evaluate_sequences(model, gistnet, lensnet, cfg, seqs, refocus_iters=1, audit_edits=0, answer_tokens=[4, 0])
+    assert s["n_answer"] == 1 and {"ans_nll_trunc", "ans_nll_mc", "ans_nll_full", "ans_gap_closed"} <= set(s)
+    with pytest.raises(UserError, match="history tokens"):
+        evaluate_sequences(model, gistnet, lensnet, cfg, [torch.randint(0, V, (40,))])
+
+
+def test_cli_end_to_end(base_dir):
+    from scripts import base_train, mc_eval
+    base_train.main(MC_TINY + MC_FLAGS + ["--num-iterations", "2", "--model-tag", "mc_eval_mc"])
+    report = mc_eval.main(["--model-tag", "mc_eval_mc", "--device-type", "cpu", "--history-mult", "4", "--num-docs", "2",
+                           "--refocus-iters", "2", "--audit-edits", "3"])
+    out = base_dir / "mc_eval" / "mc_eval_mc_step2.json"
+    data = json.loads(out.read_text())
+    assert (base_dir / "mc_eval" / "mc_eval_mc_step2.png").stat().st_size > 1000
+    assert data["step"] == 2 and data["history_tokens"] == 256 and data["horizon"] == 32
+    assert set(data["results"]) == {"val", "longrange", "overall"}
+    for src, r in data["results"].items():
+        assert r["n"] == (4 if src == "overall" else 2)
+        assert r["budget_violations"] == 0 and r["wc_util"] <= 1
+        for key in ("nll_trunc", "nll_mc", "nll_full", "gap_closed", "dnll_lod1", "gist_cos_lod1", "audit_edits"):
+            assert key in r, (src, key)
+    assert data["results"]["longrange"]["n_answer"] == 2 and "ans_gap_closed" in data["results"]["longrange"]
+    assert [p["mult"] for p in data["by_history"]] == [1, 2, 4]
+    assert data["by_history"][-1]["overall"]["nll_mc"] == data["results"]["overall"]["nll_mc"]
+    assert report["results"]["overall"]["n"] == 4
+    section = (base_dir / "report" / "megacontext-evaluation.md").read_text()
+    assert "gap_closed" in section
+
+
+def test_vanilla_checkpoint_is_a_user_error(base_dir):
+    from scripts import base_train, mc_eval
+    base_train.main(MC_TINY + ["--num-iterations", "1", "--model-tag", "mc_eval_vanilla"])
+    with pytest.raises(UserError, match="vanilla checkpoint") as e:
+        mc_eval.main(["--model-tag", "mc_eval_vanilla", "--device-type", "cpu", "--num-docs", "1"])
+    assert "\n" not in str(e.value)
