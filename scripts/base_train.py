@@ -162,6 +162,26 @@ def print_samples(model, tokenizer, prompts, max_tokens=32):
 SAMPLE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "import os\n", "If yesterday was Friday, then tomorrow will be"]
 
 
+@torch.no_grad()
+def validate_megacontext(model, gistnet, lensnet, mc, tokenizer, B, T, device):
+    """megacontext.evaluation.validate on the first mc.eval_rows rows of the val split -> {"mc_val/<key>": float}."""
+    from nanochat.megacontext.evaluation import validate
+    loader = bos_bestfit_loader(tokenizer, B, T, "val", device=device)
+    rows = []
+    while sum(len(r) for r in rows) < mc.eval_rows:
+        x, y, _ = next(loader)
+        rows.append(torch.cat([x, y[:, -1:]], dim=1))  # (B, T + 1)
+    rows = torch.cat(rows)[:mc.eval_rows]
+    modules = (model, gistnet, lensnet)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    result = validate(model, gistnet, lensnet, mc, rows, bos_id=tokenizer.get_bos_token_id())
+    for m, mode in zip(modules, modes):
+        m.train(mode)
+    return {f"mc_val/{k}": v for k, v in result.items()}
+
+
 def main(argv=None):
     try:
         return train(argv)
@@ -235,7 +255,7 @@ def train(argv=None):
         from nanochat.megacontext.checkpoint import build_modules, save_megacontext, load_megacontext
         from nanochat.megacontext.training import MegaContextTrainer
         gistnet, lensnet = build_modules(mc, config, device)
-        trainer = MegaContextTrainer(model, gistnet, lensnet, mc, seed=0)
+        trainer = MegaContextTrainer(model, gistnet, lensnet, mc, seed=0, bos_id=tokenizer.get_bos_token_id())
         mc_optimizer = trainer.make_optimizer()
         gist_flops = 6 * sum(p.numel() for p in gistnet.parameters())  # per history token gisted
         print0(f"megacontext: {json.dumps(mc.to_dict())}")
@@ -321,8 +341,14 @@ def train(argv=None):
             val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
             loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            mc_val = {}
+            if mc is not None and mc.eval_rows > 0:  # failure mode 10: validate the MegaContext path too
+                mc_val = validate_megacontext(orig_model, gistnet, lensnet, mc, tokenizer, B, T, device)
+                print0(f"step {step:05d} | mc val: NLL trunc {mc_val['mc_val/nll_trunc']:.3f} | mc {mc_val['mc_val/nll_mc']:.3f} "
+                       f"| full {mc_val['mc_val/nll_full']:.3f} | gap closed {mc_val['mc_val/gap_closed']:.3f} "
+                       f"| LOD1 substitution {mc_val['mc_val/dnll_lod1']:+.3f} nats")
             log.write(step=step, kind="eval", val_bpb=val_bpb, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
-                      wall_s=loop_state["total_training_time"])
+                      wall_s=loop_state["total_training_time"], **mc_val)
             model.train()
         if args.core_metric_every > 0 and step > start_step and (step % args.core_metric_every == 0 or last_step):
             model.eval()

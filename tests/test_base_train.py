@@ -215,6 +215,11 @@ def test_megacontext_resume_continues_exactly_and_checkpoints_round_trip(base_di
                 "mc/lod0_frac", "mc/lod1_frac", "mc/controller_ms", "mc/budget", "tokens_seen", "flops_seen", "wall_s"):
         assert key in train[-1], key
     assert train[0]["mc/budget"] > 64 and train[-1]["mc/budget"] == 64  # C2 annealed down to w_max
+    evals = [r for r in records if r["kind"] == "eval"]  # failure mode 10: each eval also runs the MegaContext path
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for key in ("mc_val/gap_closed", "mc_val/nll_trunc", "mc_val/nll_mc", "mc_val/nll_full", "mc_val/dnll_lod1", "mc_val/budget_violations"):
+        assert key in evals[-1], key
+    assert evals[-1]["mc_val/budget_violations"] == 0 and evals[-1]["mc_val/nll_full"] > 0
 
 
 def test_vanilla_and_megacontext_twins_see_the_same_tokens_in_the_same_order(base_dir):

@@ -12,7 +12,7 @@ from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.horizon import build_source
 from nanochat.megacontext.lensnet import variant_utilities
 from nanochat.megacontext.training import (MegaContextTrainer, allocator_edits, gist_loss, perturb, random_mix,
-                                           variant_budget)
+                                           split_point, variant_budget)
 from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
 
 T, V = 384, 97  # rows of T + 1 = 385 tokens: a 353-token history and a 32-token horizon
@@ -150,3 +150,12 @@ def test_the_horizon_loss_is_the_mean_nll_of_the_variants():
     expected = torch.nn.functional.cross_entropy(logits, rows[c:])
     assert stats["nll_baseline"] == pytest.approx(expected.item(), rel=1e-5)
     assert stats["horizon_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_horizon_ends_the_rows_longest_document():
+    B_ = 0  # BOS
+    row = [B_] + [5] * 99 + [B_] + [6] * 299 + [B_] + [7] * 20  # docs of 100, 300 and 21 tokens: 421 tokens
+    assert split_point(row, B_, 32, 128) == 400 - 32  # the horizon: the last 32 tokens of the 300-token document
+    assert split_point(row, None, 32, 128) == 421 - 32  # no BOS given: the row's end
+    assert split_point(row, B_, 32, 380) == 421 - 32  # no document leaves a history longer than w_max: the row's end
+    assert split_point([5] * 80 + [B_] + [6] * 10, B_, 32, 16) == 80 - 32  # a row that starts inside a cropped document

@@ -51,7 +51,7 @@ from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
 from nanochat.megacontext.horizon import build_source, horizon_nll, score_entries
 from nanochat.megacontext.lensnet import lens_agreement
-from nanochat.megacontext.training import gist_loss
+from nanochat.megacontext.training import gist_loss, split_point
 from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context
 
 K = BLOCK_SIZE
@@ -345,12 +345,15 @@ def evaluate_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=No
                                        answer_tokens, max_slots, seed))
 
 
-def validate(model, gistnet, lensnet, mc_config, rows, refocus_iters=4):
+def validate(model, gistnet, lensnet, mc_config, rows, refocus_iters=4, bos_id=None):
     """The quick check base_train runs at each eval: rows (R, T + 1) long from the val loader, each
-    split into a history of T + 1 - H tokens and the horizon H; a few refocus iterations, no audit.
+    cut where training cuts it (training.split_point: the horizon ends its longest document; with
+    bos_id None, the row's last H tokens); a few refocus iterations, no audit.
     -> flat floats: gap_closed, nll_trunc, nll_full, nll_mc, dnll_lod1 (and dnll_lod2 when
     measured), gist_cos_lod1, budget_violations, wc_util, swap_rate; NaN for what is undefined."""
-    s = evaluate_sequences(model, gistnet, lensnet, mc_config, list(rows), refocus_iters=refocus_iters, audit_edits=0)
+    H = mc_config.horizon
+    sequences = [row[:split_point(row, bos_id, H, mc_config.w_max) + H] for row in rows]
+    s = evaluate_sequences(model, gistnet, lensnet, mc_config, sequences, refocus_iters=refocus_iters, audit_edits=0)
     keys = ["gap_closed", "nll_trunc", "nll_full", "nll_mc", "dnll_lod1", "gist_cos_lod1", "budget_violations", "wc_util", "swap_rate"]
     if "dnll_lod2" in s:
         keys.insert(5, "dnll_lod2")

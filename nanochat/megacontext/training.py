@@ -7,7 +7,10 @@ vanilla run sees, and backpropagates, on top of the caller's lm_weight * (vanill
                                           next H true tokens, averaged over rows
   + alpha_lod1 * LOD1 gist loss (+ alpha_lod2 * LOD2 gist loss, active when H >= 1024)
   + lens_weight * LensNet loss
-Per row S of T + 1 tokens: the horizon is S[c:], its last H tokens (c = T + 1 - H); the history is S[:c].
+Per row S of T + 1 tokens: the history is S[:c], the horizon S[c : c+H], where c = split_point(S): the
+horizon is the last H tokens of the row's longest document, so that it continues the document most of
+the history belongs to (a packed row usually ends in the crop of some short document that just began,
+whose next tokens no distant history could help predict).
 1. source: the history's gist pyramid, built in the autograd graph (horizon.build_source), so the
    horizon loss reaches GistNet and the token embeddings through every gist a variant uses.
 2. slate, every variant of cost <= C2 (variant_budget: annealed from the history length down to w_max):
@@ -65,6 +68,22 @@ def variant_budget(step, num_iterations, history, config):
         return config.w_max
     c2 = config.w_max + frac * (history - config.w_max)
     return max(config.w_max, -(-int(c2) // K) * K)
+
+
+def split_point(row, bos_id, horizon, w_max):
+    """row: (n,) one packed row (a list of ints or a tensor) -> c: history row[:c], horizon row[c : c+H].
+    The horizon ends where the row's longest document ends, among the documents holding the horizon
+    plus a block of context and leaving a history longer than w_max (something to compress);
+    without one (or without bos_id) it is the row's last H tokens."""
+    ids = row.tolist() if torch.is_tensor(row) else list(row)
+    n = len(ids)
+    if bos_id is None:
+        return n - horizon
+    starts = [i for i, t in enumerate(ids) if t == bos_id]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    docs = [(e - s, e) for s, e in zip(starts, starts[1:] + [n]) if e - s >= horizon + K and e - horizon > w_max]
+    return max(docs)[1] - horizon if docs else n - horizon
 
 
 def random_mix(source, budget, config, rng):
@@ -149,8 +168,10 @@ def gist_loss(model, gistnet, logits, targets, level):
 
 
 class MegaContextTrainer:
-    def __init__(self, model, gistnet, lensnet, config, seed=0):
+    def __init__(self, model, gistnet, lensnet, config, seed=0, bos_id=None):
+        """bos_id: the tokenizer's BOS, to find documents in packed rows (None: every horizon is its row's end)."""
         self.model, self.gistnet, self.lensnet, self.config, self.seed = model, gistnet, lensnet, config, seed
+        self.bos_id = bos_id
 
     def parameters(self):
         return list(self.gistnet.parameters()) + list(self.lensnet.parameters())
@@ -175,11 +196,12 @@ class MegaContextTrainer:
         budget = variant_budget(step, num_iterations, n - H, self.config)
         max_slots = B * (n - 1) if max_slots is None else max_slots
         chunk = max(1, max_slots // (self.config.num_variants * (budget + H)))
+        cuts = [split_point(row, self.bos_id, H, self.config.w_max) for row in rows.tolist()]
         totals = {}
         for r0 in range(0, B, chunk):
             part = rows[r0:r0 + chunk]
             rngs = [random.Random(f"{self.seed}:{step}:{stream}:{r0 + i}") for i in range(part.size(0))]  # one per row
-            loss, stats = self.loss(part, budget, rngs)
+            loss, stats = self.loss(part, budget, rngs, cuts[r0:r0 + chunk])
             (loss * grad_scale * part.size(0) / B).backward()
             for k, v in stats.items():
                 w = part.size(0) if v == v else 0  # a NaN (nothing measured in this chunk) counts for nothing
@@ -234,14 +256,15 @@ class MegaContextTrainer:
                     variants.append(Variant(b, kind, wc, edits))
         return variants, refs, lens_rows, scores, swaps
 
-    def loss(self, rows, budget, rngs):
-        """rows (R, T + 1), rngs: one random.Random per row -> (scalar loss to backpropagate, stats dict
-        of floats, NaN = nothing measured)."""
+    def loss(self, rows, budget, rngs, cuts=None):
+        """rows (R, T + 1), rngs: one random.Random per row, cuts: each row's split point (default: the
+        row's last H tokens are the horizon) -> (scalar loss to backpropagate, stats dict of floats,
+        NaN = nothing measured)."""
         cfg, model = self.config, self.model
         H = cfg.horizon
-        c = rows.size(1) - H
-        sources = [build_source(model, self.gistnet, row[:c], cfg.max_level) for row in rows]
-        horizons = [row[c:] for row in rows]
+        cuts = [rows.size(1) - H] * len(rows) if cuts is None else cuts
+        sources = [build_source(model, self.gistnet, row[:c], cfg.max_level) for row, c in zip(rows, cuts)]
+        horizons = [row[c:c + H] for row, c in zip(rows, cuts)]
         t0 = time.perf_counter()
         variants, refs, lens_rows, scores, swaps = self.slate(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
@@ -254,7 +277,7 @@ class MegaContextTrainer:
         per_row = per_row / torch.bincount(row_of, minlength=len(rows))
         loss = per_row.mean()
         nan = float("nan")
-        stats = dict(horizon_loss=loss.item())
+        stats = dict(horizon_loss=loss.item(), history=sum(cuts) / len(cuts))
         for kind in ("baseline", "reference", "perturbed", "lens"):
             sel = [i for i, v in enumerate(variants) if v.kind == kind]
             stats[f"nll_{kind}"] = item_nll[sel].mean().item() if sel else nan
