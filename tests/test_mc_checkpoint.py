@@ -1,0 +1,44 @@
+"""GistNet + LensNet beside a base checkpoint (nanochat/megacontext/checkpoint.py)."""
+
+import pytest
+import torch
+
+from nanochat.common import UserError
+from nanochat.gpt import GPTConfig
+from nanochat.megacontext.checkpoint import build_modules, load_megacontext, mc_path, save_megacontext
+from nanochat.megacontext.config import MegaContextConfig
+
+MODEL = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+MC = MegaContextConfig(w_max=128, max_level=2, gist_layers=1, lens_layers=1, lens_hidden=32, lens_tail=3)
+
+
+def test_save_and_load_round_trip_weights_config_and_optimizer(tmp_path):
+    gistnet, lensnet = build_modules(MC, MODEL)
+    with torch.no_grad():
+        for p in list(gistnet.parameters()) + list(lensnet.parameters()):
+            p.add_(torch.randn_like(p))
+    opt = torch.optim.AdamW(list(gistnet.parameters()) + list(lensnet.parameters()))
+    sum(p.sum() for p in gistnet.parameters()).backward()
+    opt.step()
+    save_megacontext(str(tmp_path), 7, MC, gistnet, lensnet, opt)
+    mc, g2, l2, state = load_megacontext(str(tmp_path), 7, MODEL, "cpu")
+    assert mc == MC and state["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]
+    for a, b in ((gistnet, g2), (lensnet, l2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert l2.n_tail == 3 and g2.max_level == 2 and l2.max_level == 2  # built from the saved config
+
+
+def test_missing_truncated_or_foreign_files_are_one_line_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no MegaContext weights"):
+        load_megacontext(str(tmp_path), 1, MODEL, "cpu")
+    gistnet, lensnet = build_modules(MC, MODEL)
+    save_megacontext(str(tmp_path), 1, MC, gistnet, lensnet)
+    data = open(mc_path(str(tmp_path), 1), "rb").read()
+    open(mc_path(str(tmp_path), 2), "wb").write(data[:len(data) // 2])
+    with pytest.raises(UserError, match="cannot load MegaContext weights") as e:
+        load_megacontext(str(tmp_path), 2, MODEL, "cpu")
+    assert "\n" not in str(e.value)
+    other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    with pytest.raises(UserError, match="cannot load MegaContext weights"):
+        load_megacontext(str(tmp_path), 1, other, "cpu")  # weights of a 64-wide model into a 128-wide one
