@@ -23,6 +23,10 @@ def make(num_variants=4, seed=0, **overrides):
     model_config = GPTConfig(sequence_len=T, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
     model = GPT(model_config)
     model.init_weights()
+    with torch.no_grad():  # as after some training: attention and MLP outputs are no longer zero, so slots see each other
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.normal_(std=0.05)
+            block.mlp.c_proj.weight.normal_(std=0.05)
     settings = dict(w_max=128, max_level=1, recent_tokens=32, gist_layers=1, lens_layers=1, lens_hidden=64, horizon=32,
                     num_variants=num_variants, tau_expand=0.0, tau_collapse=0.0, anneal_frac=0.0)
     mc = MegaContextConfig(**{**settings, **overrides}).validate()
@@ -90,6 +94,11 @@ def test_gist_loss_is_zero_for_a_perfect_prediction_and_none_below_a_block():
     loss, _ = gist_loss(model, gistnet, torch.randn(2, 32, V, requires_grad=True), targets, 1)
     assert loss.item() > 0.01
     assert gist_loss(model, gistnet, perfect, targets, 2) is None  # LOD2 needs a 1024-token horizon
+    # it trains the model (through the soft prediction), never GistNet: a constant GistNet would make cos = 1
+    logits = torch.randn(2, 32, V, requires_grad=True)
+    gist_loss(model, gistnet, logits, targets, 1)[0].backward()
+    assert logits.grad.abs().sum() > 0 and model.transformer.wte.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gistnet.parameters()) and all(p.requires_grad for p in gistnet.parameters())
 
 
 def test_a_training_step_changes_gistnet_and_lensnet_weights():

@@ -25,7 +25,8 @@ whose next tokens no distant history could help predict).
    the H slots that predict S[c : c+H].
 4. gist losses: 1 - cos(GistNet(soft predicted horizon blocks), GistNet(true horizon blocks)), where
    soft = softmax(logits) @ norm(wte), the embedding the model expects next, in the space gists live
-   in; the target side is detached.
+   in. The loss trains the base model only: GistNet is held fixed in it (no gradient to its weights),
+   since a constant GistNet would satisfy it trivially (cos = 1) by collapsing every gist to one vector.
 5. LensNet scores the reference's entries. The reference and its perturbed / lens variants are the
    reference plus per-entry edits (expanded +1; each member of a collapsed group -1/len(group), so the
    predicted utility of a collapse is minus the mean of its members' scores, what the allocator ranks
@@ -163,7 +164,14 @@ def gist_loss(model, gistnet, logits, targets, level):
                 x = x.reshape(-1, K, x.size(-1))
         return x.float()
 
-    cos = F.cosine_similarity(gists(soft), gists(true).detach(), dim=-1)
+    params = [p for p in gistnet.parameters() if p.requires_grad]
+    for p in params:  # GistNet is the fixed measuring stick here: gradients reach the model through `soft` only
+        p.requires_grad_(False)
+    try:
+        cos = F.cosine_similarity(gists(soft), gists(true).detach(), dim=-1)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return (1 - cos).mean(), cos.mean().detach()
 
 
