@@ -227,3 +227,17 @@ def test_positions_stay_exact_far_past_float32_integers():
     e = next(i for i, e in enumerate(wc.entries) if e.level == 1)  # a LOD1 gist deep in the history: center x.5
     slot = int((slots["entry"] == e).nonzero()[0])
     assert slots["positions"][slot] == wc.entries[e].start + 15.5
+
+
+def test_recency_filled_keeps_every_token_reachable_and_the_newest_raw_within_budget():
+    src = ArraySource(5000, max_level=2)  # 4 LOD2 gists, 156 LOD1 gists
+    wc = WorkingContext.recency_filled(src, 256, recent_tokens=32)
+    check_working_context(wc, src, 256, recent_tokens=32)
+    assert wc.start == 0 and wc.cost + 31 > 256  # the whole history, and no further expansion fits
+    levels = [e.level for e in wc.entries]
+    assert levels == sorted(levels, reverse=True)  # coarse to fine: the newest content is the finest
+    raw = [e for e in wc.entries if e.level == 0]
+    assert raw[-1].end == 5000 and sum(e.cost for e in raw) > 256 - 32 * 4  # most of the budget holds the newest tokens raw
+    assert WorkingContext.recency_filled(src, 10**6) == WorkingContext.recent(src, 10**6)  # a budget that fits everything: all raw
+    tight = WorkingContext.recency_filled(src, 64, recent_tokens=32)
+    assert tight == WorkingContext.coarsest(src, 32)  # nothing fits beyond the coarsest WC

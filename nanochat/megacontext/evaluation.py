@@ -10,11 +10,11 @@ true tokens (horizon.horizon_nll), with no grad:
                S's last H tokens (to float rounding, below positions.SPLIT = 4096 tokens; a history longer
                than the model's sequence_len runs through its sliding windows at positions it was
                never trained on)
-  nll_mc       the MegaContext path: WorkingContext.coarsest(source, recent_tokens, max_level) (the
-               blocks holding the newest recent_tokens raw, everything older as the coarsest gists;
-               when even that costs more than w_max, its oldest entries are dropped until it fits,
-               see `mc_coverage`), then LensNet + FocusAllocator(check=True) refocus it for up to
-               refocus_iters steps
+  nll_mc       the MegaContext path: WorkingContext.recency_filled(source, w_max, recent_tokens,
+               max_level) (everything older as the coarsest gists, the newest tokens raw as far as the
+               budget allows; when even the coarsest WC costs more than w_max, its oldest entries are
+               dropped until it fits, see `mc_coverage`), then LensNet + FocusAllocator(check=True)
+               refocus it for up to refocus_iters steps
   gap_closed   (nll_trunc - nll_mc) / (nll_trunc - nll_full) over the means: 0 = no better than the
                truncated window, 1 = as good as the full history (None when trunc and full tie)
   dnll_lod{L}  NLL(coarsest WC with gists up to level L, ignoring w_max) - nll_full: the cost of
@@ -248,8 +248,9 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
             if any(e.level == L for e in wc.entries):
                 jobs.append((b, f"nll_lod{L}", wc))
 
-    # the MC path: the coarsest WC within budget, refocused
-    start = [fit_budget(WorkingContext.coarsest(src, cfg.recent_tokens, cfg.max_level), cfg.w_max) for src in sources]
+    # the MC path: the whole history as gists, the newest tokens raw as far as the budget allows, refocused
+    start = [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, cfg.max_level), cfg.w_max)
+             for src in sources]
     allocators = [make_allocator(cfg) for _ in range(R)]
     generators = [torch.Generator().manual_seed(seed + b) for b in range(R)]
     mc, edits = refocus_batch(model, lensnet, allocators, start, sources, refocus_iters, generators)

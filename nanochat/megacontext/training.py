@@ -15,8 +15,9 @@ whose next tokens no distant history could help predict).
    horizon loss reaches GistNet and the token embeddings through every gist a variant uses.
 2. slate, every variant of cost <= C2 (variant_budget: annealed from the history length down to w_max):
      baseline   the newest C2 tokens, raw (WorkingContext.recent): a truncated window
-     reference  a random legal mix: the coarsest WC over the whole history, then random expansions
-                until none fits
+     reference  the WC inference starts from (WorkingContext.recency_filled: the history as gists, the
+                newest tokens raw as far as C2 allows) for half the rows, a random legal mix (the
+                coarsest WC, then random expansions until none fits) for the others
      perturbed  the reference plus 1-2 random edits of its own entries (collapse a group and/or
                 expand a gist), within C2; redrawn when it duplicates a variant already in the slate
      lens       (num_variants >= 4, the last slot) LensNet + allocator's own refocus of the reference
@@ -226,7 +227,9 @@ class MegaContextTrainer:
         edits of each allocator step."""
         cfg, model = self.config, self.model
         baselines = [WorkingContext.recent(src, budget) for src in sources]
-        refs = [random_mix(src, budget, cfg, rng) for src, rng in zip(sources, rngs)]
+        refs = [random_mix(src, budget, cfg, rng) if rng.random() < 0.5 else
+                WorkingContext.recency_filled(src, budget, cfg.recent_tokens, cfg.max_level) for src, rng in zip(sources, rngs)]
+        refs = [r if r is not None and r.cost <= budget else None for r in refs]
         refs = [r if r is not None and r != b else None for r, b in zip(refs, baselines)]
         lens_rows = [b for b, r in enumerate(refs) if r is not None]
         scores = None

@@ -155,6 +155,21 @@ class WorkingContext:
         entries += [Entry(0, s, min(s + K, n)) for s in range(lod0_from, n, K)]
         return cls(entries)
 
+    @classmethod
+    def recency_filled(cls, source, w_max, recent_tokens=0, max_level=None):
+        """The starting WC of the MegaContext path: the coarsest WC over the whole history, then its
+        newest gist expanded again and again while the expansion fits in w_max (a level-L gist opens
+        into 32 level-(L-1) ones, a level-1 gist into its raw block). Every token of history is
+        reachable, and the rest of the budget holds the newest tokens raw, as a truncated window would.
+        Its cost may exceed w_max only when the coarsest WC already does."""
+        wc = cls.coarsest(source, recent_tokens, max_level)
+        while wc.cost + K - 1 <= w_max:
+            gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
+            if not gists:
+                break
+            wc = wc.expand(gists[-1])
+        return wc
+
     # -------------------------------------------------------------------------
     # edits
 
