@@ -31,6 +31,7 @@ def test_every_size_has_a_vanilla_and_a_megacontext_preset_with_the_same_trunk_a
         config = from_args(args)
         assert args.megacontext and isinstance(config, MegaContextConfig)
         assert config.w_max * 4 <= args.max_seq_len  # the history is several times the working context
+        assert {f"mc_{k}" for k in config.to_dict()} <= set(mc), f"{mc_path} must list every mc_* setting"
         assert from_args(base_train.parse_args(["--config", vanilla_path])) is None
 
 
