@@ -111,7 +111,7 @@ def test_a_training_step_changes_gistnet_and_lensnet_weights():
     x, y = batch()
     stats = trainer.backward(x, y, step=10, num_iterations=10)
     assert stats["variants"] > 2 and stats["budget"] == 128 and stats["budget_util"] <= 1.0
-    assert stats["lens_loss"] > 0 and 0 < stats["gist_cos_lod1"] <= 1
+    assert stats["lens_loss"] > 0 and 0 < stats["gist_cos_lod1"] <= 1 and -1 < stats["gist_pair_cos"] < 1
     assert gistnet.encoders[0].head.weight.grad.abs().sum() > 0
     assert lensnet.head.weight.grad.abs().sum() > 0 and lensnet.in_proj.weight.grad.abs().sum() > 0
     opt.step()
@@ -168,3 +168,11 @@ def test_the_horizon_ends_the_rows_longest_document():
     assert split_point(row, None, 32, 128) == 421 - 32  # no BOS given: the row's end
     assert split_point(row, B_, 32, 380) == 421 - 32  # no document leaves a history longer than w_max: the row's end
     assert split_point([5] * 80 + [B_] + [6] * 10, B_, 32, 16) == 80 - 32  # a row that starts inside a cropped document
+
+
+def test_gist_pair_cos_detects_a_collapsed_gistnet():
+    from nanochat.megacontext.horizon import SequenceSource
+    from nanochat.megacontext.training import gist_pair_cos
+    same = SequenceSource(torch.zeros(96, dtype=torch.long), [None, torch.ones(3, 8)])
+    spread = SequenceSource(torch.zeros(96, dtype=torch.long), [None, torch.eye(3, 8)])
+    assert gist_pair_cos([same]) == pytest.approx(1.0) and gist_pair_cos([spread]) == pytest.approx(0.0)

@@ -176,6 +176,19 @@ def gist_loss(model, gistnet, logits, targets, level):
     return (1 - cos).mean(), cos.mean().detach()
 
 
+@torch.no_grad()
+def gist_pair_cos(sources):
+    """Mean cosine between the distinct LOD1 gists of each history (a collapse detector: near 1 means
+    GistNet gives every block about the same gist), NaN without two gists."""
+    values = []
+    for src in sources:
+        g = F.normalize(src.levels[1].float(), dim=-1) if src.num_gists(1) >= 2 else None
+        if g is not None:
+            n = g.size(0)
+            values.append(((g @ g.T).sum() - n).item() / (n * (n - 1)))
+    return sum(values) / len(values) if values else float("nan")
+
+
 class MegaContextTrainer:
     def __init__(self, model, gistnet, lensnet, config, seed=0, bos_id=None):
         """bos_id: the tokenizer's BOS, to find documents in packed rows (None: every horizon is its row's end)."""
@@ -288,7 +301,7 @@ class MegaContextTrainer:
         per_row = per_row / torch.bincount(row_of, minlength=len(rows))
         loss = per_row.mean()
         nan = float("nan")
-        stats = dict(horizon_loss=loss.item(), history=sum(cuts) / len(cuts))
+        stats = dict(horizon_loss=loss.item(), history=sum(cuts) / len(cuts), gist_pair_cos=gist_pair_cos(sources))
         for kind in ("baseline", "reference", "perturbed", "lens"):
             sel = [i for i, v in enumerate(variants) if v.kind == kind]
             stats[f"nll_{kind}"] = item_nll[sel].mean().item() if sel else nan
