@@ -16,7 +16,8 @@ true tokens (horizon.horizon_nll), with no grad:
                dropped until it fits, see `mc_coverage`), then LensNet + FocusAllocator(check=True)
                refocus it for up to refocus_iters steps
   gap_closed   (nll_trunc - nll_mc) / (nll_trunc - nll_full) over the means: 0 = no better than the
-               truncated window, 1 = as good as the full history (None when trunc and full tie)
+               truncated window, 1 = as good as the full history (None when the full history beats
+               the window by less than MIN_GAP = 0.01 nats: no gap to close, the ratio would be noise)
   dnll_lod{L}  NLL(coarsest WC with gists up to level L, ignoring w_max) - nll_full: the cost of
                substituting gists for everything older than the recent tokens (GistNet's
                substitutability). Measured only on histories with a whole level-L node outside the
@@ -62,10 +63,14 @@ MAX_SLOTS = 16384  # padded WC + horizon slots per forward
 # small pieces
 
 
+MIN_GAP = 0.01  # nats: below this the full history barely beats truncation and the ratio is noise
+
+
 def gap_closed(nll_trunc, nll_full, nll_mc):
-    """The fraction of the truncation gap the MC path closes; None when trunc and full tie."""
+    """The fraction of the truncation gap the MC path closes; None when there is no gap to close
+    (the full history beats the truncated window by less than MIN_GAP nats, or not at all)."""
     denom = nll_trunc - nll_full
-    return (nll_trunc - nll_mc) / denom if abs(denom) >= 1e-6 else None
+    return (nll_trunc - nll_mc) / denom if denom >= MIN_GAP else None
 
 
 def spearman(x, y):
@@ -299,7 +304,7 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
 
 def summarize(records):
     """Records of measure_sequences -> dict of means: n, nll_trunc, nll_full, nll_mc, gap_closed
-    (of the means; None when trunc and full tie), dnll_lod{L} and n_lod{L} (how many sequences
+    (of the means; None when there is no gap to close, see gap_closed), dnll_lod{L} and n_lod{L} (how many sequences
     measured it), gist_cos_lod{L}, budget_violations (a count), wc_util, mc_coverage, lod{L}_frac,
     swap_rate (edits per refocus iteration), refocus_iters (iterations per sequence); with answers:
     n_answer, ans_nll_trunc, ans_nll_full, ans_nll_mc, ans_gap_closed; when audited: audit_edits,
