@@ -385,6 +385,9 @@ def train(argv=None):
             x, y, next_loader_state = next(train_loader)
         params = list(orig_model.parameters()) + ([] if mc is None else trainer.parameters())
         if is_ddp:
+            for p in params:  # a MegaContext module can sit out a rank's step (e.g. LensNet while C2 covers every history)
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             all_reduce_mean([p.grad for p in params], world_size)
         lrm = get_lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         step_optimizers = optimizers if mc is None else optimizers + [mc_optimizer]

@@ -252,3 +252,15 @@ def test_long_range_documents_reach_the_training_loader(base_dir):
     out = base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--long-range-frac", "0.5", "--model-tag", "lr_mix"])
     plain = base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "lr_plain"])
     assert out["final_loss"] != plain["final_loss"]  # other documents in the first batch
+
+
+def test_torchrun_two_ranks_megacontext(tiny_base_dir):
+    """DDP with --megacontext: GistNet / LensNet gradients are averaged too, even in a step where one
+    of them gets none on some rank (step 0: C2 covers every history, so no LensNet work)."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tiny_base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "scripts/base_train.py", *MC_TINY, "--total-batch-size", "512", "--num-iterations", "3",
+                        "--eval-every", "-1", "--model-tag", "ddp_mc"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tiny_base_dir / "base_checkpoints" / "ddp_mc" / "mc_000003.pt").exists()
