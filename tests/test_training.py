@@ -148,7 +148,7 @@ def test_while_the_budget_covers_the_history_only_the_raw_baseline_is_scored():
 
 
 def test_the_horizon_loss_is_the_mean_nll_of_the_variants():
-    model, gistnet, lensnet, mc = make(num_variants=1)  # the baseline only: a truncated window of 128 tokens
+    model, gistnet, lensnet, mc = make(num_variants=1, alpha_lod1=0.0)  # the baseline only: a truncated window of 128 tokens
     trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
     x, y = batch(B=1)
     loss, stats = trainer.loss(torch.cat([x, y[:, -1:]], 1), 128, [random.Random(0)])
@@ -159,6 +159,8 @@ def test_the_horizon_loss_is_the_mean_nll_of_the_variants():
     expected = torch.nn.functional.cross_entropy(logits, rows[c:])
     assert stats["nll_baseline"] == pytest.approx(expected.item(), rel=1e-5)
     assert stats["horizon_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    # what is backpropagated: each of the 32 horizon tokens weighs as one of the row's T next-token (LM) tokens
+    assert loss.item() == pytest.approx(expected.item() * 32 / T, rel=1e-5)
 
 
 def test_the_horizon_ends_the_rows_longest_document():

@@ -43,6 +43,7 @@ class MegaContextConfig:
     alpha_lod2: float = 0.01         # weight of the LOD2 gist cosine loss
     lens_weight: float = 0.1         # weight of the LensNet loss
     lm_weight: float = 1.0           # weight of the vanilla next-token loss on the full rows (0: horizon loss only)
+    horizon_weight: float = 1.0      # a scored horizon token (of any WC variant) weighs this x one LM token
     anneal_frac: float = 0.3         # variant budget C2 goes from the history length to w_max over this fraction of steps
     lens_loss: str = "pairwise"      # pairwise (Bradley-Terry) | regression (argmin targets) | both
     lens_lambda: float = 0.01        # regression targets: distance penalty per edit in the argmin
@@ -65,8 +66,8 @@ class MegaContextConfig:
             (self.temperature > 0 and self.top_k >= 1, "mc_temperature must be > 0 and mc_top_k >= 1"),
             (self.lens_loss in ("pairwise", "regression", "both"), f"mc_lens_loss must be pairwise, regression or both, got {self.lens_loss!r}"),
             (0 <= self.anneal_frac <= 1, f"mc_anneal_frac must be in [0, 1], got {self.anneal_frac}"),
-            (min(self.lm_weight, self.lens_lambda, self.lens_reg) >= 0 and self.gist_lr > 0 and self.lens_lr > 0,
-             "mc_lm_weight, mc_lens_lambda, mc_lens_reg must be >= 0 and the learning rates > 0"),
+            (min(self.lm_weight, self.horizon_weight, self.lens_lambda, self.lens_reg) >= 0 and self.gist_lr > 0 and self.lens_lr > 0,
+             "mc_lm_weight, mc_horizon_weight, mc_lens_lambda, mc_lens_reg must be >= 0 and the learning rates > 0"),
             (self.eval_rows >= 0, f"mc_eval_rows must be >= 0, got {self.eval_rows}"),
             (self.allocator in ("greedy", "stochastic"), f"mc_allocator must be greedy or stochastic, got {self.allocator!r}"),
             (self.tau_expand >= 0 and self.tau_collapse >= 0, "mc_tau_expand and mc_tau_collapse must be >= 0"),

@@ -3,8 +3,10 @@ End-to-end MegaContext training (design: shared/spec/megacontext.md, "End-to-end
 
 `MegaContextTrainer.backward(x, y, ...)` takes one pretraining micro-batch, the very (B, T) rows a
 vanilla run sees, and backpropagates, on top of the caller's lm_weight * (vanilla next-token loss):
-    horizon loss                          per row, the mean over its WC variants of the NLL of the
-                                          next H true tokens, averaged over rows
+    horizon_weight * horizon loss         the NLL of the next H true tokens after every WC variant, each
+                                          such token weighted like one LM token (a sum over the scored
+                                          horizon tokens / the rows' LM tokens: otherwise a few dozen
+                                          horizon tokens per row would pull as hard as the whole row)
   + alpha_lod1 * LOD1 gist loss (+ alpha_lod2 * LOD2 gist loss, active when H >= 1024)
   + lens_weight * LensNet loss
 Per row S of T + 1 tokens: the history is S[:c], the horizon S[c : c+H], where c = split_point(S): the
@@ -242,7 +244,7 @@ class MegaContextTrainer:
         baselines = [WorkingContext.recent(src, budget) for src in sources]
         refs = [random_mix(src, budget, cfg, rng) if rng.random() < 0.5 else
                 WorkingContext.recency_filled(src, budget, cfg.recent_tokens, cfg.max_level) for src, rng in zip(sources, rngs)]
-        refs = [r if r is not None and r.cost <= budget else None for r in refs]
+        refs = [r if r is not None and r.cost <= budget and cfg.num_variants >= 2 else None for r in refs]
         refs = [r if r is not None and r != b else None for r, b in zip(refs, baselines)]
         lens_rows = [b for b, r in enumerate(refs) if r is not None]
         scores = None
@@ -299,9 +301,11 @@ class MegaContextTrainer:
         row_of = torch.tensor([v.row for v in variants], device=item_nll.device)
         per_row = torch.zeros(len(rows), device=item_nll.device).index_add(0, row_of, item_nll)
         per_row = per_row / torch.bincount(row_of, minlength=len(rows))
-        loss = per_row.mean()
+        # every scored horizon token weighs horizon_weight x one next-token (LM) token of these rows: the
+        # caller's LM loss is a mean over R * (n - 1) tokens, so divide this sum by the same count
+        loss = cfg.horizon_weight * nll.sum() / (len(rows) * (rows.size(1) - 1))
         nan = float("nan")
-        stats = dict(horizon_loss=loss.item(), history=sum(cuts) / len(cuts), gist_pair_cos=gist_pair_cos(sources))
+        stats = dict(horizon_loss=per_row.mean().item(), history=sum(cuts) / len(cuts), gist_pair_cos=gist_pair_cos(sources))
         for kind in ("baseline", "reference", "perturbed", "lens"):
             sel = [i for i, v in enumerate(variants) if v.kind == kind]
             stats[f"nll_{kind}"] = item_nll[sel].mean().item() if sel else nan
