@@ -19,12 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from nanochat.common import UserError, cli_main, compute_init, compute_dtype, autodetect_device_type
-from nanochat.gpt import GPT
+from nanochat.common import UserError, cli_main, compute_dtype
 from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import from_args
 from nanochat.megacontext.training import MegaContextTrainer
-from scripts.base_train import parse_args, model_config_from_args
+from scripts.base_train import parse_args
+from benchmarks.train_throughput import fresh_model
 
 
 def main():
@@ -37,14 +37,7 @@ def main():
     mc = from_args(args)
     if mc is None:
         raise UserError("give a MegaContext preset or --megacontext (the vanilla twin is measured on the same settings)")
-    device_type = args.device_type or autodetect_device_type()
-    _, _, _, _, device = compute_init(device_type)
-    config = model_config_from_args(args, own.vocab_size)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    optimizers = model.setup_optimizers()
+    device_type, device, config, model, optimizers = fresh_model(args, own.vocab_size)
     gistnet, lensnet = build_modules(mc, config, device)
     trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
     optimizers.append(trainer.make_optimizer())

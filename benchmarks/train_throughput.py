@@ -22,6 +22,18 @@ from scripts.base_train import model_config_from_args
 from nanochat.gpt import GPT
 
 
+def fresh_model(args, vocab_size):
+    """base_train-style args -> (device_type, device, GPTConfig, initialized GPT, its optimizers)."""
+    device_type = args.device_type or autodetect_device_type()
+    _, _, _, _, device = compute_init(device_type)
+    config = model_config_from_args(args, vocab_size)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return device_type, device, config, model, model.setup_optimizers()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     p.add_argument("--depth", type=int, default=12)
@@ -37,14 +49,7 @@ def main():
     p.add_argument("--device-type", type=str, default="")
     args = p.parse_args()
 
-    device_type = args.device_type or autodetect_device_type()
-    _, _, _, _, device = compute_init(device_type)
-    config = model_config_from_args(args, args.vocab_size)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    optimizers = model.setup_optimizers()
+    device_type, device, config, model, optimizers = fresh_model(args, args.vocab_size)
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     step_model = torch.compile(model, dynamic=False) if use_compile else model
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)

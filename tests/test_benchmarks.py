@@ -6,24 +6,25 @@ import subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_train_throughput_prints_one_json_line():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--depth", "1", "--max-seq-len", "64",
-                        "--device-batch-size", "2", "--vocab-size", "256", "--steps", "2", "--warmup", "1", "--device-type", "cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+def run_benchmark(module, *args):
+    """Run `python -m benchmarks.<module> args...`; -> its stdout lines, each parsed as JSON."""
+    r = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
+    return [json.loads(line) for line in r.stdout.strip().splitlines()]
+
+
+def test_train_throughput_prints_one_json_line():
+    lines = run_benchmark("train_throughput", "--depth", "1", "--max-seq-len", "64", "--device-batch-size", "2",
+                          "--vocab-size", "256", "--steps", "2", "--warmup", "1", "--device-type", "cpu")
     assert len(lines) == 1
-    result = json.loads(lines[0])
+    result = lines[0]
     assert result["benchmark"] == "train_throughput" and result["tok_per_sec"] > 0 and result["device"] == "cpu"
     assert result["mfu"] is None and result["max_seq_len"] == 64 and result["flops_per_token"] > 0
 
 
 def test_mc_core_prints_ingest_and_refocus_lines_for_ram_and_disk():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.mc_core", "--histories", "3000,40000", "--w-max", "256,1024",
-                        "--dim", "16", "--vocab-size", "256", "--repeats", "2", "--disk-from", "40000"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    lines = run_benchmark("mc_core", "--histories", "3000,40000", "--w-max", "256,1024", "--dim", "16", "--vocab-size", "256",
+                          "--repeats", "2", "--disk-from", "40000")
     ingest = [x for x in lines if x["benchmark"] == "mc_ingest"]
     refocus = [x for x in lines if x["benchmark"] == "mc_refocus"]
     assert [(x["history"], x["storage"]) for x in ingest] == [(3000, "ram"), (40000, "disk")]
@@ -33,15 +34,12 @@ def test_mc_core_prints_ingest_and_refocus_lines_for_ram_and_disk():
 
 
 def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
-    r = subprocess.run([sys.executable, "-m", "benchmarks.mc_train_throughput", "--depth", "1", "--aspect-ratio", "64",
-                        "--head-dim", "64", "--max-seq-len", "160", "--device-batch-size", "2", "--vocab-size", "256",
-                        "--steps", "1", "--warmup", "1", "--device-type", "cpu", "--megacontext", "--mc-w-max", "64",
-                        "--mc-horizon", "32", "--mc-recent-tokens", "32", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
+    lines = run_benchmark("mc_train_throughput", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "160",
+                          "--device-batch-size", "2", "--vocab-size", "256", "--steps", "1", "--warmup", "1", "--device-type", "cpu",
+                          "--megacontext", "--mc-w-max", "64", "--mc-horizon", "32", "--mc-recent-tokens", "32", "--mc-gist-layers", "1",
+                          "--mc-lens-layers", "1", "--mc-lens-hidden", "32")
     assert len(lines) == 1
-    result = json.loads(lines[0])
+    result = lines[0]
     assert result["benchmark"] == "mc_train_throughput" and result["w_max"] == 64 and result["max_seq_len"] == 160
     assert result["vanilla_tok_per_sec"] > 0 and result["mc_tok_per_sec"] > 0
     assert result["ratio"] == round(result["mc_tok_per_sec"] / result["vanilla_tok_per_sec"], 3)

@@ -9,7 +9,8 @@ from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.checkpoint import build_modules
-from nanochat.megacontext.evaluation import (evaluate_sequences, gap_closed, make_allocator, measure_sequences, refocus,
+from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.evaluation import (evaluate_sequences, gap_closed, measure_sequences, refocus,
                                              spearman, summarize, validate)
 from nanochat.megacontext.horizon import build_source
 from nanochat.megacontext.working_context import WorkingContext
@@ -102,12 +103,12 @@ def test_refocus_stops_when_there_is_no_edit():
     start = WorkingContext.coarsest(source, cfg.recent_tokens, cfg.max_level)
     with torch.no_grad():
         lensnet.head.weight.zero_()  # every score 0: inside both thresholds, no candidate
-        wc, edits = refocus(model, lensnet, make_allocator(cfg), start, source, iterations=5)
+        wc, edits = refocus(model, lensnet, FocusAllocator.from_config(cfg), start, source, iterations=5)
     assert wc == start and edits == [[]]
     loud(lensnet)
     with torch.no_grad():
         lensnet.head.weight.normal_(std=10.0)  # large scores of both signs
-        wc, edits = refocus(model, lensnet, make_allocator(cfg), start, source, iterations=50)
+        wc, edits = refocus(model, lensnet, FocusAllocator.from_config(cfg), start, source, iterations=50)
     assert edits[0] and wc != start and wc.cost <= cfg.w_max
     assert len(edits) == 50 or edits[-1] == []  # ran out of iterations, or stopped at the first idle one
     assert all(step for step in edits[:-1])  # no idle iteration before the last

@@ -66,6 +66,14 @@ class FocusAllocator:
         self.steps = 0  # step() calls so far
         self.last_toggled = {}  # (level, start) of a node -> the step that last expanded or collapsed it
 
+    @classmethod
+    def from_config(cls, config, w_max=None, cooldown=None, check=True):
+        """The allocator a MegaContextConfig describes; w_max / cooldown override its own (training
+        refocuses under the annealed variant budget C2, with no cooldown: each slate starts afresh)."""
+        return cls(config.w_max if w_max is None else w_max, config.tau_expand, config.tau_collapse, config.n_diff,
+                   config.cooldown if cooldown is None else cooldown, config.allocator, config.temperature,
+                   config.recent_tokens, config.top_k, check=check)
+
     def reset(self):
         self.steps = 0
         self.last_toggled = {}

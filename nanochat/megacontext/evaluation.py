@@ -167,12 +167,6 @@ def refocus(model, lensnet, allocator, wc, source, iterations, generator=None):
     return wcs[0], edits[0]
 
 
-def make_allocator(mc_config):
-    c = mc_config
-    return FocusAllocator(c.w_max, c.tau_expand, c.tau_collapse, c.n_diff, c.cooldown, c.allocator, c.temperature,
-                          c.recent_tokens, c.top_k, check=True)
-
-
 # -----------------------------------------------------------------------------
 # the LensNet audit
 
@@ -256,7 +250,7 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
     # the MC path: the whole history as gists, the newest tokens raw as far as the budget allows, refocused
     start = [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, cfg.max_level), cfg.w_max)
              for src in sources]
-    allocators = [make_allocator(cfg) for _ in range(R)]
+    allocators = [FocusAllocator.from_config(cfg) for _ in range(R)]
     generators = [torch.Generator().manual_seed(seed + b) for b in range(R)]
     mc, edits = refocus_batch(model, lensnet, allocators, start, sources, refocus_iters, generators)
     for b, (wc, src, rec) in enumerate(zip(mc, sources, records)):

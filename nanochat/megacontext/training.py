@@ -242,10 +242,13 @@ class MegaContextTrainer:
         edits of each allocator step."""
         cfg, model = self.config, self.model
         baselines = [WorkingContext.recent(src, budget) for src in sources]
-        refs = [random_mix(src, budget, cfg, rng) if rng.random() < 0.5 else
-                WorkingContext.recency_filled(src, budget, cfg.recent_tokens, cfg.max_level) for src, rng in zip(sources, rngs)]
-        refs = [r if r is not None and r.cost <= budget and cfg.num_variants >= 2 else None for r in refs]
-        refs = [r if r is not None and r != b else None for r, b in zip(refs, baselines)]
+        refs = [None] * len(sources)
+        if cfg.num_variants >= 2:
+            for b, (src, rng) in enumerate(zip(sources, rngs)):
+                ref = random_mix(src, budget, cfg, rng) if rng.random() < 0.5 else \
+                    WorkingContext.recency_filled(src, budget, cfg.recent_tokens, cfg.max_level)
+                if ref is not None and ref.cost <= budget and ref != baselines[b]:
+                    refs[b] = ref
         lens_rows = [b for b, r in enumerate(refs) if r is not None]
         scores = None
         if lens_rows:
@@ -264,9 +267,7 @@ class MegaContextTrainer:
             for k in range(cfg.num_variants - 2):
                 wc = None
                 if cfg.num_variants >= 4 and k == cfg.num_variants - 3:  # the last slot: LensNet + allocator
-                    allocator = FocusAllocator(budget, cfg.tau_expand, cfg.tau_collapse, cfg.n_diff, cooldown=0,
-                                               strategy=cfg.allocator, temperature=cfg.temperature,
-                                               recent_tokens=cfg.recent_tokens, top_k=cfg.top_k)
+                    allocator = FocusAllocator.from_config(cfg, w_max=budget, cooldown=0)
                     row_scores = scores[lens_rows.index(b), :len(ref)]
                     wc, steps = allocator.step(ref, row_scores, sources[b], generator=torch.Generator().manual_seed(rng.getrandbits(62)))
                     swaps.append(len(steps))
