@@ -71,6 +71,13 @@ class KVCache:
         mask = self._masks[window]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != keys.size(1))
 
+    def truncate(self, n, prev_emb):
+        """Keep the first n cached positions of every row (MegaContext: the WC's unchanged prefix);
+        prev_emb (B, 1, C): the pre-smear embedding at position n-1 (zeros for none, or a gist)."""
+        assert 0 <= n <= int(self.lengths.min()), f"cannot keep {n} positions of {self.lengths.tolist()}"
+        self.lengths.fill_(n)
+        self.smear_prev = prev_emb.to(self.smear_prev.dtype).expand_as(self.smear_prev).clone()
+
     def advance(self, T, last_emb):
         self.lengths += T
         self.smear_prev = last_emb.to(self.smear_prev.dtype)

@@ -291,14 +291,15 @@ class GPT(nn.Module):
         """For t >= 1 each position adds a gated fraction of the previous position's (pre-smear)
         normalized embedding. x: (B, T, C); prev: (B, 1, C), the embedding before x[:, 0] when
         decoding with a cache (zeros for an empty row), else None (x[:, 0] has no predecessor).
-        keep: (B, T-1, 1), MegaContext only: 0 where slot t or t-1 is a gist (no smear there)."""
+        keep: MegaContext only, 0 where slot t or t-1 is a gist (no smear there): (B, T-1, 1) for the
+        pairs inside x, or (B, T, 1) with prev (whose own zero stands for "the slot before was a gist")."""
         if prev is None:
             if x.size(1) == 1:
                 return x
             cur, before = x[:, 1:], x[:, :-1]
-            before = before if keep is None else before * keep
         else:
             cur, before = x, torch.cat([prev, x[:, :-1]], dim=1)
+        before = before if keep is None else before * keep
         gate = torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))  # (B, Tc, 1)
         cur = cur + self.smear_lambda.to(x.dtype) * gate * before
         return cur if prev is not None else torch.cat([x[:, :1], cur], dim=1)
@@ -309,7 +310,7 @@ class GPT(nn.Module):
         return norm(self.transformer.wte(idx))
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, *, inputs_embeds=None, positions=None, lod=None,
-                logits_at=None):
+                logits_at=None, return_hidden=False):
         """Vanilla: idx (B, T) token ids -> logits (B, T, V), or the loss given targets.
         MegaContext hook (inputs_embeds given): one working context of tokens and gists.
           inputs_embeds: (B, T, C) slot embeddings (embed_tokens(ids) at token slots, gists elsewhere)
@@ -321,10 +322,16 @@ class GPT(nn.Module):
         Gist slots get Gaussian RoPE (megacontext/positions.py), no value embedding (it is keyed
         by token id; the slot's v is c_v(x) alone) and no smear in or out (the smear mixes in the
         previous token, and a gist is not one). With lod all 0 and positions 0..T-1 (T <= 4096,
-        see positions.SPLIT) the result equals the vanilla forward on idx exactly."""
+        see positions.SPLIT) the result equals the vanilla forward on idx exactly.
+          kv_cache (MegaContext): an engine.KVCache over the WC's slots; its windows and masks count
+            slots, while rotary uses `positions`, so the caller may keep any origin (runtime.py uses
+            the history's token 0, which keeps cached slots valid as the history grows)
+        return_hidden: also return the final residual stream (B, T, C) (before the head's norm), what
+        MegaPrediction's readouts read: -> (logits or loss, hidden)."""
         B, T = idx.shape
         if inputs_embeds is not None:
-            return self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache, logits_at)
+            out, x = self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache, logits_at)
+            return (out, x) if return_hidden else out
         emb = self.embed_tokens(idx)  # (B, T, C) pre-smear
         if kv_cache is None:
             assert T <= self.cos.size(1), f"sequence of {T} exceeds the rotary table ({self.cos.size(1)})"
@@ -338,7 +345,8 @@ class GPT(nn.Module):
         x = self._trunk(x, idx, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T, emb[:, -1:])
-        return self._head(x, targets, loss_reduction)
+        out = self._head(x, targets, loss_reduction)
+        return (out, x) if return_hidden else out
 
     def _trunk(self, x, idx, cos, sin, kv_cache=None, token_mask=None):
         """The layers: x (B, T, C) after the smear -> final residual (B, T, C). token_mask (B, T, 1),
@@ -358,20 +366,26 @@ class GPT(nn.Module):
 
     def _forward_mixed(self, idx, emb, positions, lod, targets, loss_reduction, kv_cache, logits_at=None):
         from nanochat.megacontext.positions import gaussian_rotary  # only MegaContext runs get here
-        if kv_cache is not None:
-            raise NotImplementedError("inputs_embeds with a KV cache: decode through megacontext, not the vanilla engine")
         B, T, C = emb.shape
         if positions is None or lod is None or idx.shape != (B, T):
             raise ValueError(f"inputs_embeds {tuple(emb.shape)} needs positions, lod and idx of shape ({B}, {T})")
         lod = lod.expand(B, T)
         token_mask = (lod == 0).unsqueeze(-1).to(emb.dtype)  # (B, T, 1)
-        x = self.smear(emb, keep=token_mask[:, 1:] * token_mask[:, :-1])
+        if kv_cache is None:
+            x = self.smear(emb, keep=token_mask[:, 1:] * token_mask[:, :-1])
+        else:  # the cache's smear_prev is zero after a gist slot (advance below), so keep masks the gists here
+            kv_cache.positions(T)  # slot indices of the new slots: the attention masks
+            keep = token_mask * torch.cat([torch.ones_like(token_mask[:, :1]), token_mask[:, :-1]], dim=1)  # (B, T, 1)
+            x = self.smear(emb, kv_cache.smear_prev, keep=keep)
         cos, sin = gaussian_rotary(positions.expand(B, T), lod, self.config.n_embd // self.config.n_head)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (B, T, 1, D/2)
-        x = self._trunk(x, idx, cos, sin, token_mask=token_mask)
+        x = self._trunk(x, idx, cos, sin, kv_cache, token_mask=token_mask)
+        if kv_cache is not None:
+            kv_cache.advance(T, emb[:, -1:] * token_mask[:, -1:])
+        hidden = x
         if logits_at is not None:
             x = x.gather(1, logits_at.unsqueeze(-1).expand(-1, -1, C))  # (B, H, C)
-        return self._head(x, targets, loss_reduction)
+        return self._head(x, targets, loss_reduction), hidden
 
     def _head(self, x, targets, loss_reduction):
         B, T, _ = x.shape

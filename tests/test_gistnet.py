@@ -146,3 +146,16 @@ def test_bad_arguments():
         net(token_like(1, BLOCK_SIZE), 3)
     with pytest.raises(ValueError, match="level"):
         net(token_like(1, BLOCK_SIZE), 0)
+
+
+def test_any_level_serves_deeper_levels_with_the_deepest_trained_weights():
+    from nanochat.megacontext.gistnet import AnyLevel
+    torch.manual_seed(0)
+    net = GistNet(16, kind="mlp", max_level=2)
+    with torch.no_grad():
+        net.level_embed.normal_()  # levels differ
+    deep = AnyLevel(net)
+    x = torch.randn(3, 32, 16)
+    assert deep.max_level is None and deep.dim == 16
+    assert torch.equal(deep(x, 1), net(x, 1)) and torch.equal(deep(x, 2), net(x, 2))
+    assert torch.equal(deep(x, 5), net(x, 2)) and not torch.equal(deep(x, 5), net(x, 1))

@@ -274,3 +274,42 @@ def test_hook_wiring_lod_changes_rotary_smear_is_cut_and_gists_get_gradients(mon
     assert not torch.allclose(out1[0, 11:], out2[0, 11:])  # the gist's level changes how later slots see it
     out1[0, -1].sum().backward()
     assert emb.grad[0, 10].abs().sum() > 0  # the gist is in the graph
+
+
+def test_hook_with_a_kv_cache_equals_the_full_forward_chunk_by_chunk():
+    """Decoding a WC of tokens and gists through the cache (a prefix, then pieces, one slot at a
+    time, and a rewind to an earlier slot) gives the logits of one full forward."""
+    from nanochat.engine import KVCache
+    model = make_model()
+    model.smear_lambda.data.fill_(0.5)
+    T = 40
+    idx = torch.randint(0, model.config.vocab_size, (1, T))
+    emb = model.embed_tokens(idx).clone()
+    lod = torch.zeros(T, dtype=torch.long)
+    for s in (3, 4, 17):  # gists, two of them adjacent, none at a chunk edge only
+        emb[0, s] = F.rms_norm(torch.randn(model.config.n_embd), (model.config.n_embd,))
+        lod[s] = 1
+    idx[0, lod == 1] = -1
+    pos = torch.arange(T, dtype=torch.float64) * 3 + 1e6  # any origin and spacing: rotary reads the positions
+    full, hidden = model(idx, inputs_embeds=emb, positions=pos, lod=lod, return_hidden=True)
+    assert hidden.shape == (1, T, model.config.n_embd)
+    cache = KVCache.for_model(model, 1, T)
+    outs = []
+    for a, b in [(0, 4), (4, 5), (5, 18), (18, 19), (19, 40)]:
+        outs.append(model(idx[:, a:b], kv_cache=cache, inputs_embeds=emb[:, a:b], positions=pos[a:b], lod=lod[a:b]))
+    assert torch.allclose(torch.cat(outs, 1), full, atol=1e-4)
+    # rewind to slot 17 (a gist follows slot 16, a token) and recompute the rest
+    cache.truncate(17, emb[:, 16:17])
+    again = model(idx[:, 17:], kv_cache=cache, inputs_embeds=emb[:, 17:], positions=pos[17:], lod=lod[17:])
+    assert torch.allclose(again, full[:, 17:], atol=1e-4)
+    cache.truncate(5, emb[:, 4:5] * 0)  # slot 4 is a gist: nothing smears into slot 5
+    again = model(idx[:, 5:], kv_cache=cache, inputs_embeds=emb[:, 5:], positions=pos[5:], lod=lod[5:])
+    assert torch.allclose(again, full[:, 5:], atol=1e-4)
+
+
+def test_return_hidden_is_the_residual_the_head_reads():
+    model = make_model()
+    idx = torch.randint(0, model.config.vocab_size, (2, 20))
+    logits, hidden = model(idx, return_hidden=True)
+    assert torch.equal(logits, model(idx))
+    assert torch.allclose(model._head(hidden, None, "mean"), logits)

@@ -241,3 +241,15 @@ def test_recency_filled_keeps_every_token_reachable_and_the_newest_raw_within_bu
     assert WorkingContext.recency_filled(src, 10**6) == WorkingContext.recent(src, 10**6)  # a budget that fits everything: all raw
     tight = WorkingContext.recency_filled(src, 64, recent_tokens=32)
     assert tight == WorkingContext.coarsest(src, 32)  # nothing fits beyond the coarsest WC
+
+
+@pytest.mark.parametrize("n0, grow", [(40, 1), (64, 1), (70, 100), (95, 1), (33, 31)])
+def test_extend_keeps_every_slot_and_tiles_the_new_tokens_raw(n0, grow):
+    small, big = ArraySource(n0), ArraySource(n0 + grow)
+    wc = WorkingContext.recency_filled(small, 64, recent_tokens=8)
+    out = wc.extend(big)
+    assert out.entries[:len(wc) - 1] == wc.entries[:-1]  # only the newest (maybe short) block may change
+    assert out.entries[len(wc) - 1].start == wc.entries[-1].start
+    assert out.cost == wc.cost + grow and out.end == n0 + grow
+    check_working_context(out, big, out.cost, recent_tokens=8)
+    assert wc.extend(small) == wc

@@ -208,3 +208,19 @@ def build_gists(token_embeds, gistnet, max_level):
         blocks = below[:n * BLOCK_SIZE].reshape(n, BLOCK_SIZE, D)  # (n, 32, D)
         levels.append(gistnet(blocks, level))  # (n, D)
     return levels
+
+
+class AnyLevel(nn.Module):
+    """A trained GistNet serving every level, for streaming trees with no depth limit (runtime.py):
+    a level past the deepest one it was trained on reuses that deepest level's weights. Gists of gists
+    live in the same space as gists of tokens, so this is a fair extrapolation, but an untrained one:
+    a history needs levels past the trained depth only when its coarsest WC would not fit W_max."""
+
+    max_level = None  # a tree built with this serves any depth
+
+    def __init__(self, gistnet):
+        super().__init__()
+        self.gistnet, self.dim = gistnet, gistnet.dim
+
+    def forward(self, blocks, level):
+        return self.gistnet(blocks, min(level, self.gistnet.max_level))  # (N, D)

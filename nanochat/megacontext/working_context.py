@@ -170,6 +170,18 @@ class WorkingContext:
             wc = wc.expand(gists[-1])
         return wc
 
+    def extend(self, source):
+        """This WC after the history grew: the newest LOD0 block filled up and new LOD0 blocks added
+        up to source.num_tokens (streaming). Every existing slot keeps its place, so a KV cache over
+        this WC stays valid; the cost grows by the number of new tokens."""
+        n, last = source.num_tokens, self.entries[-1]
+        assert n >= self.end, f"the history shrank: the WC ends at {self.end}, the source has {n} tokens"
+        entries = list(self.entries)
+        if last.level == 0 and last.end - last.start < K:  # the open tail block grows first
+            entries[-1] = Entry(0, last.start, min(last.start + K, n))
+        entries += [Entry(0, s, min(s + K, n)) for s in range(entries[-1].end, n, K)]
+        return WorkingContext(entries)
+
     # -------------------------------------------------------------------------
     # edits
 
