@@ -167,13 +167,37 @@ class RowState:
         self.done = False
 
 
-class Engine:
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+class ToolUse:
+    """The calculator protocol over one stream of tokens (a row of Engine, a MegaContext session):
+    track(row, token) ends the row at a stop token, and after <|python_end|> queues the forced
+    <|output_start|> result <|output_end|> tokens in row.forced."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    def track(self, row, token):
+        if token in self.stop_tokens:
+            row.done = True
+        elif token == self.python_start:
+            row.python_tokens = []
+        elif token == self.python_end and row.python_tokens is not None:
+            result = calculator(self.tokenizer.decode(row.python_tokens))
+            row.python_tokens = None
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.tools = ToolUse(tokenizer)
+        self.stop_tokens = self.tools.stop_tokens
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -207,24 +231,11 @@ class Engine:
                 token = row.forced.popleft() if forced else token
                 column.append(token)
                 masks.append(0 if forced else 1)
-                self._track_tool(row, token)
+                self.tools.track(row, token)
             yield column, masks
             if all(row.done for row in rows) or step == steps - 1:
                 return
             logits = model(torch.tensor(column, dtype=torch.long, device=device)[:, None], kv_cache=cache)[:, -1]
-
-    def _track_tool(self, row, token):
-        if token in self.stop_tokens:
-            row.done = True
-        elif token == self.python_start:
-            row.python_tokens = []
-        elif token == self.python_end and row.python_tokens is not None:
-            result = calculator(self.tokenizer.decode(row.python_tokens))
-            row.python_tokens = None
-            if result is not None:
-                row.forced.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
-        elif row.python_tokens is not None:
-            row.python_tokens.append(token)
 
     def generate_batch(self, tokens, num_samples=1, keep_stop=False, **kwargs):
         """-> (results, masks): prompt + generated tokens per sample. The stop token that ended

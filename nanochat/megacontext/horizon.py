@@ -111,15 +111,19 @@ def lens_inputs(wcs, sources, assembled, n_tail):
         levels.append(torch.tensor([e.level for e in wc.entries] + [0] * (E - len(wc)), device=v.device))
         masks.append(torch.arange(E, device=v.device) < len(wc))
         if n_tail > 0:
-            newest = src.levels[1][-n_tail:].detach().float() if src.num_gists(1) else v.new_zeros(0, D)
+            n1 = src.num_gists(1)
+            newest = src.gists(1, max(0, n1 - n_tail), n1).detach().float().to(v.device)  # (<= n_tail, D)
             tails.append(F.pad(newest, (0, 0, n_tail - newest.size(0), 0)))  # zeros in front when short
     tail = torch.stack(tails) if n_tail > 0 else None
     return torch.stack(vecs), torch.stack(levels), torch.stack(masks), tail
 
 
 def score_entries(lensnet, wcs, sources, assembled):
-    """LensNet's scores of each WC's entries: (B, E) with 0 at padding, and the mask (B, E)."""
+    """LensNet's scores of each WC's entries: (B, E) with 0 at padding, and the mask (B, E). Gists deeper
+    than LensNet was trained for (a streaming tree past the trained depth, gistnet.AnyLevel) read as its
+    deepest level."""
     entry_embeds, levels, mask, tail = lens_inputs(wcs, sources, assembled, lensnet.n_tail)
+    levels = levels.clamp(max=lensnet.max_level)
     dtype = next(lensnet.parameters()).dtype
     scores = lensnet(entry_embeds.to(dtype), levels, None if tail is None else tail.to(dtype), mask)
     return scores, mask

@@ -1,0 +1,358 @@
+"""
+MegaContext runtime: one conversation over an unbounded history at a constant cost per token.
+
+A Session holds
+  tree    the whole history (MegaContextTree, on disk under `path` or in RAM); gists are made by
+          gistnet.AnyLevel as blocks complete, as deep as the history needs
+  wc      the WorkingContext the model reads; its cost never exceeds w_max
+  cache   an engine.KVCache over the WC's slots (w_max + 1: room for a gist-first plan slot)
+feed(tokens) appends tokens to the tree and to the WC, brings the cache up to date and returns the
+next-token logits:
+  - every token adds one raw slot to the WC (WorkingContext.extend);
+  - whenever a block of K tokens completes (every K tokens), the session refocuses:
+      1. make room: collapse the oldest collapsible node (a raw block into its LOD1 gist, 32 sibling
+         gists into their parent) until cost <= w_max - K, so the next K tokens fit;
+      2. LensNet scores the entries and one FocusAllocator step makes up to n_diff expand / collapse
+         edits under the same budget (the allocator's cooldowns carry across refocuses);
+  - a feed of w_max tokens or more (the first prompt, a pasted document) starts the WC afresh from
+    WorkingContext.recency_filled, then refocuses.
+The cache names each slot by the WC entry it belongs to, keeps the longest prefix of unchanged
+slots and recomputes from the first edited one. Positions are global (token 0 of the history is
+position 0), so an unchanged slot's keys stay valid however long the history grows. A token fed
+between refocuses costs a one-slot forward; a refocus costs one forward from its first edit (at
+most w_max slots, once per K tokens). Nothing here grows with the history except the tree, which
+lives on disk in disk mode, so the cost per token at 1M tokens is that at 1k
+(benchmarks/mc_inference.py measures it).
+When even the coarsest WC no longer fits w_max - K (a history far deeper than the budget allows;
+about 31 slots per level), the oldest entries are dropped from the WC (evaluation.fit_budget); the
+tree keeps them, and `focus()` reports the tokens out of reach.
+
+Gist-first decoding (gist_first=True, needs a MegaPredictor): when a generated token opens a new
+block, the predictor reads the hidden state at the last token (the end of the latest block) and
+predicts the gist of the block being started. That vector enters the WC as a plan slot (LOD1,
+positioned at the block's center) in front of the block's tokens, which are then decoded with the
+plan in view. The first token of a block is sampled before the plan exists (from the previous
+token's logits, as in token-first decoding); once the block completes, or generation stops, the
+plan leaves the WC and the block's real tokens (and soon its real gist) stand in its place.
+
+Sessions persist: save() flushes the disk tree and writes session.json atomically (WC entries,
+plan, allocator cooldowns, sampling RNG state); Session.open() rebuilds the cache from the saved WC
+and continues where the session stopped (the same WC, the same next tokens).
+"""
+
+import os
+import json
+import base64
+from collections import namedtuple
+
+import torch
+
+from nanochat.common import UserError, atomic_write_json
+from nanochat.engine import KVCache, RowState, sample_next
+from nanochat.megacontext import BLOCK_SIZE
+from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.evaluation import fit_budget, refocus
+from nanochat.megacontext.gistnet import AnyLevel
+from nanochat.megacontext.tree import MegaContextTree
+from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
+
+K = BLOCK_SIZE
+SESSION_FILE = "session.json"
+SESSION_FORMAT = 1
+Plan = namedtuple("Plan", ["start"])  # a gist-first plan slot, in front of the block that starts at `start`
+
+
+def make_room(wc, source, budget, recent_tokens):
+    """Collapse the oldest collapsible node of wc until its cost is <= budget; a node ending within
+    the newest recent_tokens stays. If nothing is left to collapse, drop the oldest entries."""
+    protect_from = source.num_tokens - recent_tokens
+    while wc.cost > budget:
+        for i in range(len(wc)):
+            r = wc.collapse_range(i, source)
+            if r is not None and r[2].end <= protect_from:
+                wc = wc.collapse(i, source)
+                break
+        else:
+            return fit_budget(wc, budget)
+    return wc
+
+
+def slot_items(wc, plan_start):
+    """The WC's entries in slot order, with Plan(s) in front of the tokens of block [s, s + K)."""
+    items = list(wc.entries)
+    if plan_start is None:
+        return items
+    at = next((i for i, e in enumerate(items) if e.level == 0 and e.start == plan_start), len(items))
+    return items[:at] + [Plan(plan_start)] + items[at:]
+
+
+def item_cost(item):
+    return 1 if isinstance(item, Plan) else item.cost
+
+
+def common_slots(old, new):
+    """How many leading slots two slot-item lists share (a raw block that grew keeps its old slots)."""
+    n = 0
+    for a, b in zip(old, new):
+        if a == b:
+            n += item_cost(a)
+            continue
+        if isinstance(a, Entry) and isinstance(b, Entry) and a.level == b.level == 0 and a.start == b.start:
+            n += min(a.end, b.end) - a.start
+        break
+    return n
+
+
+class Session:
+    def __init__(self, model, gistnet, lensnet, config, tree, predictor=None, w_max=None, gist_first=False, seed=0):
+        """Use Session.create (a new history) or Session.open (a saved one). config: MegaContextConfig;
+        w_max: the WC budget (default config.w_max); lensnet None: no content refocus, only make_room."""
+        w_max = config.w_max if w_max is None else w_max
+        if w_max < config.recent_tokens + 2 * K:
+            raise UserError(f"w_max {w_max} leaves no room: it needs recent_tokens ({config.recent_tokens}) + {2 * K} slots")
+        if gist_first and predictor is None:
+            raise UserError("gist-first decoding needs MegaPrediction weights (a run trained with --megaprediction)")
+        self.model, self.lensnet, self.config, self.tree, self.predictor = model, lensnet, config, tree, predictor
+        self.gistnet = gistnet
+        self.w_max, self.gist_first = w_max, gist_first
+        self.allocator = FocusAllocator.from_config(config, w_max=w_max - K)
+        self.generator = torch.Generator(device=model.get_device()).manual_seed(seed)
+        self.wc = None                  # the WorkingContext, None before the first token
+        self.plan = None                # (start, (D,) vector) of the live gist-first plan, or None
+        self.cache = None               # KVCache over the slots of self.cached
+        self.cached = []                # slot items the cache holds, in order
+        self.logits = self.hidden = None  # (V,), (D,): the outputs at the last slot
+        self.stats = dict(refocuses=0, edits=0, slots_computed=0, tokens_fed=0, forwards=0, last_edits=0)
+
+    # -------------------------------------------------------------------------
+    # construction and persistence
+
+    @classmethod
+    def create(cls, model, gistnet, lensnet, config, path=None, predictor=None, w_max=None, gist_first=False, seed=0,
+               model_name=""):
+        """A new, empty session: its tree in RAM, or on disk under `path` (a new directory)."""
+        if path is not None and os.path.exists(os.path.join(path, SESSION_FILE)):
+            raise UserError(f"{path} already holds a session: open it with --resume (Session.open)")
+        tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=path, model_name=model_name)
+        return cls(model, gistnet, lensnet, config, tree, predictor, w_max, gist_first, seed)
+
+    @classmethod
+    def open(cls, path, model, gistnet, lensnet, config, predictor=None, gist_first=None, model_name=None):
+        """Reopen a saved session; it continues exactly where save() left it."""
+        file = os.path.join(path, SESSION_FILE)
+        if not os.path.exists(file):
+            raise UserError(f"{path}: no {SESSION_FILE}, not a saved MegaContext session")
+        try:
+            with open(file, encoding="utf-8") as f:
+                state = json.load(f)
+            if state["format"] != SESSION_FORMAT:
+                raise ValueError(f"format {state['format']}, this code reads {SESSION_FORMAT}")
+            entries = [Entry(*map(int, e)) for e in state["wc"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{file}: unreadable session ({type(e).__name__}: {e})")
+        tree = MegaContextTree.load(path, AnyLevel(gistnet), model.embed_tokens, dim=model.config.n_embd, model_name=model_name)
+        gist_first = state["gist_first"] if gist_first is None else gist_first
+        session = cls(model, gistnet, lensnet, config, tree, predictor, state["w_max"], gist_first)
+        if entries:
+            session.wc = check_working_context(WorkingContext(entries), tree, session.w_max, config.recent_tokens)
+        if state["plan"] is not None:
+            session.plan = (state["plan"][0], torch.tensor(state["plan"][1], dtype=torch.float32))
+        session.allocator.steps = state["allocator"]["steps"]
+        session.allocator.last_toggled = {(lvl, start): t for lvl, start, t in state["allocator"]["last_toggled"]}
+        session.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
+        session.stats.update(state["stats"])
+        if session.wc is not None:
+            with torch.inference_mode():
+                session._sync()
+        return session
+
+    def save(self):
+        """Make the session durable: the tree's rows, then session.json (atomically)."""
+        if self.tree.path is None:
+            raise UserError("this session lives in RAM: create it with a path to save it")
+        self.tree.flush()
+        state = dict(
+            format=SESSION_FORMAT, w_max=self.w_max, gist_first=self.gist_first,
+            wc=[] if self.wc is None else [[e.level, e.start, e.end] for e in self.wc.entries],
+            plan=None if self.plan is None else [self.plan[0], self.plan[1].float().cpu().tolist()],
+            allocator=dict(steps=self.allocator.steps, last_toggled=[[lvl, s, t] for (lvl, s), t in self.allocator.last_toggled.items()]),
+            rng=base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
+            stats=self.stats,
+        )
+        atomic_write_json(state, os.path.join(self.tree.path, SESSION_FILE))
+
+    def close(self):
+        self.tree.close()
+
+    # -------------------------------------------------------------------------
+    # feeding tokens
+
+    @torch.inference_mode()
+    def feed(self, tokens):
+        """Append tokens (list of ints) to the history -> the next-token logits (V,) float32."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            if self.logits is None:
+                raise UserError("the session is empty: feed it at least one token")
+            return self.logits
+        before = self.tree.num_tokens
+        self.tree.ingest(tokens)
+        n = self.tree.num_tokens
+        self.stats["tokens_fed"] += len(tokens)
+        if self.plan is not None and self.plan[0] + K <= n:
+            self.plan = None  # its block is complete: the real tokens take over
+        target = self.w_max - K
+        if self.wc is None or len(tokens) >= self.w_max:
+            self.wc = WorkingContext.recency_filled(self.tree, target, self.config.recent_tokens)
+            self._refocus(target)
+        else:
+            self.wc = self.wc.extend(self.tree)
+            if n // K > before // K:  # a block completed
+                self._refocus(target)
+        return self._sync()
+
+    def _refocus(self, target):
+        wc = make_room(self.wc, self.tree, target, self.config.recent_tokens)
+        edits = []
+        if self.lensnet is not None:
+            wc, steps = refocus(self.model, self.lensnet, self.allocator, wc, self.tree, iterations=1)
+            edits = [e for step in steps for e in step]
+        self.wc = check_working_context(wc, self.tree, self.w_max, self.config.recent_tokens)
+        self.stats["refocuses"] += 1
+        self.stats["edits"] += len(edits)
+        self.stats["last_edits"] = len(edits)
+
+    def _sync(self):
+        """Bring the cache to the current WC (plus plan): keep the unchanged slot prefix, forward the rest."""
+        items = slot_items(self.wc, None if self.plan is None else self.plan[0])
+        total = sum(item_cost(it) for it in items)
+        if self.cache is None:
+            self.cache = KVCache.for_model(self.model, 1, self.w_max + 1)
+        keep = min(common_slots(self.cached, items), total - 1, int(self.cache.lengths[0]))  # the last slot always runs
+        if keep < int(self.cache.lengths[0]):
+            self.cache.truncate(keep, self._embed_before(items, keep))
+        batch = self._assemble_from(items, keep)  # the slots from `keep` on
+        logits, hidden = self.model(batch["idx"], kv_cache=self.cache, inputs_embeds=batch["embeds"],
+                                    positions=batch["positions"], lod=batch["lod"], return_hidden=True)
+        self.cached = items
+        self.logits, self.hidden = logits[0, -1], hidden[0, -1]
+        self.stats["slots_computed"] += batch["idx"].size(1)
+        self.stats["forwards"] += 1
+        return self.logits
+
+    def _embed_before(self, items, slot):
+        """(1, 1, D) the pre-smear embedding of slot - 1: a token's, or zeros (no slot, a gist, a plan)."""
+        D, dtype = self.model.config.n_embd, self.model.transformer.wte.weight.dtype
+        zero = torch.zeros(1, 1, D, device=self.model.get_device(), dtype=dtype)
+        seen = 0
+        for it in items:
+            c = item_cost(it)
+            if seen + c >= slot:
+                if slot == 0 or isinstance(it, Plan) or it.level > 0:
+                    return zero
+                ids = self.tree.tokens(it.start + slot - 1 - seen, it.start + slot - seen)
+                return self.model.embed_tokens(ids.to(zero.device))[None].to(dtype)
+            seen += c
+        return zero
+
+    def _assemble_from(self, items, slot):
+        """The model inputs of every slot from index `slot` on, with global positions: dict of (1, T) tensors."""
+        device, dtype = self.model.get_device(), self.model.transformer.wte.weight.dtype
+        parts, seen, run = [], 0, []
+
+        def flush_run():  # a run of tree entries, assembled in one call
+            if run:
+                a = WorkingContext(run).assemble(self.tree, self.model.embed_tokens, device=device, dtype=dtype)
+                parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + run[0].start))
+                run.clear()
+
+        for it in items:
+            c = item_cost(it)
+            if seen + c > slot:
+                if isinstance(it, Plan):
+                    flush_run()
+                    center = torch.tensor([it.start + (K - 1) / 2], dtype=torch.float64)
+                    parts.append((self.plan[1].to(device, dtype)[None], torch.full((1,), -1, device=device),
+                                  torch.ones(1, dtype=torch.long, device=device), center.to(device if device.type != "mps" else "cpu")))
+                else:
+                    skip = max(0, slot - seen)  # only a raw block can be entered part-way
+                    run.append(it if skip == 0 else Entry(0, it.start + skip, it.end))
+            seen += c
+        flush_run()
+        embeds, ids, lod, pos = (torch.cat(x) for x in zip(*parts))
+        return dict(embeds=embeds[None], idx=ids[None], lod=lod[None], positions=pos[None])
+
+    # -------------------------------------------------------------------------
+    # decoding
+
+    def _make_plan(self):
+        """Gist-first: the predicted gist of the block starting at the next token, from the last hidden state."""
+        with torch.inference_mode():
+            gist = self.predictor(self.hidden[None].to(next(self.predictor.parameters()).dtype), 1)[0]  # (D,)
+        self.plan = (self.tree.num_tokens, gist.float())
+
+    def generate(self, max_tokens, temperature=1.0, top_k=None, tools=None):
+        """Sample up to max_tokens tokens, each fed back into the session. Yields (token, forced):
+        forced is True for a calculator output token (tools: an engine.ToolUse, which also stops the
+        stream at <|assistant_end|> / <|bos|>; the stop token is yielded and fed too)."""
+        if self.logits is None:
+            raise UserError("feed the session a prompt before generating")
+        row = RowState()
+        try:
+            for _ in range(max_tokens):
+                forced = bool(row.forced)
+                if forced:
+                    token = row.forced.popleft()
+                else:
+                    token = int(sample_next(self.logits[None], self.generator, temperature, top_k)[0])
+                if self.gist_first and self.tree.num_tokens % K == 0:
+                    self._make_plan()  # this token opens a block: plan it first
+                self.feed([token])
+                yield token, forced
+                if tools is not None:
+                    tools.track(row, token)
+                    if row.done:
+                        return
+        finally:
+            if self.plan is not None:  # generation stopped mid-block: the plan goes with it
+                self.plan = None
+                with torch.inference_mode():
+                    self._sync()
+
+    # -------------------------------------------------------------------------
+    # telemetry
+
+    def focus(self):
+        """What the model sees now: the WC's LOD mix and budget use (the CLI's /focus)."""
+        n = self.tree.num_tokens
+        if self.wc is None:
+            return dict(history_tokens=0, w_max=self.w_max)
+        levels = {}
+        for e in self.wc.entries:
+            entries, slots = levels.get(e.level, (0, 0))
+            levels[e.level] = (entries + 1, slots + e.cost)
+        fed = max(1, self.stats["tokens_fed"])
+        return dict(
+            history_tokens=n, w_max=self.w_max, wc_cost=self.wc.cost, budget_use=self.wc.cost / self.w_max,
+            wc_entries=len(self.wc), covered_from=self.wc.start, unreachable_tokens=self.wc.start,
+            lod={f"lod{L}": dict(entries=c, slots=s) for L, (c, s) in sorted(levels.items())},
+            tree_levels=len(self.tree.levels) - 1, plan=None if self.plan is None else self.plan[0],
+            refocuses=self.stats["refocuses"], edits_per_refocus=self.stats["edits"] / max(1, self.stats["refocuses"]),
+            slots_per_token=self.stats["slots_computed"] / fed,
+        )
+
+
+def format_focus(f):
+    """focus() as a few lines for a terminal."""
+    if not f.get("history_tokens"):
+        return "focus: the history is empty"
+    mix = ", ".join(f"LOD{k[3:]} {v['entries']} entries / {v['slots']} slots" for k, v in f["lod"].items())
+    lines = [f"history {f['history_tokens']:,} tokens (tree levels 1..{f['tree_levels']}) | working context {f['wc_cost']}/{f['w_max']} "
+             f"slots ({100 * f['budget_use']:.0f}% of the budget), {f['wc_entries']} entries",
+             f"LOD mix: {mix}",
+             f"refocuses {f['refocuses']}, {f['edits_per_refocus']:.2f} edits each | {f['slots_per_token']:.2f} slots computed per token"]
+    if f["unreachable_tokens"]:
+        lines.append(f"the oldest {f['unreachable_tokens']:,} tokens are out of reach (the budget cannot hold the coarsest view)")
+    if f["plan"] is not None:
+        lines.append(f"gist-first plan for the block at token {f['plan']:,}")
+    return "\n".join(lines)

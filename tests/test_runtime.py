@@ -1,0 +1,210 @@
+"""MegaContext runtime (nanochat/megacontext/runtime.py): streaming decode over a WC with a reused KV cache."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig, norm
+from nanochat.megacontext.checkpoint import build_modules
+from nanochat.megacontext.config import MegaContextConfig
+from nanochat.megacontext.runtime import Plan, Session, common_slots, make_room, slot_items
+from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
+
+K = 32
+VOCAB = 256
+
+
+def parts(seed=0, lens_tau=0.0, w_max=128, recent=16):
+    """A tiny GPT with every term active, and a random GistNet / LensNet (LensNet thresholds at 0, so
+    its random scores make real edits at every refocus)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    mc = MegaContextConfig(w_max=w_max, max_level=1, recent_tokens=recent, gist_kind="mlp", gist_pooling="mean",
+                           lens_layers=1, lens_hidden=32, tau_expand=lens_tau, tau_collapse=lens_tau, cooldown=1).validate()
+    gistnet, lensnet = build_modules(mc, config)
+    with torch.no_grad():
+        for p in list(gistnet.parameters()) + list(lensnet.parameters()):
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval(), gistnet, lensnet, mc
+
+
+def full_forward_logits(session):
+    """The logits at the last slot from one forward of the whole current layout (no cache)."""
+    items = slot_items(session.wc, None if session.plan is None else session.plan[0])
+    b = session._assemble_from(items, 0)
+    with torch.no_grad():
+        return session.model(b["idx"], inputs_embeds=b["embeds"], positions=b["positions"], lod=b["lod"])[0, -1]
+
+
+def stream(n, seed=1):
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_streaming_keeps_the_wc_legal_in_budget_and_the_cache_equal_to_a_full_forward():
+    model, gistnet, lensnet, mc = parts()
+    s = Session.create(model, gistnet, lensnet, mc)
+    tokens = stream(900)
+    s.feed(tokens[:40])  # a prompt, then token by token: every refocus edits (random LensNet, tau 0)
+    for i, t in enumerate(tokens[40:]):
+        logits = s.feed([t])
+        check_working_context(s.wc, s.tree, mc.w_max, mc.recent_tokens)
+        if i % 37 == 0 or i > len(tokens) - 45:
+            assert torch.allclose(logits, full_forward_logits(s), atol=1e-4), f"cache diverged at token {40 + i}"
+    assert s.stats["edits"] > 10  # LensNet's edits were really applied and recomputed
+    # failure mode 7: far past w_max, the whole history stays reachable through gists, deeper than trained
+    assert s.wc.start == 0 and s.tree.num_tokens == 900 and s.wc.cost <= mc.w_max
+    assert len(s.tree.levels) - 1 == 1 and s.focus()["unreachable_tokens"] == 0
+    # between refocuses a token costs one slot; refocuses at most a WC each, once per block
+    assert s.stats["slots_computed"] <= len(tokens) + (len(tokens) // K + 1) * mc.w_max
+
+
+def test_refocus_runs_every_block_and_only_recomputes_from_the_first_edit():
+    model, gistnet, lensnet, mc = parts(lens_tau=2.0)  # tau out of tanh's reach: no LensNet edit, only make_room
+    s = Session.create(model, gistnet, lensnet, mc)
+    s.feed(stream(64))
+    r0, slots0 = s.stats["refocuses"], s.stats["slots_computed"]
+    for t in stream(31, seed=3):  # inside one block: no refocus, one slot each
+        s.feed([t])
+    assert s.stats["refocuses"] == r0 and s.stats["slots_computed"] == slots0 + 31
+    s.feed([5])  # the block completes: a refocus
+    assert s.stats["refocuses"] == r0 + 1
+
+
+def test_a_long_history_builds_levels_past_the_trained_depth_and_stays_reachable():
+    model, gistnet, lensnet, mc = parts(w_max=160, recent=16)
+    s = Session.create(model, gistnet, lensnet, mc)
+    s.feed(stream(40 * 1024 + 17))  # 40k tokens: LOD1 and LOD2 gists with a GistNet trained to LOD1
+    assert len(s.tree.levels) - 1 == 3 and s.tree.num_gists(2) == 40
+    assert s.wc.start == 0 and any(e.level >= 2 for e in s.wc.entries) and s.wc.cost <= 160 - K
+    for t in stream(70, seed=4):
+        logits = s.feed([t])
+    assert torch.allclose(logits, full_forward_logits(s), atol=1e-4)
+    assert s.focus()["lod"]["lod0"]["slots"] >= mc.recent_tokens
+
+
+def test_make_room_collapses_the_oldest_first_and_protects_recent_tokens():
+    model, gistnet, lensnet, mc = parts()
+    s = Session.create(model, gistnet, None, mc)
+    s.feed(stream(300))
+    raw = WorkingContext.recent(s.tree, 300)  # every token raw: cost 300
+    out = make_room(raw, s.tree, 120, recent_tokens=40)
+    assert out.cost <= 120 and out.start == 0
+    levels = [e.level for e in out.entries]
+    assert levels == sorted(levels, reverse=True)  # coarse old, raw new
+    assert all(e.level == 0 for e in out.entries if e.end > 300 - 40)
+    assert make_room(raw, s.tree, 300, 40) == raw
+
+
+def test_common_slots_and_plan_layout():
+    a = [Entry(1, 0, 32), Entry(0, 32, 64), Entry(0, 64, 70)]
+    b = [Entry(1, 0, 32), Entry(0, 32, 64), Entry(0, 64, 75)]
+    assert common_slots(a, b) == 1 + 32 + 6
+    assert common_slots(a, [Entry(0, 0, 32)] + b[1:]) == 0
+    wc = WorkingContext(b)
+    assert slot_items(wc, 64) == [Entry(1, 0, 32), Entry(0, 32, 64), Plan(64), Entry(0, 64, 75)]
+    assert slot_items(WorkingContext(b[:2]), 64)[-1] == Plan(64)
+    assert common_slots(slot_items(wc, 64), b) == 33
+
+
+class FixedPredictor(nn.Module):
+    """A predictor with the MegaPredictor call signature: a fixed projection of the hidden state."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, hidden, level):
+        return norm(self.proj(hidden))
+
+
+def test_gist_first_places_a_plan_before_each_block_and_removes_it_when_the_block_is_done():
+    model, gistnet, lensnet, mc = parts()
+    torch.manual_seed(0)
+    s = Session.create(model, gistnet, lensnet, mc, predictor=FixedPredictor(64), gist_first=True)
+    s.feed(stream(64))  # ends on a block boundary
+    gen = s.generate(40, temperature=0.0)
+    first, _ = next(gen)
+    assert s.plan is not None and s.plan[0] == 64 and s.focus()["plan"] == 64
+    items = slot_items(s.wc, 64)
+    assert isinstance(items[-2], Plan) and items[-1] == Entry(0, 64, 65)
+    assert torch.allclose(s.logits, full_forward_logits(s), atol=1e-4)  # the plan slot is in the cached prefix
+    for _ in range(31):
+        next(gen)
+    assert s.tree.num_tokens == 96 and s.plan is None  # the block completed: the plan is gone
+    next(gen)
+    assert s.plan[0] == 96
+    gen.close()  # generation stops mid-block: the plan leaves with it
+    assert s.plan is None and torch.allclose(s.logits, full_forward_logits(s), atol=1e-4)
+    with pytest.raises(UserError):
+        Session.create(model, gistnet, lensnet, mc, gist_first=True)  # no predictor
+
+
+def test_gist_first_and_token_first_both_decode_from_the_same_prompt():
+    model, gistnet, lensnet, mc = parts()
+    runs, logits = {}, {}
+    for gist_first in (False, True):
+        s = Session.create(model, gistnet, lensnet, mc, predictor=FixedPredictor(64), gist_first=gist_first)
+        s.feed(stream(200))
+        runs[gist_first] = [t for t, _ in s.generate(70, temperature=0.0)]
+        s.feed([1, 2, 3])  # continue both with the same tokens, to compare their logits
+        with torch.inference_mode():
+            s.plan = (s.tree.num_tokens - 3, s.predictor(s.hidden[None], 1)[0]) if gist_first else None
+            logits[gist_first] = s._sync().clone()
+    assert all(len(r) == 70 and all(0 <= t < VOCAB for t in r) for r in runs.values())
+    assert runs[False][:24] == runs[True][:24]  # the prompt ends 8 tokens into a block: no plan before token 224
+    assert not torch.allclose(logits[False], logits[True], atol=1e-3)  # a plan changes what the model predicts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_save_and_reopen_continues_exactly(tmp_path, temperature):
+    model, gistnet, lensnet, mc = parts()
+    prompt = stream(150)
+    ref = Session.create(model, gistnet, lensnet, mc, seed=7)
+    ref.feed(prompt)
+    expected = [t for t, _ in ref.generate(60, temperature=temperature)]
+
+    path = str(tmp_path / "session")
+    s = Session.create(model, gistnet, lensnet, mc, path=path, seed=7)
+    s.feed(prompt)
+    head = [t for t, _ in s.generate(25, temperature=temperature)]
+    s.save()
+    wc, logits = s.wc, s.logits.clone()
+    s.close()
+    again = Session.open(path, model, gistnet, lensnet, mc)
+    assert again.wc == wc and again.tree.num_tokens == 175
+    assert torch.allclose(again.logits, logits, atol=1e-4)
+    tail = [t for t, _ in again.generate(35, temperature=temperature)]
+    assert head + tail == expected
+    again.close()
+
+
+def test_bad_sessions_are_one_line_errors(tmp_path):
+    model, gistnet, lensnet, mc = parts()
+    with pytest.raises(UserError, match="no session.json"):
+        Session.open(str(tmp_path), model, gistnet, lensnet, mc)
+    path = str(tmp_path / "s")
+    s = Session.create(model, gistnet, lensnet, mc, path=path)
+    s.feed(stream(50))
+    s.save()
+    s.close()
+    with pytest.raises(UserError, match="already holds a session"):
+        Session.create(model, gistnet, lensnet, mc, path=path)
+    with open(os.path.join(path, "session.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(UserError, match="unreadable session"):
+        Session.open(path, model, gistnet, lensnet, mc)
+    with pytest.raises(UserError, match="lives in RAM"):
+        Session.create(model, gistnet, lensnet, mc).save()
+    with pytest.raises(UserError, match="w_max"):
+        Session.create(model, gistnet, lensnet, mc, w_max=40)
+    with pytest.raises(UserError, match="prompt"):
+        next(Session.create(model, gistnet, lensnet, mc).generate(3))
