@@ -43,3 +43,19 @@ def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
     assert result["benchmark"] == "mc_train_throughput" and result["w_max"] == 64 and result["max_seq_len"] == 160
     assert result["vanilla_tok_per_sec"] > 0 and result["mc_tok_per_sec"] > 0
     assert result["ratio"] == round(result["mc_tok_per_sec"] / result["vanilla_tok_per_sec"], 3)
+
+
+def test_mc_inference_prints_one_json_line_with_flat_cost_rows():
+    lines = run_benchmark("mc_inference", "--histories", "300,5000", "--decode", "32", "--warmup", "8", "--w-max", "128",
+                          "--vanilla-max-gib", "1", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "256",
+                          "--vocab-size", "256", "--device-type", "cpu", "--megacontext", "--mc-w-max", "128", "--mc-max-level", "1",
+                          "--mc-recent-tokens", "32", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32")
+    assert len(lines) == 1
+    result = lines[0]
+    rows = result["histories"]
+    assert result["benchmark"] == "mc_inference" and [r["history"] for r in rows] == [300, 5000]
+    assert all(r["mc_ms_per_token"] > 0 and r["wc_cost"] <= 128 and r["unreachable_tokens"] == 0 for r in rows)
+    assert rows[1]["tree_levels"] == 2 and rows[1]["tree_disk_mb"] > rows[0]["tree_disk_mb"]  # LOD2 past the trained LOD1
+    assert rows[0]["vanilla_ms_per_token"] > 0 and rows[1]["vanilla_ms_per_token"] is None  # 5000 > the rotary table (2560)
+    assert "rotary" in rows[1]["vanilla_note"]
+    assert result["ratio_1m_1k"] == round(rows[1]["mc_ms_per_token"] / rows[0]["mc_ms_per_token"], 3)
