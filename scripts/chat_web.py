@@ -4,6 +4,8 @@ and a streaming completion endpoint.
 
     python -m scripts.chat_web                      # the latest SFT model on http://127.0.0.1:8000
     python -m scripts.chat_web -i base -p 8080 --host 0.0.0.0
+    python -m scripts.chat_web --megacontext        # conversations of any length, through a MegaContext
+    python -m scripts.chat_web --gist-first         # MegaContext with gist-first decoding
 
 Endpoints:
     GET  /                  the chat page
@@ -11,6 +13,9 @@ Endpoints:
     POST /chat/completions  {"messages": [{"role", "content"}, ...], "temperature"?, "top_k"?, "max_tokens"?}
                             -> text/event-stream: `data: {"token": "..."}` per decoded piece, then
                                `data: {"done": true}`. A bad request gets HTTP 400 {"detail": "..."}.
+With --megacontext each request's conversation is fed into a fresh runtime Session
+(nanochat/megacontext/runtime.py): no context-length limit (only the character limits below), and
+before "done" one `data: {"focus": {...}}` event reports the working context (LOD mix, budget use).
 """
 
 import os
@@ -128,10 +133,12 @@ def sse(obj):
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine, tokenizer, defaults):
+def create_app(engine, tokenizer, defaults, new_session=None):
     """The web app around one Engine. defaults: {"temperature", "top_k", "max_tokens"} used when
     a request leaves them out. Generation runs in the server's thread pool (a sync generator),
-    so a slow model does not block other requests; each request has its own KV cache."""
+    so a slow model does not block other requests; each request has its own KV cache.
+    new_session(seed) -> a MegaContext runtime Session: when given, every request decodes through
+    a fresh one instead of the engine (no context limit)."""
     with open(UI_PATH, encoding="utf-8") as f:
         page = f.read()
     context = engine.model.config.sequence_len
@@ -156,22 +163,32 @@ def create_app(engine, tokenizer, defaults):
             prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e))
-        if len(prompt) >= context:
+        if new_session is None and len(prompt) >= context:
             raise HTTPException(status_code=400, detail=f"conversation is too long: {len(prompt)} tokens, "
                                                         f"the model's context is {context}; start a new chat")
         seed = random.randrange(2**31)  # a different reply each time, like the CLI with a fresh seed
+        session = None
 
         def reply_tokens():
-            for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
-                                             temperature=temperature, top_k=top_k, seed=seed):
-                if column[0] in engine.stop_tokens:  # <|assistant_end|> (or <|bos|>)
+            nonlocal session
+            if new_session is not None:
+                session = new_session(seed)
+                session.feed(prompt)
+                stream = ((token, None) for token, _ in session.generate(max_tokens, temperature, top_k, tools=engine.tools))
+            else:
+                stream = ((column[0], None) for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
+                                                                             temperature=temperature, top_k=top_k, seed=seed))
+            for token, _ in stream:
+                if token in engine.stop_tokens:  # <|assistant_end|> (or <|bos|>)
                     return
-                yield column[0]
+                yield token
 
         def events():
             try:
                 for piece in stream_text(reply_tokens(), tokenizer):
                     yield sse({"token": piece})
+                if session is not None:
+                    yield sse({"focus": session.focus()})
             except Exception as e:  # the status line is already sent: report in the stream
                 yield sse({"error": f"generation failed: {e}"})
             yield sse({"done": True})
@@ -192,6 +209,9 @@ def main():
     p.add_argument("-k", "--top-k", type=int, default=50, help="default when a request gives none")
     p.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
     p.add_argument("--device-type", type=str, default="")
+    p.add_argument("--megacontext", action="store_true", help="decode through a MegaContext: conversations of any length")
+    p.add_argument("--gist-first", action="store_true", help="MegaContext with gist-first decoding (needs a --megaprediction run)")
+    p.add_argument("--w-max", type=int, default=None, help="MegaContext working-context budget (default: the run's mc_w_max)")
     args = p.parse_args()
     if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
         p.error(f"temperature must be in {list(TEMPERATURE_RANGE)}")
@@ -203,10 +223,23 @@ def main():
     import uvicorn
     from nanochat.engine import Engine
     from nanochat.checkpoint_manager import load_model
+    from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step
+    from nanochat.common import get_base_dir
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[args.source]))
+    step = args.step if args.step is not None else find_last_step(os.path.join(get_base_dir(), SOURCE_DIRS[args.source], model_tag))
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-    app = create_app(Engine(model, tokenizer), tokenizer, defaults)
+    new_session = None
+    if args.megacontext or args.gist_first:
+        from nanochat.megacontext.checkpoint import load_for_chat
+        from nanochat.megacontext.runtime import Session
+        mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
+        Session.create(model, gistnet, lensnet, mc, predictor=predictor, w_max=args.w_max, gist_first=args.gist_first)  # fail now, not per request
+
+        def new_session(seed):
+            return Session.create(model, gistnet, lensnet, mc, predictor=predictor, w_max=args.w_max, gist_first=args.gist_first, seed=seed)
+    app = create_app(Engine(model, tokenizer), tokenizer, defaults, new_session)
     print(f"nanochat web chat on http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

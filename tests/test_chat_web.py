@@ -244,3 +244,37 @@ def test_stream_text_shows_calculator_calls_readably(tokenizer):
     ids = (tokenizer.encode("so ") + [sp("<|python_start|>")] + tokenizer.encode("12*3") + [sp("<|python_end|>")]
            + [sp("<|output_start|>")] + tokenizer.encode("36") + [sp("<|output_end|>")] + tokenizer.encode(" done"))
     assert "".join(stream_text(iter(ids), tokenizer)) == "so [calc: 12*3 = 36] done"
+
+
+def test_megacontext_switch_streams_past_the_context_and_reports_focus(engine, tokenizer):
+    """--megacontext: a conversation longer than the model's 256-token context is answered through a
+    fresh runtime Session per request, the same greedy reply as a session driven directly."""
+    from nanochat.megacontext.checkpoint import build_modules
+    from nanochat.megacontext.config import MegaContextConfig
+    from nanochat.megacontext.runtime import Session
+    model = engine.model
+    mc = MegaContextConfig(w_max=96, max_level=1, recent_tokens=16, gist_kind="mlp", gist_pooling="mean", lens_layers=1,
+                           lens_hidden=32).validate()
+    gistnet, lensnet = build_modules(mc, model.config)
+
+    def new_session(seed):
+        return Session.create(model, gistnet, lensnet, mc, seed=seed)
+
+    client = TestClient(create_app(engine, tokenizer, DEFAULTS, new_session))
+    words = " ".join(f"q{i}" for i in range(600))  # refused by the vanilla app (test above)
+    messages = [{"role": "user", "content": words}]
+    r = client.post("/chat/completions", json={"messages": messages})
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == {"done": True} and "focus" in events[-2]
+    focus = events[-2]["focus"]
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    assert len(prompt) > 256 and focus["history_tokens"] > len(prompt) and focus["wc_cost"] <= 96
+    direct = new_session(0)
+    direct.feed(prompt)
+    reply = []
+    for token, _ in direct.generate(DEFAULTS["max_tokens"], temperature=0.0, tools=engine.tools):
+        if token in engine.stop_tokens:
+            break
+        reply.append(token)
+    assert "".join(e["token"] for e in events if "token" in e) == "".join(stream_text(reply, tokenizer))
