@@ -3,7 +3,15 @@ Talk to a model in the terminal.
 
     python -m scripts.chat_cli                     # interactive, the latest SFT model
     python -m scripts.chat_cli -i base -p "Hi"     # one prompt, one answer, exit
-Commands in the interactive loop: `clear` starts a new conversation, `quit` (or `exit`, Ctrl-D) leaves.
+    python -m scripts.chat_cli --megacontext       # the conversation lives in a MegaContext: no length limit
+    python -m scripts.chat_cli --gist-first        # MegaContext, each block's gist predicted before its tokens
+    python -m scripts.chat_cli --megacontext --session ~/chats/a   # kept on disk, resumed next time
+Commands in the interactive loop: `clear` starts a new conversation, `quit` (or `exit`, Ctrl-D) leaves,
+`/focus` (MegaContext) shows what the model sees: the working context's LOD mix and budget use.
+With --megacontext the conversation is fed, turn by turn, into a runtime Session
+(nanochat/megacontext/runtime.py): the model reads a fixed budget of w_max slots (raw recent tokens,
+gists of older ones) however long the conversation grows, at a constant cost per token.
+--context-file feeds a text file (a book, a log) into the history before the first turn.
 """
 
 import os
@@ -16,9 +24,10 @@ from nanochat.common import cli_main, compute_init, autodetect_device_type
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 
-def stream_reply(engine, tokenizer, conversation, args, out=sys.stdout):
+def stream_reply(engine, tokenizer, conversation, args, out=None):
     """Generate the assistant's reply to `conversation`, printing it as it streams; returns its
     message content (text, or parts when it called the calculator) for the history."""
+    out = out or sys.stdout
     tokens = tokenizer.render_for_completion({"messages": conversation["messages"] + [{"role": "assistant", "content": ""}]})
     generated = []
     printed = ""
@@ -36,6 +45,96 @@ def stream_reply(engine, tokenizer, conversation, args, out=sys.stdout):
     out.write(tokenizer.decode(generated)[len(printed):] + "\n")
     return tokenizer.parse_assistant(generated)
 
+def turn_tokens(tokenizer, text, first):
+    """One user turn, rendered as in a whole conversation: [<|bos|>] <|user_start|> text <|user_end|> <|assistant_start|>."""
+    ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]})
+    return ids if first else ids[1:]  # the BOS opens the conversation only
+
+
+def stream_session_reply(session, tokenizer, tools, args, out=None):
+    """The MegaContext twin of stream_reply: the session already holds the prompt; every token
+    generated (the closing <|assistant_end|> included) is fed back into its history."""
+    out = out or sys.stdout
+    generated, printed, ended = [], "", False
+    for token, _ in session.generate(args.max_tokens, temperature=args.temperature, top_k=args.top_k, tools=tools):
+        if token in tools.stop_tokens:
+            ended = True
+            break
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    if not ended:  # cut at --max-tokens: close the turn so the history keeps the chat format
+        session.feed([tokenizer.encode_special("<|assistant_end|>")])
+    out.write(tokenizer.decode(generated)[len(printed):] + "\n")
+    return generated
+
+
+def open_session(args, model, tokenizer, device, model_tag, step):
+    """A new MegaContext session (in RAM, or on disk at --session), or the one saved at --session."""
+    from nanochat.megacontext.checkpoint import load_for_chat
+    from nanochat.megacontext.runtime import Session, SESSION_FILE
+    mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
+    name = f"{args.source}/{model_tag}"
+    if args.session and os.path.exists(os.path.join(args.session, SESSION_FILE)):
+        session = Session.open(args.session, model, gistnet, lensnet, mc, predictor, gist_first=args.gist_first, model_name=name)
+        print(f"resumed the session at {args.session}: {session.tree.num_tokens:,} tokens of history")
+        return session, False
+    session = Session.create(model, gistnet, lensnet, mc, path=args.session or None, predictor=predictor, w_max=args.w_max,
+                             gist_first=args.gist_first, seed=args.seed, model_name=name)
+    if args.context_file:
+        with open(args.context_file, encoding="utf-8") as f:
+            ids = tokenizer.encode(f.read(), prepend=tokenizer.get_bos_token_id())
+        print(f"reading {args.context_file} into the history ({len(ids):,} tokens) ...", flush=True)
+        session.feed(ids)
+    return session, not args.context_file
+
+
+def megacontext_chat(args, model, tokenizer, device, model_tag, step):
+    from nanochat.engine import ToolUse
+    from nanochat.megacontext.runtime import format_focus
+    tools = ToolUse(tokenizer)
+    session, first = open_session(args, model, tokenizer, device, model_tag, step)
+
+    def reply(text):
+        nonlocal first
+        session.feed(turn_tokens(tokenizer, text, first))
+        first = False
+        stream_session_reply(session, tokenizer, tools, args)
+        if args.session:
+            session.save()
+
+    if args.prompt:
+        reply(args.prompt)
+        return
+    print(f"nanochat + MegaContext (w_max {session.w_max}{', gist-first' if session.gist_first else ''}): "
+          "type a message; `/focus` shows the working context, `clear` starts over, `quit` leaves.")
+    while True:
+        try:
+            line = input("\nUser: ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("quit", "exit"):
+            return
+        if line == "/focus":
+            print(format_focus(session.focus()))
+            continue
+        if line == "clear":
+            if args.session:
+                print("(a saved session is not cleared: quit and start with another --session)")
+                continue
+            session, first = open_session(args, model, tokenizer, device, model_tag, step)
+            print("(new conversation)")
+            continue
+        if not line:
+            continue
+        print("\nAssistant: ", end="", flush=True)
+        reply(line)
+
+
 def main():
     p = argparse.ArgumentParser(description="Chat with a nanochat model", allow_abbrev=False)
     p.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="which checkpoints to load")
@@ -47,12 +146,29 @@ def main():
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", type=str, default="")
+    p.add_argument("--megacontext", action="store_true", help="keep the conversation in a MegaContext (no length limit)")
+    p.add_argument("--gist-first", action="store_true", help="MegaContext with gist-first decoding (needs a --megaprediction run)")
+    p.add_argument("--w-max", type=int, default=None, help="MegaContext working-context budget (default: the run's mc_w_max)")
+    p.add_argument("--session", type=str, default="", help="MegaContext: keep the session in this directory (resumed if it exists)")
+    p.add_argument("--context-file", type=str, default="", help="MegaContext: feed this text file into the history first")
     args = p.parse_args()
     if not 0 <= args.temperature <= 2 or args.top_k < 1:
         p.error("temperature must be in [0, 2] and top-k at least 1")
+    args.megacontext = args.megacontext or args.gist_first
+    if not args.megacontext and (args.session or args.context_file or args.w_max):
+        p.error("--session, --context-file and --w-max need --megacontext")
+    if args.context_file and not os.path.isfile(args.context_file):
+        p.error(f"--context-file {args.context_file}: no such file")
 
+    from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step
+    from nanochat.common import get_base_dir
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
-    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[args.source]))
+    step = args.step if args.step is not None else find_last_step(os.path.join(get_base_dir(), SOURCE_DIRS[args.source], model_tag))
+    model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
+    if args.megacontext:
+        megacontext_chat(args, model, tokenizer, device, model_tag, step)
+        return
     engine = Engine(model, tokenizer)
 
     if args.prompt:

@@ -1,0 +1,86 @@
+"""chat_cli with --megacontext / --gist-first: a conversation through a runtime Session, /focus, saved sessions."""
+
+import io
+import os
+import sys
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.megacontext.checkpoint import build_modules, save_megacontext
+from nanochat.megacontext.config import MegaContextConfig
+
+MC = dict(w_max=96, max_level=1, recent_tokens=16, gist_kind="mlp", gist_pooling="mean", lens_layers=1, lens_hidden=32)
+
+
+def save_mc_checkpoint(base_dir, tag, megaprediction=False):
+    """A tiny base checkpoint with MegaContext weights beside it, as base_train --megacontext saves them."""
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+    model = GPT(config)
+    model.init_weights()
+    mc = MegaContextConfig(**MC, **({"megaprediction": True} if megaprediction else {})).validate()
+    gistnet, lensnet = build_modules(mc, config)
+    directory = str(base_dir / "base_checkpoints" / tag)
+    predictor = None
+    if megaprediction:
+        from nanochat.megacontext.checkpoint import build_predictor
+        predictor = build_predictor(mc, config)
+    save_megacontext(directory, 5, mc, gistnet, lensnet, predictor=predictor)
+    save_checkpoint(directory, 5, model.state_dict(), None, {"step": 5, "model_config": config.to_dict(), "megacontext": mc.to_dict()})
+
+
+def run_cli(monkeypatch, capsys, args, stdin=""):
+    from scripts import chat_cli
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "-i", "base", "-t", "0", "--device-type", "cpu", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    chat_cli.main()
+    return capsys.readouterr().out
+
+
+def test_megacontext_chat_focus_and_a_resumed_session(base_dir, tmp_path, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_chat")
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "-p", "hello there", "--max-tokens", "6"])
+    assert out.strip()
+    session = str(tmp_path / "session")
+    long_turn = " ".join(["the cat sat on the mat"] * 40)  # past w_max (96 slots) and the model's 128-token context
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", session, "--max-tokens", "6"],
+                  stdin=f"{long_turn}\n/focus\nhello\nquit\n")
+    assert out.count("Assistant:") == 2 and "working context" in out and "LOD mix: LOD0" in out
+    assert os.path.exists(os.path.join(session, "session.json"))
+    before = int(out.split("history ")[1].split(" tokens")[0].replace(",", ""))
+    assert before > 128
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", session, "--max-tokens", "6"],
+                  stdin="again\n/focus\nquit\n")
+    assert "resumed the session" in out
+    after = int(out.split("history ")[-1].split(" tokens")[0].replace(",", ""))
+    assert after > before + 3  # the previous turns are still there, the new one added
+
+
+def test_context_file_is_read_into_the_history(base_dir, tmp_path, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_ctx")
+    doc = tmp_path / "book.txt"
+    doc.write_text("Once upon a time there was a small model. " * 200)
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_ctx", "--megacontext", "--context-file", str(doc), "--max-tokens", "4"],
+                  stdin="/focus\nquit\n")
+    assert "into the history" in out and "tree levels 1..2" in out  # > 1024 tokens: LOD2 gists past the trained LOD1
+
+
+def test_gist_first_needs_megaprediction_weights_and_runs_with_them(base_dir, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_plain")
+    with pytest.raises(UserError, match="gist-first decoding needs MegaPrediction"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_plain", "--gist-first", "-p", "hi"])
+    save_mc_checkpoint(base_dir, "mc_mp", megaprediction=True)
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_mp", "--gist-first", "--max-tokens", "40"], stdin="hello\n/focus\nquit\n")
+    assert "gist-first" in out and "MegaPrediction on" in out
+
+
+def test_megacontext_flags_without_megacontext_are_refused(base_dir, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_flags")
+    with pytest.raises(SystemExit):
+        run_cli(monkeypatch, capsys, ["-g", "mc_flags", "--session", "x"])
+    with pytest.raises(SystemExit):
+        run_cli(monkeypatch, capsys, ["-g", "mc_flags", "--megacontext", "--context-file", "/no/such/file"])
