@@ -76,6 +76,7 @@ def build_parser():
     p.add_argument("--model-tag", type=str, default=None, help="checkpoint dir name (default d<depth>)")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile the model (1/0; -1: on cuda only)")
     p.add_argument("--megacontext", action="store_true", help="MegaContext run: adds the --mc-* settings (see nanochat/megacontext/config.py)")
+    p.add_argument("--megaprediction", action="store_true", help="with --megacontext: train MegaPrediction readouts (= --mc-megaprediction true)")
     return p
 
 
@@ -104,7 +105,12 @@ def parse_args(argv=None):
             hint = " (mc_* keys need megacontext = true)" if any(k.startswith("mc_") for k in unknown) else ""
             raise UserError(f"{pre.config}: unknown key(s) {', '.join(unknown)}{hint}")
         parser.set_defaults(**preset)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.megaprediction:
+        if not args.megacontext:
+            raise UserError("--megaprediction needs --megacontext (its readouts predict GistNet's gists)")
+        args.mc_megaprediction = True
+    return args
 
 
 def model_config_from_args(args, vocab_size):
@@ -163,8 +169,9 @@ SAMPLE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "import os\n"
 
 
 @torch.no_grad()
-def validate_megacontext(model, gistnet, lensnet, mc, tokenizer, B, T, device):
-    """megacontext.evaluation.validate on the first mc.eval_rows rows of the val split -> {"mc_val/<key>": float}."""
+def validate_megacontext(model, gistnet, lensnet, mc, tokenizer, B, T, device, predictor=None):
+    """megacontext.evaluation.validate on the first mc.eval_rows rows of the val split -> {"mc_val/<key>": float};
+    with a predictor also mp_dnll_lod{L}, megaprediction.predicted_gist_dnll on the same rows."""
     from nanochat.megacontext.evaluation import validate
     loader = bos_bestfit_loader(tokenizer, B, T, "val", device=device)
     rows = []
@@ -172,11 +179,15 @@ def validate_megacontext(model, gistnet, lensnet, mc, tokenizer, B, T, device):
         x, y, _ = next(loader)
         rows.append(torch.cat([x, y[:, -1:]], dim=1))  # (B, T + 1)
     rows = torch.cat(rows)[:mc.eval_rows]
-    modules = (model, gistnet, lensnet)
+    modules = (model, gistnet, lensnet) + (() if predictor is None else (predictor,))
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
     result = validate(model, gistnet, lensnet, mc, rows, bos_id=tokenizer.get_bos_token_id())
+    if predictor is not None:
+        from nanochat.megacontext.megaprediction import predicted_gist_dnll
+        dnll = predicted_gist_dnll(predictor, gistnet, model, mc, rows, bos_id=tokenizer.get_bos_token_id())
+        result.update({f"mp_dnll_lod{L}": v for L, v in dnll.items()})
     for m, mode in zip(modules, modes):
         m.train(mode)
     return {f"mc_val/{k}": v for k, v in result.items()}
@@ -251,12 +262,19 @@ def train(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
                                         matrix_lr=args.matrix_lr * lr_scale, weight_decay=weight_decay, scalar_lr=args.scalar_lr * lr_scale)
     adamw, muon = optimizers
+    predictor = None  # MegaPrediction's readouts (--megaprediction)
     if mc is not None:  # GistNet + LensNet and their AdamW, scheduled with the model's optimizers
-        from nanochat.megacontext.checkpoint import build_modules, save_megacontext, load_megacontext
+        from nanochat.megacontext.checkpoint import build_modules, build_predictor, save_megacontext, load_megacontext, load_predictor
         from nanochat.megacontext.training import MegaContextTrainer
         gistnet, lensnet = build_modules(mc, config, device)
         trainer = MegaContextTrainer(model, gistnet, lensnet, mc, seed=0, bos_id=tokenizer.get_bos_token_id())
         mc_optimizer = trainer.make_optimizer()
+        predictor = build_predictor(mc, config, device)  # None without --megaprediction
+        if predictor is not None:  # its own group in the MC AdamW, at GistNet's lr
+            from nanochat.megacontext.megaprediction import megaprediction_loss, level_weights
+            mp_weights = level_weights(mc)  # {level: alpha}
+            mc_optimizer.add_param_group(dict(params=list(predictor.parameters()), lr=mc.gist_lr, initial_lr=mc.gist_lr))
+            print0(f"megaprediction: MegaPredictor {sum(p.numel() for p in predictor.parameters()):,} params | loss weights {mp_weights}")
         gist_flops = 6 * sum(p.numel() for p in gistnet.parameters())  # per history token gisted
         print0(f"megacontext: {json.dumps(mc.to_dict())}")
         print0(f"megacontext: GistNet {sum(p.numel() for p in gistnet.parameters()):,} params | LensNet "
@@ -287,6 +305,8 @@ def train(argv=None):
                 raise UserError(f"cannot resume: the checkpoint's MegaContext settings differ in {', '.join(changed)}")
             gistnet.load_state_dict(saved_gistnet.state_dict())
             lensnet.load_state_dict(saved_lensnet.state_dict())
+            if predictor is not None:
+                predictor.load_state_dict(load_predictor(checkpoint_dir, start_step, config, device).state_dict())
             mc_optimizer.load_state_dict(mc_state)
         if start_step > num_iterations:
             raise UserError(f"cannot resume from step {start_step}: this run has only {num_iterations} iterations")
@@ -326,7 +346,7 @@ def train(argv=None):
         if mc is not None:  # beside the model, before the meta (the meta, written last, marks a complete step)
             meta["megacontext"] = mc.to_dict()
             if master:
-                save_megacontext(checkpoint_dir, step, mc, gistnet, lensnet, mc_optimizer)
+                save_megacontext(checkpoint_dir, step, mc, gistnet, lensnet, mc_optimizer, predictor)
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_data, meta, rank=rank)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
 
@@ -343,10 +363,11 @@ def train(argv=None):
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             mc_val = {}
             if mc is not None and mc.eval_rows > 0:  # failure mode 10: validate the MegaContext path too
-                mc_val = validate_megacontext(orig_model, gistnet, lensnet, mc, tokenizer, B, T, device)
+                mc_val = validate_megacontext(orig_model, gistnet, lensnet, mc, tokenizer, B, T, device, predictor)
                 print0(f"step {step:05d} | mc val: NLL trunc {mc_val['mc_val/nll_trunc']:.3f} | mc {mc_val['mc_val/nll_mc']:.3f} "
                        f"| full {mc_val['mc_val/nll_full']:.3f} | gap closed {mc_val['mc_val/gap_closed']:.3f} "
-                       f"| LOD1 substitution {mc_val['mc_val/dnll_lod1']:+.3f} nats")
+                       f"| LOD1 substitution {mc_val['mc_val/dnll_lod1']:+.3f} nats"
+                       + (f" | predicted LOD1 {mc_val['mc_val/mp_dnll_lod1']:+.3f} nats" if "mc_val/mp_dnll_lod1" in mc_val else ""))
             log.write(step=step, kind="eval", val_bpb=val_bpb, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
                       wall_s=loop_state["total_training_time"], **mc_val)
             model.train()
@@ -371,19 +392,31 @@ def train(argv=None):
         step_flops = flops_per_token * total_batch_size
         mc_stats = []
         for micro in range(grad_accum_steps):
-            loss = model(x, y)
+            if predictor is not None:  # the same forward, also returning the hidden states (B, T, C)
+                loss, hidden = model(x, y, return_hidden=True)
+            else:
+                loss = model(x, y)
             train_loss = loss.detach()
             if mc is None:
                 (loss / grad_accum_steps).backward()
-            else:
+            elif predictor is None:
                 (mc.lm_weight * loss / grad_accum_steps).backward()
+            else:  # MegaPrediction: + sum_L alpha_L * (1 - cos) of the readouts, in the LM loss's backward
+                mp_losses, mp_cos = megaprediction_loss(predictor, gistnet, orig_model, hidden, x, mp_weights)
+                mp_loss = sum(mp_weights[L] * l for L, l in mp_losses.items())
+                ((mc.lm_weight * loss + mp_loss) / grad_accum_steps).backward()
+                step_flops += world_size * B * T * (gist_flops / 3 + 6 * predictor.dim ** 2 / 32)  # per token: the targets' GistNet forward, 1/32 readout
+            if mc is not None:
                 stats = trainer.backward(x, y, step, num_iterations, grad_scale=1 / grad_accum_steps,
                                          stream=rank * grad_accum_steps + micro)
                 step_flops += world_size * B * (stats.get("slots", 0.0) * flops_per_token + (T + 1 - mc.horizon) * gist_flops)
+                if predictor is not None:
+                    stats.update({f"mp_cos_lod{L}": c for L, c in mp_cos.items()})
                 mc_stats.append(stats)
             loader_state = next_loader_state  # the state after the batch just consumed: what a checkpoint resumes from
             x, y, next_loader_state = next(train_loader)
         params = list(orig_model.parameters()) + ([] if mc is None else trainer.parameters())
+        params += [] if predictor is None else list(predictor.parameters())
         if is_ddp:
             for p in params:  # a MegaContext module can sit out a rank's step (e.g. LensNet while C2 covers every history)
                 if p.grad is None:
@@ -422,6 +455,8 @@ def train(argv=None):
                 mc_metrics[f"mc/{k}"] = sum(vals) / len(vals) if vals else float("nan")
             mc_line = (f" | C2 {mc_metrics['mc/budget']:.0f} | hz {mc_metrics['mc/horizon_loss']:.3f} | lens {mc_metrics['mc/lens_loss']:.3f}"
                        f" agree {mc_metrics['mc/lens_agree']:.2f} | gist cos {mc_metrics['mc/gist_cos_lod1']:.2f}")
+            if "mc/mp_cos_lod1" in mc_metrics:
+                mc_line += f" | mp cos {mc_metrics['mc/mp_cos_lod1']:.2f}"
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.1f}%) | loss {smooth:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms "
                f"| tok/s {tok_per_sec:,.0f} | mfu {mfu_str}{mc_line} | eta {eta / 60:.1f}m")
         log.write(step=step, kind="train", loss=train_loss, smooth_loss=smooth, lr_mult=lrm, tok_per_sec=tok_per_sec, mfu=mfu,

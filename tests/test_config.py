@@ -63,3 +63,14 @@ def test_vanilla_parsing_never_imports_megacontext():
             "assert 'nanochat.megacontext.config' in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_megaprediction_is_a_megacontext_setting_with_a_shorthand_flag():
+    assert from_args(base_train.parse_args(["--megacontext"])).megaprediction is False
+    assert from_args(base_train.parse_args(["--megacontext", "--megaprediction"])).megaprediction is True
+    assert from_args(base_train.parse_args(["--megacontext", "--mc-megaprediction", "true"])).megaprediction is True
+    assert from_args(base_train.parse_args(["--config", MC_PRESETS[0], "--megaprediction"])).megaprediction is True  # the preset's switch
+    with pytest.raises(UserError, match="--megaprediction needs --megacontext"):
+        base_train.parse_args(["--megaprediction"])
+    with pytest.raises(UserError, match="mc_mp_alpha_lod1 and mc_mp_alpha_lod2 must be >= 0"):
+        from_args(base_train.parse_args(["--megacontext", "--megaprediction", "--mc-mp-alpha-lod2", "-0.01"]))

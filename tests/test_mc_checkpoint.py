@@ -1,11 +1,13 @@
 """GistNet + LensNet beside a base checkpoint (nanochat/megacontext/checkpoint.py)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from nanochat.common import UserError
 from nanochat.gpt import GPTConfig
-from nanochat.megacontext.checkpoint import build_modules, load_megacontext, mc_path, save_megacontext
+from nanochat.megacontext.checkpoint import build_modules, build_predictor, load_megacontext, load_predictor, mc_path, save_megacontext
 from nanochat.megacontext.config import MegaContextConfig
 
 MODEL = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
@@ -42,3 +44,30 @@ def test_missing_truncated_or_foreign_files_are_one_line_user_errors(tmp_path):
     other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     with pytest.raises(UserError, match="cannot load MegaContext weights"):
         load_megacontext(str(tmp_path), 1, other, "cpu")  # weights of a 64-wide model into a 128-wide one
+
+
+def test_megapredictor_round_trips_beside_gistnet_and_lensnet_and_is_none_when_off(tmp_path):
+    gistnet, lensnet = build_modules(MC, MODEL)
+    assert build_predictor(MC, MODEL) is None
+    save_megacontext(str(tmp_path), 1, MC, gistnet, lensnet)
+    assert load_predictor(str(tmp_path), 1, MODEL, "cpu") is None  # a run without --megaprediction
+    mp = dataclasses.replace(MC, megaprediction=True)
+    predictor = build_predictor(mp, MODEL)
+    with torch.no_grad():
+        for p in predictor.parameters():
+            p.add_(torch.randn_like(p))
+    save_megacontext(str(tmp_path), 2, mp, gistnet, lensnet, predictor=predictor)
+    p2 = load_predictor(str(tmp_path), 2, MODEL, "cpu")
+    sa, sb = predictor.state_dict(), p2.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa) and p2.max_level == 2
+    assert load_megacontext(str(tmp_path), 2, MODEL, "cpu")[0] == mp  # the GistNet + LensNet loader is unchanged
+    data = open(mc_path(str(tmp_path), 2), "rb").read()
+    open(mc_path(str(tmp_path), 3), "wb").write(data[:len(data) // 2])
+    with pytest.raises(UserError, match="cannot load MegaPrediction weights") as e:
+        load_predictor(str(tmp_path), 3, MODEL, "cpu")
+    assert "\n" not in str(e.value)
+    other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    with pytest.raises(UserError, match="cannot load MegaPrediction weights"):
+        load_predictor(str(tmp_path), 2, other, "cpu")
+    with pytest.raises(UserError, match="no MegaContext weights"):
+        load_predictor(str(tmp_path), 9, MODEL, "cpu")

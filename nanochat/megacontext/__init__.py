@@ -12,7 +12,9 @@ One module per component, read in this order:
 - horizon.py          scoring WCs by the NLL of the tokens that follow them (one padded forward)
 - training.py         base_train --megacontext: the slate of WC variants and the horizon, gist, lens losses
 - evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit
-- checkpoint.py       GistNet + LensNet beside a base checkpoint (mc_<step>.pt), built in one place
+- megaprediction.py   MegaPredictor: readouts of the model's hidden state predict the next block's gist
+                      (base_train --megaprediction; gist-first decoding in runtime.py)
+- checkpoint.py       GistNet + LensNet (+ MegaPredictor) beside a base checkpoint (mc_<step>.pt), built in one place
 - config.py           MegaContextConfig: the --mc-* flags and mc_* preset keys
 The vanilla model never imports this package; `GPT.forward(inputs_embeds=..., positions=..., lod=...)`
 is the one hook into the base model.

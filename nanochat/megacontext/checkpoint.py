@@ -1,10 +1,11 @@
 """
-MegaContext weights beside a base checkpoint, and the one place that builds GistNet + LensNet.
+MegaContext weights beside a base checkpoint, and the one place that builds GistNet, LensNet and the MegaPredictor.
 
 A MegaContext run writes the base model exactly as a vanilla run does (model_<step>.pt holds the
 spec's key set, so vanilla loaders and upstream nanochat load it unchanged), plus
     mc_<step:06d>.pt   {"mc_config": dict, "gistnet": state_dict, "lensnet": state_dict,
-                        "optimizer": the MC AdamW state_dict or None}
+                        "optimizer": the MC AdamW state_dict or None,
+                        "predictor": the MegaPredictor state_dict, or None (megaprediction off)}
 written atomically before the meta (meta_<step>.json, written last, also carries "megacontext":
 the config), so a step with a meta is complete. Vanilla code never looks for mc_*.pt.
 """
@@ -17,6 +18,7 @@ from nanochat.common import UserError, atomic_torch_save
 from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.gistnet import GistNet
 from nanochat.megacontext.lensnet import LensNet
+from nanochat.megacontext.megaprediction import MegaPredictor
 
 
 def build_modules(mc_config, model_config, device=None):
@@ -30,14 +32,22 @@ def build_modules(mc_config, model_config, device=None):
     return gistnet.to(device), lensnet.to(device)
 
 
+def build_predictor(mc_config, model_config, device=None):
+    """The MegaPredictor of a --megaprediction run (initialized, on device), None when it is off."""
+    if not mc_config.megaprediction:
+        return None
+    return MegaPredictor(model_config.n_embd, mc_config.max_level).to(device)
+
+
 def mc_path(checkpoint_dir, step):
     return os.path.join(checkpoint_dir, f"mc_{step:06d}.pt")
 
 
-def save_megacontext(checkpoint_dir, step, mc_config, gistnet, lensnet, optimizer=None):
+def save_megacontext(checkpoint_dir, step, mc_config, gistnet, lensnet, optimizer=None, predictor=None):
     os.makedirs(checkpoint_dir, exist_ok=True)
     atomic_torch_save(dict(mc_config=mc_config.to_dict(), gistnet=gistnet.state_dict(), lensnet=lensnet.state_dict(),
-                           optimizer=None if optimizer is None else optimizer.state_dict()), mc_path(checkpoint_dir, step))
+                           optimizer=None if optimizer is None else optimizer.state_dict(),
+                           predictor=None if predictor is None else predictor.state_dict()), mc_path(checkpoint_dir, step))
 
 
 def load_megacontext(checkpoint_dir, step, model_config, device):
@@ -56,3 +66,54 @@ def load_megacontext(checkpoint_dir, step, model_config, device):
     except Exception as e:  # truncated file, foreign keys, shapes of another model
         raise UserError(f"cannot load MegaContext weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return mc_config, gistnet, lensnet, data.get("optimizer")
+
+
+def load_predictor(checkpoint_dir, step, model_config, device):
+    """-> the MegaPredictor saved at `step`, or None when that run trained none (files from before
+    MegaPrediction included)."""
+    path = mc_path(checkpoint_dir, step)
+    if not os.path.exists(path):
+        raise UserError(f"no MegaContext weights at {path} (was this a --megacontext run?)")
+    try:
+        data = torch.load(path, map_location=device, weights_only=True)
+        if data.get("predictor") is None:
+            return None
+        predictor = build_predictor(MegaContextConfig(**data["mc_config"]).validate(), model_config, device)
+        predictor.load_state_dict(data["predictor"], strict=True)  # (None.load_state_dict: a config saying megaprediction off)
+    except UserError:
+        raise
+    except Exception as e:  # truncated file, foreign keys, shapes of another model
+        raise UserError(f"cannot load MegaPrediction weights {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return predictor
+
+
+def find_megacontext(source, model_tag, step):
+    """(directory, step) of the MegaContext weights for a chat model: mc_<step>.pt beside the loaded
+    checkpoint, else the newest one of the base run with the same tag (SFT / RL fine-tune the base
+    model and leave GistNet and LensNet as base training made them)."""
+    import re
+    from nanochat.checkpoint_manager import SOURCE_DIRS
+    from nanochat.common import get_base_dir
+    own = os.path.join(get_base_dir(), SOURCE_DIRS[source], model_tag)
+    if os.path.exists(mc_path(own, step)):
+        return own, step
+    base = os.path.join(get_base_dir(), SOURCE_DIRS["base"], model_tag)
+    steps = [int(m.group(1)) for f in (os.listdir(base) if os.path.isdir(base) else []) if (m := re.fullmatch(r"mc_(\d+)\.pt", f))]
+    if not steps:
+        raise UserError(f"no MegaContext weights (mc_<step>.pt) in {own} or {base}: train the base model with --megacontext")
+    return base, max(steps)
+
+
+def load_for_chat(source, model_tag, step, model, device):
+    """-> (MegaContextConfig, GistNet, LensNet, MegaPredictor or None) for a chat model loaded from
+    `source`/`model_tag`/`step`, in eval mode; prints where the weights came from."""
+    from nanochat.common import print0
+    directory, mc_step = find_megacontext(source, model_tag, step)
+    mc_config, gistnet, lensnet, _ = load_megacontext(directory, mc_step, model.config, device)
+    predictor = load_predictor(directory, mc_step, model.config, device)
+    print0(f"megacontext: weights from {mc_path(directory, mc_step)} (w_max {mc_config.w_max}, "
+           f"MegaPrediction {'on' if predictor is not None else 'off'})")
+    for module in (gistnet, lensnet, predictor):
+        if module is not None:
+            module.eval()
+    return mc_config, gistnet, lensnet, predictor

@@ -51,6 +51,10 @@ class MegaContextConfig:
     gist_lr: float = 3e-3            # AdamW lr of GistNet (scheduled like the model's)
     lens_lr: float = 1e-3            # AdamW lr of LensNet
     eval_rows: int = 16              # validation rows scored on the MegaContext path at each eval
+    # MegaPrediction (base_train --megaprediction): readouts predict the next block's gist (megaprediction.py)
+    megaprediction: bool = False
+    mp_alpha_lod1: float = 0.03      # weight of the LOD1 readout cosine loss
+    mp_alpha_lod2: float = 0.02      # weight of the LOD2 readout cosine loss
 
     def validate(self):
         """Raise UserError (one line) for a setting that cannot work."""
@@ -75,6 +79,7 @@ class MegaContextConfig:
             (self.horizon >= BLOCK_SIZE and self.horizon % BLOCK_SIZE == 0, f"mc_horizon must be a positive multiple of {BLOCK_SIZE}, got {self.horizon}"),
             (self.num_variants >= 1, f"mc_num_variants must be at least 1, got {self.num_variants}"),
             (min(self.alpha_lod1, self.alpha_lod2, self.lens_weight) >= 0, "loss weights must be >= 0"),
+            (min(self.mp_alpha_lod1, self.mp_alpha_lod2) >= 0, f"mc_mp_alpha_lod1 and mc_mp_alpha_lod2 must be >= 0, got {self.mp_alpha_lod1}, {self.mp_alpha_lod2}"),
         ]
         for ok, message in checks:
             if not ok:
