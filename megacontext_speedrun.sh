@@ -2,7 +2,8 @@
 # The MegaContext pipeline: a MegaContext base model (base model + GistNet + LensNet trained end to
 # end) and its vanilla twin on the same tokens in the same order -> base eval -> mc_eval (gap closed
 # vs truncation, gist substitution DeltaNLL, LensNet audit, NLL vs history plot) -> chat SFT of the
-# MegaContext model -> a chat answer -> chat eval -> report.md.
+# MegaContext model -> a chat answer, plain and through the MegaContext runtime with gist-first decoding
+# -> chat eval -> report.md.
 #
 #   bash megacontext_speedrun.sh           # GPU node: d12 (configs/d12_mc.toml + its twin configs/d12.toml)
 #   DEPTH=20 NPROC=8 bash megacontext_speedrun.sh
@@ -55,6 +56,7 @@ else
     $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 24
     $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
     $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
+    $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
 fi
 $PY -m nanochat.report generate
