@@ -14,6 +14,8 @@ One module per component, read in this order:
 - evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit
 - megaprediction.py   MegaPredictor: readouts of the model's hidden state predict the next block's gist
                       (base_train --megaprediction; gist-first decoding in runtime.py)
+- runtime.py          Session: a chat over an unbounded history at constant cost per token (streaming ingest,
+                      refocus every block, the KV cache over the WC, gist-first plans, save / open)
 - checkpoint.py       GistNet + LensNet (+ MegaPredictor) beside a base checkpoint (mc_<step>.pt), built in one place
 - config.py           MegaContextConfig: the --mc-* flags and mc_* preset keys
 The vanilla model never imports this package; `GPT.forward(inputs_embeds=..., positions=..., lod=...)`
