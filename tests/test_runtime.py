@@ -208,3 +208,24 @@ def test_bad_sessions_are_one_line_errors(tmp_path):
         Session.create(model, gistnet, lensnet, mc, w_max=40)
     with pytest.raises(UserError, match="prompt"):
         next(Session.create(model, gistnet, lensnet, mc).generate(3))
+
+
+def test_score_is_the_teacher_forced_nll_that_generate_samples_from():
+    model, gistnet, lensnet, mc = parts()
+    for gist_first in (False, True):
+        a = Session.create(model, gistnet, lensnet, mc, predictor=FixedPredictor(64), gist_first=gist_first)
+        b = Session.create(model, gistnet, lensnet, mc, predictor=FixedPredictor(64), gist_first=gist_first)
+        a.feed(stream(90))
+        b.feed(stream(90))
+        greedy = [t for t, _ in a.generate(50, temperature=0.0)]  # crosses blocks: plans made and dropped
+        nll = b.score(greedy)
+        assert nll.shape == (50,) and b.wc == a.wc and b.plan is None
+        # greedy tokens are each step's argmax, so their NLL is the smallest of the vocabulary at that step
+        c = Session.create(model, gistnet, lensnet, mc, predictor=FixedPredictor(64), gist_first=gist_first)
+        c.feed(stream(90))
+        for t, n in zip(greedy[:5], nll[:5]):
+            logp = torch.log_softmax(c.logits.float(), -1)
+            assert int(logp.argmax()) == t and float(-logp[t]) == pytest.approx(float(n), abs=1e-5)
+            if gist_first and c.tree.num_tokens % K == 0:
+                c._make_plan()
+            c.feed([t])

@@ -319,6 +319,25 @@ class Session:
                 with torch.inference_mode():
                     self._sync()
 
+    def score(self, tokens):
+        """Teacher forcing through the session: feed `tokens` one at a time, as generate() would have
+        produced them (gist-first plans included) -> (n,) float32 NLL of each token given all before it."""
+        if self.logits is None:
+            raise UserError("feed the session a prompt before scoring")
+        nll = []
+        try:
+            for token in tokens:
+                nll.append(-torch.log_softmax(self.logits.float(), dim=-1)[int(token)])
+                if self.gist_first and self.tree.num_tokens % K == 0:
+                    self._make_plan()
+                self.feed([token])
+        finally:
+            if self.plan is not None:
+                self.plan = None
+                with torch.inference_mode():
+                    self._sync()
+        return torch.stack(nll).cpu() if nll else torch.zeros(0)
+
     # -------------------------------------------------------------------------
     # telemetry
 
