@@ -186,3 +186,15 @@ def mix_documents(texts, frac, seed, n_tokens, count_tokens):
     rng = random.Random(seed)
     return [make_document(TRAIN_KINDS[j % len(TRAIN_KINDS)], rng, texts, n_tokens, count_tokens).text
             for j in range(count)]
+
+
+def num_answers(kind):
+    """How many different answers a document of kind can ask for: the values fact_question_answer
+    draws (keep the two in step). 1 / num_answers is the chance of guessing the answer blind."""
+    if kind not in KINDS:
+        raise UserError(f"unknown long-range document kind {kind!r}; expected one of {', '.join(KINDS)}")
+    word3 = (len(CONSONANTS) * len(VOWELS)) ** 3  # random_word(rng, 3)
+    return {"passkey": 99999 - 10000 + 1,               # randint(10000, 99999)
+            "kv-recall": 16 ** 6,                       # 24 random bits as 6 hex digits
+            "variable": (99999 - 1000 + 1) + word3 * (999 - 10 + 1),  # an int literal or "<word3>-<10..999>"
+            "needle": word3 * (999 - 100 + 1)}[kind]    # "<Word3>-<100..999>"

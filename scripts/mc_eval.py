@@ -18,6 +18,25 @@ last mult x w_max history tokens for mult = 1, 2, 4, 8, ... up to --history-mult
 truncated / MC / full curves next to the JSON).
 Results go to <base>/mc_eval/<tag>_step<step>.json (written atomically, --out to change), a
 "MegaContext evaluation" report section, and a one-line JSON summary as the last line of stdout.
+
+Retrieval (--task passkey | kv-recall | needle, or retrieval for all three):
+
+    python -m scripts.mc_eval --model-tag cpu_tiny_mc --task retrieval --num-docs 8 --device-type cpu
+    python -m scripts.mc_eval --task needle --depths 0.1,0.5,0.9 --mults 4,16,64
+
+For each history multiple m (history = m x w_max tokens, --mults) and depth d (where the fact sits,
+as a fraction of the history, --depths), --num-docs documents of the kind (default 8) whose answer
+comes right after the history. A document is retrieved when greedy argmax predicts all of its answer
+tokens (teacher forced) from: the MegaContext working context, the newest w_max tokens (truncation),
+or the whole history (full, null where history + answer exceed the model's rotary table); the retrieval
+section of nanochat/megacontext/evaluation.py says how each reads the history. Results go to
+<base>/mc_eval/<tag>_step<step>_<task>.json (nll: the mean answer NLL per token; chance: 1 / the answers
+a document of the kind can have):
+    {"results": {task: {method: {mult: {depth: {"acc", "nll", "n"}} or null}}}, "chance": {task: p},
+     "full_skipped": {task: {mult: reason}}, "mc_levels": {mult: gist level}, ...}
+and a heat map of the accuracies beside it (.png); the one-line summary gives each method's accuracy
+and answer NLL at 16x (or the middle multiple) averaged over tasks and depths. --history-mult, --source and
+--audit-edits are unused; no report section is written.
 """
 
 import os
@@ -35,6 +54,7 @@ from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, 
 from nanochat.checkpoint_manager import build_model, find_largest_model, find_last_step
 
 LONGRANGE_KINDS = ("passkey", "kv-recall", "variable")
+RETRIEVAL_TASKS = ("passkey", "kv-recall", "needle")
 CURVE_KEYS = ("nll_trunc", "nll_mc", "nll_full")
 
 
@@ -44,12 +64,17 @@ def build_parser():
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
     p.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty: autodetect)")
     p.add_argument("--history-mult", type=int, default=8, help="history = this x mc_w_max tokens")
-    p.add_argument("--num-docs", type=int, default=32, help="documents per source")
+    p.add_argument("--num-docs", type=int, default=None, help="documents per source (default 32); with --task, per cell (default 8)")
     p.add_argument("--source", type=str, default="both", choices=["val", "longrange", "both"])
     p.add_argument("--refocus-iters", type=int, default=8, help="LensNet + allocator steps per working context")
     p.add_argument("--audit-edits", type=int, default=8, help="single edits measured per working context (0: no audit)")
-    p.add_argument("--out", type=str, default="", help="JSON path (default <base>/mc_eval/<tag>_step<step>.json)")
+    p.add_argument("--out", type=str, default="", help="JSON path (default <base>/mc_eval/<tag>_step<step>.json; "
+                   "with --task <tag>_step<step>_<task>.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", type=str, default="", help="passkey | kv-recall | needle | retrieval (all three): retrieval accuracy "
+                   "instead of the default evaluation")
+    p.add_argument("--depths", type=str, default="0.1,0.3,0.5,0.7,0.9", help="--task: where the fact sits, fractions of the history")
+    p.add_argument("--mults", type=str, default="4,8,16,32,64", help="--task: history lengths, multiples of mc_w_max")
     return p
 
 
@@ -75,6 +100,14 @@ def val_documents(tokenizer, texts, num_docs, n_tokens):
     return docs
 
 
+def left_pad(tokenizer, texts, ids, n_tokens, rng):
+    """ids with the end of random val texts in front of them, to exactly n_tokens."""
+    pad = []
+    while len(pad) < n_tokens - len(ids):
+        pad = tokenizer.encode(texts[rng.randrange(len(texts))]) + pad
+    return pad[len(pad) - (n_tokens - len(ids)):] + ids
+
+
 def longrange_documents(tokenizer, texts, num_docs, n_tokens, horizon, seed):
     """num_docs (token list of exactly n_tokens, answer tokens): BOS + a long-range document, the
     few tokens it falls short of n_tokens taken from the end of a val text in front of it."""
@@ -89,11 +122,35 @@ def longrange_documents(tokenizer, texts, num_docs, n_tokens, horizon, seed):
         answer = len(ids) - len(tokenizer.encode(doc.prompt, prepend=bos))  # the answer's tokens at the end
         if not 0 < answer <= horizon:
             raise UserError(f"a {doc.kind} document's answer ({answer} tokens) does not fit the horizon of {horizon} tokens")
-        pad = []
-        while len(pad) < n_tokens - len(ids):  # left padding: the end of some val text
-            pad = tokenizer.encode(texts[rng.randrange(len(texts))]) + pad
-        out.append((pad[len(pad) - (n_tokens - len(ids)):] + ids, answer))
+        out.append((left_pad(tokenizer, texts, ids, n_tokens, rng), answer))  # left padding: the end of some val text
     return out
+
+
+def retrieval_documents(tokenizer, texts, kind, depth, history, num_docs, rng):
+    """num_docs (history ids, answer ids) of kind with the fact at depth: BOS + a long-range document
+    cut before its answer, left-padded to exactly `history` tokens with the end of a val text."""
+    from nanochat.longrange import make_document
+    bos = tokenizer.get_bos_token_id()
+    count = lambda text: len(tokenizer.encode(text)) + 1  # + the BOS
+    out = []
+    for _ in range(num_docs):
+        doc = make_document(kind, rng, texts, history, count, depth=depth)
+        ids, prompt = tokenizer.encode(doc.text, prepend=bos), tokenizer.encode(doc.prompt, prepend=bos)
+        if ids[:len(prompt)] != prompt:
+            raise UserError(f"a {kind} document's answer {doc.answer!r} does not tokenize apart from its question")
+        out.append((left_pad(tokenizer, texts, prompt, history, rng), ids[len(prompt):]))
+    return out
+
+
+def parse_list(text, kind, flag):
+    """'0.1,0.5' -> [0.1, 0.5] (kind float or int), or a one-line UserError naming the flag."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty")
+    return values
 
 
 def plot_curves(curve, path):
@@ -118,9 +175,123 @@ def plot_curves(curve, path):
     plt.close(fig)
 
 
+def plot_retrieval(results, tasks, mults, depths, path):
+    """Heat maps of retrieval accuracy -> PNG at path (atomically): a row of panels per task, one
+    panel per method, history multiple (rows) x depth (columns), the accuracy written in each cell."""
+    import numpy as np
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nanochat.megacontext.evaluation import METHODS
+    fig, axes = plt.subplots(len(tasks), len(METHODS), figsize=(3.4 * len(METHODS) + 1, 0.4 * len(mults) * len(tasks) + 1.2 * len(tasks)),
+                             squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")  # grey: not run
+    for r, task in enumerate(tasks):
+        for c, method in enumerate(METHODS):
+            ax, table = axes[r][c], results[task][method]
+            acc = np.array([[np.nan if table[str(m)] is None else table[str(m)][f"{d:g}"]["acc"] for d in depths] for m in mults])
+            image = ax.imshow(acc, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+            for i in range(len(mults)):
+                for j in range(len(depths)):
+                    v = acc[i, j]
+                    ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if np.isnan(v) or v > 0.5 else "white")
+            ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set_yticks(range(len(mults)), [f"{m}x" for m in mults])
+            ax.set_title(f"{task}: {method}", fontsize=10)
+            if r == len(tasks) - 1:
+                ax.set_xlabel("depth of the fact in the history")
+            if c == 0:
+                ax.set_ylabel("history (x w_max)")
+    fig.colorbar(image, ax=axes, label="retrieval accuracy", shrink=0.8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def cell_mean(tables, key):
+    """The mean of key (acc or nll) over every cell of depth tables ({depth: cell}, None skipped), or None."""
+    cells = [c for table in tables if table for c in table.values()]
+    return sum(c[key] for c in cells) / len(cells) if cells else None
+
+
+def retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, rank, device, t0):
+    """The --task run: retrieval accuracy per task, method, history multiple and depth (see the top)."""
+    from nanochat.longrange import num_answers
+    from nanochat.megacontext.evaluation import METHODS, measure_retrieval, receptive_field, retrieval_summary
+    tasks = RETRIEVAL_TASKS if args.task == "retrieval" else (args.task,)
+    mults, depths = args.mults, args.depths
+    table, field = model.cos.size(1), receptive_field(model)
+    print0(f"mc_eval --task {args.task}: {model_tag} step {step} | w_max {mc.w_max} | mults {mults} | depths {depths} | "
+           f"{args.num_docs} documents per cell | full attention reads up to {field} tokens, rotary table {table}")
+    texts = val_texts()
+    results = {task: {method: {} for method in METHODS} for task in tasks}
+    full_skipped, mc_levels = {}, {}
+    for task in tasks:
+        for mult in mults:
+            t1 = time.time()
+            history = mult * mc.w_max
+            histories, answers, depth_of = [], [], []
+            for depth in depths:
+                rng = random.Random(f"{args.seed}/{task}/{mult}/{depth:g}")  # each cell's documents, whatever else runs
+                for ids, answer in retrieval_documents(tokenizer, texts, task, depth, history, args.num_docs, rng):
+                    histories.append(torch.tensor(ids, dtype=torch.long, device=device))
+                    answers.append(torch.tensor(answer, dtype=torch.long, device=device))
+                    depth_of.append(depth)
+            records, levels = measure_retrieval(model, gistnet, lensnet, mc, histories, answers, args.refocus_iters, seed=args.seed)
+            mc_levels[str(mult)] = max(levels)
+            for method in METHODS:
+                cells = {f"{d:g}": retrieval_summary([r for r, dd in zip(records[method], depth_of) if dd == d]) for d in depths}
+                results[task][method][str(mult)] = None if None in cells.values() else cells
+            if results[task]["full"][str(mult)] is None:
+                longest = max(a.numel() for a in answers)
+                full_skipped.setdefault(task, {})[str(mult)] = (f"history {history} + answer up to {longest} tokens exceed "
+                                                                f"the model's rotary table of {table} positions")
+            line = []
+            for method in METHODS:
+                table = results[task][method][str(mult)]
+                line.append(f"{method} n/a" if table is None else
+                            f"{method} acc {cell_mean([table], 'acc'):.3f} nll {cell_mean([table], 'nll'):.3f}")
+            print0(f"{task:9s} {mult:3d}x ({history:6d} tokens, LOD{mc_levels[str(mult)]}): " + " | ".join(line) +
+                   f" | {time.time() - t1:.1f}s")
+
+    out_path = args.out or os.path.join(get_base_dir(), "mc_eval", f"{model_tag}_step{step}_{args.task}.json")
+    png_path = os.path.splitext(out_path)[0] + ".png"
+    report = dict(model_tag=model_tag, step=step, task=args.task, tasks=list(tasks), methods=list(METHODS), mults=mults,
+                  depths=depths, num_docs=args.num_docs, w_max=mc.w_max, history_tokens={str(m): m * mc.w_max for m in mults},
+                  refocus_iters=args.refocus_iters, seed=args.seed, mc_config=mc.to_dict(), mc_levels=mc_levels,
+                  sequence_len=model.config.sequence_len, rotary_table=table, full_receptive_field=field,
+                  chance={task: 1 / num_answers(task) for task in tasks}, results=results, full_skipped=full_skipped,
+                  plot=png_path, seconds=round(time.time() - t0, 1))
+    if rank == 0:
+        atomic_write_json(report, out_path)
+        plot_retrieval(results, tasks, mults, depths, png_path)
+        mult = 16 if 16 in mults else mults[len(mults) // 2]  # the summary's history length
+        summary = dict(model_tag=model_tag, step=step, task=args.task, mult=mult, history_tokens=mult * mc.w_max,
+                       docs_per_cell=args.num_docs)
+        for key in ("acc", "nll"):
+            for method in METHODS:
+                summary[f"{key}_{method}"] = cell_mean([results[task][method][str(mult)] for task in tasks], key)
+        summary["acc_chance"] = sum(report["chance"].values()) / len(tasks)
+        print0(f"wrote {out_path} and {png_path}")
+        print0(json.dumps(summary))
+    return report
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.num_docs is None:
+        args.num_docs = 8 if args.task else 32
+    if args.task:
+        if args.task not in RETRIEVAL_TASKS + ("retrieval",):
+            raise UserError(f"unknown --task {args.task!r}; expected one of {', '.join(RETRIEVAL_TASKS + ('retrieval',))}")
+        args.depths = list(dict.fromkeys(parse_list(args.depths, float, "--depths")))  # in order, once each
+        args.mults = list(dict.fromkeys(parse_list(args.mults, int, "--mults")))
+        if not all(0.0 < d < 1.0 for d in args.depths):
+            raise UserError(f"--depths must lie strictly between 0 and 1, got {args.depths}")
+        if min(args.mults) < 1:
+            raise UserError(f"--mults must be at least 1, got {args.mults}")
     for name in ("history_mult", "num_docs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -142,6 +313,8 @@ def main(argv=None):
         model, tokenizer, meta = build_model(checkpoint_dir, step, device, "eval")
         mc, gistnet, lensnet, _ = load_megacontext(checkpoint_dir, step, model.config, device)
         gistnet.eval(), lensnet.eval()
+        if args.task:
+            return retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, rank, device, t0)
         H, history = mc.horizon, args.history_mult * mc.w_max
         print0(f"mc_eval: {model_tag} step {step} | w_max {mc.w_max} | history {history} tokens ({args.history_mult}x) | horizon {H}")
 

@@ -164,3 +164,98 @@ def test_vanilla_checkpoint_is_a_user_error(base_dir):
     with pytest.raises(UserError, match="vanilla checkpoint") as e:
         mc_eval.main(["--model-tag", "mc_eval_vanilla", "--device-type", "cpu", "--num-docs", "1"])
     assert "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# retrieval (--task)
+
+def greedy(model, ids, n):
+    """The model's own greedy continuation of ids, n tokens (vanilla forward): an answer it gets right."""
+    ids = ids.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids[None])[0, -1].argmax()[None]])
+    return ids[-n:]
+
+
+def test_retrieval_accuracy_on_known_answers():
+    """Answers the model predicts greedily are retrieved, one wrong token is not; full reads only the
+    receptive field of a 600-token history and still matches the vanilla forward of the whole of it."""
+    from nanochat.megacontext.evaluation import measure_retrieval, receptive_field, retrieval_summary
+    model, gistnet, lensnet, cfg = tiny(w_max=128)
+    assert receptive_field(model) == 128 + 256 + 2 < 600  # windows S=128, L=256, the smear, the last token
+    history = torch.randint(0, V, (600,))
+    right3, right1 = greedy(model, history, 3), greedy(model, history, 1)
+    wrong3 = right3.clone()
+    wrong3[-1] = (wrong3[-1] + 1) % V
+    records, levels = measure_retrieval(model, gistnet, lensnet, cfg, [history] * 3, [right3, wrong3, right1], refocus_iters=2)
+    assert [r["correct"] for r in records["full"]] == [True, False, True] and levels == [1, 1, 1]
+    with torch.no_grad():
+        logits = model(torch.cat([history, wrong3])[None, :-1])[0, -3:]  # (3, V): the slots that predict the answer
+    assert records["full"][1]["nll"] == pytest.approx(F.cross_entropy(logits, wrong3).item(), abs=1e-4)
+    assert all(set(r) == {"correct", "nll"} for m in ("megacontext", "truncation") for r in records[m])
+    assert retrieval_summary(records["full"]) == dict(acc=pytest.approx(2 / 3), n=3, nll=pytest.approx(
+        sum(r["nll"] for r in records["full"]) / 3))
+    assert retrieval_summary([None, records["full"][0]]) is None
+    # a history within w_max: every method reads it whole (no refocus: the MC WC is all raw), the same verdicts
+    short = history[:100]
+    right, wrong = greedy(model, short, 2), greedy(model, short, 2)
+    wrong[0] = (wrong[0] + 1) % V
+    records, _ = measure_retrieval(model, gistnet, lensnet, cfg, [short] * 2, [right, wrong], refocus_iters=0)
+    for method in ("megacontext", "truncation", "full"):
+        assert [r["correct"] for r in records[method]] == [True, False]
+        assert [r["nll"] for r in records[method]] == pytest.approx([r["nll"] for r in records["full"]], abs=1e-5)
+
+
+def test_full_attention_only_where_the_rotary_table_reaches():
+    """history + answer <= model.cos.size(1) runs full attention, one more token does not (None); the MC
+    tree of that long a history needs LOD2 (gistnet.AnyLevel) to fit w_max."""
+    from nanochat.megacontext.evaluation import measure_retrieval
+    model, gistnet, lensnet, cfg = tiny(w_max=128)
+    table = model.cos.size(1)  # 10 x sequence_len = 2560
+    histories = [torch.randint(0, V, (table - 2,)), torch.randint(0, V, (table - 1,))]
+    answers = [torch.randint(0, V, (2,))] * 2
+    records, levels = measure_retrieval(model, gistnet, lensnet, cfg, histories, answers, refocus_iters=1)
+    assert records["full"][0] is not None and records["full"][1] is None
+    assert all(r is not None for m in ("megacontext", "truncation") for r in records[m])
+    assert levels == [2, 2]  # LOD1 alone: 78 gists + 62 raw tokens > 128 slots
+
+
+def test_retrieval_cli_end_to_end(base_dir, capsys):
+    from scripts import base_train, mc_eval
+    base_train.main(MC_TINY + MC_FLAGS + ["--num-iterations", "1", "--model-tag", "mc_eval_retrieval"])
+    report = mc_eval.main(["--model-tag", "mc_eval_retrieval", "--device-type", "cpu", "--task", "retrieval", "--mults", "4,41",
+                           "--depths", "0.25,0.75", "--num-docs", "2", "--refocus-iters", "1"])
+    data = json.loads((base_dir / "mc_eval" / "mc_eval_retrieval_step1_retrieval.json").read_text())
+    assert (base_dir / "mc_eval" / "mc_eval_retrieval_step1_retrieval.png").stat().st_size > 1000
+    assert data["tasks"] == ["passkey", "kv-recall", "needle"] and data["mults"] == [4, 41] and data["depths"] == [0.25, 0.75]
+    assert set(data["results"]) == set(data["tasks"]) and data["mc_levels"] == {"4": 1, "41": 2}
+    assert data["chance"]["passkey"] == pytest.approx(1 / 90000)  # pass keys 10000..99999
+    for task, methods in data["results"].items():
+        assert set(methods) == {"megacontext", "truncation", "full"} and 0 < data["chance"][task] < 1e-4
+        for method, by_mult in methods.items():
+            assert set(by_mult) == {"4", "41"}
+            if method == "full":  # 41 x 64 = 2624 history tokens > the rotary table of 2560
+                assert by_mult["41"] is None and "rotary table" in data["full_skipped"][task]["41"]
+            for mult, by_depth in by_mult.items():
+                if by_depth is None:
+                    continue
+                assert set(by_depth) == {"0.25", "0.75"}
+                for cell in by_depth.values():
+                    assert cell["n"] == 2 and 0 <= cell["acc"] <= 1 and cell["nll"] > 0
+    assert "4" not in data["full_skipped"]["passkey"] and report["results"] == data["results"]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line: 41x (no 16x), averaged
+    assert summary["mult"] == 41 and summary["acc_full"] is None and 0 <= summary["acc_megacontext"] <= 1
+    cells = [c for task in data["tasks"] for c in data["results"][task]["truncation"]["41"].values()]
+    assert summary["nll_truncation"] == pytest.approx(sum(c["nll"] for c in cells) / len(cells))
+
+
+@pytest.mark.parametrize("flags,message", [(["--task", "recall"], "unknown --task"), (["--depths", "0,0.5"], "between 0 and 1"),
+                                           (["--depths", "0.5,1"], "between 0 and 1"), (["--depths", "a,b"], "comma-separated"),
+                                           (["--mults", "0,4"], "at least 1"), (["--mults", "2.5"], "comma-separated")])
+def test_retrieval_bad_flags(flags, message):
+    from scripts import mc_eval
+    argv = flags if flags[0] == "--task" else ["--task", "passkey"] + flags
+    with pytest.raises(UserError, match=message) as e:
+        mc_eval.main(argv)
+    assert "\n" not in str(e.value)

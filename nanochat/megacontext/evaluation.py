@@ -40,7 +40,8 @@ max_slots padded slots, sorted by length so that little is padding.
 
 measure_sequences gives one short record per sequence, summarize turns records into the means
 (so a caller can group records, e.g. per document source), evaluate_sequences does both, and
-validate is the quick version base_train runs at each eval step.
+validate is the quick version base_train runs at each eval step. measure_retrieval (the section at
+the end) asks a different question: is a fact far back in a long-range document recalled exactly?
 """
 
 import math
@@ -50,7 +51,8 @@ import torch
 from nanochat.common import UserError
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
-from nanochat.megacontext.horizon import build_source, horizon_nll, score_entries
+from nanochat.megacontext.gistnet import AnyLevel
+from nanochat.megacontext.horizon import SequenceSource, build_source, horizon_nll, score_entries
 from nanochat.megacontext.lensnet import lens_agreement
 from nanochat.megacontext.training import gist_loss, split_point
 from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context
@@ -358,3 +360,98 @@ def validate(model, gistnet, lensnet, mc_config, rows, refocus_iters=4, bos_id=N
     if "dnll_lod2" in s:
         keys.insert(5, "dnll_lod2")
     return {k: float(s[k]) if s.get(k) is not None else math.nan for k in keys}
+
+
+# -----------------------------------------------------------------------------
+# retrieval (scripts/mc_eval.py --task): is a fact from far back recalled exactly?
+#
+# A long-range document (nanochat/longrange.py) is cut into its history (filler, the fact at some
+# depth, filler, the question) and its answer's A tokens. Each method below reads the history and
+# is scored teacher forced over the answer span (horizon_nll with the answer as the horizon): the
+# document is retrieved when greedy argmax predicts every answer token; its nll is the mean over them.
+#   megacontext  the history's tree up to the shallowest level >= mc_config.max_level whose coarsest
+#                WC fits w_max (gistnet.AnyLevel serves the levels past the trained depth, see
+#                fitted_source), WorkingContext.recency_filled, then LensNet + FocusAllocator refocus
+#                it, as measure_sequences does
+#   truncation   the newest w_max tokens raw (WorkingContext.recent)
+#   full         the whole history raw, only when history + answer fit the model's rotary table
+#                (model.cos.size(1), what a vanilla forward may read), else None. Only its newest
+#                receptive_field(model) tokens (whole blocks) are fed: nothing older can reach the answer
+#                through the windowed layers (the logits are the same), and the forward's cost stops
+#                growing with the history there. Note that a history longer than that field is "full"
+#                in name only: the model itself cannot recall a fact older than it.
+
+METHODS = ("megacontext", "truncation", "full")
+
+
+def receptive_field(model):
+    """How many of the newest history tokens the logits after it can depend on: each layer reads
+    `window` slots back (gpt.attend: 0 <= i - j <= window), the smear one more, plus the last itself."""
+    return sum(model.window_sizes) + 2
+
+
+def fitted_source(model, gistnet, history, w_max, recent_tokens, min_level):
+    """history (N,) long -> (SequenceSource, level): its tree up to the shallowest level >= min_level
+    whose coarsest WC costs <= w_max (gists by gistnet.AnyLevel, so past the trained depth the deepest
+    trained level's weights), or up to the deepest level the history has when none fits (fit_budget
+    then drops the oldest entries)."""
+    depth = min_level
+    while K ** (depth + 1) <= history.numel():
+        depth += 1
+    full = build_source(model, AnyLevel(gistnet), history, depth)
+    level = next((L for L in range(min_level, depth + 1) if WorkingContext.coarsest(full, recent_tokens, L).cost <= w_max), depth)
+    return SequenceSource(history, full.levels[:level + 1]), level
+
+
+def answer_scores(model, wcs, sources, answers, max_slots=MAX_SLOTS):
+    """-> one (correct, nll) per WC: whether greedy argmax predicts every token of its answer ((A,) long,
+    teacher forced after the WC) and the answer's mean NLL. Answers of one length share forwards
+    (horizon_nll needs one H), in chunks of at most max_slots padded slots (_chunks)."""
+    out = [None] * len(wcs)
+    for A in sorted({a.numel() for a in answers}):
+        group = [i for i, a in enumerate(answers) if a.numel() == A]
+        for idx in _chunks([wcs[i].cost + A - 1 for i in group], max_slots):
+            rows = [group[j] for j in idx]
+            targets = torch.stack([answers[i] for i in rows])  # (B, A)
+            nll, logits, _ = horizon_nll(model, [wcs[i] for i in rows], [sources[i] for i in rows], list(targets),
+                                         return_logits=True)  # (B, A), (B, A, V)
+            hit = (logits.argmax(dim=-1) == targets).all(dim=-1).tolist()  # (B,)
+            for j, i in enumerate(rows):
+                out[i] = (hit[j], nll[j].mean().item())
+    return out
+
+
+@torch.no_grad()
+def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, refocus_iters=8, max_slots=MAX_SLOTS, seed=0):
+    """histories: R (N_i,) long tensors on the model's device, each ending with its question; answers:
+    R (A_i,) long tensors, the answer tokens that follow. -> (records, levels): records {method: R
+    dicts (correct, nll)}, None for full where N_i + A_i exceeds the rotary table; levels: the gist
+    level of each MegaContext tree (fitted_source)."""
+    cfg = mc_config
+    R = len(histories)
+    fitted = [fitted_source(model, gistnet, h, cfg.w_max, cfg.recent_tokens, cfg.max_level) for h in histories]
+    sources = [src for src, _ in fitted]
+    start = [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, L), cfg.w_max) for src, L in fitted]
+    allocators = [FocusAllocator.from_config(cfg) for _ in range(R)]
+    generators = [torch.Generator().manual_seed(seed + b) for b in range(R)]
+    mc, _ = refocus_batch(model, lensnet, allocators, start, sources, refocus_iters, generators)
+    field = receptive_field(model)
+    jobs = []  # (sequence index, method, WC)
+    for b, src in enumerate(sources):
+        jobs += [(b, "megacontext", mc[b]), (b, "truncation", WorkingContext.recent(src, cfg.w_max))]
+        if src.num_tokens + answers[b].numel() <= model.cos.size(1):
+            jobs.append((b, "full", WorkingContext.recent(src, min(src.num_tokens, field) + K)))  # covers > field tokens
+    scores = answer_scores(model, [j[2] for j in jobs], [sources[j[0]] for j in jobs], [answers[j[0]] for j in jobs], max_slots)
+    records = {method: [None] * R for method in METHODS}
+    for (b, method, _), (correct, nll) in zip(jobs, scores):
+        records[method][b] = dict(correct=correct, nll=nll)
+    return records, [L for _, L in fitted]
+
+
+def retrieval_summary(records):
+    """A cell of records (dicts of measure_retrieval) -> dict(acc, nll, n): the fraction retrieved and
+    the mean answer NLL; None when a record is None (the method did not run)."""
+    if not records or any(r is None for r in records):
+        return None
+    n = len(records)
+    return dict(acc=sum(r["correct"] for r in records) / n, nll=sum(r["nll"] for r in records) / n, n=n)
