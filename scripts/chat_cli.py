@@ -45,6 +45,20 @@ def stream_reply(engine, tokenizer, conversation, args, out=None):
     out.write(tokenizer.decode(generated)[len(printed):] + "\n")
     return tokenizer.parse_assistant(generated)
 
+def user_lines():
+    """The interactive loop's input: stripped, non-empty lines until `quit`, `exit` or Ctrl-D."""
+    while True:
+        try:
+            line = input("\nUser: ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("quit", "exit"):
+            return
+        if line:
+            yield line
+
+
 def turn_tokens(tokenizer, text, first):
     """One user turn, rendered as in a whole conversation: [<|bos|>] <|user_start|> text <|user_end|> <|assistant_start|>."""
     ids = tokenizer.render_for_completion({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]})
@@ -111,14 +125,7 @@ def megacontext_chat(args, model, tokenizer, device, model_tag, step):
         return
     print(f"nanochat + MegaContext (w_max {session.w_max}{', gist-first' if session.gist_first else ''}): "
           "type a message; `/focus` shows the working context, `clear` starts over, `quit` leaves.")
-    while True:
-        try:
-            line = input("\nUser: ").strip()
-        except EOFError:
-            print()
-            return
-        if line in ("quit", "exit"):
-            return
+    for line in user_lines():
         if line == "/focus":
             print(format_focus(session.focus()))
             continue
@@ -128,8 +135,6 @@ def megacontext_chat(args, model, tokenizer, device, model_tag, step):
                 continue
             session, first = open_session(args, model, tokenizer, device, model_tag, step)
             print("(new conversation)")
-            continue
-        if not line:
             continue
         print("\nAssistant: ", end="", flush=True)
         reply(line)
@@ -177,19 +182,10 @@ def main():
 
     print("nanochat: type a message; `clear` starts over, `quit` leaves.")
     messages = []
-    while True:
-        try:
-            line = input("\nUser: ").strip()
-        except EOFError:
-            print()
-            return
-        if line in ("quit", "exit"):
-            return
+    for line in user_lines():
         if line == "clear":
             messages = []
             print("(new conversation)")
-            continue
-        if not line:
             continue
         messages.append({"role": "user", "content": line})
         print("\nAssistant: ", end="", flush=True)
