@@ -16,6 +16,10 @@ Documents, each history + H tokens (history = --history-mult x w_max, H = the ru
 Reported per source and overall, plus NLL against history length: the same documents cut to their
 last mult x w_max history tokens for mult = 1, 2, 4, 8, ... up to --history-mult (a PNG of the
 truncated / MC / full curves next to the JSON).
+With MegaPrediction readouts in the checkpoint (base_train --megaprediction), also gist-first vs
+token-first decoding: --gist-first-docs val documents, the history fed to a runtime Session and the
+next 4 blocks scored teacher forced with and without the predicted gist of each block as a plan
+(gist_first_delta = NLL gist-first - token-first; < 0: the plans help).
 Results go to <base>/mc_eval/<tag>_step<step>.json (written atomically, --out to change), a
 "MegaContext evaluation" report section, and a one-line JSON summary as the last line of stdout.
 
@@ -35,8 +39,8 @@ a document of the kind can have):
     {"results": {task: {method: {mult: {depth: {"acc", "nll", "n"}} or null}}}, "chance": {task: p},
      "full_skipped": {task: {mult: reason}}, "mc_levels": {mult: gist level}, ...}
 and a heat map of the accuracies beside it (.png); the one-line summary gives each method's accuracy
-and answer NLL at 16x (or the middle multiple) averaged over tasks and depths. --history-mult, --source and
---audit-edits are unused; no report section is written.
+and answer NLL at 16x (or the middle multiple) averaged over tasks and depths. --history-mult, --source,
+--audit-edits and --gist-first-docs are unused; no report section is written.
 """
 
 import os
@@ -52,6 +56,7 @@ import torch
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_path, atomic_write_json
 from nanochat.checkpoint_manager import build_model, find_largest_model, find_last_step
+from nanochat.megacontext import BLOCK_SIZE as K
 
 LONGRANGE_KINDS = ("passkey", "kv-recall", "variable")
 RETRIEVAL_TASKS = ("passkey", "kv-recall", "needle")
@@ -71,6 +76,8 @@ def build_parser():
     p.add_argument("--out", type=str, default="", help="JSON path (default <base>/mc_eval/<tag>_step<step>.json; "
                    "with --task <tag>_step<step>_<task>.json)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gist-first-docs", type=int, default=8, help="val documents for gist-first vs token-first decoding "
+                   "(checkpoints with MegaPrediction readouts; 0: skip)")
     p.add_argument("--task", type=str, default="", help="passkey | kv-recall | needle | retrieval (all three): retrieval accuracy "
                    "instead of the default evaluation")
     p.add_argument("--depths", type=str, default="0.1,0.3,0.5,0.7,0.9", help="--task: where the fact sits, fractions of the history")
@@ -140,6 +147,24 @@ def retrieval_documents(tokenizer, texts, kind, depth, history, num_docs, rng):
             raise UserError(f"a {kind} document's answer {doc.answer!r} does not tokenize apart from its question")
         out.append((left_pad(tokenizer, texts, prompt, history, rng), ids[len(prompt):]))
     return out
+
+
+def gist_first_quality(model, gistnet, lensnet, predictor, mc, docs, prompt_tokens):
+    """Gist-first vs token-first decoding, scored teacher forced: each document's first prompt_tokens go
+    into a fresh runtime Session, the rest is scored token by token (Session.score) once without and
+    once with the predicted-gist plans in front of each block. -> dict(nll_token_first, nll_gist_first,
+    gist_first_delta = gist - token first (< 0: the plans help), docs, scored_tokens)."""
+    from nanochat.megacontext.runtime import Session
+    nll = {}
+    for gist_first in (False, True):
+        scores = []
+        for ids in docs:
+            session = Session.create(model, gistnet, lensnet, mc, predictor=predictor, gist_first=gist_first)
+            session.feed(ids[:prompt_tokens])
+            scores.append(session.score(ids[prompt_tokens:]))  # (len(ids) - prompt_tokens,)
+        nll[gist_first] = torch.cat(scores).mean().item()
+    return dict(nll_token_first=nll[False], nll_gist_first=nll[True], gist_first_delta=nll[True] - nll[False],
+                docs=len(docs), scored_tokens=sum(len(ids) - prompt_tokens for ids in docs))
 
 
 def parse_list(text, kind, flag):
@@ -292,6 +317,8 @@ def main(argv=None):
             raise UserError(f"--depths must lie strictly between 0 and 1, got {args.depths}")
         if min(args.mults) < 1:
             raise UserError(f"--mults must be at least 1, got {args.mults}")
+    if args.gist_first_docs < 0:
+        raise UserError("--gist-first-docs must be >= 0")
     for name in ("history_mult", "num_docs"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -300,7 +327,7 @@ def main(argv=None):
 
     _, rank, _, _, device = compute_init(args.device_type)
     try:
-        from nanochat.megacontext.checkpoint import load_megacontext, mc_path
+        from nanochat.megacontext.checkpoint import load_megacontext, load_predictor, mc_path
         from nanochat.megacontext.evaluation import measure_sequences, summarize
         t0 = time.time()
         checkpoints_dir = os.path.join(get_base_dir(), "base_checkpoints")
@@ -357,12 +384,23 @@ def main(argv=None):
                    f"full {o['nll_full']:.4f} | gap closed {gap} | swaps/iter {o['swap_rate']:.2f} | {time.time() - t1:.1f}s")
             curve.append(dict(mult=mult, history_tokens=mult * mc.w_max, **{s: {k: r[k] for k in (*CURVE_KEYS, "gap_closed")}
                                                                         for s, r in results.items()}))
+        # MegaPrediction: does decoding with the predicted gist of each block as a plan read the text better?
+        gist_first = None
+        predictor = load_predictor(checkpoint_dir, step, model.config, device)
+        if predictor is not None and args.gist_first_docs > 0 and mc.w_max < mc.recent_tokens + 2 * K:
+            print0(f"gist-first decoding: skipped, the runtime needs w_max >= recent_tokens + {2 * K} (w_max is {mc.w_max})")
+        elif predictor is not None and args.gist_first_docs > 0:
+            t1 = time.time()
+            docs = val_documents(tokenizer, texts, args.gist_first_docs, history + 4 * K)  # history fed, 4 blocks scored
+            gist_first = gist_first_quality(model, gistnet, lensnet, predictor.eval(), mc, docs, history)
+            print0(f"gist-first decoding: nll {gist_first['nll_gist_first']:.4f} vs token-first {gist_first['nll_token_first']:.4f} "
+                   f"(delta {gist_first['gist_first_delta']:+.4f}) over {gist_first['scored_tokens']} tokens | {time.time() - t1:.1f}s")
         out_path = args.out or os.path.join(get_base_dir(), "mc_eval", f"{model_tag}_step{step}.json")
         png_path = os.path.splitext(out_path)[0] + ".png"
         report = dict(model_tag=model_tag, step=step, mc_config=mc.to_dict(), history_mult=args.history_mult, history_tokens=history,
                       horizon=H, num_docs=args.num_docs, source=args.source, refocus_iters=args.refocus_iters,
-                      audit_edits=args.audit_edits, seed=args.seed, results=results, by_history=curve, plot=png_path,
-                      seconds=round(time.time() - t0, 1))
+                      audit_edits=args.audit_edits, seed=args.seed, results=results, by_history=curve, gist_first=gist_first,
+                      plot=png_path, seconds=round(time.time() - t0, 1))
         if rank == 0:
             atomic_write_json(report, out_path)
             plot_curves(curve, png_path)
@@ -373,6 +411,8 @@ def main(argv=None):
             summary.update({f"{s}_gap_closed": r["gap_closed"] for s, r in results.items() if s != "overall"})
             if "longrange" in results:
                 summary["longrange_ans_gap_closed"] = results["longrange"].get("ans_gap_closed")
+            if gist_first is not None:
+                summary["gist_first_delta"] = gist_first["gist_first_delta"]
             from nanochat.report import get_report
             get_report().log(section="MegaContext evaluation", data=[summary])
             print0(f"wrote {out_path} and {png_path}")

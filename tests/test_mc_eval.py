@@ -135,11 +135,30 @@ def test_answer_tokens_and_bad_input():
         evaluate_sequences(model, gistnet, lensnet, cfg, [torch.randint(0, V, (40,))])
 
 
+def test_gist_first_quality_scores_the_same_tokens_both_ways():
+    """Token-first through a session whose WC stays all raw is the plain forward's NLL; gist-first
+    puts a plan slot in front of the block that opens at token 32, so it reads those tokens differently."""
+    from scripts.mc_eval import gist_first_quality
+    from nanochat.megacontext.megaprediction import MegaPredictor
+    model, gistnet, lensnet, cfg = tiny(w_max=128)  # the runtime needs recent_tokens + 2 blocks of room
+    torch.manual_seed(3)
+    predictor = MegaPredictor(64, 1)
+    docs = [torch.randint(0, V, (60,)).tolist() for _ in range(2)]
+    out = gist_first_quality(model, gistnet, lensnet, predictor, cfg, docs, 20)
+    with torch.no_grad():
+        ids = torch.tensor(docs)
+        plain = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(2, -1)
+    assert out["docs"] == 2 and out["scored_tokens"] == 80
+    assert out["nll_token_first"] == pytest.approx(plain[:, 19:].mean().item(), abs=1e-4)
+    assert abs(out["gist_first_delta"]) > 1e-4
+    assert out["gist_first_delta"] == pytest.approx(out["nll_gist_first"] - out["nll_token_first"])
+
+
 def test_cli_end_to_end(base_dir):
     from scripts import base_train, mc_eval
-    base_train.main(MC_TINY + MC_FLAGS + ["--num-iterations", "2", "--model-tag", "mc_eval_mc"])
-    report = mc_eval.main(["--model-tag", "mc_eval_mc", "--device-type", "cpu", "--history-mult", "4", "--num-docs", "2",
-                           "--refocus-iters", "2", "--audit-edits", "3"])
+    base_train.main(MC_TINY + MC_FLAGS + ["--mc-w-max", "128", "--megaprediction", "--num-iterations", "2", "--model-tag", "mc_eval_mc"])
+    report = mc_eval.main(["--model-tag", "mc_eval_mc", "--device-type", "cpu", "--history-mult", "2", "--num-docs", "2",
+                           "--refocus-iters", "2", "--audit-edits", "3", "--gist-first-docs", "1"])
     out = base_dir / "mc_eval" / "mc_eval_mc_step2.json"
     data = json.loads(out.read_text())
     assert (base_dir / "mc_eval" / "mc_eval_mc_step2.png").stat().st_size > 1000
@@ -151,9 +170,12 @@ def test_cli_end_to_end(base_dir):
         for key in ("nll_trunc", "nll_mc", "nll_full", "gap_closed", "dnll_lod1", "gist_cos_lod1", "audit_edits"):
             assert key in r, (src, key)
     assert data["results"]["longrange"]["n_answer"] == 2 and "ans_gap_closed" in data["results"]["longrange"]
-    assert [p["mult"] for p in data["by_history"]] == [1, 2, 4]
+    assert [p["mult"] for p in data["by_history"]] == [1, 2]
     assert data["by_history"][-1]["overall"]["nll_mc"] == data["results"]["overall"]["nll_mc"]
     assert report["results"]["overall"]["n"] == 4
+    gist_first = data["gist_first"]  # the run trained MegaPrediction readouts: gist-first vs token-first was measured
+    assert gist_first["docs"] == 1 and gist_first["scored_tokens"] == 128
+    assert math.isfinite(gist_first["nll_gist_first"]) and math.isfinite(gist_first["nll_token_first"])
     section = (base_dir / "report" / "megacontext-evaluation.md").read_text()
     assert "gap_closed" in section
 

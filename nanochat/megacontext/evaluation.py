@@ -169,6 +169,17 @@ def refocus(model, lensnet, allocator, wc, source, iterations, generator=None):
     return wcs[0], edits[0]
 
 
+def mc_working_contexts(model, lensnet, cfg, sources, levels, iterations, seed):
+    """The MegaContext WC of each source: WorkingContext.recency_filled up to its level (the newest
+    tokens raw as far as w_max allows, the rest as gists; fit_budget when even that is too big), then
+    refocused with a fresh allocator and generator (seed + index). -> (wcs, edits) as refocus_batch."""
+    start = [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, L), cfg.w_max)
+             for src, L in zip(sources, levels)]
+    allocators = [FocusAllocator.from_config(cfg) for _ in sources]
+    generators = [torch.Generator().manual_seed(seed + b) for b in range(len(sources))]
+    return refocus_batch(model, lensnet, allocators, start, sources, iterations, generators)
+
+
 # -----------------------------------------------------------------------------
 # the LensNet audit
 
@@ -250,11 +261,7 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
                 jobs.append((b, f"nll_lod{L}", wc))
 
     # the MC path: the whole history as gists, the newest tokens raw as far as the budget allows, refocused
-    start = [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, cfg.max_level), cfg.w_max)
-             for src in sources]
-    allocators = [FocusAllocator.from_config(cfg) for _ in range(R)]
-    generators = [torch.Generator().manual_seed(seed + b) for b in range(R)]
-    mc, edits = refocus_batch(model, lensnet, allocators, start, sources, refocus_iters, generators)
+    mc, edits = mc_working_contexts(model, lensnet, cfg, sources, [cfg.max_level] * R, refocus_iters, seed)
     for b, (wc, src, rec) in enumerate(zip(mc, sources, records)):
         try:
             check_working_context(wc, src, cfg.w_max, cfg.recent_tokens)
@@ -431,10 +438,7 @@ def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, re
     R = len(histories)
     fitted = [fitted_source(model, gistnet, h, cfg.w_max, cfg.recent_tokens, cfg.max_level) for h in histories]
     sources = [src for src, _ in fitted]
-    start = [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, L), cfg.w_max) for src, L in fitted]
-    allocators = [FocusAllocator.from_config(cfg) for _ in range(R)]
-    generators = [torch.Generator().manual_seed(seed + b) for b in range(R)]
-    mc, _ = refocus_batch(model, lensnet, allocators, start, sources, refocus_iters, generators)
+    mc, _ = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], refocus_iters, seed)
     field = receptive_field(model)
     jobs = []  # (sequence index, method, WC)
     for b, src in enumerate(sources):
