@@ -81,40 +81,48 @@ class FocusAllocator:
     def step(self, wc, scores, source, generator=None):
         """wc: WorkingContext; scores: (E,) one signed score per entry; source: the tree.
         -> (new WorkingContext, list of Edit). A step with no candidate returns wc itself."""
-        scores = self._validate_scores(wc, scores)
+        scores = self.validate_scores(wc, scores)
         if self.check:
             check_working_context(wc, source, self.w_max, self.recent_tokens)
-        self.steps += 1
-        self.last_toggled = {node: t for node, t in self.last_toggled.items() if self.steps - t <= self.cooldown}
+        self.begin_step()
         score_of = dict(zip(wc.entries, scores))  # Entry -> score; entries made by this step's edits have none
         edits, order = [], ("collapse", "expand")
         while len(edits) < self.n_diff:
             for kind in order:
-                candidates = self._collapses(wc, source, score_of) if kind == "collapse" else self._expands(wc, score_of)
+                candidates = self.collapses(wc, source, score_of) if kind == "collapse" else self.expands(wc, score_of)
                 if candidates:
                     break
             else:
                 break  # no candidate of either kind
-            _, i, node = self._choose(candidates, generator)
-            if kind == "collapse":
-                j0, j1, _ = wc.collapse_range(i, source)
-                new_wc = wc.collapse(i, source)
-                edit = Edit("collapse", wc.entries[j0:j1], (node,))
-            else:
-                new_wc = wc.expand(i)
-                edit = Edit("expand", (node,), new_wc.entries[i:i + K if node.level > 1 else i + 1])
+            _, i, node = self.choose(candidates, generator)
+            wc, edit = self.apply(wc, kind, i, node, source)
             if self.check:
-                check_working_context(new_wc, source, self.w_max, self.recent_tokens)
-            self.last_toggled[(node.level, node.start)] = self.steps
+                check_working_context(wc, source, self.w_max, self.recent_tokens)
             edits.append(edit)
-            wc = new_wc
             order = ("expand", "collapse") if kind == "collapse" else ("collapse", "expand")
         return wc, edits
 
-    # -------------------------------------------------------------------------
-    # candidates: lists of (score, entry index, node toggled)
+    def begin_step(self):
+        """Count a step and forget the toggles whose cooldown is over."""
+        self.steps += 1
+        self.last_toggled = {node: t for node, t in self.last_toggled.items() if self.steps - t <= self.cooldown}
 
-    def _validate_scores(self, wc, scores):
+    def apply(self, wc, kind, i, node, source):
+        """Make one chosen edit and start its node's cooldown. -> (new WorkingContext, Edit)."""
+        if kind == "collapse":
+            j0, j1, _ = wc.collapse_range(i, source)
+            new_wc = wc.collapse(i, source)
+            edit = Edit("collapse", wc.entries[j0:j1], (node,))
+        else:
+            new_wc = wc.expand(i)
+            edit = Edit("expand", (node,), new_wc.entries[i:i + K if node.level > 1 else i + 1])
+        self.last_toggled[(node.level, node.start)] = self.steps
+        return new_wc, edit
+
+    # -------------------------------------------------------------------------
+    # candidates: lists of (score, entry index, node toggled); choose() picks one by |score|
+
+    def validate_scores(self, wc, scores):
         scores = torch.as_tensor(scores)
         if scores.ndim != 1 or scores.shape[0] != len(wc):
             raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({len(wc)},): one score per working-context entry")
@@ -127,7 +135,7 @@ class FocusAllocator:
         t = self.last_toggled.get((node.level, node.start))
         return t is not None and self.steps - t <= self.cooldown
 
-    def _expands(self, wc, score_of):
+    def expands(self, wc, score_of):
         if wc.cost + K - 1 > self.w_max:
             return []  # every expand costs the same, so none fits
         candidates = []
@@ -137,7 +145,7 @@ class FocusAllocator:
                 candidates.append((s, i, e))
         return candidates
 
-    def _collapses(self, wc, source, score_of):
+    def collapses(self, wc, source, score_of):
         protect_from = source.num_tokens - self.recent_tokens  # no gist may end after this token
         seen, candidates = set(), []
         for i, e in enumerate(wc.entries):
@@ -160,7 +168,7 @@ class FocusAllocator:
                 candidates.append((mean, j0, parent))
         return candidates
 
-    def _choose(self, candidates, generator):
+    def choose(self, candidates, generator):
         ranked = sorted(candidates, key=lambda c: (-abs(c[0]), c[2].start))
         if self.strategy == "greedy":
             return ranked[0]

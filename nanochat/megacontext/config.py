@@ -55,6 +55,9 @@ class MegaContextConfig:
     megaprediction: bool = False
     mp_alpha_lod1: float = 0.03      # weight of the LOD1 readout cosine loss
     mp_alpha_lod2: float = 0.02      # weight of the LOD2 readout cosine loss
+    # cognitive core: Core-Knowledge memories beside the session's (composite.py)
+    ck_min_session_share: float = 0.5  # the part of w_max kept for the session when CK memories are attached
+    ck_diversity: float = 0.1        # an expansion's score penalty per w_max its memory already holds
 
     def validate(self):
         """Raise UserError (one line) for a setting that cannot work."""
@@ -80,6 +83,8 @@ class MegaContextConfig:
             (self.num_variants >= 1, f"mc_num_variants must be at least 1, got {self.num_variants}"),
             (min(self.alpha_lod1, self.alpha_lod2, self.lens_weight) >= 0, "loss weights must be >= 0"),
             (min(self.mp_alpha_lod1, self.mp_alpha_lod2) >= 0, f"mc_mp_alpha_lod1 and mc_mp_alpha_lod2 must be >= 0, got {self.mp_alpha_lod1}, {self.mp_alpha_lod2}"),
+            (0 <= self.ck_min_session_share <= 1 and self.ck_diversity >= 0,
+             f"mc_ck_min_session_share must be in [0, 1] and mc_ck_diversity >= 0, got {self.ck_min_session_share}, {self.ck_diversity}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,0 +1,144 @@
+"""Composite memories (nanochat/megacontext/composite.py): CK memories and the session in one WC."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.megacontext import BLOCK_SIZE as K
+from nanochat.megacontext.checkpoint import build_modules
+from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource, CompositeWC, attribution, check_composite,
+                                            ck_cap, composite_start)
+from nanochat.megacontext.config import MegaContextConfig
+from nanochat.megacontext.evaluation import refocus
+from nanochat.megacontext.horizon import build_source, horizon_nll
+from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError
+
+V = 256
+
+
+def tiny(w_max=256, **mc):
+    """A real GPT (n_embd 64, 2 layers) jittered off its init, fresh GistNet / LensNet."""
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=512, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cfg = MegaContextConfig(w_max=w_max, max_level=2, recent_tokens=32, horizon=32, gist_layers=1, lens_layers=1,
+                            lens_hidden=64, **mc).validate()
+    gistnet, lensnet = build_modules(cfg, config)
+    return model, gistnet, lensnet, cfg
+
+
+def composite(model, gistnet, lengths, seed=1):
+    """A CompositeSource over memories of the given token counts (the last one the session)."""
+    g = torch.Generator().manual_seed(seed)
+    memories = [build_source(model, gistnet, torch.randint(0, V, (n,), generator=g), 2) for n in lengths]
+    return CompositeSource(memories)
+
+
+def all_raw(source):
+    return CompositeWC(WorkingContext.recent(src, src.num_tokens + K) for src in source.memories)
+
+
+@torch.no_grad()
+def test_an_all_raw_composite_reads_like_the_memories_concatenated():
+    """Positions: memory m's token t at offsets[m] + t, so raw segments are the concatenated text."""
+    model, gistnet, _, _ = tiny()
+    source = composite(model, gistnet, [70, 45, 100])
+    assert source.offsets == [0, 70, 115] and source.num_tokens == 215
+    cwc = all_raw(source)
+    horizon = torch.randint(0, V, (8,))
+    nll = horizon_nll(model, [cwc], [source], [horizon])[0]  # (8,)
+    ids = torch.cat([src.token_ids for src in source.memories] + [horizon])
+    logits = model(ids[None, :-1])[0, -8:]
+    assert torch.allclose(nll, F.cross_entropy(logits.float(), horizon, reduction="none"), atol=1e-4)
+    a = cwc.assemble(source, model.embed_tokens)
+    assert a["entry"].max().item() == len(cwc) - 1 and a["positions"][-1].item() == 214
+
+
+def test_gists_sit_at_their_memorys_offset():
+    model, gistnet, _, _ = tiny()
+    source = composite(model, gistnet, [128, 64])
+    ck = WorkingContext([Entry(1, 0, 32), Entry(1, 32, 64), Entry(0, 64, 96), Entry(0, 96, 128)])
+    cwc = CompositeWC([ck, WorkingContext.recent(source.session, 64)])
+    a = cwc.assemble(source, model.embed_tokens)
+    assert a["positions"][:3].tolist() == [15.5, 47.5, 64.0]
+    assert a["positions"][66:].tolist() == [128.0 + t for t in range(64)]
+    assert a["lod"].tolist() == [1, 1] + [0] * 128
+    assert torch.equal(a["embeds"][0], source.memories[0].gists(1, 0, 1)[0])
+
+
+def test_ck_cap_lends_the_unused_session_share():
+    assert ck_cap(256, 0.5, 10_000) == 128  # a long session keeps its half
+    assert ck_cap(256, 0.5, 40) == 216      # a short one lends the rest to the CKs
+    assert ck_cap(256, 0.0, 10_000) == 256
+    assert ck_cap(256, 1.0, 10_000) == 0
+
+
+@pytest.mark.parametrize("session_tokens", [600, 40])
+def test_the_allocator_expands_into_the_cks_up_to_the_cap_and_never_past_it(session_tokens):
+    """A long session keeps half of w_max and LensNet's expansions fill the WC; a short one (all raw)
+    lends its unused share, and the CKs grow past half, up to the cap."""
+    model, gistnet, _, cfg = tiny(w_max=256)
+    source = composite(model, gistnet, [2048, 1024, session_tokens])
+    cwc = check_composite(composite_start(source, cfg.w_max, cfg.recent_tokens, 0.5), source, 256, 32, 0.5)
+    allocator = CompositeAllocator.from_config(cfg, 3)
+    cap = ck_cap(256, 0.5, session_tokens)
+    expanded = 0
+    for _ in range(20):  # LensNet wants everything expanded
+        cwc, edits = allocator.step(cwc, torch.ones(len(cwc)), source)
+        expanded += sum(e.kind == "expand" for _, e in edits)
+        check_composite(cwc, source, 256, 32, 0.5)
+        assert cwc.ck_cost <= cap and cwc.cost <= 256
+    assert expanded > 0 and cwc.cost > 256 - (K - 1)  # full, as far as whole expansions go
+    if session_tokens == 40:
+        assert cap == 216 and cwc.ck_cost > cap - (K - 1)
+
+
+def test_the_diversity_penalty_spreads_expansions_across_memories():
+    """Two CKs, the one already holding much more of the WC scored a little higher: without the
+    penalty the next expansion goes to it, with the penalty to the other one."""
+    model, gistnet, _, cfg = tiny(w_max=512)
+    source = composite(model, gistnet, [1024, 1024, 64])
+    big = WorkingContext([Entry(0, s, s + K) for s in range(0, 256, K)] + [Entry(1, s, s + K) for s in range(256, 1024, K)])
+    small = WorkingContext.coarsest(source.memories[1], max_level=1)
+    cwc = CompositeWC([big, small, WorkingContext.recent(source.session, 64)])
+    scores = torch.tensor([0.0] * 8 + [0.55] * 24 + [0.5] * 32 + [0.0] * 2)  # big: 280 slots, small: 32
+    for diversity, memory in ((0.0, 0), (0.5, 1)):
+        cfg_d = MegaContextConfig(**{**cfg.to_dict(), "ck_diversity": diversity, "n_diff": 1, "tau_collapse": 1.0})
+        allocator = CompositeAllocator.from_config(cfg_d, 3)
+        _, edits = allocator.step(cwc, scores, source)
+        assert [(m, e.kind) for m, e in edits] == [(memory, "expand")], diversity
+
+
+def test_refocus_scores_a_composite_with_lensnet():
+    model, gistnet, lensnet, cfg = tiny(w_max=256)
+    with torch.no_grad():
+        lensnet.head.weight.mul_(50.0)  # saturate LensNet's tanh: most entries pass the thresholds
+    source = composite(model, gistnet, [3000, 900])
+    cwc = composite_start(source, cfg.w_max, cfg.recent_tokens, cfg.ck_min_session_share)
+    allocator = CompositeAllocator.from_config(cfg, 2)
+    new, steps = refocus(model, lensnet, allocator, cwc, source, iterations=4)
+    check_composite(new, source, 256, 32, 0.5)
+    assert sum(len(s) for s in steps) > 0 and new != cwc
+    report = attribution(new, source, [e for s in steps for e in s])
+    assert set(report) == {"ck0", "session"}
+    assert sum(r["slots"] for r in report.values()) == new.cost
+    assert report["ck0"]["covered"] == 3000 and report["session"]["tokens"] == 900
+    assert sum(r["edits"] for r in report.values()) == sum(len(s) for s in steps)
+
+
+def test_check_composite_names_the_broken_invariant():
+    model, gistnet, _, _ = tiny()
+    source = composite(model, gistnet, [256, 300])
+    raw_ck = WorkingContext.recent(source.memories[0], 256)
+    session = WorkingContext.recent(source.session, 128)
+    with pytest.raises(WorkingContextError, match="session share"):
+        check_composite(CompositeWC([raw_ck, session]), source, 480, 32, 0.5)  # CK 256 > 480 - 240, total 384 fits
+    with pytest.raises(WorkingContextError, match="memory ck0: tiling"):
+        check_composite(CompositeWC([WorkingContext([Entry(0, 0, 32)]), session]), source, 512, 32, 0.5)
+    with pytest.raises(WorkingContextError, match="segments"):
+        check_composite(CompositeWC([session]), source, 512, 32, 0.5)
