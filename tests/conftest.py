@@ -47,3 +47,28 @@ def base_dir(tiny_base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base_dir))
     monkeypatch.delenv("NANOCHAT_DATASET", raising=False)
     return tiny_base_dir
+
+
+# MegaContext checkpoints for the chat and CK tests
+
+MC = dict(w_max=96, max_level=1, recent_tokens=16, gist_kind="mlp", gist_pooling="mean", lens_layers=1, lens_hidden=32)
+
+
+def save_mc_checkpoint(base_dir, tag, megaprediction=False):
+    """A tiny base checkpoint with MegaContext weights beside it, as base_train --megacontext saves them."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.megacontext.checkpoint import build_modules, build_predictor, save_megacontext
+    from nanochat.megacontext.config import MegaContextConfig
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
+    model = GPT(config)
+    model.init_weights()
+    mc = MegaContextConfig(**MC, **({"megaprediction": True} if megaprediction else {})).validate()
+    gistnet, lensnet = build_modules(mc, config)
+    directory = str(base_dir / "base_checkpoints" / tag)
+    predictor = None
+    if megaprediction:
+        predictor = build_predictor(mc, config)
+    save_megacontext(directory, 5, mc, gistnet, lensnet, predictor=predictor)
+    save_checkpoint(directory, 5, model.state_dict(), None, {"step": 5, "model_config": config.to_dict(), "megacontext": mc.to_dict()})

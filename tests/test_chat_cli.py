@@ -7,31 +7,8 @@ import sys
 import pytest
 import torch
 
-from nanochat.checkpoint_manager import save_checkpoint
+from conftest import save_mc_checkpoint
 from nanochat.common import UserError
-from nanochat.gpt import GPT, GPTConfig
-from nanochat.megacontext.checkpoint import build_modules, save_megacontext
-from nanochat.megacontext.config import MegaContextConfig
-
-MC = dict(w_max=96, max_level=1, recent_tokens=16, gist_kind="mlp", gist_pooling="mean", lens_layers=1, lens_hidden=32)
-
-
-def save_mc_checkpoint(base_dir, tag, megaprediction=False):
-    """A tiny base checkpoint with MegaContext weights beside it, as base_train --megacontext saves them."""
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
-    model = GPT(config)
-    model.init_weights()
-    mc = MegaContextConfig(**MC, **({"megaprediction": True} if megaprediction else {})).validate()
-    gistnet, lensnet = build_modules(mc, config)
-    directory = str(base_dir / "base_checkpoints" / tag)
-    predictor = None
-    if megaprediction:
-        from nanochat.megacontext.checkpoint import build_predictor
-        predictor = build_predictor(mc, config)
-    save_megacontext(directory, 5, mc, gistnet, lensnet, predictor=predictor)
-    save_checkpoint(directory, 5, model.state_dict(), None, {"step": 5, "model_config": config.to_dict(), "megacontext": mc.to_dict()})
-
 
 def run_cli(monkeypatch, capsys, args, stdin=""):
     from scripts import chat_cli

@@ -14,6 +14,8 @@ One module per component, read in this order:
 - evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit
 - megaprediction.py   MegaPredictor: readouts of the model's hidden state predict the next block's gist
                       (base_train --megaprediction; gist-first decoding in runtime.py)
+- composite.py        composite memories (cognitive core): Core-Knowledge MCs and the session in one WC,
+                      the composite allocator (session share, diversity penalty), per-memory attribution
 - runtime.py          Session: a chat over an unbounded history at constant cost per token (streaming ingest,
                       refocus every block, the KV cache over the WC, gist-first plans, save / open)
 - checkpoint.py       GistNet + LensNet (+ MegaPredictor) beside a base checkpoint (mc_<step>.pt), built in one place

@@ -1,0 +1,125 @@
+"""
+Build a Core-Knowledge MegaContext: a corpus read once into a disk tree (tokens + gists at every
+level) that chats and evals then attach beside the session's own memory (chat_cli --ck PATH,
+nanochat/megacontext/composite.py).
+
+    python -m scripts.mc_build_ck --input docs/ --out ~/ck/docs --model-tag d12_mc
+    python -m scripts.mc_build_ck --input notes/ --out /tmp/ck --ext txt,md,py -i base
+
+Every file under --input with one of the --ext extensions, in sorted path order, becomes one
+document: <|bos|> + its text. The gists are made with the GistNet of the model it will be used with
+(the same --source / --model-tag as the chat: a tree holds that model's embeddings, and a tree built
+for another model is refused on load). Out: the tree files (tree.py's disk layout) and ck.json:
+    {"format": 1, "model": "<source>/<tag>", "step", "tokens", "levels": [rows per level],
+     "files": [{"path": relative path, "start": first token, "end": token after the last}], "input"}
+The build writes to <out>.partial and renames it to <out> when complete, so <out> is never half
+written; an existing <out> is refused (remove it first), and a .partial left by a killed build is
+started over.
+"""
+
+import os
+import sys
+import json
+import time
+import shutil
+import argparse
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_write_json
+
+CK_FILE = "ck.json"
+CK_FORMAT = 1
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Build a Core-Knowledge MegaContext tree from a directory of text", allow_abbrev=False)
+    p.add_argument("--input", type=str, required=True, help="directory of text files (searched recursively)")
+    p.add_argument("--out", type=str, required=True, help="directory to create for the tree")
+    p.add_argument("--ext", type=str, default="txt,md", help="file extensions to read, comma-separated")
+    p.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="the model the CK is for")
+    p.add_argument("-g", "--model-tag", type=str, default=None)
+    p.add_argument("-s", "--step", type=int, default=None)
+    p.add_argument("--device-type", type=str, default="")
+    return p
+
+
+def corpus_files(root, extensions):
+    """Sorted relative paths of the files under root whose extension is in extensions."""
+    if not os.path.isdir(root):
+        raise UserError(f"--input {root}: no such directory")
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        out += [os.path.relpath(os.path.join(d, f), root) for f in sorted(files)
+                if os.path.splitext(f)[1].lstrip(".").lower() in extensions]
+    if not out:
+        raise UserError(f"--input {root}: no file with extension {', '.join(sorted(extensions))}")
+    return sorted(out)
+
+
+def build(tree, tokenizer, root, files):
+    """Ingest each file as <|bos|> + text -> the ck.json file list (token ranges)."""
+    bos = tokenizer.get_bos_token_id()
+    entries, t0, last = [], time.time(), 0.0
+    for k, rel in enumerate(files):
+        try:
+            with open(os.path.join(root, rel), encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError:
+            raise UserError(f"{os.path.join(root, rel)}: not UTF-8 text") from None
+        start = tree.num_tokens
+        tree.ingest(tokenizer.encode(text, prepend=bos))
+        entries.append(dict(path=rel, start=start, end=tree.num_tokens))
+        if time.time() - last > 5 or k == len(files) - 1:
+            last = time.time()
+            rate = tree.num_tokens / max(last - t0, 1e-9)
+            print0(f"{k + 1}/{len(files)} files | {tree.num_tokens:,} tokens | {rate:,.0f} tokens/s")
+    return entries
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    extensions = {e.strip().lstrip(".").lower() for e in args.ext.split(",") if e.strip()}
+    files = corpus_files(args.input, extensions)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out):
+        raise UserError(f"--out {args.out} already exists: remove it or choose another directory")
+    partial = out + ".partial"
+    if os.path.exists(partial):
+        print0(f"removing {partial}, left by a build that did not finish")
+        shutil.rmtree(partial)
+
+    _, _, _, _, device = compute_init(args.device_type)
+    try:
+        from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step, load_model
+        from nanochat.megacontext.checkpoint import load_for_chat
+        from nanochat.megacontext.gistnet import AnyLevel
+        from nanochat.megacontext.tree import MegaContextTree
+        checkpoints = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
+        model_tag = args.model_tag or find_largest_model(checkpoints)
+        step = args.step if args.step is not None else find_last_step(os.path.join(checkpoints, model_tag))
+        model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
+        _, gistnet, _, _ = load_for_chat(args.source, model_tag, step, model, device)
+        name = f"{args.source}/{model_tag}"  # what chat_cli names its trees: the CK is checked against it on attach
+        print0(f"building a Core-Knowledge MegaContext of {len(files)} files from {args.input} for {name} step {step}")
+        tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=partial, model_name=name)
+        with torch.inference_mode():
+            entries = build(tree, tokenizer, args.input, files)
+        tree.close()  # flushes: the tree is complete on disk
+        levels = [tree.levels[L].n for L in range(len(tree.levels))]
+        manifest = dict(format=CK_FORMAT, model=name, step=step, tokens=levels[0], levels=levels,
+                        input=os.path.abspath(args.input), files=entries)
+        atomic_write_json(manifest, os.path.join(partial, CK_FILE))
+        os.rename(partial, out)
+        print0(f"wrote {out}: {levels[0]:,} tokens, gists per level {levels[1:]}")
+        print0(json.dumps(dict(out=out, files=len(files), tokens=levels[0], levels=levels, model=name, step=step)))
+        return manifest
+    finally:
+        compute_cleanup()
+
+
+if __name__ == "__main__":
+    cli_main(main)
