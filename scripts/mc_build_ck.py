@@ -7,7 +7,8 @@ nanochat/megacontext/composite.py).
     python -m scripts.mc_build_ck --input notes/ --out /tmp/ck --ext txt,md,py -i base
 
 Every file under --input with one of the --ext extensions, in sorted path order, becomes one
-document: <|bos|> + its text. The gists are made with the GistNet of the model it will be used with
+document: <|bos|> + its text; <|bos|> tokens after the last one fill its last block, so every token
+of the memory has an LOD1 gist (a working context can hold all of it as gists). The gists are made with the GistNet of the model it will be used with
 (the same --source / --model-tag as the chat: a tree holds that model's embeddings, and a tree built
 for another model is refused on load). Out: the tree files (tree.py's disk layout) and ck.json:
     {"format": 1, "model": "<source>/<tag>", "step", "tokens", "levels": [rows per level],
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_write_json
+from nanochat.megacontext import BLOCK_SIZE as K
 
 CK_FILE = "ck.json"
 CK_FORMAT = 1
@@ -77,6 +79,7 @@ def build(tree, tokenizer, root, files):
             last = time.time()
             rate = tree.num_tokens / max(last - t0, 1e-9)
             print0(f"{k + 1}/{len(files)} files | {tree.num_tokens:,} tokens | {rate:,.0f} tokens/s")
+    tree.ingest([bos] * (-tree.num_tokens % K))  # a whole last block: every token has a gist, no raw tail to pay for
     return entries
 
 

@@ -36,7 +36,8 @@ def test_build_a_ck_tree_with_a_manifest(base_dir, tmp_path):
     paths = [f["path"] for f in data["files"]]
     assert paths == sorted(paths) and "skip.bin" not in paths and len(paths) == 42
     assert data["files"][0]["start"] == 0 and all(a["end"] == b["start"] for a, b in zip(data["files"], data["files"][1:]))
-    assert data["tokens"] == data["files"][-1]["end"] > 32 ** 2  # deep enough for LOD2: built past the trained depth (AnyLevel)
+    end = data["files"][-1]["end"]
+    assert data["tokens"] == end + (-end % 32) > 32 ** 2  # <|bos|> fills the last block; LOD2 is past the trained depth (AnyLevel)
     assert len(data["levels"]) >= 3 and data["levels"][2] == data["tokens"] // 32 ** 2
 
     model, tokenizer, _ = load_model("base", "cpu", phase="eval", model_tag="ck_model")
@@ -45,6 +46,7 @@ def test_build_a_ck_tree_with_a_manifest(base_dir, tmp_path):
     first = data["files"][0]
     ids = tokenizer.encode((corpus / first["path"]).read_text(), prepend=tokenizer.get_bos_token_id())
     assert tree.tokens(first["start"], first["end"]).tolist() == ids  # each file: <|bos|> + its text
+    assert set(tree.tokens(end, data["tokens"]).tolist()) <= {tokenizer.get_bos_token_id()}
     with torch.no_grad():
         block = model.embed_tokens(tree.tokens(0, 32))[None].float()
         assert torch.allclose(tree.gist(1, 0), gistnet(block, 1)[0].half().float(), atol=1e-3)

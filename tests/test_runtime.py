@@ -11,7 +11,7 @@ from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig, norm
 from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import MegaContextConfig
-from nanochat.megacontext.runtime import Plan, Session, common_slots, make_room, slot_items
+from nanochat.megacontext.runtime import Plan, Session, common_slots, format_focus, make_room, slot_items
 from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
 
 K = 32
@@ -229,3 +229,75 @@ def test_score_is_the_teacher_forced_nll_that_generate_samples_from():
             if gist_first and c.tree.num_tokens % K == 0:
                 c._make_plan()
             c.feed([t])
+
+
+# -----------------------------------------------------------------------------
+# Core-Knowledge memories attached to a session (composite.py)
+
+def make_ck(path, model, gistnet, n, seed):
+    """A Core-Knowledge tree on disk, as scripts/mc_build_ck.py leaves it (n: a multiple of K, as it pads)."""
+    from nanochat.megacontext.gistnet import AnyLevel
+    from nanochat.megacontext.tree import MegaContextTree
+    tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=str(path))
+    tree.ingest(stream(n, seed=seed))
+    tree.close()
+    return str(path)
+
+
+def test_attached_memories_stream_legal_and_the_cache_equals_a_full_forward(tmp_path):
+    from nanochat.megacontext.composite import CompositeWC, check_composite
+    model, gistnet, lensnet, mc = parts(w_max=192)
+    s = Session.create(model, gistnet, lensnet, mc)
+    s.attach(make_ck(tmp_path / "facts", model, gistnet, 704, seed=11)).attach(make_ck(tmp_path / "more", model, gistnet, 1504, seed=12))
+    assert s.offsets == [0, 704, 2208]
+    tokens = stream(600)
+    s.feed(tokens[:40])
+    for i, t in enumerate(tokens[40:]):
+        logits = s.feed([t])
+        check_composite(CompositeWC(s.recall + [s.wc]), s.composite_source(), 192, mc.recent_tokens, 0.5)
+        if i % 41 == 0 or i > len(tokens) - 45:
+            items = slot_items(s.wc, None, s.recall)
+            b = s._assemble_from(items, 0)
+            with torch.no_grad():
+                full = model(b["idx"], inputs_embeds=b["embeds"], positions=b["positions"], lod=b["lod"])[0, -1]
+            assert torch.allclose(logits, full, atol=1e-4), f"cache diverged at token {40 + i}"
+    # the runtime lays the slots out as composite.py does (tested there against the memories read as one text)
+    a = CompositeWC(s.recall + [s.wc]).assemble(s.composite_source(), model.embed_tokens)
+    assert torch.equal(b["positions"][0], a["positions"]) and torch.equal(b["lod"][0], a["lod"])
+    assert torch.allclose(b["embeds"][0], a["embeds"])
+    f = s.focus()
+    assert set(f["memories"]) == {"facts", "more", "session"} and f["wc_cost"] == sum(m["slots"] for m in f["memories"].values())
+    assert f["memories"]["facts"]["edits"] + f["memories"]["more"]["edits"] > 0  # LensNet's edits reached the memories
+    assert "memory facts:" in format_focus(f)
+
+
+def test_a_session_with_memories_saves_and_reopens_exactly(tmp_path):
+    model, gistnet, lensnet, mc = parts(w_max=160)
+    ck = make_ck(tmp_path / "ck", model, gistnet, 900, seed=5)
+    ref = Session.create(model, gistnet, lensnet, mc, seed=3).attach(ck)
+    ref.feed(stream(200))
+    expected = [t for t, _ in ref.generate(50, temperature=1.0)]
+    path = str(tmp_path / "session")
+    s = Session.create(model, gistnet, lensnet, mc, path=path, seed=3).attach(ck)
+    s.feed(stream(200))
+    head = [t for t, _ in s.generate(20, temperature=1.0)]
+    s.save()
+    recall = s.recall
+    s.close()
+    again = Session.open(path, model, gistnet, lensnet, mc)
+    assert again.recall == recall and [n for n, _, _ in again.memories] == ["ck"]
+    tail = [t for t, _ in again.generate(30, temperature=1.0)]
+    assert head + tail == expected
+
+
+def test_attaching_a_memory_is_checked(tmp_path):
+    model, gistnet, lensnet, mc = parts()
+    ck = make_ck(tmp_path / "ck", model, gistnet, 100, seed=5)
+    s = Session.create(model, gistnet, lensnet, mc).attach(ck)
+    with pytest.raises(UserError, match="already attached"):
+        s.attach(ck)
+    with pytest.raises(UserError, match="no such directory"):
+        s.attach(str(tmp_path / "missing"))
+    s.feed(stream(10))
+    with pytest.raises(UserError, match="before the session's first token"):
+        s.attach(ck, name="again")

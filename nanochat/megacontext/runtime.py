@@ -51,6 +51,8 @@ from nanochat.common import UserError, atomic_write_json
 from nanochat.engine import KVCache, RowState, sample_next
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource, CompositeWC, attribution, check_composite,
+                                            ck_cap, composite_start)
 from nanochat.megacontext.evaluation import fit_budget, refocus
 from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.tree import MegaContextTree
@@ -60,6 +62,7 @@ K = BLOCK_SIZE
 SESSION_FILE = "session.json"
 SESSION_FORMAT = 1
 Plan = namedtuple("Plan", ["start"])  # a gist-first plan slot, in front of the block that starts at `start`
+Recall = namedtuple("Recall", ["memory", "entry"])  # a slot item of Core-Knowledge memory `memory`: one of its WC entries
 
 
 def make_room(wc, source, budget, recent_tokens):
@@ -77,17 +80,35 @@ def make_room(wc, source, budget, recent_tokens):
     return wc
 
 
-def slot_items(wc, plan_start):
-    """The WC's entries in slot order, with Plan(s) in front of the tokens of block [s, s + K)."""
-    items = list(wc.entries)
+def make_room_composite(cwc, source, budget, recent_tokens, min_session_share):
+    """make_room for a composite WC: the CKs shrink to their cap (the one holding the most collapses
+    its oldest node first), then the session to what they leave."""
+    cks = list(cwc.segments[:-1])
+    limit = ck_cap(budget, min_session_share, source.session.num_tokens)
+    while sum(c.cost for c in cks) > limit:
+        m = max(range(len(cks)), key=lambda m: cks[m].cost)
+        cks[m] = make_room(cks[m], source.memories[m], cks[m].cost - 1, 0)  # one collapse (or the oldest entry out)
+    session = make_room(cwc.segments[-1], source.session, budget - sum(c.cost for c in cks), recent_tokens)
+    return CompositeWC(cks + [session])
+
+
+def slot_items(wc, plan_start, recall=()):
+    """The WC's entries in slot order, with Plan(s) in front of the tokens of block [s, s + K), after
+    the Recall items of the attached memories' WC segments (recall: one WorkingContext per memory)."""
+    items = [Recall(m, e) for m, seg in enumerate(recall) for e in seg.entries]
     if plan_start is None:
-        return items
-    at = next((i for i, e in enumerate(items) if e.level == 0 and e.start == plan_start), len(items))
-    return items[:at] + [Plan(plan_start)] + items[at:]
+        return items + list(wc.entries)
+    at = next((i for i, e in enumerate(wc.entries) if e.level == 0 and e.start == plan_start), len(wc))
+    return items + list(wc.entries[:at]) + [Plan(plan_start)] + list(wc.entries[at:])
+
+
+def allocator_state(a):
+    """A FocusAllocator's cooldown state, as JSON (Session.save / open)."""
+    return dict(steps=a.steps, last_toggled=[[lvl, s, t] for (lvl, s), t in a.last_toggled.items()])
 
 
 def item_cost(item):
-    return 1 if isinstance(item, Plan) else item.cost
+    return 1 if isinstance(item, Plan) else item.entry.cost if isinstance(item, Recall) else item.cost
 
 
 def common_slots(old, new):
@@ -122,7 +143,10 @@ class Session:
         self.cache = None               # KVCache over the slots of self.cached
         self.cached = []                # slot items the cache holds, in order
         self.logits = self.hidden = None  # (V,), (D,): the outputs at the last slot
-        self.stats = dict(refocuses=0, edits=0, slots_computed=0, tokens_fed=0, forwards=0, last_edits=0)
+        self.stats = dict(refocuses=0, edits=0, slots_computed=0, tokens_fed=0, forwards=0, last_edits=0, memory_edits=[0])
+        self.memories = []              # attached Core-Knowledge memories: (name, tree, path), in slot order
+        self.recall = []                # their WC segments (WorkingContext each), in front of self.wc
+        self.offsets = [0]              # position of each memory's token 0; the last: the session's
 
     # -------------------------------------------------------------------------
     # construction and persistence
@@ -153,18 +177,57 @@ class Session:
         tree = MegaContextTree.load(path, AnyLevel(gistnet), model.embed_tokens, dim=model.config.n_embd, model_name=model_name)
         gist_first = state["gist_first"] if gist_first is None else gist_first
         session = cls(model, gistnet, lensnet, config, tree, predictor, state["w_max"], gist_first)
+        memories = state.get("memories", [])
+        for memory in memories:
+            session._attach(memory["path"], memory["name"])
         if entries:
             session.wc = check_working_context(WorkingContext(entries), tree, session.w_max, config.recent_tokens)
+            session.recall = [WorkingContext(Entry(*map(int, e)) for e in memory["wc"]) for memory in memories]
+            if memories:
+                check_composite(CompositeWC(session.recall + [session.wc]), session.composite_source(), session.w_max,
+                                config.recent_tokens, config.ck_min_session_share)
         if state["plan"] is not None:
             session.plan = (state["plan"][0], torch.tensor(state["plan"][1], dtype=torch.float32))
-        session.allocator.steps = state["allocator"]["steps"]
-        session.allocator.last_toggled = {(lvl, start): t for lvl, start, t in state["allocator"]["last_toggled"]}
+        for a, saved in zip(session._allocators(), [memory["allocator"] for memory in memories] + [state["allocator"]]):
+            a.steps, a.last_toggled = saved["steps"], {(lvl, start): t for lvl, start, t in saved["last_toggled"]}
         session.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
         session.stats.update(state["stats"])
         if session.wc is not None:
             with torch.inference_mode():
                 session._sync()
         return session
+
+    def attach(self, path, name=None):
+        """Attach a Core-Knowledge memory (a tree built by scripts/mc_build_ck.py) before the session's
+        first token: its WC segment sits in front of the session's (composite.py), read as if the
+        memory came before the conversation, and one composite allocator refocuses them all."""
+        if self.tree.num_tokens > 0:
+            raise UserError("attach Core-Knowledge memories before the session's first token")
+        self._attach(path, name)
+        return self
+
+    def _attach(self, path, name):
+        if not os.path.isdir(path):
+            raise UserError(f"Core-Knowledge memory {path}: no such directory")
+        tree = MegaContextTree.load(path, AnyLevel(self.gistnet), self.model.embed_tokens, dim=self.model.config.n_embd,
+                                    in_ram=True, model_name=self.tree.model_name or None)
+        if tree.num_tokens == 0:
+            raise UserError(f"Core-Knowledge memory {path} is empty")
+        name = name or os.path.basename(os.path.normpath(path))
+        if name in [n for n, _, _ in self.memories] + ["session"]:
+            raise UserError(f"a memory named {name!r} is already attached")
+        self.memories.append((name, tree, os.path.abspath(path)))
+        self.offsets.append(self.offsets[-1] + tree.num_tokens)
+        self.stats["memory_edits"] = [0] * (len(self.memories) + 1)
+        self.allocator = CompositeAllocator.from_config(self.config, len(self.memories) + 1, w_max=self.w_max - K)
+
+    def composite_source(self):
+        """The attached memories and the session's tree as one CompositeSource (composite.py)."""
+        return CompositeSource([tree for _, tree, _ in self.memories] + [self.tree], [n for n, _, _ in self.memories] + ["session"])
+
+    def _allocators(self):
+        """The FocusAllocator of each memory, the session's last."""
+        return self.allocator.allocators if self.memories else [self.allocator]
 
     def save(self):
         """Make the session durable: the tree's rows, then session.json (atomically)."""
@@ -175,7 +238,9 @@ class Session:
             format=SESSION_FORMAT, w_max=self.w_max, gist_first=self.gist_first,
             wc=[] if self.wc is None else [[e.level, e.start, e.end] for e in self.wc.entries],
             plan=None if self.plan is None else [self.plan[0], self.plan[1].float().cpu().tolist()],
-            allocator=dict(steps=self.allocator.steps, last_toggled=[[lvl, s, t] for (lvl, s), t in self.allocator.last_toggled.items()]),
+            allocator=allocator_state(self._allocators()[-1]),
+            memories=[dict(name=name, path=path, wc=[[e.level, e.start, e.end] for e in seg.entries], allocator=allocator_state(a))
+                      for (name, _, path), seg, a in zip(self.memories, self.recall, self._allocators())],
             rng=base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
             stats=self.stats,
         )
@@ -203,7 +268,11 @@ class Session:
             self.plan = None  # its block is complete: the real tokens take over
         target = self.w_max - K
         if self.wc is None or len(tokens) >= self.w_max:
-            self.wc = WorkingContext.recency_filled(self.tree, target, self.config.recent_tokens)
+            if self.memories:  # the CKs at their coarsest, the session in its share
+                start = composite_start(self.composite_source(), target, self.config.recent_tokens, self.config.ck_min_session_share)
+                self.recall, self.wc = list(start.segments[:-1]), start.segments[-1]
+            else:
+                self.wc = WorkingContext.recency_filled(self.tree, target, self.config.recent_tokens)
             self._refocus(target)
         else:
             self.wc = self.wc.extend(self.tree)
@@ -212,19 +281,32 @@ class Session:
         return self._sync()
 
     def _refocus(self, target):
-        wc = make_room(self.wc, self.tree, target, self.config.recent_tokens)
+        """Make room for the next block, then one LensNet + allocator step (over every memory when
+        Core-Knowledge memories are attached: composite edits are (memory, Edit) pairs)."""
+        recent, share = self.config.recent_tokens, self.config.ck_min_session_share
+        if self.memories:
+            source = self.composite_source()
+            wc = make_room_composite(CompositeWC(self.recall + [self.wc]), source, target, recent, share)
+        else:
+            source, wc = self.tree, make_room(self.wc, self.tree, target, recent)
         edits = []
         if self.lensnet is not None:
-            wc, steps = refocus(self.model, self.lensnet, self.allocator, wc, self.tree, iterations=1)
+            wc, steps = refocus(self.model, self.lensnet, self.allocator, wc, source, iterations=1)
             edits = [e for step in steps for e in step]
-        self.wc = check_working_context(wc, self.tree, self.w_max, self.config.recent_tokens)
+        if self.memories:
+            check_composite(wc, source, self.w_max, recent, share)
+            self.recall, self.wc = list(wc.segments[:-1]), wc.segments[-1]
+            for m, _ in edits:
+                self.stats["memory_edits"][m] += 1
+        else:
+            self.wc = check_working_context(wc, self.tree, self.w_max, recent)
         self.stats["refocuses"] += 1
         self.stats["edits"] += len(edits)
         self.stats["last_edits"] = len(edits)
 
     def _sync(self):
         """Bring the cache to the current WC (plus plan): keep the unchanged slot prefix, forward the rest."""
-        items = slot_items(self.wc, None if self.plan is None else self.plan[0])
+        items = slot_items(self.wc, None if self.plan is None else self.plan[0], self.recall)
         total = sum(item_cost(it) for it in items)
         if self.cache is None:
             self.cache = KVCache.for_model(self.model, 1, self.w_max + 1)
@@ -248,22 +330,25 @@ class Session:
         for it in items:
             c = item_cost(it)
             if seen + c >= slot:
-                if slot == 0 or isinstance(it, Plan) or it.level > 0:
+                tree, e = (self.memories[it.memory][1], it.entry) if isinstance(it, Recall) else (self.tree, it)
+                if slot == 0 or isinstance(it, Plan) or e.level > 0:
                     return zero
-                ids = self.tree.tokens(it.start + slot - 1 - seen, it.start + slot - seen)
+                ids = tree.tokens(e.start + slot - 1 - seen, e.start + slot - seen)
                 return self.model.embed_tokens(ids.to(zero.device))[None].to(dtype)
             seen += c
         return zero
 
     def _assemble_from(self, items, slot):
-        """The model inputs of every slot from index `slot` on, with global positions: dict of (1, T) tensors."""
+        """The model inputs of every slot from index `slot` on, with global positions (memory m's token t
+        at self.offsets[m] + t, the session's after every attached memory): dict of (1, T) tensors."""
         device, dtype = self.model.get_device(), self.model.transformer.wte.weight.dtype
-        parts, seen, run = [], 0, []
+        parts, seen, run, run_memory = [], 0, [], len(self.memories)  # run_memory: the session is the last memory
 
-        def flush_run():  # a run of tree entries, assembled in one call
+        def flush_run():  # a run of one memory's entries, assembled in one call
             if run:
-                a = WorkingContext(run).assemble(self.tree, self.model.embed_tokens, device=device, dtype=dtype)
-                parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + run[0].start))
+                tree = self.tree if run_memory == len(self.memories) else self.memories[run_memory][1]
+                a = WorkingContext(run).assemble(tree, self.model.embed_tokens, device=device, dtype=dtype)
+                parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + (run[0].start + self.offsets[run_memory])))
                 run.clear()
 
         for it in items:
@@ -271,12 +356,16 @@ class Session:
             if seen + c > slot:
                 if isinstance(it, Plan):
                     flush_run()
-                    center = torch.tensor([it.start + (K - 1) / 2], dtype=torch.float64)
+                    center = torch.tensor([self.offsets[-1] + it.start + (K - 1) / 2], dtype=torch.float64)
                     parts.append((self.plan[1].to(device, dtype)[None], torch.full((1,), -1, device=device),
                                   torch.ones(1, dtype=torch.long, device=device), center.to(device if device.type != "mps" else "cpu")))
                 else:
+                    memory, e = (it.memory, it.entry) if isinstance(it, Recall) else (len(self.memories), it)
+                    if memory != run_memory:
+                        flush_run()
+                        run_memory = memory
                     skip = max(0, slot - seen)  # only a raw block can be entered part-way
-                    run.append(it if skip == 0 else Entry(0, it.start + skip, it.end))
+                    run.append(e if skip == 0 else Entry(0, e.start + skip, e.end))
             seen += c
         flush_run()
         embeds, ids, lod, pos = (torch.cat(x) for x in zip(*parts))
@@ -351,8 +440,14 @@ class Session:
             entries, slots = levels.get(e.level, (0, 0))
             levels[e.level] = (entries + 1, slots + e.cost)
         fed = max(1, self.stats["tokens_fed"])
+        cost = self.wc.cost + sum(seg.cost for seg in self.recall)  # the session's slots and the attached memories'
+        memories = None
+        if self.memories:  # per memory: its slots, share, LOD mix, what it covers, the edits that touched it
+            memories = attribution(CompositeWC(self.recall + [self.wc]), self.composite_source())
+            for m, report in enumerate(memories.values()):
+                report["edits"] = self.stats["memory_edits"][m]
         return dict(
-            history_tokens=n, w_max=self.w_max, wc_cost=self.wc.cost, budget_use=self.wc.cost / self.w_max,
+            history_tokens=n, w_max=self.w_max, wc_cost=cost, budget_use=cost / self.w_max, memories=memories,
             wc_entries=len(self.wc), covered_from=self.wc.start, unreachable_tokens=self.wc.start,
             lod={f"lod{L}": dict(entries=c, slots=s) for L, (c, s) in sorted(levels.items())},
             tree_levels=len(self.tree.levels) - 1, plan=None if self.plan is None else self.plan[0],
@@ -374,4 +469,8 @@ def format_focus(f):
         lines.append(f"the oldest {f['unreachable_tokens']:,} tokens are out of reach (the budget cannot hold the coarsest view)")
     if f["plan"] is not None:
         lines.append(f"gist-first plan for the block at token {f['plan']:,}")
+    for name, m in (f.get("memories") or {}).items():
+        mix = ", ".join(f"LOD{k[3:]} {c}" for k, c in m["lod"].items())
+        lines.append(f"memory {name}: {m['slots']} slots ({100 * m['share']:.0f}% of the WC), {mix} | covers {m['covered']:,} "
+                     f"of {m['tokens']:,} tokens | {m['edits']} edits")
     return "\n".join(lines)
