@@ -6,12 +6,16 @@ Talk to a model in the terminal.
     python -m scripts.chat_cli --megacontext       # the conversation lives in a MegaContext: no length limit
     python -m scripts.chat_cli --gist-first        # MegaContext, each block's gist predicted before its tokens
     python -m scripts.chat_cli --megacontext --session ~/chats/a   # kept on disk, resumed next time
+    python -m scripts.chat_cli --ck ~/ck/docs      # with a Core-Knowledge memory (scripts/mc_build_ck.py)
 Commands in the interactive loop: `clear` starts a new conversation, `quit` (or `exit`, Ctrl-D) leaves,
 `/focus` (MegaContext) shows what the model sees: the working context's LOD mix and budget use.
 With --megacontext the conversation is fed, turn by turn, into a runtime Session
 (nanochat/megacontext/runtime.py): the model reads a fixed budget of w_max slots (raw recent tokens,
 gists of older ones) however long the conversation grows, at a constant cost per token.
 --context-file feeds a text file (a book, a log) into the history before the first turn.
+--ck PATH (repeatable) attaches Core-Knowledge memories in front of the conversation: the working
+context holds gists of them too, and LensNet opens what the conversation needs (`/focus` shows each
+memory's part). A resumed --session brings its memories back by itself.
 """
 
 import os
@@ -20,7 +24,7 @@ import argparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanochat.common import cli_main, compute_init, autodetect_device_type
+from nanochat.common import UserError, cli_main, compute_init, autodetect_device_type
 from nanochat.checkpoint_manager import load_model
 from nanochat.engine import Engine
 
@@ -94,10 +98,18 @@ def open_session(args, model, tokenizer, device, model_tag, step):
     name = f"{args.source}/{model_tag}"
     if args.session and os.path.exists(os.path.join(args.session, SESSION_FILE)):
         session = Session.open(args.session, model, gistnet, lensnet, mc, predictor, gist_first=args.gist_first, model_name=name)
-        print(f"resumed the session at {args.session}: {session.tree.num_tokens:,} tokens of history")
+        saved = [path for _, _, path in session.memories]
+        if args.ck and [os.path.abspath(p) for p in args.ck] != saved:
+            raise UserError(f"the session at {args.session} was saved with Core-Knowledge memories {saved or 'none'}: "
+                            "give the same --ck paths or none")
+        print(f"resumed the session at {args.session}: {session.tree.num_tokens:,} tokens of history"
+              + "".join(f", memory {n} ({t.num_tokens:,} tokens)" for n, t, _ in session.memories))
         return session, False
     session = Session.create(model, gistnet, lensnet, mc, path=args.session or None, predictor=predictor, w_max=args.w_max,
                              gist_first=args.gist_first, seed=args.seed, model_name=name)
+    for path in args.ck:
+        session.attach(path)
+        print(f"attached the Core-Knowledge memory {path} ({session.memories[-1][1].num_tokens:,} tokens)")
     if args.context_file:
         with open(args.context_file, encoding="utf-8") as f:
             ids = tokenizer.encode(f.read(), prepend=tokenizer.get_bos_token_id())
@@ -156,10 +168,12 @@ def main():
     p.add_argument("--w-max", type=int, default=None, help="MegaContext working-context budget (default: the run's mc_w_max)")
     p.add_argument("--session", type=str, default="", help="MegaContext: keep the session in this directory (resumed if it exists)")
     p.add_argument("--context-file", type=str, default="", help="MegaContext: feed this text file into the history first")
+    p.add_argument("--ck", type=str, action="append", default=[], help="attach a Core-Knowledge memory built by "
+                   "scripts.mc_build_ck (repeatable; implies --megacontext)")
     args = p.parse_args()
     if not 0 <= args.temperature <= 2 or args.top_k < 1:
         p.error("temperature must be in [0, 2] and top-k at least 1")
-    args.megacontext = args.megacontext or args.gist_first
+    args.megacontext = args.megacontext or args.gist_first or bool(args.ck)
     if not args.megacontext and (args.session or args.context_file or args.w_max):
         p.error("--session, --context-file and --w-max need --megacontext")
     if args.context_file and not os.path.isfile(args.context_file):

@@ -6,6 +6,7 @@ and a streaming completion endpoint.
     python -m scripts.chat_web -i base -p 8080 --host 0.0.0.0
     python -m scripts.chat_web --megacontext        # conversations of any length, through a MegaContext
     python -m scripts.chat_web --gist-first         # MegaContext with gist-first decoding
+    python -m scripts.chat_web --ck ~/ck/docs       # a Core-Knowledge memory attached (scripts/mc_build_ck.py)
 
 Endpoints:
     GET  /                  the chat page
@@ -16,6 +17,8 @@ Endpoints:
 With --megacontext each request's conversation is fed into a fresh runtime Session
 (nanochat/megacontext/runtime.py): no context-length limit (only the character limits below), and
 before "done" one `data: {"focus": {...}}` event reports the working context (LOD mix, budget use).
+--ck PATH (repeatable, implies --megacontext) attaches Core-Knowledge memories to every session: they
+are read into RAM once and shared, and the focus event gives each memory's part of the WC.
 """
 
 import os
@@ -198,6 +201,27 @@ def create_app(engine, tokenizer, defaults, new_session=None):
     return app
 
 
+def megacontext_sessions(args, model, model_tag, step, device):
+    """--megacontext / --gist-first / --ck: new_session(seed) for create_app, a fresh runtime Session per
+    request with the --ck memories attached (read once here and shared; they are only read)."""
+    from nanochat.megacontext.checkpoint import load_for_chat
+    from nanochat.megacontext.runtime import Session
+    mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
+    name = f"{args.source}/{model_tag}"  # the model name Core-Knowledge trees are built for (mc_build_ck)
+
+    def new_session(seed):
+        session = Session.create(model, gistnet, lensnet, mc, predictor=predictor, w_max=args.w_max,
+                                 gist_first=args.gist_first, seed=seed, model_name=name)
+        for path, tree in zip(args.ck, trees):
+            session.attach(path, tree=tree)
+        return session
+
+    probe = Session.create(model, gistnet, lensnet, mc, predictor=predictor, w_max=args.w_max, gist_first=args.gist_first,
+                           model_name=name)  # bad settings fail now, not per request
+    trees = [probe.load_memory(path) for path in args.ck]
+    return new_session
+
+
 def main():
     p = argparse.ArgumentParser(description="Chat with a nanochat model in the browser", allow_abbrev=False)
     p.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="which checkpoints to load")
@@ -212,6 +236,8 @@ def main():
     p.add_argument("--megacontext", action="store_true", help="decode through a MegaContext: conversations of any length")
     p.add_argument("--gist-first", action="store_true", help="MegaContext with gist-first decoding (needs a --megaprediction run)")
     p.add_argument("--w-max", type=int, default=None, help="MegaContext working-context budget (default: the run's mc_w_max)")
+    p.add_argument("--ck", type=str, action="append", default=[], help="attach a Core-Knowledge memory built by "
+                   "scripts.mc_build_ck to every session (repeatable; implies --megacontext)")
     args = p.parse_args()
     if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
         p.error(f"temperature must be in {list(TEMPERATURE_RANGE)}")
@@ -230,15 +256,7 @@ def main():
     step = args.step if args.step is not None else find_last_step(os.path.join(get_base_dir(), SOURCE_DIRS[args.source], model_tag))
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-    new_session = None
-    if args.megacontext or args.gist_first:
-        from nanochat.megacontext.checkpoint import load_for_chat
-        from nanochat.megacontext.runtime import Session
-        mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
-        Session.create(model, gistnet, lensnet, mc, predictor=predictor, w_max=args.w_max, gist_first=args.gist_first)  # fail now, not per request
-
-        def new_session(seed):
-            return Session.create(model, gistnet, lensnet, mc, predictor=predictor, w_max=args.w_max, gist_first=args.gist_first, seed=seed)
+    new_session = megacontext_sessions(args, model, model_tag, step, device) if args.megacontext or args.gist_first or args.ck else None
     app = create_app(Engine(model, tokenizer), tokenizer, defaults, new_session)
     print(f"nanochat web chat on http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -61,3 +61,42 @@ def test_megacontext_flags_without_megacontext_are_refused(base_dir, monkeypatch
         run_cli(monkeypatch, capsys, ["-g", "mc_flags", "--session", "x"])
     with pytest.raises(SystemExit):
         run_cli(monkeypatch, capsys, ["-g", "mc_flags", "--megacontext", "--context-file", "/no/such/file"])
+
+
+def build_ck(tmp_path, name, source="base", tag="mc_chat"):
+    """A Core-Knowledge memory of a few text files, built for base/<tag> by scripts.mc_build_ck."""
+    from scripts import mc_build_ck
+    corpus = tmp_path / f"{name}_corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"f{i}.txt").write_text(f"fact {i}: the river number {i} flows north. " * 20)
+    out = str(tmp_path / name)
+    mc_build_ck.main(["--input", str(corpus), "--out", out, "-i", source, "-g", tag, "--device-type", "cpu"])
+    return out
+
+
+def test_core_knowledge_memories_attach_show_in_focus_and_resume(base_dir, tmp_path, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_chat")
+    ck = build_ck(tmp_path, "rivers")
+    session = str(tmp_path / "session")
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--ck", ck, "--session", session, "--max-tokens", "6"],
+                  stdin="which river flows north?\n/focus\nquit\n")
+    assert "attached the Core-Knowledge memory" in out and out.count("Assistant:") == 1
+    assert "memory rivers:" in out and "memory session:" in out
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", session, "--max-tokens", "6"],
+                  stdin="/focus\nquit\n")
+    assert "resumed the session" in out and "memory rivers" in out  # the memory comes back with the session
+    other = build_ck(tmp_path, "other")
+    with pytest.raises(UserError, match="saved with Core-Knowledge memories"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--session", session, "--ck", other], stdin="quit\n")
+
+
+def test_a_memory_built_for_another_model_is_refused(base_dir, tmp_path, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_chat")
+    save_mc_checkpoint(base_dir, "mc_other")
+    ck = build_ck(tmp_path, "theirs", tag="mc_other")
+    with pytest.raises(UserError, match="built for model 'base/mc_other'") as e:
+        run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--ck", ck, "-p", "hi"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="no such directory"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--ck", str(tmp_path / "missing"), "-p", "hi"])

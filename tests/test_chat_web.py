@@ -278,3 +278,30 @@ def test_megacontext_switch_streams_past_the_context_and_reports_focus(engine, t
             break
         reply.append(token)
     assert "".join(e["token"] for e in events if "token" in e) == "".join(stream_text(reply, tokenizer))
+
+
+def test_ck_memories_are_attached_to_every_request(base_dir, tmp_path):
+    """--ck: main's session factory loads the memory once and every request's session reads it
+    (the focus event gives its part of the working context)."""
+    import argparse
+    from conftest import save_mc_checkpoint
+    from scripts import mc_build_ck
+    from scripts.chat_web import megacontext_sessions
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.engine import Engine
+    save_mc_checkpoint(base_dir, "web_ck")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the lighthouse keeper's name is Orla. " * 40)
+    ck = str(tmp_path / "ck")
+    mc_build_ck.main(["--input", str(corpus), "--out", ck, "-i", "base", "-g", "web_ck", "--device-type", "cpu"])
+    model, tokenizer, _ = load_model("base", "cpu", phase="eval", model_tag="web_ck")
+    args = argparse.Namespace(source="base", w_max=None, gist_first=False, ck=[ck])
+    new_session = megacontext_sessions(args, model, "web_ck", 5, "cpu")
+    client = TestClient(create_app(Engine(model, tokenizer), tokenizer, DEFAULTS, new_session))
+    for _ in range(2):
+        r = client.post("/chat/completions", json={"messages": [{"role": "user", "content": "who keeps the lighthouse?"}]})
+        assert r.status_code == 200
+        focus = sse_events(r.text)[-2]["focus"]
+        assert focus["memories"]["ck"]["slots"] > 0 and focus["memories"]["ck"]["tokens"] > 400
+        assert focus["wc_cost"] <= focus["w_max"]

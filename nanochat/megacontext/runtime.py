@@ -197,20 +197,25 @@ class Session:
                 session._sync()
         return session
 
-    def attach(self, path, name=None):
+    def attach(self, path, name=None, tree=None):
         """Attach a Core-Knowledge memory (a tree built by scripts/mc_build_ck.py) before the session's
         first token: its WC segment sits in front of the session's (composite.py), read as if the
-        memory came before the conversation, and one composite allocator refocuses them all."""
+        memory came before the conversation, and one composite allocator refocuses them all.
+        tree: the memory already loaded (load_memory), to share one copy between sessions; it is only read."""
         if self.tree.num_tokens > 0:
             raise UserError("attach Core-Knowledge memories before the session's first token")
-        self._attach(path, name)
+        self._attach(path, name, tree)
         return self
 
-    def _attach(self, path, name):
+    def load_memory(self, path):
+        """A Core-Knowledge tree, read into RAM, checked against this session's model name."""
         if not os.path.isdir(path):
             raise UserError(f"Core-Knowledge memory {path}: no such directory")
-        tree = MegaContextTree.load(path, AnyLevel(self.gistnet), self.model.embed_tokens, dim=self.model.config.n_embd,
+        return MegaContextTree.load(path, AnyLevel(self.gistnet), self.model.embed_tokens, dim=self.model.config.n_embd,
                                     in_ram=True, model_name=self.tree.model_name or None)
+
+    def _attach(self, path, name, tree=None):
+        tree = self.load_memory(path) if tree is None else tree
         if tree.num_tokens == 0:
             raise UserError(f"Core-Knowledge memory {path} is empty")
         name = name or os.path.basename(os.path.normpath(path))
