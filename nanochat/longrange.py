@@ -198,3 +198,56 @@ def num_answers(kind):
             "kv-recall": 16 ** 6,                       # 24 random bits as 6 hex digits
             "variable": (99999 - 1000 + 1) + word3 * (999 - 10 + 1),  # an int literal or "<word3>-<10..999>"
             "needle": word3 * (999 - 100 + 1)}[kind]    # "<Word3>-<100..999>"
+
+
+# -----------------------------------------------------------------------------
+# A synthetic fact base (scripts/mc_eval.py --task ck): entities with attributes, read from a
+# Core-Knowledge memory. Each entity has one document stating its facts; a question about a fact
+# ends where its value starts, so the value is the answer.
+
+FACT_KINDS = {  # attribute -> (statement, question): {e} the entity, {v} the value
+    "city": ("{e} lives in {v}.", "Where does {e} live? {e} lives in"),
+    "job": ("{e} works as a {v}.", "What is the job of {e}? {e} works as a"),
+    "color": ("The favorite color of {e} is {v}.", "What is the favorite color of {e}? The favorite color of {e} is"),
+}
+JOBS = ("baker", "pilot", "farmer", "doctor", "teacher", "painter", "sailor", "miner", "weaver", "judge", "singer", "tailor")
+COLORS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "gray", "pink", "silver")
+
+
+@dataclass
+class Fact:
+    entity: str
+    attribute: str  # a key of FACT_KINDS
+    value: str
+
+
+def fact_value(attribute, rng):
+    """A random value of the attribute: a made-up city, or a job / color from the lists."""
+    if attribute == "city":
+        return random_word(rng, 3).capitalize()
+    return rng.choice(JOBS if attribute == "job" else COLORS)
+
+
+def fact_base(rng, n_entities):
+    """n_entities made-up people (unique names), each with one fact per attribute of FACT_KINDS."""
+    names = set()
+    while len(names) < n_entities:
+        names.add(f"{random_word(rng, 2).capitalize()} {random_word(rng, 3).capitalize()}")
+    return [Fact(name, attribute, fact_value(attribute, rng)) for name in sorted(names) for attribute in FACT_KINDS]
+
+
+def fact_statement(fact):
+    return FACT_KINDS[fact.attribute][0].format(e=fact.entity, v=fact.value)
+
+
+def fact_question(fact):
+    """The question, ending right before the value: the answer is ' ' + fact.value."""
+    return FACT_KINDS[fact.attribute][1].format(e=fact.entity)
+
+
+def fact_documents(facts):
+    """One document per entity, its facts' statements in order: {entity: text}."""
+    docs = {}
+    for fact in facts:
+        docs[fact.entity] = (docs[fact.entity] + " " if fact.entity in docs else "") + fact_statement(fact)
+    return docs

@@ -30,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_write_json
-from nanochat.megacontext import BLOCK_SIZE as K
 
 CK_FILE = "ck.json"
 CK_FORMAT = 1
@@ -62,25 +61,14 @@ def corpus_files(root, extensions):
     return sorted(out)
 
 
-def build(tree, tokenizer, root, files):
-    """Ingest each file as <|bos|> + text -> the ck.json file list (token ranges)."""
-    bos = tokenizer.get_bos_token_id()
-    entries, t0, last = [], time.time(), 0.0
-    for k, rel in enumerate(files):
+def read_texts(root, files):
+    """Each file's text, or a one-line error for a file that is not UTF-8."""
+    for rel in files:
         try:
             with open(os.path.join(root, rel), encoding="utf-8") as f:
-                text = f.read()
+                yield f.read()
         except UnicodeDecodeError:
             raise UserError(f"{os.path.join(root, rel)}: not UTF-8 text") from None
-        start = tree.num_tokens
-        tree.ingest(tokenizer.encode(text, prepend=bos))
-        entries.append(dict(path=rel, start=start, end=tree.num_tokens))
-        if time.time() - last > 5 or k == len(files) - 1:
-            last = time.time()
-            rate = tree.num_tokens / max(last - t0, 1e-9)
-            print0(f"{k + 1}/{len(files)} files | {tree.num_tokens:,} tokens | {rate:,.0f} tokens/s")
-    tree.ingest([bos] * (-tree.num_tokens % K))  # a whole last block: every token has a gist, no raw tail to pay for
-    return entries
 
 
 def main(argv=None):
@@ -99,6 +87,7 @@ def main(argv=None):
     try:
         from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step, load_model
         from nanochat.megacontext.checkpoint import load_for_chat
+        from nanochat.megacontext.composite import ingest_documents
         from nanochat.megacontext.gistnet import AnyLevel
         from nanochat.megacontext.tree import MegaContextTree
         checkpoints = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
@@ -109,8 +98,16 @@ def main(argv=None):
         name = f"{args.source}/{model_tag}"  # what chat_cli names its trees: the CK is checked against it on attach
         print0(f"building a Core-Knowledge MegaContext of {len(files)} files from {args.input} for {name} step {step}")
         tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=partial, model_name=name)
+        t0, last = time.time(), [0.0]
+
+        def progress(k, tree):
+            if time.time() - last[0] > 5 or k == len(files) - 1:
+                last[0] = time.time()
+                print0(f"{k + 1}/{len(files)} files | {tree.num_tokens:,} tokens | {tree.num_tokens / max(last[0] - t0, 1e-9):,.0f} tokens/s")
+
         with torch.inference_mode():
-            entries = build(tree, tokenizer, args.input, files)
+            spans = ingest_documents(tree, tokenizer, read_texts(args.input, files), progress)
+        entries = [dict(path=rel, start=a, end=b) for rel, (a, b) in zip(files, spans)]
         tree.close()  # flushes: the tree is complete on disk
         levels = [tree.levels[L].n for L in range(len(tree.levels))]
         manifest = dict(format=CK_FORMAT, model=name, step=step, tokens=levels[0], levels=levels,

@@ -79,9 +79,10 @@ def build_parser():
     p.add_argument("--gist-first-docs", type=int, default=8, help="val documents for gist-first vs token-first decoding "
                    "(checkpoints with MegaPrediction readouts; 0: skip)")
     p.add_argument("--task", type=str, default="", help="passkey | kv-recall | needle | retrieval (all three): retrieval accuracy "
-                   "instead of the default evaluation")
+                   "instead of the default evaluation; ck: facts read from a Core-Knowledge memory")
     p.add_argument("--depths", type=str, default="0.1,0.3,0.5,0.7,0.9", help="--task: where the fact sits, fractions of the history")
     p.add_argument("--mults", type=str, default="4,8,16,32,64", help="--task: history lengths, multiples of mc_w_max")
+    p.add_argument("--ck-entities", type=int, default=32, help="--task ck: entities in the fact base (3 facts each)")
     return p
 
 
@@ -165,6 +166,110 @@ def gist_first_quality(model, gistnet, lensnet, predictor, mc, docs, prompt_toke
         nll[gist_first] = torch.cat(scores).mean().item()
     return dict(nll_token_first=nll[False], nll_gist_first=nll[True], gist_first_delta=nll[True] - nll[False],
                 docs=len(docs), scored_tokens=sum(len(ids) - prompt_tokens for ids in docs))
+
+
+def ask(model, gistnet, lensnet, mc, prompt, answer, memory=None, refocus_iters=8):
+    """One question through a fresh runtime Session, the fact memory attached when given: the prompt
+    fed, `refocus_iters` LensNet steps, the answer teacher forced. -> (greedy gets all of it, mean NLL, focus)."""
+    from nanochat.megacontext.runtime import Session
+    session = Session.create(model, gistnet, lensnet, mc)
+    if memory is not None:
+        session.attach(None, "facts", tree=memory)
+    session.feed(prompt)
+    session.refocus(refocus_iters)
+    nll, hits = session.score(answer, hits=True)
+    return bool(hits.all()), nll.mean().item(), session.focus()
+
+
+def ck_task(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, rank, t0):
+    """--task ck: a synthetic fact base read from a Core-Knowledge memory (nanochat/longrange.py facts,
+    one document per entity, the memory built as scripts/mc_build_ck.py builds one). Per asked fact:
+      ck / drop / oracle  the question with the memory attached, without it, and (no memory) with the
+                          entity's document itself in front of the question: greedy accuracy and answer NLL;
+                          CKRI = (L_drop - L_full) / L_full on the answer NLLs (the spec's CK reliance)
+      poison              the memory attached and a conflicting statement of the fact in the session:
+                          which value greedy decoding gives (session, ck or neither)
+      update              the fact's value edited in the memory (tree.rewrite: same token count, gists
+                          recomputed, no training step), asked again: the new value given, or still the old."""
+    from nanochat.longrange import Fact, fact_base, fact_documents, fact_question, fact_statement, fact_value
+    from nanochat.megacontext.composite import ingest_documents
+    from nanochat.megacontext.gistnet import AnyLevel
+    from nanochat.megacontext.tree import MegaContextTree
+    rng = random.Random(args.seed)
+    facts = fact_base(rng, args.ck_entities)
+    docs = fact_documents(facts)  # {entity: text}
+    memory = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens)
+    with torch.inference_mode():
+        spans = dict(zip(docs, ingest_documents(memory, tokenizer, list(docs.values()))))
+    asked = rng.sample(facts, min(args.num_docs, len(facts)))
+    bos = tokenizer.get_bos_token_id()
+    print0(f"mc_eval --task ck: {model_tag} step {step} | w_max {mc.w_max} | {len(facts)} facts of {len(docs)} entities, "
+           f"a memory of {memory.num_tokens:,} tokens | {len(asked)} questions")
+
+    def qa(fact, value, before=""):
+        """(prompt ids, answer ids): <|bos|> + before + the question; the answer ' ' + value."""
+        prompt = tokenizer.encode(before + fact_question(fact), prepend=bos)
+        full = tokenizer.encode(before + fact_question(fact) + " " + value, prepend=bos)
+        if full[:len(prompt)] != prompt:
+            raise UserError(f"the answer {value!r} does not tokenize apart from its question")
+        return prompt, full[len(prompt):]
+
+    def other_value(fact, fits=lambda v: True):
+        for _ in range(200):
+            v = fact_value(fact.attribute, rng)
+            if v != fact.value and fits(v):
+                return v
+        return None
+
+    run = lambda prompt, answer, mem=None: ask(model, gistnet, lensnet, mc, prompt, answer, mem, args.refocus_iters)
+    rows = []
+    for k, fact in enumerate(asked):
+        prompt, answer = qa(fact, fact.value)
+        row = dict(entity=fact.entity, attribute=fact.attribute, value=fact.value)
+        (row["hit_ck"], row["nll_ck"], focus), (row["hit_drop"], row["nll_drop"], _) = run(prompt, answer, memory), run(prompt, answer)
+        row["ck_slots"] = focus["memories"]["facts"]["slots"]
+        row["hit_oracle"], row["nll_oracle"], _ = run(*qa(fact, fact.value, docs[fact.entity] + "\n"))
+        wrong = other_value(fact)
+        before = fact_statement(Fact(fact.entity, fact.attribute, wrong)) + " "
+        session_wins = run(*qa(fact, wrong, before), memory)[0]
+        ck_wins = run(*qa(fact, fact.value, before), memory)[0]
+        row["poison"] = "session" if session_wins else "ck" if ck_wins else "neither"
+        rows.append(row)
+        print0(f"{k + 1}/{len(asked)} {fact.attribute:5s} ck {row['hit_ck']:d} ({row['nll_ck']:.2f}) | drop {row['hit_drop']:d} "
+               f"({row['nll_drop']:.2f}) | oracle {row['hit_oracle']:d} | poison: {row['poison']}")
+
+    # update responsiveness: each asked fact's value edited in the memory, then asked again
+    for row, fact in zip(rows, asked):
+        start, end = spans[fact.entity]
+        new_doc = lambda v: docs[fact.entity].replace(fact_statement(fact), fact_statement(Fact(fact.entity, fact.attribute, v)))
+        new = other_value(fact, lambda v: len(tokenizer.encode(new_doc(v), prepend=bos)) == end - start)
+        if new is None:
+            row["update"] = None  # no other value of the same token count
+            continue
+        with torch.inference_mode():
+            memory.rewrite(start, tokenizer.encode(new_doc(new), prepend=bos))
+        docs[fact.entity] = new_doc(new)
+        row["update"] = dict(new=new, hit_new=run(*qa(fact, new), memory)[0], hit_old=run(*qa(fact, fact.value), memory)[0])
+        fact.value = new
+
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)
+    updated = [r["update"] for r in rows if r["update"] is not None]
+    summary = dict(model_tag=model_tag, step=step, task="ck", questions=len(rows), memory_tokens=memory.num_tokens,
+                   acc_ck=mean("hit_ck"), acc_drop=mean("hit_drop"), acc_oracle=mean("hit_oracle"),
+                   nll_full=mean("nll_ck"), nll_drop=mean("nll_drop"), nll_oracle=mean("nll_oracle"),
+                   ckri=(mean("nll_drop") - mean("nll_ck")) / mean("nll_ck"), ck_slots=mean("ck_slots"),
+                   poison_session_wins=sum(r["poison"] == "session" for r in rows) / len(rows),
+                   poison_ck_wins=sum(r["poison"] == "ck" for r in rows) / len(rows),
+                   updated=len(updated), update_followed=sum(u["hit_new"] for u in updated) / max(1, len(updated)),
+                   update_old_kept=sum(u["hit_old"] for u in updated) / max(1, len(updated)))
+    out_path = args.out or os.path.join(get_base_dir(), "mc_eval", f"{model_tag}_step{step}_ck.json")
+    report = dict(summary, entities=args.ck_entities, refocus_iters=args.refocus_iters, seed=args.seed, w_max=mc.w_max,
+                  mc_config=mc.to_dict(), rows=rows, seconds=round(time.time() - t0, 1))
+    if rank == 0:
+        atomic_write_json(report, out_path)
+        print0(f"wrote {out_path}")
+        print0(json.dumps(summary))
+    return report
 
 
 def parse_list(text, kind, flag):
@@ -309,8 +414,10 @@ def main(argv=None):
     if args.num_docs is None:
         args.num_docs = 8 if args.task else 32
     if args.task:
-        if args.task not in RETRIEVAL_TASKS + ("retrieval",):
-            raise UserError(f"unknown --task {args.task!r}; expected one of {', '.join(RETRIEVAL_TASKS + ('retrieval',))}")
+        if args.task not in RETRIEVAL_TASKS + ("retrieval", "ck"):
+            raise UserError(f"unknown --task {args.task!r}; expected one of {', '.join(RETRIEVAL_TASKS + ('retrieval', 'ck'))}")
+        if args.ck_entities < 1:
+            raise UserError("--ck-entities must be at least 1")
         args.depths = list(dict.fromkeys(parse_list(args.depths, float, "--depths")))  # in order, once each
         args.mults = list(dict.fromkeys(parse_list(args.mults, int, "--mults")))
         if not all(0.0 < d < 1.0 for d in args.depths):
@@ -340,6 +447,8 @@ def main(argv=None):
         model, tokenizer, meta = build_model(checkpoint_dir, step, device, "eval")
         mc, gistnet, lensnet, _ = load_megacontext(checkpoint_dir, step, model.config, device)
         gistnet.eval(), lensnet.eval()
+        if args.task == "ck":
+            return ck_task(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, rank, t0)
         if args.task:
             return retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, rank, device, t0)
         H, history = mc.horizon, args.history_mult * mc.w_max

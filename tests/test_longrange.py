@@ -222,3 +222,17 @@ def test_loader_bad_settings():
                    {"long_range_frac": 0.1, "long_range_tokens": T + 2}):
         with pytest.raises(UserError):
             next(bos_bestfit_loader(StrByteTokenizer(), 1, T, "train", **kwargs))
+
+
+def test_fact_base_questions_end_where_the_value_starts():
+    import random
+    from nanochat.longrange import FACT_KINDS, fact_base, fact_documents, fact_question, fact_statement
+    facts = fact_base(random.Random(3), 20)
+    assert len(facts) == 20 * len(FACT_KINDS) and len({f.entity for f in facts}) == 20
+    docs = fact_documents(facts)
+    for f in facts:
+        statement = fact_statement(f)
+        assert statement in docs[f.entity]
+        tail = fact_question(f).split("? ", 1)[1]  # the question ends with the statement's words before the value
+        assert statement == f"{tail} {f.value}."
+    assert fact_base(random.Random(3), 20) == facts  # seeded: the same base every run

@@ -281,3 +281,22 @@ def test_retrieval_bad_flags(flags, message):
     with pytest.raises(UserError, match=message) as e:
         mc_eval.main(argv)
     assert "\n" not in str(e.value)
+
+
+def test_ck_task_end_to_end(base_dir):
+    """--task ck: the fact memory is attached and read (its answers' NLL differ from the dropped run's),
+    every asked fact gets a poison verdict, and edited facts are asked again with their new value."""
+    from conftest import save_mc_checkpoint
+    from scripts import mc_eval
+    save_mc_checkpoint(base_dir, "ck_eval", jitter=0.05)
+    report = mc_eval.main(["--model-tag", "ck_eval", "--task", "ck", "--num-docs", "4", "--ck-entities", "5",
+                           "--refocus-iters", "2", "--device-type", "cpu"])
+    data = json.loads((base_dir / "mc_eval" / "ck_eval_step5_ck.json").read_text())
+    assert data["questions"] == 4 and len(data["rows"]) == 4 and data["memory_tokens"] % 32 == 0
+    rows = data["rows"]
+    assert all(r["poison"] in ("session", "ck", "neither") and r["ck_slots"] > 0 for r in rows)
+    assert any(abs(r["nll_ck"] - r["nll_drop"]) > 1e-4 for r in rows)  # the memory is in the working context
+    assert data["ckri"] == pytest.approx((data["nll_drop"] - data["nll_full"]) / data["nll_full"])
+    updated = [r for r in rows if r["update"] is not None]
+    assert data["updated"] == len(updated) > 0 and all(r["update"]["new"] != r["value"] for r in updated)
+    assert 0 <= data["update_followed"] <= 1 and report["acc_oracle"] == data["acc_oracle"]

@@ -229,6 +229,31 @@ def test_score_is_the_teacher_forced_nll_that_generate_samples_from():
             if gist_first and c.tree.num_tokens % K == 0:
                 c._make_plan()
             c.feed([t])
+        d = Session.create(model, gistnet, lensnet, mc, predictor=FixedPredictor(64), gist_first=gist_first)
+        d.feed(stream(90))
+        other = [(t + 1) % VOCAB for t in greedy[:10]]  # not the argmax anywhere
+        nll_d, hits = d.score(greedy[:10] + other, hits=True)
+        assert hits.tolist() == [True] * 10 + [False] * 10 and torch.allclose(nll_d[:5], nll[:5], atol=1e-5)
+
+
+def test_refocus_on_demand_edits_until_lensnet_is_content():
+    model, gistnet, lensnet, mc = parts()  # tau 0: LensNet's random scores make edits where the allocator can
+    s = Session.create(model, gistnet, lensnet, mc)
+    s.feed(stream(600))
+    refocuses = s.stats["refocuses"]
+    logits = s.refocus(5)
+    steps = s.stats["refocuses"] - refocuses
+    assert 1 <= steps <= 5
+    assert steps == 5 or s.stats["last_edits"] == 0  # it stopped early only at a step with no edit
+    check_working_context(s.wc, s.tree, mc.w_max - K, mc.recent_tokens)
+    assert torch.allclose(logits, full_forward_logits(s), atol=1e-4)  # the cache follows the new WC
+    quiet = Session.create(*parts(lens_tau=2.0))  # no score passes tau: the first step makes no edit and it stops
+    quiet.feed(stream(600))
+    r = quiet.stats["refocuses"]
+    quiet.refocus(5)
+    assert quiet.stats["refocuses"] == r + 1
+    with pytest.raises(UserError, match="prompt"):
+        Session.create(model, gistnet, lensnet, mc).refocus()
 
 
 # -----------------------------------------------------------------------------

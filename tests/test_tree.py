@@ -418,3 +418,23 @@ def test_load_refuses_a_tree_built_for_another_model(tmp_path):
     with pytest.raises(UserError, match="built for model 'd12', not 'd20'"):
         MegaContextTree.load(path, ToyGistNet(), make_embed(), model_name="d20")
     assert MegaContextTree.load(path, ToyGistNet(), make_embed(), model_name="d12").num_tokens == 100
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_rewrite_edits_tokens_in_place_and_the_gists_over_them(tmp_path, mode):
+    ids = random_ids(2 * K * K + 40, seed=6)
+    embed = make_embed()
+    tree = tree_for(tmp_path, mode, embed_tokens=embed)
+    tree.ingest(ids)
+    new_ids = ids.clone()
+    new_ids[1030:1035] = torch.tensor([1, 2, 3, 4, 5])
+    tree.rewrite(1030, [1, 2, 3, 4, 5])
+    assert torch.equal(tree.tokens(0, tree.num_tokens), new_ids) and tree.num_tokens == len(ids)
+    ref = reference_gists(new_ids, tree.gistnet, embed, max_level=2)  # as if the edited text had been ingested
+    for L in (1, 2):
+        assert torch.equal(tree.gists(L, 0, tree.num_gists(L)), ref[L])
+    assert tree.node(1, 32).version == 1 and tree.node(1, 31).version == 0 and tree.node(2, 1).version == 1
+    with pytest.raises(UserError, match="outside the history"):
+        tree.rewrite(len(ids) - 2, [1, 2, 3])
+    with pytest.raises(UserError, match="non-empty"):
+        tree.rewrite(0, [])

@@ -118,6 +118,22 @@ class CompositeWC:
         return {key: torch.cat([a[key] for a in parts]) for key in parts[0]}
 
 
+def ingest_documents(tree, tokenizer, texts, progress=None):
+    """Build a Core-Knowledge memory: each text into the tree as <|bos|> + its tokens, then <|bos|> to
+    the end of the last block (so every token has an LOD1 gist and no raw tail costs slots).
+    progress(k, tree) after each text. -> [(start, end)] token range of each text, <|bos|> included."""
+    bos = tokenizer.get_bos_token_id()
+    spans = []
+    for k, text in enumerate(texts):
+        start = tree.num_tokens
+        tree.ingest(tokenizer.encode(text, prepend=bos))
+        spans.append((start, tree.num_tokens))
+        if progress is not None:
+            progress(k, tree)
+    tree.ingest([bos] * (-tree.num_tokens % K))
+    return spans
+
+
 def ck_cap(w_max, min_session_share, session_tokens):
     """The most slots the CK segments may hold together: the session keeps its share, or all it has."""
     return w_max - min(math.ceil(min_session_share * w_max), session_tokens)

@@ -215,13 +215,14 @@ class Session:
                                     in_ram=True, model_name=self.tree.model_name or None)
 
     def _attach(self, path, name, tree=None):
+        """path None: `tree` lives only in RAM (an eval's memory); the session then cannot be saved."""
         tree = self.load_memory(path) if tree is None else tree
         if tree.num_tokens == 0:
-            raise UserError(f"Core-Knowledge memory {path} is empty")
-        name = name or os.path.basename(os.path.normpath(path))
+            raise UserError(f"Core-Knowledge memory {path or name} is empty")
+        name = name or (os.path.basename(os.path.normpath(path)) if path else f"ck{len(self.memories)}")
         if name in [n for n, _, _ in self.memories] + ["session"]:
             raise UserError(f"a memory named {name!r} is already attached")
-        self.memories.append((name, tree, os.path.abspath(path)))
+        self.memories.append((name, tree, path and os.path.abspath(path)))
         self.offsets.append(self.offsets[-1] + tree.num_tokens)
         self.stats["memory_edits"] = [0] * (len(self.memories) + 1)
         self.allocator = CompositeAllocator.from_config(self.config, len(self.memories) + 1, w_max=self.w_max - K)
@@ -238,6 +239,8 @@ class Session:
         """Make the session durable: the tree's rows, then session.json (atomically)."""
         if self.tree.path is None:
             raise UserError("this session lives in RAM: create it with a path to save it")
+        if any(path is None for _, _, path in self.memories):
+            raise UserError("a memory attached from RAM (no path) cannot be saved with the session")
         self.tree.flush()
         state = dict(
             format=SESSION_FORMAT, w_max=self.w_max, gist_first=self.gist_first,
@@ -413,15 +416,17 @@ class Session:
                 with torch.inference_mode():
                     self._sync()
 
-    def score(self, tokens):
+    def score(self, tokens, hits=False):
         """Teacher forcing through the session: feed `tokens` one at a time, as generate() would have
-        produced them (gist-first plans included) -> (n,) float32 NLL of each token given all before it."""
+        produced them (gist-first plans included) -> (n,) float32 NLL of each token given all before it;
+        with hits=True also (n,) bool: whether it was the argmax (greedy decoding would have said it)."""
         if self.logits is None:
             raise UserError("feed the session a prompt before scoring")
-        nll = []
+        nll, top = [], []
         try:
             for token in tokens:
                 nll.append(-torch.log_softmax(self.logits.float(), dim=-1)[int(token)])
+                top.append(int(self.logits.argmax()) == int(token))
                 if self.gist_first and self.tree.num_tokens % K == 0:
                     self._make_plan()
                 self.feed([token])
@@ -430,7 +435,21 @@ class Session:
                 self.plan = None
                 with torch.inference_mode():
                     self._sync()
-        return torch.stack(nll).cpu() if nll else torch.zeros(0)
+        nll = torch.stack(nll).cpu() if nll else torch.zeros(0)
+        return (nll, torch.tensor(top, dtype=torch.bool)) if hits else nll
+
+    @torch.inference_mode()
+    def refocus(self, iterations=1):
+        """Extra LensNet + allocator steps now, before the next token (a question just arrived: look
+        harder); stops at the first step with no edit. -> the next-token logits (V,)."""
+        if self.logits is None:
+            raise UserError("feed the session a prompt before refocusing")
+        for _ in range(iterations):
+            before = self.stats["edits"]
+            self._refocus(self.w_max - K)
+            if self.stats["edits"] == before:
+                break
+        return self._sync()
 
     # -------------------------------------------------------------------------
     # telemetry

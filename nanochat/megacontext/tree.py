@@ -306,6 +306,19 @@ class MegaContextTree:
                 self.levels[L].write(a, self._compute(L, a, b))
                 self.versions[L].write(a, self.versions[L].read(a, b) + 1)
 
+    def rewrite(self, start, tokens):
+        """Edit the history in place: the tokens from `start` on become `tokens` (as many as there were:
+        nothing moves), then every gist over them is recomputed (refresh) with its version bumped. This is
+        how a Core-Knowledge memory's facts change with no training step; a Session's cache over the old
+        gists is stale after it (open a new Session)."""
+        ids = np.asarray(tokens)
+        if ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= 2 ** 32:
+            raise UserError(f"rewrite needs a non-empty 1-D list of token ids, got {ids.dtype} of shape {tuple(ids.shape)}")
+        if not 0 <= start <= start + len(ids) <= self.num_tokens:
+            raise UserError(f"rewrite of tokens [{start}, {start + len(ids)}) outside the history [0, {self.num_tokens})")
+        self.levels[0].write(start, ids.astype(np.uint32))
+        self.refresh(start, start + len(ids))
+
     def _batches(self, i0, i1):
         step = max(1, GIST_FLOATS // (K * self.dim))
         return [(a, min(a + step, i1)) for a in range(i0, i1, step)]
