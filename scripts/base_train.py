@@ -77,6 +77,8 @@ def build_parser():
     p.add_argument("--compile", type=int, default=-1, help="torch.compile the model (1/0; -1: on cuda only)")
     p.add_argument("--megacontext", action="store_true", help="MegaContext run: adds the --mc-* settings (see nanochat/megacontext/config.py)")
     p.add_argument("--megaprediction", action="store_true", help="with --megacontext: train MegaPrediction readouts (= --mc-megaprediction true)")
+    p.add_argument("--cognitive-core", action="store_true", help="with --megacontext: train with each history split into a "
+                   "Core-Knowledge memory and a session, the CK reliance margin loss (= --mc-cognitive-core true)")
     return p
 
 
@@ -110,6 +112,10 @@ def parse_args(argv=None):
         if not args.megacontext:
             raise UserError("--megaprediction needs --megacontext (its readouts predict GistNet's gists)")
         args.mc_megaprediction = True
+    if args.cognitive_core:
+        if not args.megacontext:
+            raise UserError("--cognitive-core needs --megacontext (its memories are MegaContexts)")
+        args.mc_cognitive_core = True
     return args
 
 
@@ -457,6 +463,8 @@ def train(argv=None):
                        f" agree {mc_metrics['mc/lens_agree']:.2f} | gist cos {mc_metrics['mc/gist_cos_lod1']:.2f}")
             if "mc/mp_cos_lod1" in mc_metrics:
                 mc_line += f" | mp cos {mc_metrics['mc/mp_cos_lod1']:.2f}"
+            if "mc/ckri" in mc_metrics:
+                mc_line += f" | ckri {mc_metrics['mc/ckri']:.3f}"
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.1f}%) | loss {smooth:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms "
                f"| tok/s {tok_per_sec:,.0f} | mfu {mfu_str}{mc_line} | eta {eta / 60:.1f}m")
         log.write(step=step, kind="train", loss=train_loss, smooth_loss=smooth, lr_mult=lrm, tok_per_sec=tok_per_sec, mfu=mfu,

@@ -264,3 +264,15 @@ def test_torchrun_two_ranks_megacontext(tiny_base_dir):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tiny_base_dir / "base_checkpoints" / "ddp_mc" / "mc_000003.pt").exists()
+
+
+def test_cognitive_core_training_logs_its_reliance(base_dir):
+    with pytest.raises(UserError, match="--cognitive-core needs --megacontext"):
+        base_train.main(TINY + ["--num-iterations", "1", "--cognitive-core"])
+    base_train.main(MC_TINY + ["--num-iterations", "3", "--eval-every", "-1", "--cognitive-core", "--model-tag", "mc_core"])
+    ckpt = base_dir / "base_checkpoints" / "mc_core"
+    records = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "train"][-1]
+    assert last["mc/budget"] == 64 and last["mc/ckri"] == last["mc/ckri"] and last["mc/ck_margin_loss"] >= 0
+    assert last["mc/nll_drop"] > 0 and last["mc/lens_loss"] > 0
+    assert torch.load(ckpt / "mc_000003.pt")["mc_config"]["cognitive_core"] is True

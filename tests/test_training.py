@@ -178,3 +178,59 @@ def test_gist_pair_cos_detects_a_collapsed_gistnet():
     same = SequenceSource(torch.zeros(96, dtype=torch.long), [None, torch.ones(3, 8)])
     spread = SequenceSource(torch.zeros(96, dtype=torch.long), [None, torch.eye(3, 8)])
     assert gist_pair_cos([same]) == pytest.approx(1.0) and gist_pair_cos([spread]) == pytest.approx(0.0)
+
+
+# -----------------------------------------------------------------------------
+# --cognitive-core: each history as a Core-Knowledge memory and a session
+
+def test_split_memories_cuts_the_history_into_a_ck_and_a_session_on_a_block():
+    from nanochat.megacontext.training import split_memories
+    model, gistnet, _, _ = make()
+    history = torch.randint(0, V, (353,))
+    for seed in range(5):
+        src = split_memories(model, gistnet, history, 1, random.Random(seed))
+        a = src.memories[0].num_tokens
+        assert a % 32 == 0 and 353 // 4 - 32 <= a <= 3 * 353 // 4 and src.names == ["ck", "session"]
+        assert torch.equal(torch.cat([m.token_ids for m in src.memories]), history) and src.offsets == [0, a]
+
+
+def test_cognitive_core_slates_are_legal_and_each_row_has_its_drop_variant():
+    from nanochat.megacontext.composite import CompositeWC, check_composite
+    from nanochat.megacontext.training import split_memories
+    model, gistnet, lensnet, mc = make(cognitive_core=True, num_variants=4)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    rngs = [random.Random(r) for r in range(4)]
+    sources = [split_memories(model, gistnet, torch.randint(0, V, (353,)), 1, rng) for rng in rngs]
+    variants, refs, lens_rows, scores, swaps = trainer.composite_slate(sources, 128, rngs)
+    assert lens_rows == [0, 1, 2, 3] and len(swaps) == 4
+    for b, src in enumerate(sources):
+        mine = [v for v in variants if v.row == b]
+        assert [v.kind for v in mine][:2] == ["baseline", "reference"] and mine[-1].kind == "drop"
+        assert mine[-1].wc == refs[b].segments[-1] and mine[-1].source is src.session  # the CK removed
+        for v in mine:
+            if isinstance(v.wc, CompositeWC):
+                check_composite(v.wc, src, 128, mc.recent_tokens, mc.ck_min_session_share)
+            else:
+                check_working_context(v.wc, src.session, 128, mc.recent_tokens)
+        for v in mine[2:-1]:  # perturbed / lens: edits of the reference, keyed (memory, Entry)
+            keys = {(m, e) for m, seg in enumerate(refs[b].segments) for e in seg.entries}
+            assert v.edits and set(v.edits) <= keys
+
+
+def test_cognitive_core_training_step_adds_the_reliance_margin_and_trains_lensnet_over_both_memories():
+    x, y = batch()
+    losses = {}
+    for weight in (0.0, 2.0):
+        model, gistnet, lensnet, mc = make(cognitive_core=True, ck_weight=weight, ck_margin=5.0)  # a margin never met
+        trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+        rows = torch.cat([x, y[:, -1:]], 1)
+        losses[weight] = trainer.loss(rows, 128, [random.Random(r) for r in range(3)])
+    (loss0, stats0), (loss2, stats2) = losses[0.0], losses[2.0]
+    assert stats2["ck_margin_loss"] == pytest.approx(max(0.0, stats2["nll_reference"] - stats2["nll_drop"] + 5.0), rel=1e-4)
+    assert loss2.item() - loss0.item() == pytest.approx(2.0 * stats2["ck_margin_loss"], rel=1e-4)
+    assert stats2["ckri"] == stats2["ckri"] and stats2["lens_loss"] > 0  # finite
+    model, gistnet, lensnet, mc = make(cognitive_core=True)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    stats = trainer.backward(x, y, step=10, num_iterations=10)
+    assert lensnet.head.weight.grad.abs().sum() > 0 and gistnet.encoders[0].head.weight.grad.abs().sum() > 0
+    assert stats["nll_drop"] == stats["nll_drop"] and stats["variants"] >= 4

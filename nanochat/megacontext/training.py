@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from nanochat.gpt import norm
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.composite import CompositeAllocator, CompositeSource, CompositeWC, ck_cap, composite_start
 from nanochat.megacontext.horizon import build_source, horizon_nll, score_entries
 from nanochat.megacontext.lensnet import (pairwise_lens_loss, regression_lens_loss, lens_targets, lens_regularizer,
                                           lens_agreement, variant_utilities)
@@ -58,9 +59,10 @@ from nanochat.megacontext.working_context import WorkingContext
 
 K = BLOCK_SIZE
 
-# one WC variant of one row: kind in baseline | reference | perturbed | lens; edits: {Entry of the
-# reference: edit value} (None for the baseline, which is not an edit of the reference)
-Variant = namedtuple("Variant", ["row", "kind", "wc", "edits"])
+# one WC variant of one row: kind in baseline | reference | perturbed | lens | drop; edits: {entry key of
+# the reference: edit value} (None for the baseline and drop, which are not edits of the reference; the
+# key of an entry is the Entry, or (memory, Entry) in a composite); source: what wc reads (None: the row's)
+Variant = namedtuple("Variant", ["row", "kind", "wc", "edits", "source"], defaults=(None,))
 
 
 def variant_budget(step, num_iterations, history, config):
@@ -136,14 +138,49 @@ def perturb(ref, source, budget, recent_tokens, rng, n_edits):
 
 
 def allocator_edits(steps):
-    """The allocator's Edit list -> {Entry of the WC it was given: edit value}."""
+    """The allocator's Edit list -> {Entry of the WC it was given: edit value}; a CompositeAllocator's
+    (memory, Edit) list -> {(memory, Entry): edit value}."""
     edits = {}
-    for edit in steps:
+    for step in steps:
+        memory, edit = step if isinstance(step, tuple) and not hasattr(step, "kind") else (None, step)
+        key = (lambda e: e) if memory is None else (lambda e, m=memory: (m, e))
         if edit.kind == "expand":
-            edits[edit.before[0]] = 1.0
+            edits[key(edit.before[0])] = 1.0
         else:
-            edits.update({m: -1.0 / len(edit.before) for m in edit.before})
+            edits.update({key(m): -1.0 / len(edit.before) for m in edit.before})
     return edits
+
+
+def entry_keys(wc):
+    """The key of each entry of wc, in slot order: the Entry, or (memory, Entry) in a CompositeWC."""
+    return list(wc.entries) if isinstance(wc, WorkingContext) else [(m, e) for m, seg in enumerate(wc.segments) for e in seg.entries]
+
+
+# -----------------------------------------------------------------------------
+# cognitive core (--cognitive-core): the history as a Core-Knowledge memory and a session
+
+def split_memories(model, gistnet, history, max_level, rng):
+    """history (c,) -> CompositeSource of two memories: the CK, the first a tokens (a whole number of
+    blocks, a random cut in the middle half), and the session, the rest. Positions are those of the
+    unsplit history (composite.py puts the session right after the CK), so only the WC's structure
+    changes: each memory tiled on its own, under the session's share of the budget."""
+    c = history.numel()
+    a = K * rng.randint(max(1, c // (4 * K)), max(1, 3 * c // (4 * K)))
+    return CompositeSource([build_source(model, gistnet, history[:a], max_level),
+                            build_source(model, gistnet, history[a:], max_level)], ["ck", "session"])
+
+
+def composite_perturb(ref, source, budget, config, rng, n_edits):
+    """ref (CompositeWC) plus random legal edits of one memory's segment (perturb), within the budget
+    and, for the CK, its cap -> (wc, {(memory, Entry): edit value})."""
+    m = rng.randrange(len(ref.segments))
+    seg, others = ref.segments[m], ref.cost - ref.segments[m].cost
+    room = budget - others
+    if m < len(ref.segments) - 1:
+        room = min(room, ck_cap(budget, config.ck_min_session_share, source.session.num_tokens) - (ref.ck_cost - seg.cost))
+    recent = config.recent_tokens if m == len(ref.segments) - 1 else 0
+    wc, edits = perturb(seg, source.memories[m], max(room, seg.cost), recent, rng, n_edits)
+    return ref.replace(m, wc), {(m, e): v for e, v in edits.items()}
 
 
 def gist_loss(model, gistnet, logits, targets, level):
@@ -283,6 +320,63 @@ class MegaContextTrainer:
                     variants.append(Variant(b, kind, wc, edits))
         return variants, refs, lens_rows, scores, swaps
 
+    def composite_slate(self, sources, budget, rngs):
+        """slate() for --cognitive-core rows (a CompositeSource each, split_memories): baseline (the
+        session's newest tokens raw: no memory), reference (composite_start: the CK at its coarsest, the
+        session recency-filled in its share; for half the rows then random expansions in any memory while
+        one fits), perturbed (composite_perturb) and lens (CompositeAllocator) variants, and drop: the
+        reference's session segment alone, the CK removed (L_drop of the reliance margin). While the
+        budget holds the whole history raw only the baseline is scored, as in slate()."""
+        cfg, model = self.config, self.model
+        share = cfg.ck_min_session_share
+        refs = [None] * len(sources)
+        for b, (src, rng) in enumerate(zip(sources, rngs)):
+            if budget >= src.num_tokens:
+                continue
+            ref = composite_start(src, budget, cfg.recent_tokens, share)
+            while rng.random() < 0.5:  # half the rows (then fewer and fewer): random expansions across memories
+                cap = ck_cap(budget, share, src.session.num_tokens)
+                gists = [(m, i) for m, seg in enumerate(ref.segments) for i, e in enumerate(seg.entries) if e.level > 0
+                         and ref.cost + K - 1 <= budget and (m == len(ref.segments) - 1 or ref.ck_cost + K - 1 <= cap)]
+                if not gists:
+                    break
+                m, i = rng.choice(gists)
+                ref = ref.replace(m, ref.segments[m].expand(i))
+            refs[b] = ref
+        lens_rows = [b for b, r in enumerate(refs) if r is not None]
+        scores = None
+        if lens_rows:
+            with torch.no_grad():
+                assembled = [refs[b].assemble(sources[b], model.embed_tokens) for b in lens_rows]
+            scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
+        variants, swaps = [], []
+        for b, (src, rng) in enumerate(zip(sources, rngs)):
+            variants.append(Variant(b, "baseline", WorkingContext.recent(src.session, budget), None, src.session))
+            ref = refs[b]
+            if ref is None:
+                continue
+            variants.append(Variant(b, "reference", ref, {}))
+            seen = {ref}
+            for k in range(cfg.num_variants - 2):
+                wc = None
+                if cfg.num_variants >= 4 and k == cfg.num_variants - 3:  # the last slot: LensNet + the composite allocator
+                    allocator = CompositeAllocator.from_config(cfg, len(src.memories), w_max=budget, cooldown=0)
+                    row_scores = scores[lens_rows.index(b), :len(ref)]
+                    wc, steps = allocator.step(ref, row_scores, src, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+                    swaps.append(len(steps))
+                    kind, edits = "lens", allocator_edits(steps)
+                if wc is None or wc in seen:
+                    for _ in range(4):
+                        wc, edits = composite_perturb(ref, src, budget, cfg, rng, n_edits=rng.choice((1, 2)))
+                        if wc not in seen:
+                            break
+                    kind = "perturbed"
+                if wc not in seen:
+                    seen.add(wc)
+                    variants.append(Variant(b, kind, wc, edits))
+            variants.append(Variant(b, "drop", ref.segments[-1], None, src.session))
+        return variants, refs, lens_rows, scores, swaps
+
     def loss(self, rows, budget, rngs, cuts=None):
         """rows (R, T + 1), rngs: one random.Random per row, cuts: each row's split point (default: the
         row's last H tokens are the horizon) -> (scalar loss to backpropagate, stats dict of floats,
@@ -290,13 +384,16 @@ class MegaContextTrainer:
         cfg, model = self.config, self.model
         H = cfg.horizon
         cuts = [rows.size(1) - H] * len(rows) if cuts is None else cuts
-        sources = [build_source(model, self.gistnet, row[:c], cfg.max_level) for row, c in zip(rows, cuts)]
+        if cfg.cognitive_core:  # each history as a Core-Knowledge memory and a session
+            sources = [split_memories(model, self.gistnet, row[:c], cfg.max_level, rng) for row, c, rng in zip(rows, cuts, rngs)]
+        else:
+            sources = [build_source(model, self.gistnet, row[:c], cfg.max_level) for row, c in zip(rows, cuts)]
         horizons = [row[c:c + H] for row, c in zip(rows, cuts)]
         t0 = time.perf_counter()
-        variants, refs, lens_rows, scores, swaps = self.slate(sources, budget, rngs)
+        variants, refs, lens_rows, scores, swaps = (self.composite_slate if cfg.cognitive_core else self.slate)(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
 
-        nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [sources[v.row] for v in variants],
+        nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [v.source or sources[v.row] for v in variants],
                                      [horizons[v.row] for v in variants], return_logits=True)  # (Rv, H), (Rv, H, V)
         item_nll = nll.mean(dim=1)  # (Rv,)
         row_of = torch.tensor([v.row for v in variants], device=item_nll.device)
@@ -306,10 +403,20 @@ class MegaContextTrainer:
         # caller's LM loss is a mean over R * (n - 1) tokens, so divide this sum by the same count
         loss = cfg.horizon_weight * nll.sum() / (len(rows) * (rows.size(1) - 1))
         nan = float("nan")
-        stats = dict(horizon_loss=per_row.mean().item(), history=sum(cuts) / len(cuts), gist_pair_cos=gist_pair_cos(sources))
-        for kind in ("baseline", "reference", "perturbed", "lens"):
+        stats = dict(horizon_loss=per_row.mean().item(), history=sum(cuts) / len(cuts),
+                     gist_pair_cos=gist_pair_cos([m for src in sources for m in getattr(src, "memories", [src])]))
+        for kind in ("baseline", "reference", "perturbed", "lens", "drop"):
             sel = [i for i, v in enumerate(variants) if v.kind == kind]
             stats[f"nll_{kind}"] = item_nll[sel].mean().item() if sel else nan
+        if cfg.cognitive_core:  # CK reliance: L_drop > L_full + margin, pushed by lowering L_full (L_drop detached)
+            full = [i for i, v in enumerate(variants) if v.kind == "reference"]
+            drop = [i for i, v in enumerate(variants) if v.kind == "drop"]  # the same rows, in the same order
+            stats.update(ck_margin_loss=nan, ckri=nan)
+            if full:
+                l_full, l_drop = item_nll[full], item_nll[drop].detach()
+                margin_loss = F.relu(l_full - l_drop + cfg.ck_margin).mean()
+                loss = loss + cfg.ck_weight * margin_loss
+                stats.update(ck_margin_loss=margin_loss.item(), ckri=((l_drop - l_full.detach()) / l_full.detach()).mean().item())
 
         targets = torch.stack([horizons[v.row] for v in variants])  # (Rv, H)
         for level, alpha in ((1, cfg.alpha_lod1), (2, cfg.alpha_lod2)):
@@ -332,7 +439,7 @@ class MegaContextTrainer:
         """The LensNet loss over the rows that have a reference, and its stats."""
         cfg = self.config
         device = scores.device
-        per_row = [[i for i, v in enumerate(variants) if v.row == b and v.kind != "baseline"] for b in lens_rows]
+        per_row = [[i for i, v in enumerate(variants) if v.row == b and v.kind not in ("baseline", "drop")] for b in lens_rows]
         L, V, E = len(lens_rows), max(len(p) for p in per_row), scores.size(1)
         edits = torch.zeros(L, V, E, device=device)
         delta = torch.zeros(L, V, device=device)
@@ -342,12 +449,16 @@ class MegaContextTrainer:
         mix = {}
         for j, (b, items) in enumerate(zip(lens_rows, per_row)):
             ref = refs[b]
-            where = {e: i for i, e in enumerate(ref.entries)}
-            protect_from = sources[b].num_tokens - cfg.recent_tokens
-            for i, e in enumerate(ref.entries):
+            keys = entry_keys(ref)
+            where = {key: i for i, key in enumerate(keys)}
+            session = getattr(sources[b], "session", sources[b])  # recent tokens are the session's
+            protect_from = session.num_tokens - cfg.recent_tokens
+            last = len(getattr(ref, "segments", [ref])) - 1
+            for i, (key, e) in enumerate(zip(keys, ref.entries)):
+                protected = e.parent.end > protect_from and (not isinstance(key, tuple) or key[0] == last)
                 mask[j, i] = True
                 can_expand[j, i] = e.level > 0
-                can_collapse[j, i] = e.level < cfg.max_level and e.parent.end <= protect_from and e.cost in (1, K)
+                can_collapse[j, i] = e.level < cfg.max_level and not protected and e.cost in (1, K)
                 mix[e.level] = mix.get(e.level, 0) + 1
             for s, i in enumerate(items):  # items[0] is the reference itself (no edits)
                 for entry, value in variants[i].edits.items():
