@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The MegaContext pipeline: a MegaContext base model (base model + GistNet + LensNet trained end to
 # end) and its vanilla twin on the same tokens in the same order -> base eval -> mc_eval (gap closed
-# vs truncation, gist substitution DeltaNLL, LensNet audit, NLL vs history plot) -> chat SFT of the
-# MegaContext model -> a chat answer, plain and through the MegaContext runtime with gist-first decoding
-# -> chat eval -> report.md.
+# vs truncation, gist substitution DeltaNLL, LensNet audit, NLL vs history plot, gist-first vs
+# token-first; --task ck: facts read from a Core-Knowledge memory) -> chat SFT of the MegaContext model
+# -> a chat answer, plain, through the MegaContext runtime with gist-first decoding, and with a
+# Core-Knowledge memory of this repository's own code attached -> chat eval -> report.md.
 #
 #   bash megacontext_speedrun.sh           # GPU node: d12 (configs/d12_mc.toml + its twin configs/d12.toml)
 #   DEPTH=20 NPROC=8 bash megacontext_speedrun.sh
@@ -39,6 +40,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}_mc"
     $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}"
     $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc"
+    $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc" --task ck --num-docs 48
     $TRAIN scripts/chat_sft.py --model-tag "d${DEPTH}_mc" --mixture full --num-iterations 1000 --run "$RUN"
     $TRAIN scripts/chat_eval.py -i sft --model-tag "d${DEPTH}_mc"
 else
@@ -54,9 +56,14 @@ else
     fi
     $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
     $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 24
+    $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
     $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
     $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
+    CK="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/ck/nanochat_src"
+    rm -rf "$CK"  # rebuilt from the code as it is now
+    $PY -m scripts.mc_build_ck --input nanochat --ext py --out "$CK" --model-tag "$TAG"
+    $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
     $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
 fi
 $PY -m nanochat.report generate
