@@ -324,7 +324,7 @@ class MegaContextTrainer:
         """slate() for --cognitive-core rows (a CompositeSource each, split_memories): baseline (the
         session's newest tokens raw: no memory), reference (composite_start: the CK at its coarsest, the
         session recency-filled in its share; for half the rows then random expansions in any memory while
-        one fits), perturbed (composite_perturb) and lens (CompositeAllocator) variants, and drop: the
+        one fits, as random_mix does), perturbed (composite_perturb) and lens (CompositeAllocator) variants, and drop: the
         reference's session segment alone, the CK removed (L_drop of the reliance margin). While the
         budget holds the whole history raw only the baseline is scored, as in slate()."""
         cfg, model = self.config, self.model
@@ -334,8 +334,9 @@ class MegaContextTrainer:
             if budget >= src.num_tokens:
                 continue
             ref = composite_start(src, budget, cfg.recent_tokens, share)
-            while rng.random() < 0.5:  # half the rows (then fewer and fewer): random expansions across memories
-                cap = ck_cap(budget, share, src.session.num_tokens)
+            cap = ck_cap(budget, share, src.session.num_tokens)
+            expand = rng.random() < 0.5  # half the rows: random expansions across memories while one fits
+            while expand:
                 gists = [(m, i) for m, seg in enumerate(ref.segments) for i, e in enumerate(seg.entries) if e.level > 0
                          and ref.cost + K - 1 <= budget and (m == len(ref.segments) - 1 or ref.ck_cost + K - 1 <= cap)]
                 if not gists:
