@@ -71,11 +71,24 @@ def test_gists_sit_at_their_memorys_offset():
     assert torch.equal(a["embeds"][0], source.memories[0].gists(1, 0, 1)[0])
 
 
-def test_ck_cap_lends_the_unused_session_share():
-    assert ck_cap(256, 0.5, 10_000) == 128  # a long session keeps its half
-    assert ck_cap(256, 0.5, 40) == 216      # a short one lends the rest to the CKs
-    assert ck_cap(256, 0.0, 10_000) == 256
-    assert ck_cap(256, 1.0, 10_000) == 0
+class Tokens:
+    """A source of n tokens with every complete gist (what ck_cap and WorkingContext.coarsest read)."""
+
+    def __init__(self, n):
+        self.num_tokens = n
+
+    def num_gists(self, level):
+        return self.num_tokens // K ** level
+
+
+def test_ck_cap_lends_the_unused_session_share_but_never_the_sessions_coarsest_view():
+    cap = lambda n, w=256, share=0.5, recent=32: ck_cap(CompositeSource([Tokens(5000), Tokens(n)]), w, share, recent)
+    assert cap(10_000) == 128   # a long session keeps its half
+    assert cap(40) == 216       # a short one lends the rest to the CKs
+    assert cap(10_000, share=0.75) == 64
+    # w_max 128: the session's half is 64 slots, but a 1010-token session at its coarsest (30 LOD1
+    # gists, then the blocks holding its newest 32 tokens raw: 30 + 50 = 80 slots) needs more
+    assert WorkingContext.coarsest(Tokens(1010), 32).cost == 80 and cap(1010, w=128) == 128 - 80
 
 
 @pytest.mark.parametrize("session_tokens", [600, 40])
@@ -86,7 +99,7 @@ def test_the_allocator_expands_into_the_cks_up_to_the_cap_and_never_past_it(sess
     source = composite(model, gistnet, [2048, 1024, session_tokens])
     cwc = check_composite(composite_start(source, cfg.w_max, cfg.recent_tokens, 0.5), source, 256, 32, 0.5)
     allocator = CompositeAllocator.from_config(cfg, 3)
-    cap = ck_cap(256, 0.5, session_tokens)
+    cap = ck_cap(source, 256, 0.5, 32)
     expanded = 0
     for _ in range(20):  # LensNet wants everything expanded
         cwc, edits = allocator.step(cwc, torch.ones(len(cwc)), source)

@@ -298,7 +298,7 @@ def test_attached_memories_stream_legal_and_the_cache_equals_a_full_forward(tmp_
 
 def test_a_session_with_memories_saves_and_reopens_exactly(tmp_path):
     model, gistnet, lensnet, mc = parts(w_max=160)
-    ck = make_ck(tmp_path / "ck", model, gistnet, 900, seed=5)
+    ck = make_ck(tmp_path / "ck", model, gistnet, 896, seed=5)
     ref = Session.create(model, gistnet, lensnet, mc, seed=3).attach(ck)
     ref.feed(stream(200))
     expected = [t for t, _ in ref.generate(50, temperature=1.0)]
@@ -317,7 +317,7 @@ def test_a_session_with_memories_saves_and_reopens_exactly(tmp_path):
 
 def test_attaching_a_memory_is_checked(tmp_path):
     model, gistnet, lensnet, mc = parts()
-    ck = make_ck(tmp_path / "ck", model, gistnet, 100, seed=5)
+    ck = make_ck(tmp_path / "ck", model, gistnet, 96, seed=5)
     s = Session.create(model, gistnet, lensnet, mc).attach(ck)
     with pytest.raises(UserError, match="already attached"):
         s.attach(ck)
@@ -326,3 +326,46 @@ def test_attaching_a_memory_is_checked(tmp_path):
     s.feed(stream(10))
     with pytest.raises(UserError, match="before the session's first token"):
         s.attach(ck, name="again")
+
+
+@pytest.mark.parametrize("ck_tokens", [1536, 4096, 32 * 32 * 40])
+@pytest.mark.parametrize("w_max", [128, 96])
+def test_memories_never_squeeze_the_session_below_its_coarsest_view(tmp_path, ck_tokens, w_max):
+    """Turns of every length, LensNet editing freely: the composite stays legal after every feed (the
+    session's recent tokens raw). With w_max 128 the session's whole history stays reachable however
+    the memories are focused; 96, the smallest w_max, cannot hold a 2.5k-token session's coarsest view
+    (2 LOD2 + 14 LOD1 gists + up to 63 raw tokens > 64), and it loses its oldest entries, memories or not."""
+    from nanochat.megacontext.composite import CompositeWC, check_composite
+    model, gistnet, lensnet, mc = parts(w_max=w_max, recent=32)
+    s = Session.create(model, gistnet, lensnet, mc).attach(make_ck(tmp_path / "ck", model, gistnet, ck_tokens, seed=2))
+    rng = torch.Generator().manual_seed(0)
+    fed = 0
+    while fed < 2500:
+        n = int(torch.randint(1, 80, (1,), generator=rng))
+        s.feed(stream(n, seed=fed))
+        fed += n
+        check_composite(CompositeWC(s.recall + [s.wc]), s.composite_source(), w_max, 32, 0.5)
+        assert s.wc.start == 0 or w_max == 96  # the session is tiled whole: nothing of it dropped
+    assert s.focus()["memories"]["ck"]["slots"] >= 1
+
+
+def test_a_session_saved_before_its_first_token_keeps_its_memories(tmp_path):
+    model, gistnet, lensnet, mc = parts()
+    ck = make_ck(tmp_path / "ck", model, gistnet, 320, seed=4)
+    path = str(tmp_path / "s")
+    s = Session.create(model, gistnet, lensnet, mc, path=path).attach(ck)
+    s.save()
+    s.close()
+    again = Session.open(path, model, gistnet, lensnet, mc)
+    assert [p for _, _, p in again.memories] == [ck]
+    again.feed(stream(40))
+    assert again.focus()["memories"]["ck"]["slots"] > 0
+    again.save()
+    with open(os.path.join(path, "session.json")) as f:
+        state = json.load(f)
+    state["memories"][0]["wc"] = [[1, 0, 32]]  # a segment that no longer tiles its memory
+    with open(os.path.join(path, "session.json"), "w") as f:
+        json.dump(state, f)
+    again.close()
+    with pytest.raises(UserError, match="does not fit this session's trees"):
+        Session.open(path, model, gistnet, lensnet, mc)

@@ -207,7 +207,10 @@ def test_cognitive_core_slates_are_legal_and_each_row_has_its_drop_variant():
         mine = [v for v in variants if v.row == b]
         assert [v.kind for v in mine][:2] == ["baseline", "reference"] and mine[-1].kind == "drop"
         assert mine[-1].wc == refs[b].segments[-1] and mine[-1].source is src.session  # the CK removed
-        for v in mine:
+        base = mine[0]  # the truncated window: the newest 128 tokens of the unsplit history, raw
+        covered = sum(seg.cost for seg in base.wc.segments) if isinstance(base.wc, CompositeWC) else base.wc.cost
+        assert all(e.level == 0 for e in base.wc.entries) and 96 < covered <= 128
+        for v in mine[1:]:
             if isinstance(v.wc, CompositeWC):
                 check_composite(v.wc, src, 128, mc.recent_tokens, mc.ck_min_session_share)
             else:

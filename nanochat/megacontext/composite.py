@@ -16,9 +16,11 @@ horizon continues after it.
 
 Budget (check_composite): the total cost is <= w_max, and the session is guaranteed its share:
 the CK segments together cost at most
-    ck_cap = w_max - min(ceil(min_session_share * w_max), session tokens)
-so a short session lends its unused share to the CKs, and as it grows the CKs give it back
-(the runtime collapses CK nodes first when the session needs room).
+    ck_cap = w_max - max(min(ceil(min_session_share * w_max), session tokens), session floor)
+where the floor is the cost of the session's coarsest legal WC (its recent tokens raw, the rest as
+gists), so the session can always be tiled whole (unless w_max is too small for even that: the CKs
+keep a slot each and the session's oldest entries go, as without memories). A short session lends its unused share to the
+CKs, and as it grows the CKs give it back (runtime.make_room_composite shrinks them first).
 
 Duck typing: CompositeSource and CompositeWC offer what the shared code reads from a source and a
 WorkingContext (horizon.pack_horizon / horizon_nll, horizon.score_entries, evaluation.refocus):
@@ -134,9 +136,14 @@ def ingest_documents(tree, tokenizer, texts, progress=None):
     return spans
 
 
-def ck_cap(w_max, min_session_share, session_tokens):
-    """The most slots the CK segments may hold together: the session keeps its share, or all it has."""
-    return w_max - min(math.ceil(min_session_share * w_max), session_tokens)
+def ck_cap(source, w_max, min_session_share, recent_tokens):
+    """The most slots the CK segments of source (a CompositeSource) may hold together: the session keeps
+    its share (or all it has, if less), and never less than its coarsest legal WC, unless even that
+    leaves the CKs less than a slot each (a budget too small for the history: the session then loses
+    its oldest entries, as a lone session would, evaluation.fit_budget)."""
+    session = source.session
+    floor = WorkingContext.coarsest(session, recent_tokens).cost if session.num_tokens else 0
+    return max(len(source.memories) - 1, w_max - max(min(math.ceil(min_session_share * w_max), session.num_tokens), floor))
 
 
 def check_composite(cwc, source, w_max, recent_tokens, min_session_share):
@@ -151,24 +158,26 @@ def check_composite(cwc, source, w_max, recent_tokens, min_session_share):
             raise WorkingContextError(f"memory {source.names[m]}: {e}") from None
     if cwc.cost > w_max:
         raise WorkingContextError(f"budget: the composite costs {cwc.cost} > w_max {w_max}")
-    cap = ck_cap(w_max, min_session_share, source.session.num_tokens)
+    cap = ck_cap(source, w_max, min_session_share, recent_tokens)
     if cwc.ck_cost > cap:
         raise WorkingContextError(f"session share: the CK segments cost {cwc.ck_cost} > {cap} "
                                   f"(w_max {w_max} less the session's share {min_session_share:g})")
     return cwc
 
 
-def composite_start(source, w_max, recent_tokens, min_session_share, session_wc=None):
-    """The starting composite WC: each CK at its coarsest, the session as given or else
-    WorkingContext.recency_filled in its reserved share (w_max - ck_cap); what is left is free for
-    LensNet to spend on whichever memory needs detail. A CK whose coarsest view passes its part of
-    the cap keeps only its newest entries (fit_budget)."""
+def composite_start(source, w_max, recent_tokens, min_session_share):
+    """The starting composite WC: each CK at its coarsest, the session WorkingContext.recency_filled
+    in its reserved share (w_max - ck_cap); what is left is free for LensNet to spend on whichever
+    memory needs detail. A CK whose coarsest view passes its part of the cap keeps only its newest
+    entries (fit_budget); its part: an even split of what the CKs before it left."""
     from nanochat.megacontext.evaluation import fit_budget
-    cap = ck_cap(w_max, min_session_share, source.session.num_tokens)
-    cks = [fit_budget(WorkingContext.coarsest(src), max(1, cap // (len(source.memories) - 1))) for src in source.memories[:-1]]
-    if session_wc is None:
-        session_wc = WorkingContext.recency_filled(source.session, w_max - cap, recent_tokens)
-    return CompositeWC(cks + [session_wc])
+    cap = ck_cap(source, w_max, min_session_share, recent_tokens)
+    cks, left = [], cap
+    for k, src in enumerate(source.memories[:-1]):  # water-filling: each CK its coarsest view, within an even share of what is left
+        cks.append(fit_budget(WorkingContext.coarsest(src), max(1, left // (len(source.memories) - 1 - k))))
+        left -= cks[-1].cost
+    session = WorkingContext.recency_filled(source.session, w_max - cap, recent_tokens)
+    return CompositeWC(cks + [session])
 
 
 class CompositeAllocator:
@@ -201,7 +210,7 @@ class CompositeAllocator:
         for seg in cwc.segments:
             score_of.append(dict(zip(seg.entries, scores[i:i + len(seg)])))
             i += len(seg)
-        cap = ck_cap(self.w_max, self.min_session_share, source.session.num_tokens)
+        cap = ck_cap(source, self.w_max, self.min_session_share, self.recent_tokens)
         last, edits, order = len(cwc.segments) - 1, [], ("collapse", "expand")
         while len(edits) < self.n_diff:
             for kind in order:

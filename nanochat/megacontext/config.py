@@ -56,7 +56,7 @@ class MegaContextConfig:
     mp_alpha_lod1: float = 0.03      # weight of the LOD1 readout cosine loss
     mp_alpha_lod2: float = 0.02      # weight of the LOD2 readout cosine loss
     # cognitive core: Core-Knowledge memories beside the session's (composite.py)
-    ck_min_session_share: float = 0.5  # the part of w_max kept for the session when CK memories are attached
+    ck_min_session_share: float = 0.5  # the part of the WC budget kept for the session when CK memories are attached (>= 0.5)
     ck_diversity: float = 0.1        # an expansion's score penalty per w_max its memory already holds
     cognitive_core: bool = False     # base_train --cognitive-core: each history as a CK memory + a session (training.py)
     ck_margin: float = 0.1           # the reliance margin m (nats): L_drop > L_full + m
@@ -87,8 +87,8 @@ class MegaContextConfig:
             (min(self.alpha_lod1, self.alpha_lod2, self.lens_weight) >= 0, "loss weights must be >= 0"),
             (min(self.mp_alpha_lod1, self.mp_alpha_lod2) >= 0, f"mc_mp_alpha_lod1 and mc_mp_alpha_lod2 must be >= 0, got {self.mp_alpha_lod1}, {self.mp_alpha_lod2}"),
             (self.ck_margin >= 0 and self.ck_weight >= 0, f"mc_ck_margin and mc_ck_weight must be >= 0, got {self.ck_margin}, {self.ck_weight}"),
-            (0 <= self.ck_min_session_share <= 1 and self.ck_diversity >= 0,
-             f"mc_ck_min_session_share must be in [0, 1] and mc_ck_diversity >= 0, got {self.ck_min_session_share}, {self.ck_diversity}"),
+            (0.5 <= self.ck_min_session_share < 1 and self.ck_diversity >= 0,
+             f"mc_ck_min_session_share must be in [0.5, 1) and mc_ck_diversity >= 0, got {self.ck_min_session_share}, {self.ck_diversity}"),
         ]
         for ok, message in checks:
             if not ok:

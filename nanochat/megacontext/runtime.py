@@ -18,7 +18,8 @@ next-token logits:
     WorkingContext.recency_filled, then refocuses.
 The cache names each slot by the WC entry it belongs to, keeps the longest prefix of unchanged
 slots and recomputes from the first edited one. Positions are global (token 0 of the history is
-position 0), so an unchanged slot's keys stay valid however long the history grows. A token fed
+position 0, or, with Core-Knowledge memories attached, the position after their tokens), so an
+unchanged slot's keys stay valid however long the history grows. A token fed
 between refocuses costs a one-slot forward; a refocus costs one forward from its first edit (at
 most w_max slots, once per K tokens). Nothing here grows with the history except the tree, which
 lives on disk in disk mode, so the cost per token at 1M tokens is that at 1k
@@ -35,9 +36,15 @@ plan in view. The first token of a block is sampled before the plan exists (from
 token's logits, as in token-first decoding); once the block completes, or generation stops, the
 plan leaves the WC and the block's real tokens (and soon its real gist) stand in its place.
 
+Core-Knowledge memories (attach, before the first token; composite.py): trees built once from a
+corpus (scripts/mc_build_ck.py), read-only, whose WC segments sit in front of the session's. Then
+the budget is shared (the session keeps its share, make_room_composite shrinks the memories first)
+and one composite allocator refocuses every memory; focus() reports each memory's part.
+
 Sessions persist: save() flushes the disk tree and writes session.json atomically (WC entries,
-plan, allocator cooldowns, sampling RNG state); Session.open() rebuilds the cache from the saved WC
-and continues where the session stopped (the same WC, the same next tokens).
+plan, allocator cooldowns, sampling RNG state, the attached memories' paths and segments);
+Session.open() reattaches the memories, rebuilds the cache from the saved WC and continues where
+the session stopped (the same WC, the same next tokens).
 """
 
 import os
@@ -56,7 +63,7 @@ from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource,
 from nanochat.megacontext.evaluation import fit_budget, refocus
 from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.tree import MegaContextTree
-from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
+from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context
 
 K = BLOCK_SIZE
 SESSION_FILE = "session.json"
@@ -81,13 +88,22 @@ def make_room(wc, source, budget, recent_tokens):
 
 
 def make_room_composite(cwc, source, budget, recent_tokens, min_session_share):
-    """make_room for a composite WC: the CKs shrink to their cap (the one holding the most collapses
-    its oldest node first), then the session to what they leave."""
+    """make_room for a composite WC: the CKs shrink to their cap (ck_cap: never below the session's
+    coarsest view), by the oldest collapse of any CK while one is left, else by dropping the oldest
+    entry of the CK holding the most; then the session shrinks to what they leave."""
     cks = list(cwc.segments[:-1])
-    limit = ck_cap(budget, min_session_share, source.session.num_tokens)
+    limit = ck_cap(source, budget, min_session_share, recent_tokens)
     while sum(c.cost for c in cks) > limit:
-        m = max(range(len(cks)), key=lambda m: cks[m].cost)
-        cks[m] = make_room(cks[m], source.memories[m], cks[m].cost - 1, 0)  # one collapse (or the oldest entry out)
+        for m, ck in enumerate(cks):  # a collapse refunds 31 slots and loses nothing
+            i = next((i for i in range(len(ck)) if ck.collapse_range(i, source.memories[m]) is not None), None)
+            if i is not None:
+                cks[m] = ck.collapse(i, source.memories[m])
+                break
+        else:
+            m = max(range(len(cks)), key=lambda m: cks[m].cost)
+            if len(cks[m]) == 1:
+                break  # every CK down to one entry: nothing left to give (the session's make_room copes)
+            cks[m] = WorkingContext(cks[m].entries[1:])
     session = make_room(cwc.segments[-1], source.session, budget - sum(c.cost for c in cks), recent_tokens)
     return CompositeWC(cks + [session])
 
@@ -178,18 +194,22 @@ class Session:
         gist_first = state["gist_first"] if gist_first is None else gist_first
         session = cls(model, gistnet, lensnet, config, tree, predictor, state["w_max"], gist_first)
         memories = state.get("memories", [])
-        for memory in memories:
-            session._attach(memory["path"], memory["name"])
-        if entries:
-            session.wc = check_working_context(WorkingContext(entries), tree, session.w_max, config.recent_tokens)
-            session.recall = [WorkingContext(Entry(*map(int, e)) for e in memory["wc"]) for memory in memories]
-            if memories:
-                check_composite(CompositeWC(session.recall + [session.wc]), session.composite_source(), session.w_max,
-                                config.recent_tokens, config.ck_min_session_share)
+        try:
+            for memory in memories:
+                session._attach(memory["path"], memory["name"])
+            if entries:
+                session.wc = check_working_context(WorkingContext(entries), tree, session.w_max, config.recent_tokens)
+                session.recall = [WorkingContext(Entry(*map(int, e)) for e in memory["wc"]) for memory in memories]
+                if memories:
+                    check_composite(CompositeWC(session.recall + [session.wc]), session.composite_source(), session.w_max,
+                                    config.recent_tokens, config.ck_min_session_share)
+            for a, saved in zip(session._allocators(), [memory["allocator"] for memory in memories] + [state["allocator"]]):
+                a.steps, a.last_toggled = saved["steps"], {(lvl, start): t for lvl, start, t in saved["last_toggled"]}
+        except (WorkingContextError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{file}: the saved working context does not fit this session's trees (a memory rebuilt "
+                            f"since it was saved?): {type(e).__name__}: {e}") from None
         if state["plan"] is not None:
             session.plan = (state["plan"][0], torch.tensor(state["plan"][1], dtype=torch.float32))
-        for a, saved in zip(session._allocators(), [memory["allocator"] for memory in memories] + [state["allocator"]]):
-            a.steps, a.last_toggled = saved["steps"], {(lvl, start): t for lvl, start, t in saved["last_toggled"]}
         session.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
         session.stats.update(state["stats"])
         if session.wc is not None:
@@ -217,8 +237,9 @@ class Session:
     def _attach(self, path, name, tree=None):
         """path None: `tree` lives only in RAM (an eval's memory); the session then cannot be saved."""
         tree = self.load_memory(path) if tree is None else tree
-        if tree.num_tokens == 0:
-            raise UserError(f"Core-Knowledge memory {path or name} is empty")
+        if tree.num_tokens == 0 or tree.num_tokens % K:
+            raise UserError(f"Core-Knowledge memory {path or name}: {tree.num_tokens} tokens, not a positive whole number "
+                            f"of {K}-token blocks (build it with scripts/mc_build_ck)")
         name = name or (os.path.basename(os.path.normpath(path)) if path else f"ck{len(self.memories)}")
         if name in [n for n, _, _ in self.memories] + ["session"]:
             raise UserError(f"a memory named {name!r} is already attached")
@@ -247,8 +268,9 @@ class Session:
             wc=[] if self.wc is None else [[e.level, e.start, e.end] for e in self.wc.entries],
             plan=None if self.plan is None else [self.plan[0], self.plan[1].float().cpu().tolist()],
             allocator=allocator_state(self._allocators()[-1]),
-            memories=[dict(name=name, path=path, wc=[[e.level, e.start, e.end] for e in seg.entries], allocator=allocator_state(a))
-                      for (name, _, path), seg, a in zip(self.memories, self.recall, self._allocators())],
+            memories=[dict(name=name, path=path, allocator=allocator_state(a),
+                           wc=[[e.level, e.start, e.end] for e in self.recall[m].entries] if self.recall else [])
+                      for m, ((name, _, path), a) in enumerate(zip(self.memories, self._allocators()))],
             rng=base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
             stats=self.stats,
         )
@@ -485,9 +507,10 @@ def format_focus(f):
     if not f.get("history_tokens"):
         return "focus: the history is empty"
     mix = ", ".join(f"LOD{k[3:]} {v['entries']} entries / {v['slots']} slots" for k, v in f["lod"].items())
+    session = "the session's " if f.get("memories") else ""
     lines = [f"history {f['history_tokens']:,} tokens (tree levels 1..{f['tree_levels']}) | working context {f['wc_cost']}/{f['w_max']} "
-             f"slots ({100 * f['budget_use']:.0f}% of the budget), {f['wc_entries']} entries",
-             f"LOD mix: {mix}",
+             f"slots ({100 * f['budget_use']:.0f}% of the budget), {session}{f['wc_entries']} entries",
+             f"{session}LOD mix: {mix}",
              f"refocuses {f['refocuses']}, {f['edits_per_refocus']:.2f} edits each | {f['slots_per_token']:.2f} slots computed per token"]
     if f["unreachable_tokens"]:
         lines.append(f"the oldest {f['unreachable_tokens']:,} tokens are out of reach (the budget cannot hold the coarsest view)")

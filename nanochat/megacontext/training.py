@@ -170,6 +170,18 @@ def split_memories(model, gistnet, history, max_level, rng):
                             build_source(model, gistnet, history[a:], max_level)], ["ck", "session"])
 
 
+def composite_baseline(row, source, budget):
+    """The truncated window of a split history (split_memories' two memories): its newest `budget`
+    tokens raw, reaching into the CK when the session is shorter, the tokens slate()'s baseline reads
+    from the unsplit history. -> Variant."""
+    ck, session = source.memories
+    recent = WorkingContext.recent(session, budget)
+    room = budget - recent.cost
+    if recent.start > 0 or room < K:
+        return Variant(row, "baseline", recent, None, session)
+    return Variant(row, "baseline", CompositeWC([WorkingContext.recent(ck, room), recent]), None)
+
+
 def composite_perturb(ref, source, budget, config, rng, n_edits):
     """ref (CompositeWC) plus random legal edits of one memory's segment (perturb), within the budget
     and, for the CK, its cap -> (wc, {(memory, Entry): edit value})."""
@@ -177,7 +189,7 @@ def composite_perturb(ref, source, budget, config, rng, n_edits):
     seg, others = ref.segments[m], ref.cost - ref.segments[m].cost
     room = budget - others
     if m < len(ref.segments) - 1:
-        room = min(room, ck_cap(budget, config.ck_min_session_share, source.session.num_tokens) - (ref.ck_cost - seg.cost))
+        room = min(room, ck_cap(source, budget, config.ck_min_session_share, config.recent_tokens) - (ref.ck_cost - seg.cost))
     recent = config.recent_tokens if m == len(ref.segments) - 1 else 0
     wc, edits = perturb(seg, source.memories[m], max(room, seg.cost), recent, rng, n_edits)
     return ref.replace(m, wc), {(m, e): v for e, v in edits.items()}
@@ -256,7 +268,7 @@ class MegaContextTrainer:
         H = self.config.horizon
         budget = variant_budget(step, num_iterations, n - H, self.config)
         max_slots = B * (n - 1) if max_slots is None else max_slots
-        chunk = max(1, max_slots // (self.config.num_variants * (budget + H)))
+        chunk = max(1, max_slots // ((self.config.num_variants + self.config.cognitive_core) * (budget + H)))  # + the drop variant
         cuts = [split_point(row, self.bos_id, H, self.config.w_max) for row in rows.tolist()]
         totals = {}
         for r0 in range(0, B, chunk):
@@ -326,15 +338,17 @@ class MegaContextTrainer:
         session recency-filled in its share; for half the rows then random expansions in any memory while
         one fits, as random_mix does), perturbed (composite_perturb) and lens (CompositeAllocator) variants, and drop: the
         reference's session segment alone, the CK removed (L_drop of the reliance margin). While the
-        budget holds the whole history raw only the baseline is scored, as in slate()."""
+        budget holds the whole history raw only the baseline (then all of it) is scored, as in slate()."""
         cfg, model = self.config, self.model
         share = cfg.ck_min_session_share
         refs = [None] * len(sources)
         for b, (src, rng) in enumerate(zip(sources, rngs)):
-            if budget >= src.num_tokens:
+            if budget >= src.num_tokens or cfg.num_variants < 2:
                 continue
             ref = composite_start(src, budget, cfg.recent_tokens, share)
-            cap = ck_cap(budget, share, src.session.num_tokens)
+            if ref.cost > budget:
+                continue  # the coarsest views do not fit this budget: the baseline alone
+            cap = ck_cap(src, budget, share, cfg.recent_tokens)
             expand = rng.random() < 0.5  # half the rows: random expansions across memories while one fits
             while expand:
                 gists = [(m, i) for m, seg in enumerate(ref.segments) for i, e in enumerate(seg.entries) if e.level > 0
@@ -352,7 +366,7 @@ class MegaContextTrainer:
             scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
         variants, swaps = [], []
         for b, (src, rng) in enumerate(zip(sources, rngs)):
-            variants.append(Variant(b, "baseline", WorkingContext.recent(src.session, budget), None, src.session))
+            variants.append(composite_baseline(b, src, budget))
             ref = refs[b]
             if ref is None:
                 continue
@@ -417,7 +431,8 @@ class MegaContextTrainer:
                 l_full, l_drop = item_nll[full], item_nll[drop].detach()
                 margin_loss = F.relu(l_full - l_drop + cfg.ck_margin).mean()
                 loss = loss + cfg.ck_weight * margin_loss
-                stats.update(ck_margin_loss=margin_loss.item(), ckri=((l_drop - l_full.detach()) / l_full.detach()).mean().item())
+                mean_full, mean_drop = l_full.mean().item(), l_drop.mean().item()
+                stats.update(ck_margin_loss=margin_loss.item(), ckri=(mean_drop - mean_full) / mean_full)  # as mc_eval --task ck
 
         targets = torch.stack([horizons[v.row] for v in variants])  # (Rv, H)
         for level, alpha in ((1, cfg.alpha_lod1), (2, cfg.alpha_lod2)):
