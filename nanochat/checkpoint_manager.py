@@ -118,9 +118,9 @@ def find_last_step(checkpoint_dir):
     return max(steps)
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
-    """-> (model, tokenizer, meta) for source in {"base", "sft", "rl"}; tag defaults to the
-    largest d<N>, step to the last one."""
+def resolve_checkpoint(source, model_tag=None, step=None):
+    """-> (checkpoint_dir, model_tag, step) for source in {"base", "sft", "rl"}: the tag defaults to
+    the largest d<N>, the step to the last complete one (for scripts that name outputs after them)."""
     if source not in SOURCE_DIRS:
         raise UserError(f"unknown checkpoint source {source!r} (expected one of {', '.join(SOURCE_DIRS)})")
     checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
@@ -128,6 +128,12 @@ def load_model(source, device, phase, model_tag=None, step=None):
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         raise UserError(f"no checkpoint directory {checkpoint_dir}")
-    step = find_last_step(checkpoint_dir) if step is None else step
+    return checkpoint_dir, model_tag, find_last_step(checkpoint_dir) if step is None else step
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """-> (model, tokenizer, meta) for source in {"base", "sft", "rl"}; tag defaults to the
+    largest d<N>, step to the last one."""
+    checkpoint_dir, model_tag, step = resolve_checkpoint(source, model_tag, step)
     print0(f"loading {source} model {model_tag} step {step} from {checkpoint_dir}")
     return build_model(checkpoint_dir, step, device, phase)

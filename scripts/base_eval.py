@@ -17,7 +17,7 @@ import argparse
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_write_json
-from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, find_largest_model, find_last_step
+from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 
 EVALS = ("core", "bpb", "sample")
 SAMPLE_PROMPTS = [
@@ -100,9 +100,7 @@ def main(argv=None):
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     try:
         # resolve the tag and step here so the output file can be named after them
-        checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-        model_tag = args.model_tag or find_largest_model(checkpoints_dir)
-        step = args.step if args.step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
+        _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
 
         results = dict(source=args.source, model_tag=model_tag, step=step, world_size=world_size)

@@ -179,11 +179,9 @@ def main():
     if args.context_file and not os.path.isfile(args.context_file):
         p.error(f"--context-file {args.context_file}: no such file")
 
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step
-    from nanochat.common import get_base_dir
+    from nanochat.checkpoint_manager import resolve_checkpoint
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
-    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[args.source]))
-    step = args.step if args.step is not None else find_last_step(os.path.join(get_base_dir(), SOURCE_DIRS[args.source], model_tag))
+    _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
     if args.megacontext:
         megacontext_chat(args, model, tokenizer, device, model_tag, step)

@@ -248,12 +248,9 @@ def main():
 
     import uvicorn
     from nanochat.engine import Engine
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step
-    from nanochat.common import get_base_dir
+    from nanochat.checkpoint_manager import load_model, resolve_checkpoint
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
-    model_tag = args.model_tag or find_largest_model(os.path.join(get_base_dir(), SOURCE_DIRS[args.source]))
-    step = args.step if args.step is not None else find_last_step(os.path.join(get_base_dir(), SOURCE_DIRS[args.source], model_tag))
+    _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     new_session = megacontext_sessions(args, model, model_tag, step, device) if args.megacontext or args.gist_first or args.ck else None

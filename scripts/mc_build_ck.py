@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_write_json
+from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, print0, atomic_write_json
 
 CK_FILE = "ck.json"
 CK_FORMAT = 1
@@ -85,14 +85,12 @@ def main(argv=None):
 
     _, _, _, _, device = compute_init(args.device_type)
     try:
-        from nanochat.checkpoint_manager import SOURCE_DIRS, find_largest_model, find_last_step, load_model
+        from nanochat.checkpoint_manager import load_model, resolve_checkpoint
         from nanochat.megacontext.checkpoint import load_for_chat
         from nanochat.megacontext.composite import ingest_documents
         from nanochat.megacontext.gistnet import AnyLevel
         from nanochat.megacontext.tree import MegaContextTree
-        checkpoints = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-        model_tag = args.model_tag or find_largest_model(checkpoints)
-        step = args.step if args.step is not None else find_last_step(os.path.join(checkpoints, model_tag))
+        _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
         _, gistnet, _, _ = load_for_chat(args.source, model_tag, step, model, device)
         name = f"{args.source}/{model_tag}"  # what chat_cli names its trees: the CK is checked against it on attach

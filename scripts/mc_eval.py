@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_path, atomic_write_json
-from nanochat.checkpoint_manager import build_model, find_largest_model, find_last_step
+from nanochat.checkpoint_manager import build_model, resolve_checkpoint
 from nanochat.megacontext import BLOCK_SIZE as K
 
 LONGRANGE_KINDS = ("passkey", "kv-recall", "variable")
@@ -437,10 +437,7 @@ def main(argv=None):
         from nanochat.megacontext.checkpoint import load_megacontext, load_predictor, mc_path
         from nanochat.megacontext.evaluation import measure_sequences, summarize
         t0 = time.time()
-        checkpoints_dir = os.path.join(get_base_dir(), "base_checkpoints")
-        model_tag = args.model_tag or find_largest_model(checkpoints_dir)
-        checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
-        step = args.step if args.step is not None else find_last_step(checkpoint_dir)
+        checkpoint_dir, model_tag, step = resolve_checkpoint("base", args.model_tag, args.step)
         if not os.path.exists(mc_path(checkpoint_dir, step)):
             raise UserError(f"{model_tag} step {step} is a vanilla checkpoint (no {os.path.basename(mc_path(checkpoint_dir, step))}): "
                             "mc_eval needs a base_train --megacontext run")
