@@ -44,6 +44,24 @@ K = BLOCK_SIZE
 Edit = namedtuple("Edit", ["kind", "before", "after"])
 
 
+def alternate(n_diff, candidates, make_edit):
+    """The loop of one allocator step (FocusAllocator and composite.CompositeAllocator): at most n_diff
+    edits, kinds alternating, collapse first, and when one kind has no candidate the other goes on;
+    stop when neither has one. candidates(kind) -> a list (of the WC as it is now); make_edit(kind,
+    that list) chooses one, applies and checks it -> the edit. -> the list of edits made."""
+    edits, order = [], ("collapse", "expand")
+    while len(edits) < n_diff:
+        for kind in order:
+            found = candidates(kind)
+            if found:
+                break
+        else:
+            break  # no candidate of either kind
+        edits.append(make_edit(kind, found))
+        order = ("expand", "collapse") if kind == "collapse" else ("collapse", "expand")
+    return edits
+
+
 class FocusAllocator:
     def __init__(self, w_max, tau_expand=0.1, tau_collapse=0.1, n_diff=4, cooldown=2, strategy="greedy",
                  temperature=1.0, recent_tokens=0, top_k=4, check=True):
@@ -86,20 +104,19 @@ class FocusAllocator:
             check_working_context(wc, source, self.w_max, self.recent_tokens)
         self.begin_step()
         score_of = dict(zip(wc.entries, scores))  # Entry -> score; entries made by this step's edits have none
-        edits, order = [], ("collapse", "expand")
-        while len(edits) < self.n_diff:
-            for kind in order:
-                candidates = self.collapses(wc, source, score_of) if kind == "collapse" else self.expands(wc, score_of)
-                if candidates:
-                    break
-            else:
-                break  # no candidate of either kind
-            _, i, node = self.choose(candidates, generator)
+
+        def candidates(kind):
+            return self.collapses(wc, source, score_of) if kind == "collapse" else self.expands(wc, score_of)
+
+        def make_edit(kind, found):
+            nonlocal wc
+            _, i, node = self.choose(found, generator)
             wc, edit = self.apply(wc, kind, i, node, source)
             if self.check:
                 check_working_context(wc, source, self.w_max, self.recent_tokens)
-            edits.append(edit)
-            order = ("expand", "collapse") if kind == "collapse" else ("collapse", "expand")
+            return edit
+
+        edits = alternate(self.n_diff, candidates, make_edit)
         return wc, edits
 
     def begin_step(self):

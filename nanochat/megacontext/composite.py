@@ -41,7 +41,7 @@ import math
 import torch
 
 from nanochat.megacontext import BLOCK_SIZE
-from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.allocator import FocusAllocator, alternate
 from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context
 
 K = BLOCK_SIZE
@@ -211,22 +211,18 @@ class CompositeAllocator:
             score_of.append(dict(zip(seg.entries, scores[i:i + len(seg)])))
             i += len(seg)
         cap = ck_cap(source, self.w_max, self.min_session_share, self.recent_tokens)
-        last, edits, order = len(cwc.segments) - 1, [], ("collapse", "expand")
-        while len(edits) < self.n_diff:
-            for kind in order:
-                candidates = self.candidates(cwc, source, score_of, kind, cap)
-                if candidates:
-                    break
-            else:
-                break  # no candidate of either kind in any memory
-            ranked = [(s, (m, j), node) for s, m, j, node in candidates]  # FocusAllocator.choose's (score, index, node)
-            _, (m, j), node = self.allocators[last].choose(ranked, generator)
+
+        def make_edit(kind, found):
+            nonlocal cwc
+            ranked = [(s, (m, j), node) for s, m, j, node in found]  # FocusAllocator.choose's (score, index, node)
+            _, (m, j), node = self.allocators[-1].choose(ranked, generator)
             segment, edit = self.allocators[m].apply(cwc.segments[m], kind, j, node, source.memories[m])
             cwc = cwc.replace(m, segment)
             if self.check:
                 check_composite(cwc, source, self.w_max, self.recent_tokens, self.min_session_share)
-            edits.append((m, edit))
-            order = ("expand", "collapse") if kind == "collapse" else ("collapse", "expand")
+            return m, edit
+
+        edits = alternate(self.n_diff, lambda kind: self.candidates(cwc, source, score_of, kind, cap), make_edit)
         return cwc, edits
 
     def candidates(self, cwc, source, score_of, kind, cap):
