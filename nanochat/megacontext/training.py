@@ -289,7 +289,7 @@ class MegaContextTrainer:
         reference and its edits), each row's reference WC (None when it is the baseline), the rows that
         have a reference, LensNet's scores (len(lens_rows), E) of their references, and the number of
         edits of each allocator step."""
-        cfg, model = self.config, self.model
+        cfg = self.config
         baselines = [WorkingContext.recent(src, budget) for src in sources]
         refs = [None] * len(sources)
         if cfg.num_variants >= 2:
@@ -298,12 +298,7 @@ class MegaContextTrainer:
                     WorkingContext.recency_filled(src, budget, cfg.recent_tokens, cfg.max_level)
                 if ref is not None and ref.cost <= budget and ref != baselines[b]:
                     refs[b] = ref
-        lens_rows = [b for b, r in enumerate(refs) if r is not None]
-        scores = None
-        if lens_rows:
-            with torch.no_grad():  # LensNet's inputs are detached anyway
-                assembled = [refs[b].assemble(sources[b], model.embed_tokens) for b in lens_rows]
-            scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
+        lens_rows, scores = self.lens_scores(refs, sources)
         variants, swaps = [], []
         for b, base in enumerate(baselines):
             rng = rngs[b]
@@ -311,26 +306,45 @@ class MegaContextTrainer:
             ref = refs[b]
             if ref is None:
                 continue
-            seen = {base, ref}
             variants.append(Variant(b, "reference", ref, {}))
-            for k in range(cfg.num_variants - 2):
-                wc = None
-                if cfg.num_variants >= 4 and k == cfg.num_variants - 3:  # the last slot: LensNet + allocator
-                    allocator = FocusAllocator.from_config(cfg, w_max=budget, cooldown=0)
-                    row_scores = scores[lens_rows.index(b), :len(ref)]
-                    wc, steps = allocator.step(ref, row_scores, sources[b], generator=torch.Generator().manual_seed(rng.getrandbits(62)))
-                    swaps.append(len(steps))
-                    kind, edits = "lens", allocator_edits(steps)
-                if wc is None or wc in seen:
-                    for _ in range(4):
-                        wc, edits = perturb(ref, sources[b], budget, cfg.recent_tokens, rng, n_edits=rng.choice((1, 2)))
-                        if wc not in seen:
-                            break
-                    kind = "perturbed"
-                if wc not in seen:
-                    seen.add(wc)
-                    variants.append(Variant(b, kind, wc, edits))
+            variants += self.edited_variants(
+                b, ref, sources[b], scores[lens_rows.index(b), :len(ref)], {base, ref}, swaps, rng,
+                lambda: FocusAllocator.from_config(cfg, w_max=budget, cooldown=0),
+                lambda: perturb(ref, sources[b], budget, cfg.recent_tokens, rng, n_edits=rng.choice((1, 2))))
         return variants, refs, lens_rows, scores, swaps
+
+    def lens_scores(self, refs, sources):
+        """-> (lens_rows, scores): the rows that have a reference and LensNet's scores (len(lens_rows), E)
+        of their references' entries (None when no row has one)."""
+        lens_rows = [b for b, r in enumerate(refs) if r is not None]
+        if not lens_rows:
+            return lens_rows, None
+        with torch.no_grad():  # LensNet's inputs are detached anyway
+            assembled = [refs[b].assemble(sources[b], self.model.embed_tokens) for b in lens_rows]
+        scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
+        return lens_rows, scores
+
+    def edited_variants(self, b, ref, source, row_scores, seen, swaps, rng, make_allocator, perturb_once):
+        """The num_variants - 2 edits of row b's reference: in the last slot (num_variants >= 4) one step
+        of make_allocator() on LensNet's scores (kind lens, its edit count appended to swaps), elsewhere,
+        or when that gives a WC already in `seen`, perturb_once() (up to 4 draws for a new one). -> Variants."""
+        cfg, out = self.config, []
+        for k in range(cfg.num_variants - 2):
+            wc = None
+            if cfg.num_variants >= 4 and k == cfg.num_variants - 3:  # the last slot: LensNet + allocator
+                wc, steps = make_allocator().step(ref, row_scores, source, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
+                swaps.append(len(steps))
+                kind, edits = "lens", allocator_edits(steps)
+            if wc is None or wc in seen:
+                for _ in range(4):
+                    wc, edits = perturb_once()
+                    if wc not in seen:
+                        break
+                kind = "perturbed"
+            if wc not in seen:
+                seen.add(wc)
+                out.append(Variant(b, kind, wc, edits))
+        return out
 
     def composite_slate(self, sources, budget, rngs):
         """slate() for --cognitive-core rows (a CompositeSource each, split_memories): baseline (the
@@ -339,7 +353,7 @@ class MegaContextTrainer:
         one fits, as random_mix does), perturbed (composite_perturb) and lens (CompositeAllocator) variants, and drop: the
         reference's session segment alone, the CK removed (L_drop of the reliance margin). While the
         budget holds the whole history raw only the baseline (then all of it) is scored, as in slate()."""
-        cfg, model = self.config, self.model
+        cfg = self.config
         share = cfg.ck_min_session_share
         refs = [None] * len(sources)
         for b, (src, rng) in enumerate(zip(sources, rngs)):
@@ -358,12 +372,7 @@ class MegaContextTrainer:
                 m, i = rng.choice(gists)
                 ref = ref.replace(m, ref.segments[m].expand(i))
             refs[b] = ref
-        lens_rows = [b for b, r in enumerate(refs) if r is not None]
-        scores = None
-        if lens_rows:
-            with torch.no_grad():
-                assembled = [refs[b].assemble(sources[b], model.embed_tokens) for b in lens_rows]
-            scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
+        lens_rows, scores = self.lens_scores(refs, sources)
         variants, swaps = [], []
         for b, (src, rng) in enumerate(zip(sources, rngs)):
             variants.append(composite_baseline(b, src, budget))
@@ -371,24 +380,10 @@ class MegaContextTrainer:
             if ref is None:
                 continue
             variants.append(Variant(b, "reference", ref, {}))
-            seen = {ref}
-            for k in range(cfg.num_variants - 2):
-                wc = None
-                if cfg.num_variants >= 4 and k == cfg.num_variants - 3:  # the last slot: LensNet + the composite allocator
-                    allocator = CompositeAllocator.from_config(cfg, len(src.memories), w_max=budget, cooldown=0)
-                    row_scores = scores[lens_rows.index(b), :len(ref)]
-                    wc, steps = allocator.step(ref, row_scores, src, generator=torch.Generator().manual_seed(rng.getrandbits(62)))
-                    swaps.append(len(steps))
-                    kind, edits = "lens", allocator_edits(steps)
-                if wc is None or wc in seen:
-                    for _ in range(4):
-                        wc, edits = composite_perturb(ref, src, budget, cfg, rng, n_edits=rng.choice((1, 2)))
-                        if wc not in seen:
-                            break
-                    kind = "perturbed"
-                if wc not in seen:
-                    seen.add(wc)
-                    variants.append(Variant(b, kind, wc, edits))
+            variants += self.edited_variants(
+                b, ref, src, scores[lens_rows.index(b), :len(ref)], {ref}, swaps, rng,
+                lambda: CompositeAllocator.from_config(cfg, len(src.memories), w_max=budget, cooldown=0),
+                lambda: composite_perturb(ref, src, budget, cfg, rng, n_edits=rng.choice((1, 2))))
             variants.append(Variant(b, "drop", ref.segments[-1], None, src.session))
         return variants, refs, lens_rows, scores, swaps
 
