@@ -51,12 +51,19 @@ def base_dir(tiny_base_dir, monkeypatch):
 
 # MegaContext checkpoints for the chat and CK tests
 
+def jitter(params, scale):
+    """Add scale * N(0, 1) noise to every parameter: the inits' zero projections would make layers no-ops."""
+    with torch.no_grad():
+        for p in params:
+            p.add_(scale * torch.randn_like(p))
+
+
 MC = dict(w_max=96, max_level=1, recent_tokens=16, gist_kind="mlp", gist_pooling="mean", lens_layers=1, lens_hidden=32)
 
 
-def save_mc_checkpoint(base_dir, tag, megaprediction=False, jitter=0.0):
+def save_mc_checkpoint(base_dir, tag, megaprediction=False, noise=0.0):
     """A tiny base checkpoint with MegaContext weights beside it, as base_train --megacontext saves them.
-    jitter: noise added to every weight (the init's zero projections make every layer a no-op)."""
+    noise: the scale of the noise added to every weight (jitter: the init's zero projections make every layer a no-op)."""
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.megacontext.checkpoint import build_modules, build_predictor, save_megacontext
@@ -65,10 +72,8 @@ def save_mc_checkpoint(base_dir, tag, megaprediction=False, jitter=0.0):
     config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="L")
     model = GPT(config)
     model.init_weights()
-    if jitter:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(jitter * torch.randn_like(p))
+    if noise:
+        jitter(model.parameters(), noise)
     mc = MegaContextConfig(**MC, **({"megaprediction": True} if megaprediction else {})).validate()
     gistnet, lensnet = build_modules(mc, config)
     directory = str(base_dir / "base_checkpoints" / tag)

@@ -5,7 +5,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 from conftest import save_mc_checkpoint
 from nanochat.common import UserError

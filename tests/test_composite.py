@@ -13,6 +13,7 @@ from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.evaluation import refocus
 from nanochat.megacontext.horizon import build_source, horizon_nll
 from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError
+from conftest import jitter
 
 V = 256
 
@@ -23,9 +24,7 @@ def tiny(w_max=256, **mc):
     config = GPTConfig(sequence_len=512, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
     model = GPT(config)
     model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    jitter(model.parameters(), 0.05)
     cfg = MegaContextConfig(w_max=w_max, max_level=2, recent_tokens=32, horizon=32, gist_layers=1, lens_layers=1,
                             lens_hidden=64, **mc).validate()
     gistnet, lensnet = build_modules(cfg, config)

@@ -4,6 +4,7 @@ import torch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.engine import Engine, KVCache, calculator
 from nanochat.tokenizer import RustBPETokenizer
+from conftest import jitter
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +18,7 @@ def tiny_model(vocab_size, seed=0, window_pattern="SL", sequence_len=128, n_kv_h
     model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=3, n_head=2, n_kv_head=n_kv_head,
                           n_embd=64, window_pattern=window_pattern))
     model.init_weights()
-    with torch.no_grad():  # make every term (smear, c_proj, value embeddings) matter
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    jitter(model.parameters(), 0.05)  # make every term (smear, c_proj, value embeddings) matter
     model.eval()
     return model
 

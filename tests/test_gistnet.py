@@ -9,6 +9,7 @@ import torch
 from nanochat.gpt import norm
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.gistnet import GistNet, build_gists
+from conftest import jitter
 
 D = 32
 VARIANTS = [("linear", "mean"), ("mlp", "mean"), ("transformer", "mean"), ("transformer", "query"), ("transformer", "cls")]
@@ -18,9 +19,7 @@ def make(kind="transformer", pooling="cls", shared=True, max_level=2, perturb=Fa
     torch.manual_seed(seed)
     net = GistNet(D, kind=kind, pooling=pooling, n_layer=2, n_head=4, shared=shared, max_level=max_level)
     if perturb:  # the init zeroes the head (and the level embedding); make every weight matter
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+        jitter(net.parameters(), 0.1)
     return net
 
 
@@ -81,9 +80,7 @@ def test_shared_vs_per_level_weights():
     per_level = make("transformer", "query", shared=False, max_level=3, perturb=True)
     before = [per_level(blocks, level) for level in (1, 2, 3)]
     assert not torch.allclose(before[0], before[1], atol=1e-3)
-    with torch.no_grad():
-        for p in per_level.encoders[1].parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    jitter(per_level.encoders[1].parameters(), 0.1)
     after = [per_level(blocks, level) for level in (1, 2, 3)]
     assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
     assert not torch.allclose(before[1], after[1], atol=1e-3)

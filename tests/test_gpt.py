@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig, attend, window_sizes, has_value_embedding
+from conftest import jitter
 
 
 def tiny_config(**kw):
@@ -18,9 +19,7 @@ def make_model(seed=0, perturb=True, **kw):
     model = GPT(tiny_config(**kw))
     model.init_weights()
     if perturb:  # spec init zeroes c_proj and smear_lambda; make every term matter
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
+        jitter(model.parameters(), 0.02)
     return model
 
 

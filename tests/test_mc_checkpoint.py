@@ -9,6 +9,7 @@ from nanochat.common import UserError
 from nanochat.gpt import GPTConfig
 from nanochat.megacontext.checkpoint import build_modules, build_predictor, load_megacontext, load_predictor, mc_path, save_megacontext
 from nanochat.megacontext.config import MegaContextConfig
+from conftest import jitter
 
 MODEL = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 MC = MegaContextConfig(w_max=128, max_level=2, gist_layers=1, lens_layers=1, lens_hidden=32, lens_tail=3)
@@ -16,9 +17,7 @@ MC = MegaContextConfig(w_max=128, max_level=2, gist_layers=1, lens_layers=1, len
 
 def test_save_and_load_round_trip_weights_config_and_optimizer(tmp_path):
     gistnet, lensnet = build_modules(MC, MODEL)
-    with torch.no_grad():
-        for p in list(gistnet.parameters()) + list(lensnet.parameters()):
-            p.add_(torch.randn_like(p))
+    jitter(list(gistnet.parameters()) + list(lensnet.parameters()), 1.0)
     opt = torch.optim.AdamW(list(gistnet.parameters()) + list(lensnet.parameters()))
     sum(p.sum() for p in gistnet.parameters()).backward()
     opt.step()
@@ -53,9 +52,7 @@ def test_megapredictor_round_trips_beside_gistnet_and_lensnet_and_is_none_when_o
     assert load_predictor(str(tmp_path), 1, MODEL, "cpu") is None  # a run without --megaprediction
     mp = dataclasses.replace(MC, megaprediction=True)
     predictor = build_predictor(mp, MODEL)
-    with torch.no_grad():
-        for p in predictor.parameters():
-            p.add_(torch.randn_like(p))
+    jitter(predictor.parameters(), 1.0)
     save_megacontext(str(tmp_path), 2, mp, gistnet, lensnet, predictor=predictor)
     p2 = load_predictor(str(tmp_path), 2, MODEL, "cpu")
     sa, sb = predictor.state_dict(), p2.state_dict()

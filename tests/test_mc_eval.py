@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import jitter
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.megacontext.config import MegaContextConfig
@@ -30,9 +31,7 @@ def tiny(max_level=1, w_max=64, seed=0, **mc):
     config = GPTConfig(sequence_len=256, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
     model = GPT(config)
     model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    jitter(model.parameters(), 0.05)
     cfg = MegaContextConfig(w_max=w_max, max_level=max_level, recent_tokens=32, horizon=32, gist_layers=1, lens_layers=1,
                             lens_hidden=64, **mc).validate()
     gistnet, lensnet = build_modules(cfg, config)
@@ -288,7 +287,7 @@ def test_ck_task_end_to_end(base_dir):
     every asked fact gets a poison verdict, and edited facts are asked again with their new value."""
     from conftest import save_mc_checkpoint
     from scripts import mc_eval
-    save_mc_checkpoint(base_dir, "ck_eval", jitter=0.05)
+    save_mc_checkpoint(base_dir, "ck_eval", noise=0.05)
     report = mc_eval.main(["--model-tag", "ck_eval", "--task", "ck", "--num-docs", "4", "--ck-entities", "5",
                            "--refocus-iters", "2", "--device-type", "cpu"])
     data = json.loads((base_dir / "mc_eval" / "ck_eval_step5_ck.json").read_text())

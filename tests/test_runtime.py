@@ -13,6 +13,7 @@ from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.runtime import Plan, Session, common_slots, format_focus, make_room, slot_items
 from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
+from conftest import jitter
 
 K = 32
 VOCAB = 256
@@ -25,15 +26,11 @@ def parts(seed=0, lens_tau=0.0, w_max=128, recent=16):
     config = GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
     model = GPT(config)
     model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    jitter(model.parameters(), 0.02)
     mc = MegaContextConfig(w_max=w_max, max_level=1, recent_tokens=recent, gist_kind="mlp", gist_pooling="mean",
                            lens_layers=1, lens_hidden=32, tau_expand=lens_tau, tau_collapse=lens_tau, cooldown=1).validate()
     gistnet, lensnet = build_modules(mc, config)
-    with torch.no_grad():
-        for p in list(gistnet.parameters()) + list(lensnet.parameters()):
-            p.add_(0.05 * torch.randn_like(p))
+    jitter(list(gistnet.parameters()) + list(lensnet.parameters()), 0.05)
     return model.eval(), gistnet, lensnet, mc
 
 
