@@ -100,10 +100,6 @@ class CompositeWC:
     def ck_cost(self):
         return sum(seg.cost for seg in self.segments[:-1])
 
-    def memory_of(self):
-        """(E,) the memory index of each entry, in slot order."""
-        return [m for m, seg in enumerate(self.segments) for _ in seg.entries]
-
     def replace(self, m, segment):
         return CompositeWC(self.segments[:m] + (segment,) + self.segments[m + 1:])
 
