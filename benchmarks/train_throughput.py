@@ -1,9 +1,12 @@
 """
 Training throughput of the base model: tokens/s and MFU for a given depth, sequence length
 and device batch, on random tokens (no tokenizer or data needed). Prints one JSON line.
+On a CPU it also measures the machine's own fp32 matmul rate in the same run (a 2048^3 product)
+and prints cpu_mfu = achieved training FLOP/s / that rate.
 
     python -m benchmarks.train_throughput --depth 12 --max-seq-len 2048 --device-batch-size 32   # GPU: bf16, compiled
-    python -m benchmarks.train_throughput --depth 2 --max-seq-len 256 --device-batch-size 4 --steps 3   # CPU smoke
+    python -m benchmarks.train_throughput --depth 4 --max-seq-len 512 --device-batch-size 8 --vocab-size 4096 --window-pattern L --steps 5 --warmup 1   # CPU
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.train_throughput ...   # as an AVX2-only CPU would
 """
 
 import os
@@ -17,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import cli_main, compute_init, compute_dtype, autodetect_device_type
-from nanochat.runlog import peak_flops
+from nanochat.runlog import peak_flops, measured_matmul_flops
 from scripts.base_train import model_config_from_args
 from nanochat.gpt import GPT
 
@@ -77,11 +80,15 @@ def main():
     tok_per_sec = B * T / dt
     flops_per_token = model.estimate_flops()
     peak = peak_flops(device)
+    cpu_peak = measured_matmul_flops(device) if device_type == "cpu" else None
     result = dict(benchmark="train_throughput", device=torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
                   dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled=use_compile, depth=args.depth,
                   n_embd=config.n_embd, max_seq_len=T, device_batch_size=B, step_ms=round(1000 * dt, 2),
                   tok_per_sec=round(tok_per_sec, 1), flops_per_token=flops_per_token,
                   mfu=round(flops_per_token * tok_per_sec / peak, 4) if peak else None,
+                  cpu_capability=torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else None,
+                  cpu_fp32_matmul_gflops=round(cpu_peak / 1e9, 1) if cpu_peak else None,
+                  cpu_mfu=round(flops_per_token * tok_per_sec / cpu_peak, 4) if cpu_peak else None,
                   peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device_type == "cuda" else None)
     print(json.dumps(result))
 

@@ -7,8 +7,10 @@ import os
 import sys
 import json
 import logging
+import ctypes
 import tempfile
 import contextlib
+import ctypes.util
 
 import torch
 import torch.distributed as dist
@@ -107,6 +109,20 @@ def autodetect_device_type():
     return "cpu"
 
 
+def keep_freed_memory():
+    """glibc hands every freed block over 32 MiB straight back to the kernel, so the next tensor of
+    that size (the (B*T, vocab) logits, their softcap and their gradients, every step) page-faults
+    all of its memory back in, zeroed. On a CPU that costs more than the op itself (x * 15 over 16M
+    floats: ~20 ms instead of ~4 ms on 2 cores). Raise glibc's mmap and trim thresholds so freed
+    blocks stay in the heap and are reused. The process keeps its peak heap; no-op off glibc."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def compute_init(device_type=""):
     """Seed, set matmul precision and (under torchrun) init the process group.
     Returns (is_ddp, rank, local_rank, world_size, device)."""
@@ -117,6 +133,8 @@ def compute_init(device_type=""):
         raise UserError("--device-type cuda was asked for but no CUDA device is available")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device-type mps was asked for but MPS is not available")
+    if device_type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(42)
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
@@ -161,13 +179,34 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+# -----------------------------------------------------------------------------
+# Dtype policy, decided here and nowhere else (a fixed rule, so a run's numerics do not depend on
+# which CPU it landed on):
+# - CUDA SM80+: activations, embeddings and Muon's Newton-Schulz in bf16; fp32 master weights,
+#   logits, positions/rotary and optimizer state.
+# - CPU and MPS: everything in fp32. Many CPUs (AVX2-only x86, AVX-512 without BF16/AMX: most
+#   laptops and cloud VMs) run a bf16 matmul 35-100x slower than fp32, so no heavy math runs in
+#   bf16 there. NANOCHAT_DTYPE=bfloat16 still sets the activation dtype on a CPU (to exercise the
+#   GPU's bf16 path in tests), but Newton-Schulz stays fp32 on a CPU whatever the variable says.
+# - MegaContext gist trees store fp16 (or bf16) bits on disk and read them back as fp32; the WC
+#   is then cast to the model's activation dtype, so storage never sets the compute dtype.
+
 def compute_dtype(device_type):
-    """bf16 on SM80+ GPUs, fp32 elsewhere; $NANOCHAT_DTYPE (bfloat16/float32/float16) overrides."""
+    """Activation / embedding dtype: bf16 on SM80+ GPUs, fp32 elsewhere; $NANOCHAT_DTYPE
+    (bfloat16/float32/float16) overrides."""
     name = os.environ.get("NANOCHAT_DTYPE")
     if name:
         if name not in ("bfloat16", "float32", "float16"):
             raise UserError(f"NANOCHAT_DTYPE={name!r} is not one of bfloat16, float32, float16")
         return getattr(torch, name)
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def orthogonalize_dtype(device_type):
+    """Dtype of Muon's Newton-Schulz matmuls: bf16 where the GPU computes in bf16, fp32 otherwise
+    (always on CPU/MPS; fp16 is never used: its exponent range is too small for the iteration)."""
+    if device_type == "cuda" and compute_dtype(device_type) == torch.bfloat16:
         return torch.bfloat16
     return torch.float32

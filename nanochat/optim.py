@@ -4,7 +4,8 @@ Muon: the optimizer for the 2-D weight matrices inside the transformer blocks.
 One step, for every bucket of same-shape matrices in a param group (stacked, so the
 orthogonalization runs as one batched matmul chain):
   1. Nesterov momentum:    buf = lerp(buf, g, 1 - mu);  u = lerp(g, buf, mu)
-  2. Orthogonalize:        u ~= U V^T of u, by a 5-step Polar Express iteration in bf16
+  2. Orthogonalize:        u ~= U V^T of u, by a 5-step Polar Express iteration (bf16 on GPUs,
+                           fp32 on CPUs: common.orthogonalize_dtype)
   3. Factored 2nd moment:  v = lerp(v, mean(u^2) along one dim, 1 - beta2); u = u / sqrt(v),
                            then rescaled so ||u||_F is what it was before (NorMuon-style)
   4. Cautious decay, step: p -= lr * wd * p * [u * p > 0];  p -= lr * u
@@ -18,6 +19,8 @@ all-reduces the gradients before step(), and every rank then takes the same step
 import math
 
 import torch
+
+from nanochat.common import orthogonalize_dtype
 
 # Polar Express per-step coefficients (a, b, c) of p(x) = a x + b x^3 + c x^5, degree 5,
 # designed for singular values in [1e-3, 1] (Amsel et al. 2025, "The Polar Express").
@@ -37,15 +40,16 @@ _PE_COEFFS = [(a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c
 _PE_COEFFS.append((1.875, -1.25, 0.375))  # the fixed point: steps past the table repeat it
 
 
-def polar_express(G, steps=5):
-    """Approximate the polar factor U V^T of G (..., m, n), returned in bf16. Singular values of
-    the result land in ~0.85..1.13, except those of G below ~1e-3 * ||G||_F, which stay smaller."""
+def polar_express(G, steps=5, dtype=torch.bfloat16):
+    """Approximate the polar factor U V^T of G (..., m, n), iterated and returned in `dtype` (bf16 or
+    fp32). Singular values of the result land in ~0.85..1.13, except those of G below
+    ~1e-3 * ||G||_F, which stay smaller."""
     tall = G.size(-2) > G.size(-1)
     if tall:
         G = G.mT  # work on the wide side: the Gram matrix X X^T is (min, min)
     # Frobenius norm >= spectral norm, so after this every singular value is <= 1/1.01
     G = G.float()
-    X = (G / (G.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)).bfloat16()
+    X = (G / (G.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)).to(dtype)
     for i in range(steps):
         a, b, c = _PE_COEFFS[min(i, len(_PE_COEFFS) - 1)]
         A = X @ X.mT  # (..., k, k), k = min(m, n)
@@ -99,8 +103,8 @@ class Muon(torch.optim.Optimizer):
         buf.lerp_(g, 1 - mu)
         u = g.lerp(buf, mu)
 
-        # 2. orthogonalize (bf16), back to fp32 for the rest
-        u = polar_express(u, group["ns_steps"]).float()
+        # 2. orthogonalize (bf16 on GPUs, fp32 on CPUs), back to fp32 for the rest
+        u = polar_express(u, group["ns_steps"], orthogonalize_dtype(params[0].device.type)).float()
 
         # 3. factored second moment. After orthogonalization the vectors along the short side
         # are already ~unit norm, so per-entry scale varies along the long side: keep one

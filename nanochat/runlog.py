@@ -1,6 +1,7 @@
 """
 Run metrics: always appended to a local JSONL file (one object per line), and mirrored to
-wandb when a run name other than "dummy" is given. Also the peak bf16 FLOP/s used for MFU.
+wandb when a run name other than "dummy" is given. Also the peak FLOP/s that MFU divides by: a
+GPU's listed bf16 peak, or a CPU's own fp32 matmul rate measured in the run.
 """
 
 import os
@@ -49,3 +50,22 @@ def peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+def measured_matmul_flops(device, dtype=torch.float32, n=2048, repeats=5):
+    """This machine's achievable matmul FLOP/s: the best of `repeats` (n, n) @ (n, n) products in
+    `dtype`, after one untimed. On a CPU this is the MFU denominator (cpu_mfu): there is no
+    listed peak, it varies with the ISA (AVX2 vs AVX-512), the cores and the BLAS, and the same
+    run's measurement keeps the ratio honest on a noisy machine. ~0.1 s a product on 2 cores."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

@@ -82,3 +82,31 @@ def save_mc_checkpoint(base_dir, tag, megaprediction=False, noise=0.0):
         predictor = build_predictor(mc, config)
     save_megacontext(directory, 5, mc, gistnet, lensnet, predictor=predictor)
     save_checkpoint(directory, 5, model.state_dict(), None, {"step": 5, "model_config": config.to_dict(), "megacontext": mc.to_dict()})
+
+
+# Which dtypes the heavy ops ran in (the CPU dtype policy of nanochat/common.py)
+
+HEAVY_OPS = ("mm", "bmm", "addmm", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_attention_math", "_scaled_dot_product_flash_attention_for_cpu_backward", "convolution")
+
+
+def heavy_op_dtypes(fn):
+    """Run fn() and return {(op name, dtype)} for every matmul / attention kernel it dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in HEAVY_OPS:
+                for a in args:
+                    if torch.is_tensor(a) and a.is_floating_point():
+                        self.seen.add((name, a.dtype))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as mode:
+        fn()
+    return mode.seen

@@ -1,3 +1,4 @@
+import math
 import os
 import sys
 import json
@@ -20,6 +21,10 @@ def test_train_throughput_prints_one_json_line():
     result = lines[0]
     assert result["benchmark"] == "train_throughput" and result["tok_per_sec"] > 0 and result["device"] == "cpu"
     assert result["mfu"] is None and result["max_seq_len"] == 64 and result["flops_per_token"] > 0
+    # on a CPU: this machine's own fp32 matmul rate, measured in the run, is the MFU denominator
+    assert result["cpu_fp32_matmul_gflops"] > 0 and result["cpu_capability"]
+    achieved = result["flops_per_token"] * result["tok_per_sec"]
+    assert math.isclose(result["cpu_mfu"], achieved / (result["cpu_fp32_matmul_gflops"] * 1e9), rel_tol=0.01, abs_tol=1e-4)
 
 
 def test_mc_core_prints_ingest_and_refocus_lines_for_ram_and_disk():

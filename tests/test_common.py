@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from nanochat.common import atomic_path, atomic_write_json, cli_main, UserError, compute_dtype
+from nanochat.common import atomic_path, atomic_write_json, cli_main, UserError, compute_dtype, orthogonalize_dtype
 
 
 def test_atomic_path_replaces_on_success_and_keeps_old_on_failure(tmp_path):
@@ -37,3 +37,45 @@ def test_compute_dtype_env_override(monkeypatch):
     monkeypatch.setenv("NANOCHAT_DTYPE", "fp8")
     with pytest.raises(UserError):
         compute_dtype("cpu")
+
+
+def test_orthogonalize_dtype_is_fp32_on_cpu_whatever_the_activation_dtype(monkeypatch):
+    import torch
+    assert orthogonalize_dtype("cpu") == torch.float32 and orthogonalize_dtype("mps") == torch.float32
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")  # bf16 activations on a CPU, as tests of the GPU path ask
+    assert compute_dtype("cpu") == torch.bfloat16 and orthogonalize_dtype("cpu") == torch.float32
+
+
+KEEP_FREED_PROBE = """
+import resource, sys, torch
+from nanochat.common import compute_init
+from nanochat.gpt import GPT, GPTConfig
+if sys.argv[1] == "1":
+    compute_init("cpu")  # on a CPU this keeps freed memory in the heap (common.keep_freed_memory)
+model = GPT(GPTConfig(sequence_len=256, vocab_size=8192, n_layer=1, n_head=1, n_kv_head=1, n_embd=64))
+model.init_weights()
+optimizers = model.setup_optimizers()
+x = torch.randint(0, 8192, (8, 256))  # the (B*T, V) fp32 logits: 64 MiB, over glibc's 32 MiB mmap ceiling
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(x, x).backward()
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[1:]))
+"""
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="glibc malloc only")
+def test_a_cpu_training_step_reuses_freed_memory_instead_of_faulting_it_in_again():
+    import sys
+    import subprocess
+    faults = {}
+    for on in ("0", "1"):
+        r = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, on], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        faults[on] = int(r.stdout.strip())
+    # each 64 MiB logits-sized buffer is 16k pages: by default every step faults them all in again
+    assert faults["0"] > 50000 and faults["1"] < 5000, faults

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanochat.optim import Muon, polar_express
+from conftest import heavy_op_dtypes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -34,6 +35,27 @@ def test_polar_express_singular_values_near_one(shape, device):
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     cos = (X.double() * (U @ Vh)).sum(dim=(-2, -1)) / (X.double().norm(dim=(-2, -1)) * (U @ Vh).norm(dim=(-2, -1)))
     assert cos.min() > 0.99
+
+
+def test_polar_express_in_fp32_is_closer_to_the_exact_iteration_than_bf16():
+    G = torch.randn(4, 64, 160, generator=torch.Generator().manual_seed(2))
+    exact = polar_express(G.double(), dtype=torch.float64)
+    fp32, bf16 = polar_express(G, dtype=torch.float32), polar_express(G)
+    assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+    assert (fp32.double() - exact).abs().max() < 1e-4 < (bf16.double() - exact).abs().max()
+
+
+def test_muon_on_cpu_orthogonalizes_in_fp32_even_with_bf16_activations(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    g = torch.Generator().manual_seed(3)
+    param, grad = torch.randn(48, 80, generator=g), torch.randn(48, 80, generator=g)
+    seen = heavy_op_dtypes(lambda: one_step(param, grad, lr=0.02, momentum=0.0))
+    assert seen and {dt for _, dt in seen} == {torch.float32}, seen
+    new, _ = one_step(param, grad, lr=0.02, momentum=0.0, beta2=0.0, weight_decay=0.0)
+    u = polar_express(grad, dtype=torch.float32)
+    u = u * (u.square().mean(dim=-2, keepdim=True).clamp_min(1e-10).rsqrt())  # beta2 0: v = this step's u^2 (wide: per column)
+    u = u * (polar_express(grad, dtype=torch.float32).norm() / u.norm())
+    assert torch.allclose(new, param - 0.02 * u, atol=1e-6)
 
 
 def test_polar_express_tall_is_transpose_of_wide():
@@ -102,7 +124,7 @@ def test_cautious_weight_decay_only_on_sign_matching_entries():
 def test_factored_second_moment():
     g = torch.Generator().manual_seed(0)
     G1, G2 = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)  # tall
-    O1, O2 = polar_express(G1).float(), polar_express(G2).float()
+    O1, O2 = polar_express(G1, dtype=torch.float32), polar_express(G2, dtype=torch.float32)  # on a CPU Muon iterates in fp32
     P = torch.zeros(32, 16)
     new, opt = one_step(P, G1, lr=1.0, momentum=0.0, beta2=0.9)
     v = opt.state[opt.param_groups[0]["params"][0]]["second_momentum_buffer"]

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from nanochat.runlog import RunLog, peak_flops
+from nanochat.runlog import RunLog, peak_flops, measured_matmul_flops
 
 
 def test_jsonl_always_and_wandb_when_named(tmp_path, monkeypatch):
@@ -28,3 +28,10 @@ def test_dummy_run_has_no_wandb_and_disabled_rank_writes_nothing(tmp_path):
 
 def test_peak_flops_unknown_off_gpu():
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_measured_matmul_flops_is_2n3_over_the_fastest_product(monkeypatch):
+    import nanochat.runlog as runlog
+    ticks = iter([0.0, 0.5, 1.0, 1.25, 2.0, 2.75])  # products of 0.5, 0.25 and 0.75 s
+    monkeypatch.setattr(runlog.time, "perf_counter", lambda: next(ticks))
+    assert measured_matmul_flops("cpu", n=64, repeats=3) == 2 * 64**3 / 0.25

@@ -15,6 +15,8 @@ from nanochat.megacontext.training import (MegaContextTrainer, allocator_edits, 
                                            split_point, variant_budget)
 from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
 
+from conftest import heavy_op_dtypes
+
 T, V = 384, 97  # rows of T + 1 = 385 tokens: a 353-token history and a 32-token horizon
 
 
@@ -118,6 +120,24 @@ def test_a_training_step_changes_gistnet_and_lensnet_weights():
     changed = [not torch.equal(b, p) for b, p in zip(before, trainer.parameters())]
     assert sum(changed) >= len(changed) // 2
     assert not torch.equal(before[-1], list(trainer.parameters())[-1])  # LensNet's head moved
+
+
+def test_a_cpu_training_step_runs_every_matmul_in_fp32_optimizers_included():
+    # the CPU dtype policy (common.py): no heavy op in bf16, where many CPUs run it 35-100x slower
+    model, gistnet, lensnet, mc = make(num_variants=4)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    optimizers = model.setup_optimizers() + [trainer.make_optimizer()]
+    x, y = batch()
+
+    def step():
+        model(x, y).backward()
+        trainer.backward(x, y, step=10, num_iterations=10)
+        for opt in optimizers:
+            opt.step()
+
+    seen = heavy_op_dtypes(step)
+    assert {name for name, _ in seen} >= {"mm", "bmm"}  # the model's matmuls and Muon's batched Newton-Schulz
+    assert {dt for _, dt in seen} == {torch.float32}, seen
 
 
 def test_slates_are_deterministic_and_chunking_does_not_change_the_gradients():
