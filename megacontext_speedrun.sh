@@ -18,8 +18,16 @@ PYTHON="${PYTHON:-python3}"
 export WANDB_MODE="${WANDB_MODE:-disabled}"
 RUN="${WANDB_RUN:-dummy}"
 
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q -e .
+# stage NAME CMD...: run CMD and remember its wall time; the table is printed at the end
+STAGES=()
+stage() {
+    local name=$1 t0=$SECONDS
+    shift
+    "$@"
+    STAGES+=("$(printf '%-14s %6ds' "$name" $((SECONDS - t0)))")
+}
+
+stage venv bash -c '[ -x .venv/bin/python ] || "$0" -m venv .venv; .venv/bin/python -m pip install -q -e .' "$PYTHON"
 PY=.venv/bin/python
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
@@ -28,42 +36,45 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"
     SHARDS="${SHARDS:-240}"
     TRAIN="torchrun --standalone --nproc_per_node=$NPROC"
-    $PY -m nanochat.report reset
-    $PY -m nanochat.dataset -n 8
+    stage report $PY -m nanochat.report reset
+    stage data $PY -m nanochat.dataset -n 8
     $PY -m nanochat.dataset -n "$SHARDS" &
     DOWNLOAD_PID=$!
-    $PY -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
-    $PY -m scripts.tok_eval
+    stage tokenizer $PY -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
+    stage tok_eval $PY -m scripts.tok_eval
     wait $DOWNLOAD_PID
-    $TRAIN scripts/base_train.py --config "configs/d${DEPTH}_mc.toml" --model-tag "d${DEPTH}_mc" --run "${RUN}_mc"
-    $TRAIN scripts/base_train.py --config "configs/d${DEPTH}.toml" --model-tag "d${DEPTH}" --run "$RUN"
-    $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}_mc"
-    $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}"
-    $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc"
-    $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc" --task ck --num-docs 48
-    $TRAIN scripts/chat_sft.py --model-tag "d${DEPTH}_mc" --mixture full --num-iterations 1000 --run "$RUN"
-    $TRAIN scripts/chat_eval.py -i sft --model-tag "d${DEPTH}_mc"
+    stage base_train_mc $TRAIN scripts/base_train.py --config "configs/d${DEPTH}_mc.toml" --model-tag "d${DEPTH}_mc" --run "${RUN}_mc"
+    stage base_train $TRAIN scripts/base_train.py --config "configs/d${DEPTH}.toml" --model-tag "d${DEPTH}" --run "$RUN"
+    stage base_eval_mc $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}_mc"
+    stage base_eval $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}"
+    stage mc_eval $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc"
+    stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc" --task ck --num-docs 48
+    stage chat_sft $TRAIN scripts/chat_sft.py --model-tag "d${DEPTH}_mc" --mixture full --num-iterations 1000 --run "$RUN"
+    stage chat_eval $TRAIN scripts/chat_eval.py -i sft --model-tag "d${DEPTH}_mc"
 else
     export NANOCHAT_DATASET=pystdlib  # the embedded offline corpus
     TAG=cpu_d4_mc
-    $PY -m nanochat.report reset
-    $PY -m nanochat.dataset --offline
-    $PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
-    $PY -m scripts.tok_eval --no-compare
-    $PY -m scripts.base_train --config configs/cpu_tiny_mc.toml --model-tag "$TAG" --run "$RUN"
+    stage report $PY -m nanochat.report reset
+    stage data $PY -m nanochat.dataset --offline
+    stage tokenizer $PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
+    stage tok_eval $PY -m scripts.tok_eval --no-compare
+    stage base_train_mc $PY -m scripts.base_train --config configs/cpu_tiny_mc.toml --model-tag "$TAG" --run "$RUN"
     if [ "${TWIN:-0}" = 1 ]; then
-        $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d4 --run "$RUN"
+        stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d4 --run "$RUN"
     fi
-    $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
-    $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 24
-    $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
-    $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
-    $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
-    $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
+    stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
+    stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 24
+    stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
+    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
+    stage chat $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
+    stage chat_gist_first $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     CK="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/ck/nanochat_src"
     rm -rf "$CK"  # rebuilt from the code as it is now
-    $PY -m scripts.mc_build_ck --input nanochat --ext py --out "$CK" --model-tag "$TAG"
-    $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
-    $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
+    stage mc_build_ck $PY -m scripts.mc_build_ck --input nanochat --ext py --out "$CK" --model-tag "$TAG"
+    stage chat_ck $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
+    stage chat_eval $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
 fi
-$PY -m nanochat.report generate
+stage report_md $PY -m nanochat.report generate
+echo
+echo "wall time per stage (the whole job: $((SECONDS))s, venv install included):"
+printf '  %s\n' "${STAGES[@]}"

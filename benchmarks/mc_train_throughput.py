@@ -3,6 +3,9 @@ MegaContext vs vanilla training throughput on the same preset: raw data tokens p
 optimizer step (one micro-batch), vanilla next-token training against `base_train --megacontext`
 with the variant budget at w_max (after annealing) and at the annealing midpoint, plus peak GPU
 memory of each. Random tokens, no tokenizer or data needed. Prints one JSON line.
+It also counts each step's matmul / attention FLOPs (torch's FlopCounterMode, optimizers included):
+flop_bound_ratio = vanilla step FLOPs / MegaContext step FLOPs is the tok/s ratio the MegaContext step
+would reach at the vanilla step's FLOP/s, so `ratio` below it is overhead, and at it is the work itself.
 
     python -m benchmarks.mc_train_throughput --config configs/cpu_tiny_mc.toml --steps 3
     python -m benchmarks.mc_train_throughput --config configs/d12_mc.toml          # GPU
@@ -18,6 +21,7 @@ import argparse
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from nanochat.common import UserError, cli_main, compute_dtype
 from nanochat.megacontext.checkpoint import build_modules
@@ -64,6 +68,11 @@ def main():
         mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
         return round(B * T / dt, 1), mem
 
+    def count_flops(step_fn):
+        with FlopCounterMode(display=False) as counter:
+            step_fn()
+        return counter.get_total_flops()
+
     def step(anneal_step):
         def fn():
             lm(x, y).backward()
@@ -78,11 +87,16 @@ def main():
     vanilla, vanilla_mem = measure(step(None))
     mid, mid_mem = measure(step(round(50 * mc.anneal_frac)))  # halfway through the annealing
     target, target_mem = measure(step(100))  # C2 = w_max
+    flops = {name: count_flops(step(s)) for name, s in (("vanilla", None), ("mid", round(50 * mc.anneal_frac)), ("target", 100))}
     result = dict(benchmark="mc_train_throughput", device=torch.cuda.get_device_name(device) if cuda else device_type,
                   dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled_lm=use_compile, depth=args.depth,
                   max_seq_len=T, device_batch_size=B, w_max=mc.w_max, horizon=mc.horizon, num_variants=mc.num_variants,
                   vanilla_tok_per_sec=vanilla, mc_tok_per_sec=target, mc_anneal_mid_tok_per_sec=mid,
                   ratio=round(target / vanilla, 3), ratio_anneal_mid=round(mid / vanilla, 3),
+                  vanilla_step_gflop=round(flops["vanilla"] / 1e9, 3), mc_step_gflop=round(flops["target"] / 1e9, 3),
+                  mc_anneal_mid_step_gflop=round(flops["mid"] / 1e9, 3),
+                  flop_bound_ratio=round(flops["vanilla"] / flops["target"], 3),
+                  flop_bound_ratio_anneal_mid=round(flops["vanilla"] / flops["mid"], 3),
                   vanilla_peak_mem_gib=vanilla_mem, mc_peak_mem_gib=target_mem, mc_anneal_mid_peak_mem_gib=mid_mem)
     print(json.dumps(result))
     return result

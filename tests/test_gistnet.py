@@ -8,7 +8,7 @@ import torch
 
 from nanochat.gpt import norm
 from nanochat.megacontext import BLOCK_SIZE
-from nanochat.megacontext.gistnet import GistNet, build_gists
+from nanochat.megacontext.gistnet import GistNet, build_gists, build_gists_batch
 from conftest import jitter
 
 D = 32
@@ -107,6 +107,18 @@ def test_build_gists_counts_and_matches_levelwise_calls(kind, pooling):
     assert torch.allclose(net(embeds[32:64].view(1, BLOCK_SIZE, D), 1)[0], levels[1][1], atol=1e-5)
     short = build_gists(token_like(BLOCK_SIZE - 1), net, max_level=2)
     assert [t.shape for t in short] == [(BLOCK_SIZE - 1, D), (0, D), (0, D)]
+
+
+def test_build_gists_batch_is_build_gists_of_each_sequence():
+    net = make("transformer", "query", max_level=2, perturb=True)
+    seqs = [token_like(BLOCK_SIZE ** 2 + 70), token_like(BLOCK_SIZE - 3), token_like(5 * BLOCK_SIZE + 1)]
+    batched = build_gists_batch(seqs, net, max_level=2)
+    assert len(batched) == 3
+    for x, pyramid in zip(seqs, batched):
+        alone = build_gists(x, net, max_level=2)
+        assert pyramid[0] is x and [t.shape for t in pyramid] == [t.shape for t in alone]
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(pyramid[1:], alone[1:]))
+    assert [t.size(0) for t in batched[0][1:]] == [34, 1] and [t.size(0) for t in batched[2][1:]] == [5, 0]
 
 
 def test_gradients_reach_token_embeds_and_every_parameter():

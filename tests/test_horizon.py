@@ -66,6 +66,27 @@ def test_padding_never_reaches_a_real_slot():
     torch.testing.assert_close(both[1], alone[1], rtol=1e-5, atol=1e-5)
 
 
+def test_token_slots_are_the_sources_own_embeddings_not_embedded_again():
+    model, gistnet, seq, source = setup()
+    wc = WorkingContext.recency_filled(source, 96, 32, 2)
+    a = wc.assemble(source)
+    slots = (a["lod"] == 0).nonzero().flatten()
+    ids = a["token_ids"][slots]
+    assert torch.equal(a["embeds"][slots], model.embed_tokens(ids))  # the same values as embedding again...
+    calls = []
+    model.embed_tokens = lambda idx: calls.append(idx) or GPT.embed_tokens(model, idx)
+    batch, assembled = pack_horizon(model, [wc], [source], [seq[200:200 + H]])
+    assert [c.numel() for c in calls] == [H - 1]  # ...but only the horizon's tokens are embedded here
+    assert torch.equal(assembled[0]["embeds"], a["embeds"])
+    # and the horizon loss reaches wte through the source's embeddings (the gists' inputs too)
+    source.levels[0].retain_grad()
+    logits = model(batch["idx"], inputs_embeds=batch["inputs_embeds"], positions=batch["positions"], lod=batch["lod"],
+                   logits_at=batch["logits_at"])
+    logits.sum().backward()
+    first_raw = wc.entries[[e.level for e in wc.entries].index(0)].start
+    assert source.levels[0].grad[first_raw:].abs().sum() > 0
+
+
 def test_pack_horizon_positions_lods_and_logit_slots():
     model, _, seq, source = setup()
     c = source.num_tokens

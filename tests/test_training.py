@@ -221,7 +221,7 @@ def test_cognitive_core_slates_are_legal_and_each_row_has_its_drop_variant():
     trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
     rngs = [random.Random(r) for r in range(4)]
     sources = [split_memories(model, gistnet, torch.randint(0, V, (353,)), 1, rng) for rng in rngs]
-    variants, refs, lens_rows, scores, swaps = trainer.composite_slate(sources, 128, rngs)
+    variants, refs, lens_rows, scores, swaps, _ = trainer.composite_slate(sources, 128, rngs)
     assert lens_rows == [0, 1, 2, 3] and len(swaps) == 4
     for b, src in enumerate(sources):
         mine = [v for v in variants if v.row == b]

@@ -103,7 +103,7 @@ class CompositeWC:
     def replace(self, m, segment):
         return CompositeWC(self.segments[:m] + (segment,) + self.segments[m + 1:])
 
-    def assemble(self, source, embed_tokens, device=None, dtype=None):
+    def assemble(self, source, embed_tokens=None, device=None, dtype=None):
         """WorkingContext.assemble over every segment, concatenated: positions are composite (memory
         m's token t at source.offsets[m] + t), entry indices count across segments."""
         parts, first_entry = [], 0

@@ -195,19 +195,28 @@ class GistNet(nn.Module):
 def build_gists(token_embeds, gistnet, max_level):
     """Differentiable gist pyramid of one sequence: token_embeds (N, D) -> list of max_level + 1
     tensors, index 0 = token_embeds, index L = (N // 32**L, D) gists of the complete blocks of level
-    L-1 (one batched GistNet call per level; a level with no complete block is an empty (0, D))."""
-    assert token_embeds.ndim == 2, f"token_embeds must be (N, D), got {tuple(token_embeds.shape)}"
-    D = token_embeds.size(1)
-    levels = [token_embeds]
+    L-1 (a level with no complete block is an empty (0, D))."""
+    return build_gists_batch([token_embeds], gistnet, max_level)[0]
+
+
+def build_gists_batch(token_embeds, gistnet, max_level):
+    """build_gists of several sequences (a list of (N_i, D)) with one GistNet call per level over all
+    of their complete blocks (blocks never straddle sequences, and GistNet reads each block on its
+    own, so this is build_gists of each, in bigger matmuls). -> one pyramid list per sequence."""
+    for x in token_embeds:
+        assert x.ndim == 2, f"token_embeds must be (N, D), got {tuple(x.shape)}"
+    pyramids = [[x] for x in token_embeds]
     for level in range(1, max_level + 1):
-        below = levels[-1]
-        n = below.size(0) // BLOCK_SIZE
-        if n == 0:
-            levels.append(token_embeds.new_zeros(0, D))
+        below = [p[-1] for p in pyramids]
+        counts = [x.size(0) // BLOCK_SIZE for x in below]
+        if sum(counts) == 0:
+            for p, x in zip(pyramids, below):
+                p.append(x.new_zeros(0, x.size(1)))
             continue
-        blocks = below[:n * BLOCK_SIZE].reshape(n, BLOCK_SIZE, D)  # (n, 32, D)
-        levels.append(gistnet(blocks, level))  # (n, D)
-    return levels
+        blocks = torch.cat([x[:n * BLOCK_SIZE].reshape(n, BLOCK_SIZE, x.size(1)) for x, n in zip(below, counts)])  # (sum n, 32, D)
+        for p, gists in zip(pyramids, gistnet(blocks, level).split(counts)):
+            p.append(gists)  # (n_i, D)
+    return pyramids
 
 
 class AnyLevel(nn.Module):

@@ -20,7 +20,7 @@ by the mean NLL of the horizon's H tokens under each.
 import torch
 import torch.nn.functional as F
 
-from nanochat.megacontext.gistnet import build_gists
+from nanochat.megacontext.gistnet import build_gists_batch
 
 
 class SequenceSource:
@@ -40,25 +40,40 @@ class SequenceSource:
     def tokens(self, start, end):
         return self.token_ids[start:end]
 
+    def token_embeds(self, start, end):
+        """(end - start, D) the tokens' normalized embeddings, the very ones the gists were built from
+        (in the autograd graph): what WorkingContext.assemble puts at token slots, not re-embedded."""
+        return self.levels[0][start:end]
+
     def gists(self, level, i0, i1):
         return self.levels[level][i0:i1]
 
 
 def build_source(model, gistnet, token_ids, max_level):
     """token_ids (N,) on the model's device -> SequenceSource with gists up to max_level."""
-    return SequenceSource(token_ids, build_gists(model.embed_tokens(token_ids), gistnet, max_level))
+    return build_sources(model, gistnet, [token_ids], max_level)[0]
 
 
-def pack_horizon(model, wcs, sources, horizons):
+def build_sources(model, gistnet, histories, max_level):
+    """build_source of each (N_i,) history, in one embedding call and one GistNet call per level."""
+    embeds = model.embed_tokens(torch.cat(histories)).split([h.numel() for h in histories])
+    return [SequenceSource(h, levels) for h, levels in zip(histories, build_gists_batch(list(embeds), gistnet, max_level))]
+
+
+def pack_horizon(model, wcs, sources, horizons, assembled=None):
     """R WCs and their horizons (each (H,) long, the same H) -> (model inputs dict, assembled WCs).
+    assembled: WorkingContext.assemble of some WCs already made (None where not), reused as they are.
+    sources: SequenceSources (or CompositeSources of them): token slots are their own embeddings.
     inputs: idx (R, L), inputs_embeds (R, L, D), positions (R, L) float64, lod (R, L), logits_at (R, H);
     rows are right-padded to the longest (padding comes after every real slot, so causal attention
     never lets a real slot see it). assembled: the WorkingContext.assemble dict of each row."""
     H = horizons[0].numel()
-    assembled, rows = [], []
-    for wc, src, hz in zip(wcs, sources, horizons):
-        a = wc.assemble(src, model.embed_tokens)
-        assembled.append(a)
+    assembled = [None] * len(wcs) if assembled is None else list(assembled)
+    rows = []
+    for i, (wc, src, hz) in enumerate(zip(wcs, sources, horizons)):
+        if assembled[i] is None:
+            assembled[i] = wc.assemble(src)  # token slots: the source's own embeddings
+        a = assembled[i]
         offset = src.num_tokens - wc.start  # hz[0]'s position relative to the WC's first token
         pos = a["positions"]
         rows.append(dict(
@@ -81,9 +96,10 @@ def pack_horizon(model, wcs, sources, horizons):
     return batch, assembled
 
 
-def horizon_nll(model, wcs, sources, horizons, return_logits=False):
-    """-> nll (R, H) float32 per horizon token (and the logits (R, H, V) when asked), one forward."""
-    batch, assembled = pack_horizon(model, wcs, sources, horizons)
+def horizon_nll(model, wcs, sources, horizons, return_logits=False, assembled=None):
+    """-> nll (R, H) float32 per horizon token (and the logits (R, H, V) and the assembled WCs when
+    asked), one forward. assembled: as pack_horizon takes it."""
+    batch, assembled = pack_horizon(model, wcs, sources, horizons, assembled)
     logits = model(batch["idx"], inputs_embeds=batch["inputs_embeds"], positions=batch["positions"],
                    lod=batch["lod"], logits_at=batch["logits_at"])  # (R, H, V)
     targets = torch.stack(list(horizons))  # (R, H)

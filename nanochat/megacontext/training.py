@@ -52,7 +52,7 @@ from nanochat.gpt import norm
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
 from nanochat.megacontext.composite import CompositeAllocator, CompositeSource, CompositeWC, ck_cap, composite_start
-from nanochat.megacontext.horizon import build_source, horizon_nll, score_entries
+from nanochat.megacontext.horizon import build_sources, horizon_nll, score_entries
 from nanochat.megacontext.lensnet import (pairwise_lens_loss, regression_lens_loss, lens_targets, lens_regularizer,
                                           lens_agreement, variant_utilities)
 from nanochat.megacontext.working_context import WorkingContext
@@ -166,8 +166,7 @@ def split_memories(model, gistnet, history, max_level, rng):
     changes: each memory tiled on its own, under the session's share of the budget."""
     c = history.numel()
     a = K * rng.randint(max(1, c // (4 * K)), max(1, 3 * c // (4 * K)))
-    return CompositeSource([build_source(model, gistnet, history[:a], max_level),
-                            build_source(model, gistnet, history[a:], max_level)], ["ck", "session"])
+    return CompositeSource(build_sources(model, gistnet, [history[:a], history[a:]], max_level), ["ck", "session"])
 
 
 def composite_baseline(row, source, budget):
@@ -285,10 +284,10 @@ class MegaContextTrainer:
         return out
 
     def slate(self, sources, budget, rngs):
-        """-> (variants, refs, lens_rows, scores, swaps): variants of every row (baseline first, then the
-        reference and its edits), each row's reference WC (None when it is the baseline), the rows that
-        have a reference, LensNet's scores (len(lens_rows), E) of their references, and the number of
-        edits of each allocator step."""
+        """-> (variants, refs, lens_rows, scores, swaps, assembled_refs): variants of every row (baseline
+        first, then the reference and its edits), each row's reference WC (None when it is the
+        baseline), the rows that have a reference, LensNet's scores (len(lens_rows), E) of their
+        references, the number of edits of each allocator step, and {row: its assembled reference}."""
         cfg = self.config
         baselines = [WorkingContext.recent(src, budget) for src in sources]
         refs = [None] * len(sources)
@@ -298,7 +297,7 @@ class MegaContextTrainer:
                     WorkingContext.recency_filled(src, budget, cfg.recent_tokens, cfg.max_level)
                 if ref is not None and ref.cost <= budget and ref != baselines[b]:
                     refs[b] = ref
-        lens_rows, scores = self.lens_scores(refs, sources)
+        lens_rows, scores, assembled_refs = self.lens_scores(refs, sources)
         variants, swaps = [], []
         for b, base in enumerate(baselines):
             rng = rngs[b]
@@ -311,18 +310,20 @@ class MegaContextTrainer:
                 b, ref, sources[b], scores[lens_rows.index(b), :len(ref)], {base, ref}, swaps, rng,
                 lambda: FocusAllocator.from_config(cfg, w_max=budget, cooldown=0),
                 lambda: perturb(ref, sources[b], budget, cfg.recent_tokens, rng, n_edits=rng.choice((1, 2))))
-        return variants, refs, lens_rows, scores, swaps
+        return variants, refs, lens_rows, scores, swaps, assembled_refs
 
     def lens_scores(self, refs, sources):
-        """-> (lens_rows, scores): the rows that have a reference and LensNet's scores (len(lens_rows), E)
-        of their references' entries (None when no row has one)."""
+        """-> (lens_rows, scores, assembled): the rows that have a reference, LensNet's scores
+        (len(lens_rows), E) of their references' entries (None when no row has one), and {row: its
+        reference assembled}, in the autograd graph: the horizon forward reuses it (LensNet's inputs
+        are detached by lens_inputs)."""
         lens_rows = [b for b, r in enumerate(refs) if r is not None]
         if not lens_rows:
-            return lens_rows, None
-        with torch.no_grad():  # LensNet's inputs are detached anyway
-            assembled = [refs[b].assemble(sources[b], self.model.embed_tokens) for b in lens_rows]
-        scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows], assembled)
-        return lens_rows, scores
+            return lens_rows, None, {}
+        assembled = {b: refs[b].assemble(sources[b]) for b in lens_rows}
+        scores, _ = score_entries(self.lensnet, [refs[b] for b in lens_rows], [sources[b] for b in lens_rows],
+                                  [assembled[b] for b in lens_rows])
+        return lens_rows, scores, assembled
 
     def edited_variants(self, b, ref, source, row_scores, seen, swaps, rng, make_allocator, perturb_once):
         """The num_variants - 2 edits of row b's reference: in the last slot (num_variants >= 4) one step
@@ -372,7 +373,7 @@ class MegaContextTrainer:
                 m, i = rng.choice(gists)
                 ref = ref.replace(m, ref.segments[m].expand(i))
             refs[b] = ref
-        lens_rows, scores = self.lens_scores(refs, sources)
+        lens_rows, scores, assembled_refs = self.lens_scores(refs, sources)
         variants, swaps = [], []
         for b, (src, rng) in enumerate(zip(sources, rngs)):
             variants.append(composite_baseline(b, src, budget))
@@ -385,7 +386,7 @@ class MegaContextTrainer:
                 lambda: CompositeAllocator.from_config(cfg, len(src.memories), w_max=budget, cooldown=0),
                 lambda: composite_perturb(ref, src, budget, cfg, rng, n_edits=rng.choice((1, 2))))
             variants.append(Variant(b, "drop", ref.segments[-1], None, src.session))
-        return variants, refs, lens_rows, scores, swaps
+        return variants, refs, lens_rows, scores, swaps, assembled_refs
 
     def loss(self, rows, budget, rngs, cuts=None):
         """rows (R, T + 1), rngs: one random.Random per row, cuts: each row's split point (default: the
@@ -397,14 +398,16 @@ class MegaContextTrainer:
         if cfg.cognitive_core:  # each history as a Core-Knowledge memory and a session
             sources = [split_memories(model, self.gistnet, row[:c], cfg.max_level, rng) for row, c, rng in zip(rows, cuts, rngs)]
         else:
-            sources = [build_source(model, self.gistnet, row[:c], cfg.max_level) for row, c in zip(rows, cuts)]
+            sources = build_sources(model, self.gistnet, [row[:c] for row, c in zip(rows, cuts)], cfg.max_level)
         horizons = [row[c:c + H] for row, c in zip(rows, cuts)]
         t0 = time.perf_counter()
-        variants, refs, lens_rows, scores, swaps = (self.composite_slate if cfg.cognitive_core else self.slate)(sources, budget, rngs)
+        variants, refs, lens_rows, scores, swaps, assembled_refs = \
+            (self.composite_slate if cfg.cognitive_core else self.slate)(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
 
         nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [v.source or sources[v.row] for v in variants],
-                                     [horizons[v.row] for v in variants], return_logits=True)  # (Rv, H), (Rv, H, V)
+                                     [horizons[v.row] for v in variants], return_logits=True,
+                                     assembled=[assembled_refs[v.row] if v.kind == "reference" else None for v in variants])  # (Rv, H), (Rv, H, V)
         item_nll = nll.mean(dim=1)  # (Rv,)
         row_of = torch.tensor([v.row for v in variants], device=item_nll.device)
         per_row = torch.zeros(len(rows), device=item_nll.device).index_add(0, row_of, item_nll)

@@ -231,20 +231,24 @@ class WorkingContext:
     # -------------------------------------------------------------------------
     # assembly
 
-    def assemble(self, source, embed_tokens, device=None, dtype=None):
+    def assemble(self, source, embed_tokens=None, device=None, dtype=None):
         """-> dict of per-slot tensors for the model (T = cost), all on `device`:
-        embeds (T, D) in `dtype`: embed_tokens(ids) at token slots, the gist vectors elsewhere
+        embeds (T, D) in `dtype`: the token embeddings at token slots, the gist vectors elsewhere
         token_ids (T,) long, -1 at gist slots; lod (T,) long; positions (T,) float64: tokens at
         their index, gists at their span's center, both relative to self.start (float64 keeps
         x.5 centers and positions past 2**24 exact; positions.py takes them as they are);
         entry (T,) long: the entry each slot belongs to.
-        device / dtype default to those of the model that owns embed_tokens (a bound method).
+        embed_tokens: ids -> embeddings for the token slots (a tree stores ids only); device / dtype
+        then default to those of the model that owns it (a bound method). None: the source's own
+        source.token_embeds(start, end) (a horizon.SequenceSource: the embeddings its gists were built
+        from, in the autograd graph, not embedded again); device / dtype then default to the source's.
         Contiguous runs of same-level entries are fetched with one call each."""
-        owner = getattr(embed_tokens, "__self__", None)
-        if device is None:
-            device = owner.get_device() if hasattr(owner, "get_device") else torch.device("cpu")
-        if dtype is None:
-            dtype = owner.transformer.wte.weight.dtype if hasattr(owner, "transformer") else torch.float32
+        if embed_tokens is not None:
+            owner = getattr(embed_tokens, "__self__", None)
+            if device is None:
+                device = owner.get_device() if hasattr(owner, "get_device") else torch.device("cpu")
+            if dtype is None:
+                dtype = owner.transformer.wte.weight.dtype if hasattr(owner, "transformer") else torch.float32
         runs = []  # (level, first entry, last entry + 1)
         for i, e in enumerate(self.entries):
             if runs and runs[-1][0] == e.level and runs[-1][2] == i:
@@ -256,7 +260,7 @@ class WorkingContext:
             a, b = self.entries[i0].start, self.entries[i1 - 1].end
             if level == 0:
                 ids = source.tokens(a, b)  # (b - a,)
-                embeds.append(embed_tokens(ids.to(device)))
+                embeds.append(source.token_embeds(a, b) if embed_tokens is None else embed_tokens(ids.to(device)))
                 token_ids.append(ids)
                 positions.append(torch.arange(a, b, dtype=torch.float64))
                 entry_ids.append(torch.repeat_interleave(torch.arange(i0, i1), torch.tensor([self.entries[i].cost for i in range(i0, i1)])))
@@ -267,6 +271,8 @@ class WorkingContext:
                 positions.append(torch.arange(a, b, span, dtype=torch.float64) + (span - 1) / 2)
                 entry_ids.append(torch.arange(i0, i1))
             lods.append(torch.full((len(token_ids[-1]),), level, dtype=torch.long))
+        if device is None:  # as the source holds them
+            device = embeds[0].device
         return dict(
             embeds=torch.cat([x.to(device=device, dtype=dtype) for x in embeds]),
             token_ids=torch.cat(token_ids).to(device),
