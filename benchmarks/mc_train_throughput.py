@@ -16,6 +16,7 @@ import os
 import sys
 import json
 import time
+import statistics
 import argparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,7 +34,7 @@ from benchmarks.train_throughput import fresh_model
 
 def main():
     p = argparse.ArgumentParser(allow_abbrev=False)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per mode")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (interleaved rounds; the median counts)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=32768)
     own, rest = p.parse_known_args()
@@ -54,19 +55,27 @@ def main():
     x = torch.randint(0, own.vocab_size, (B, T), device=device, generator=gen)
     y = torch.randint(0, own.vocab_size, (B, T), device=device, generator=gen)
 
-    def measure(step_fn):
-        for _ in range(own.warmup):
-            step_fn()
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.time()
+    def measure(step_fns):
+        """Median tokens/s (and peak GPU memory) of each step function, timed in interleaved rounds,
+        one step of each per round, so a machine that slows down or speeds up mid-run (another
+        process, thermal limits) weighs on every mode alike: the ratios stay side by side."""
+        for fn in step_fns:
+            for _ in range(own.warmup):
+                fn()
+        times = [[] for _ in step_fns]
+        mems = [None] * len(step_fns)
         for _ in range(own.steps):
-            step_fn()
-        sync()
-        dt = (time.time() - t0) / own.steps
-        mem = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None
-        return round(B * T / dt, 1), mem
+            for i, fn in enumerate(step_fns):
+                sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[i].append(time.perf_counter() - t0)
+                if cuda:
+                    mems[i] = max(mems[i] or 0, round(torch.cuda.max_memory_allocated(device) / 2**30, 2))
+        return [(round(B * T / statistics.median(t), 1), m) for t, m in zip(times, mems)]
 
     def count_flops(step_fn):
         with FlopCounterMode(display=False) as counter:
@@ -84,9 +93,8 @@ def main():
                 q.grad = None
         return fn
 
-    vanilla, vanilla_mem = measure(step(None))
-    mid, mid_mem = measure(step(round(50 * mc.anneal_frac)))  # halfway through the annealing
-    target, target_mem = measure(step(100))  # C2 = w_max
+    # vanilla; halfway through the annealing; C2 = w_max
+    (vanilla, vanilla_mem), (mid, mid_mem), (target, target_mem) = measure([step(None), step(round(50 * mc.anneal_frac)), step(100)])
     flops = {name: count_flops(step(s)) for name, s in (("vanilla", None), ("mid", round(50 * mc.anneal_frac)), ("target", 100))}
     result = dict(benchmark="mc_train_throughput", device=torch.cuda.get_device_name(device) if cuda else device_type,
                   dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled_lm=use_compile, depth=args.depth,

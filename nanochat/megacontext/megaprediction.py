@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from nanochat.gpt import Linear, norm
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.evaluation import fit_budget, horizon_nlls
-from nanochat.megacontext.gistnet import build_gists
+from nanochat.megacontext.gistnet import build_gists_batch
 from nanochat.megacontext.horizon import SequenceSource, build_source
 from nanochat.megacontext.training import split_point
 from nanochat.megacontext.working_context import WorkingContext
@@ -104,7 +104,7 @@ def megaprediction_loss(predictor, gistnet, model, hidden, ids, levels):
     if not slots:
         return {}, {}
     with torch.no_grad():  # the targets: the gists of every complete block of each row
-        pyramids = [build_gists(model.embed_tokens(row), gistnet, max(slots)) for row in ids]  # B x [(T, D), (T // 32, D), ...]
+        pyramids = build_gists_batch(list(model.embed_tokens(ids)), gistnet, max(slots))  # B x [(T, D), (T // 32, D), ...]
     losses, cosines = {}, {}
     for L, r in slots.items():
         n = len(r)
