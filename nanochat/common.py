@@ -7,7 +7,6 @@ import os
 import sys
 import json
 import logging
-import ctypes
 import tempfile
 import contextlib
 import ctypes.util

@@ -86,8 +86,8 @@ def save_mc_checkpoint(base_dir, tag, megaprediction=False, noise=0.0):
 
 # Which dtypes the heavy ops ran in (the CPU dtype policy of nanochat/common.py)
 
-HEAVY_OPS = ("mm", "bmm", "addmm", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention_for_cpu",
-             "_scaled_dot_product_attention_math", "_scaled_dot_product_flash_attention_for_cpu_backward", "convolution")
+HEAVY_OPS = ("mm", "bmm", "addmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention_for_cpu_backward")  # what a CPU training step dispatches
 
 
 def heavy_op_dtypes(fn):
