@@ -27,7 +27,11 @@ stage() {
     STAGES+=("$(printf '%-14s %6ds' "$name" $((SECONDS - t0)))")
 }
 
-stage venv bash -c '[ -x .venv/bin/python ] || "$0" -m venv .venv; .venv/bin/python -m pip install -q -e .' "$PYTHON"
+venv_install() {
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install -q -e .
+}
+stage venv venv_install
 PY=.venv/bin/python
 
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then

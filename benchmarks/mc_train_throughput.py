@@ -93,9 +93,9 @@ def main():
                 q.grad = None
         return fn
 
-    # vanilla; halfway through the annealing; C2 = w_max
-    (vanilla, vanilla_mem), (mid, mid_mem), (target, target_mem) = measure([step(None), step(round(50 * mc.anneal_frac)), step(100)])
-    flops = {name: count_flops(step(s)) for name, s in (("vanilla", None), ("mid", round(50 * mc.anneal_frac)), ("target", 100))}
+    modes = dict(vanilla=None, mid=round(50 * mc.anneal_frac), target=100)  # the annealing step: none, halfway, C2 = w_max
+    (vanilla, vanilla_mem), (mid, mid_mem), (target, target_mem) = measure([step(s) for s in modes.values()])
+    flops = {name: count_flops(step(s)) for name, s in modes.items()}
     result = dict(benchmark="mc_train_throughput", device=torch.cuda.get_device_name(device) if cuda else device_type,
                   dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled_lm=use_compile, depth=args.depth,
                   max_seq_len=T, device_batch_size=B, w_max=mc.w_max, horizon=mc.horizon, num_variants=mc.num_variants,
