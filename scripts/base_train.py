@@ -25,6 +25,7 @@ from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup,
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
+from nanochat.recall import recall_loader, recall_eval_docs, recall_accuracy
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, prepare_state_dict
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import set_lr_multiplier
@@ -56,6 +57,13 @@ def build_parser():
     p.add_argument("--long-range-frac", type=float, default=0.0,
                    help="synthetic long-range documents (passkey, key-value recall, variable use) per real document (nanochat/longrange.py)")
     p.add_argument("--long-range-tokens", type=int, default=-1, help="tokens per synthetic document, BOS included, at most max_seq_len + 1 (-1: a full row)")
+    p.add_argument("--recall-facts", type=int, default=0, help="> 0: dense recall rows, this many facts and questions each, "
+                   "loss on the answers only (nanochat/recall.py; the recall testbed, configs/cpu_recall.toml)")
+    p.add_argument("--recall-short-len", type=int, default=256, help="recall curriculum: rows of this many tokens first")
+    p.add_argument("--recall-short-steps", type=int, default=0, help="recall curriculum: steps of short rows")
+    p.add_argument("--recall-eval-docs", type=int, default=32, help="recall rows (one fact) scored at each eval: full attention, "
+                   "the newest --recall-window tokens, and the MegaContext WC")
+    p.add_argument("--recall-window", type=int, default=128, help="the truncation baseline's window (a MegaContext run: mc_w_max)")
     # optimization
     p.add_argument("--embedding-lr", type=float, default=0.3)
     p.add_argument("--unembedding-lr", type=float, default=0.008)
@@ -199,6 +207,26 @@ def validate_megacontext(model, gistnet, lensnet, mc, tokenizer, B, T, device, p
     return {f"mc_val/{k}": v for k, v in result.items()}
 
 
+def recall_metrics(model, docs, mc, gistnet, lensnet, window, device):
+    """Exact recall of docs (recall_eval_docs) -> {"recall/full", "recall/truncation"[, "recall/megacontext"]}:
+    a vanilla run reads the whole history or its newest `window` tokens, a MegaContext run
+    megacontext.evaluation.measure_retrieval's three methods (the same two, plus its refocused WC)."""
+    model.eval()
+    if mc is None:
+        out = {"recall/full": recall_accuracy(model, docs, device=device),
+               "recall/truncation": recall_accuracy(model, docs, window, device=device)}
+    else:
+        from nanochat.megacontext.evaluation import measure_retrieval
+        gistnet.eval(), lensnet.eval()
+        histories = [torch.tensor(h, dtype=torch.long, device=device) for h, _ in docs]
+        answers = [torch.tensor(a, dtype=torch.long, device=device) for _, a in docs]
+        records, _ = measure_retrieval(model, gistnet, lensnet, mc, histories, answers)
+        out = {f"recall/{m}": sum(r["correct"] for r in records[m]) / len(docs) for m in ("full", "truncation", "megacontext")}
+        gistnet.train(), lensnet.train()
+    model.train()
+    return out
+
+
 def main(argv=None):
     try:
         return train(argv)
@@ -329,9 +357,14 @@ def train(argv=None):
 
     # data ---------------------------------------------------------------------------------
     T, B = args.max_seq_len, args.device_batch_size
-    train_loader = bos_bestfit_loader(tokenizer, B, T, "train", device=device, resume_state_dict=loader_state,
-                                      long_range_frac=args.long_range_frac,
-                                      long_range_tokens=None if args.long_range_tokens == -1 else args.long_range_tokens)
+    if args.recall_facts > 0:  # the recall testbed: dense recall rows, answer-only targets
+        train_loader = recall_loader(tokenizer, B, T, "train", args.recall_facts, device=device, resume_state_dict=loader_state,
+                                     short_len=args.recall_short_len, short_batches=args.recall_short_steps * grad_accum_steps)
+        recall_docs = recall_eval_docs(tokenizer, T + 1, args.recall_eval_docs)
+    else:
+        train_loader = bos_bestfit_loader(tokenizer, B, T, "train", device=device, resume_state_dict=loader_state,
+                                          long_range_frac=args.long_range_frac,
+                                          long_range_tokens=None if args.long_range_tokens == -1 else args.long_range_tokens)
     x, y, next_loader_state = next(train_loader)  # always one batch ahead, so packing overlaps GPU work
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
 
@@ -374,7 +407,12 @@ def train(argv=None):
                        f"| full {mc_val['mc_val/nll_full']:.3f} | gap closed {mc_val['mc_val/gap_closed']:.3f} "
                        f"| LOD1 substitution {mc_val['mc_val/dnll_lod1']:+.3f} nats"
                        + (f" | predicted LOD1 {mc_val['mc_val/mp_dnll_lod1']:+.3f} nats" if "mc_val/mp_dnll_lod1" in mc_val else ""))
-            log.write(step=step, kind="eval", val_bpb=val_bpb, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
+            recall = {}
+            if args.recall_facts > 0:  # recall of one fact ~T tokens back: full attention, truncation, the WC
+                recall = recall_metrics(orig_model, recall_docs, mc, gistnet if mc else None, lensnet if mc else None,
+                                        args.recall_window, device)
+                print0(f"step {step:05d} | recall " + " | ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in recall.items()))
+            log.write(step=step, kind="eval", val_bpb=val_bpb, **recall, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
                       wall_s=loop_state["total_training_time"], **mc_val)
             model.train()
         if args.core_metric_every > 0 and step > start_step and (step % args.core_metric_every == 0 or last_step):
@@ -415,7 +453,7 @@ def train(argv=None):
             if mc is not None:
                 stats = trainer.backward(x, y, step, num_iterations, grad_scale=1 / grad_accum_steps,
                                          stream=rank * grad_accum_steps + micro)
-                step_flops += world_size * B * (stats.get("slots", 0.0) * flops_per_token + (T + 1 - mc.horizon) * gist_flops)
+                step_flops += world_size * x.size(0) * (stats.get("slots", 0.0) * flops_per_token + (x.size(1) + 1 - mc.horizon) * gist_flops)
                 if predictor is not None:
                     stats.update({f"mp_cos_lod{L}": c for L, c in mp_cos.items()})
                 mc_stats.append(stats)
@@ -463,6 +501,10 @@ def train(argv=None):
                        f" agree {mc_metrics['mc/lens_agree']:.2f} | gist cos {mc_metrics['mc/gist_cos_lod1']:.2f}")
             if "mc/mp_cos_lod1" in mc_metrics:
                 mc_line += f" | mp cos {mc_metrics['mc/mp_cos_lod1']:.2f}"
+            if "mc/fact_lens_top" in mc_metrics:  # recall rows: is the asked fact raw in a variant, LensNet's top gist?
+                mc_line += (f" | fact raw ref {mc_metrics['mc/fact_raw_reference']:.2f} pert {mc_metrics['mc/fact_raw_perturbed']:.2f}"
+                            f" lens {mc_metrics['mc/fact_raw_lens']:.2f} top {mc_metrics['mc/fact_lens_top']:.2f}"
+                            f" | pair cos {mc_metrics['mc/gist_pair_cos']:.2f}")
             if "mc/ckri" in mc_metrics:
                 mc_line += f" | ckri {mc_metrics['mc/ckri']:.3f}"
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.1f}%) | loss {smooth:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms "

@@ -82,6 +82,7 @@ def build_parser():
                    "instead of the default evaluation; ck: facts read from a Core-Knowledge memory")
     p.add_argument("--depths", type=str, default="0.1,0.3,0.5,0.7,0.9", help="--task: where the fact sits, fractions of the history")
     p.add_argument("--mults", type=str, default="4,8,16,32,64", help="--task: history lengths, multiples of mc_w_max")
+    p.add_argument("--probe-docs", type=int, default=256, help="--task passkey: facts for the linear probe of their gists' digits (0: none)")
     p.add_argument("--ck-entities", type=int, default=32, help="--task ck: entities in the fact base (3 facts each)")
     return p
 
@@ -381,17 +382,31 @@ def retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, ran
             for method in METHODS:
                 table = results[task][method][str(mult)]
                 line.append(f"{method} n/a" if table is None else
-                            f"{method} acc {cell_mean([table], 'acc'):.3f} nll {cell_mean([table], 'nll'):.3f}")
+                            f"{method} acc {cell_mean([table], 'acc'):.3f} nll {cell_mean([table], 'nll'):.3f}"
+                            + (f" fact raw {cell_mean([table], 'fact_raw'):.2f}" if method == "megacontext"
+                               and all("fact_raw" in c for c in table.values()) else ""))
             print0(f"{task:9s} {mult:3d}x ({history:6d} tokens, LOD{mc_levels[str(mult)]}): " + " | ".join(line) +
                    f" | {time.time() - t1:.1f}s")
 
+    probes = None
+    if "passkey" in tasks and args.probe_docs >= 4:  # does the fact block's gist carry the digits? (probes.digit_probe)
+        from nanochat.recall import recall_eval_docs
+        from nanochat.megacontext.evaluation import gist_digit_probe
+        docs = recall_eval_docs(tokenizer, 4 * mc.w_max, args.probe_docs, seed=args.seed)
+        probes = gist_digit_probe(model, gistnet, [torch.tensor(h, device=device) for h, _ in docs],
+                                  [torch.tensor(a, device=device) for _, a in docs],
+                                  [tokenizer.decode(a).strip(" .") for _, a in docs])
+        if probes["gist"] is not None:
+            print0(f"digit probe ({probes['n']} facts, chance 0.10 per digit): from the fact block's gist "
+                   + " ".join(f"{v:.2f}" for v in probes["gist"]) + " | from its mean token embedding "
+                   + " ".join(f"{v:.2f}" for v in probes["mean"]))
     out_path = args.out or os.path.join(get_base_dir(), "mc_eval", f"{model_tag}_step{step}_{args.task}.json")
     png_path = os.path.splitext(out_path)[0] + ".png"
     report = dict(model_tag=model_tag, step=step, task=args.task, tasks=list(tasks), methods=list(METHODS), mults=mults,
                   depths=depths, num_docs=args.num_docs, w_max=mc.w_max, history_tokens={str(m): m * mc.w_max for m in mults},
                   refocus_iters=args.refocus_iters, seed=args.seed, mc_config=mc.to_dict(), mc_levels=mc_levels,
                   sequence_len=model.config.sequence_len, rotary_table=table, full_receptive_field=field,
-                  chance={task: 1 / num_answers(task) for task in tasks}, results=results, full_skipped=full_skipped,
+                  chance={task: 1 / num_answers(task) for task in tasks}, results=results, full_skipped=full_skipped, probes=probes,
                   plot=png_path, seconds=round(time.time() - t0, 1))
     if rank == 0:
         atomic_write_json(report, out_path)

@@ -214,7 +214,8 @@ def test_retrieval_accuracy_on_known_answers():
     with torch.no_grad():
         logits = model(torch.cat([history, wrong3])[None, :-1])[0, -3:]  # (3, V): the slots that predict the answer
     assert records["full"][1]["nll"] == pytest.approx(F.cross_entropy(logits, wrong3).item(), abs=1e-4)
-    assert all(set(r) == {"correct", "nll"} for m in ("megacontext", "truncation") for r in records[m])
+    assert all(set(r) == {"correct", "nll"} for r in records["truncation"])
+    assert all(set(r) == {"correct", "nll", "fact_raw"} for r in records["megacontext"])
     assert retrieval_summary(records["full"]) == dict(acc=pytest.approx(2 / 3), n=3, nll=pytest.approx(
         sum(r["nll"] for r in records["full"]) / 3))
     assert retrieval_summary([None, records["full"][0]]) is None
@@ -226,6 +227,19 @@ def test_retrieval_accuracy_on_known_answers():
     for method in ("megacontext", "truncation", "full"):
         assert [r["correct"] for r in records[method]] == [True, False]
         assert [r["nll"] for r in records[method]] == pytest.approx([r["nll"] for r in records["full"]], abs=1e-5)
+
+
+def test_the_fact_raw_probe_says_whether_the_mc_wc_holds_the_fact_block_raw():
+    """fact_raw: the answer's value (its tokens but the last) stated in a block the recency-filled WC keeps
+    raw (the newest) -> True, in an old block it holds as a gist -> False, nowhere -> None (not counted)."""
+    from nanochat.megacontext.evaluation import measure_retrieval, retrieval_summary
+    model, gistnet, lensnet, cfg = tiny(w_max=128)
+    answer = torch.tensor([5, 6, 7])
+    old, new, absent = (torch.randint(8, V, (600,), generator=torch.Generator().manual_seed(s)) for s in range(3))
+    old[40:42], new[590:592] = answer[:-1], answer[:-1]
+    records, _ = measure_retrieval(model, gistnet, lensnet, cfg, [old, new, absent], [answer] * 3, refocus_iters=0)
+    assert [r["fact_raw"] for r in records["megacontext"]] == [False, True, None]
+    assert retrieval_summary(records["megacontext"])["fact_raw"] == 0.5
 
 
 def test_full_attention_only_where_the_rotary_table_reaches():

@@ -183,6 +183,63 @@ def test_the_horizon_loss_is_the_mean_nll_of_the_variants():
     assert loss.item() == pytest.approx(expected.item() * 32 / T, rel=1e-5)
 
 
+def test_masked_targets_score_only_their_tokens_in_the_horizon():
+    """Recall rows (targets -1 off the answers): the horizon NLL counts the scored tokens alone, and the
+    loss divides their sum by the rows' scored targets, as the LM loss does."""
+    model, gistnet, lensnet, mc = make(num_variants=1, alpha_lod1=0.0)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    x, y = batch(B=1)
+    rows = torch.cat([x, y[:, -1:]], 1)
+    weights = torch.zeros(1, T)
+    weights[0, -8:-3] = 1  # five scored targets, all in the horizon
+    loss, stats = trainer.loss(rows, 128, [random.Random(0)], weights=weights, lm_tokens=5)
+    c = T + 1 - 32
+    logits = model(rows[None, 0, 256:-1])[0, -32:]
+    nll = torch.nn.functional.cross_entropy(logits, rows[0, c:], reduction="none")  # (32,)
+    assert stats["horizon_loss"] == pytest.approx(nll[-8:-3].mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(nll[-8:-3].sum().item() / 5, rel=1e-5)
+    changed = rows.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % V  # an unscored target (the row's last token, no one's input)
+    assert trainer.loss(changed, 128, [random.Random(0)], weights=weights, lm_tokens=5)[0].item() == pytest.approx(loss.item())
+    weights[0, -1] = 1
+    assert trainer.loss(changed, 128, [random.Random(0)], weights=weights, lm_tokens=6)[0].item() != pytest.approx(
+        trainer.loss(rows, 128, [random.Random(0)], weights=weights, lm_tokens=6)[0].item())
+    # backward(): -1 targets are read as a mask; all-scored rows give the unmasked numbers exactly
+    y_masked = torch.full_like(y, -1)
+    y_masked[0, -8:-3] = y[0, -8:-3]
+    s_masked = trainer.backward(x, y_masked, step=5, num_iterations=10)
+    assert s_masked["horizon_loss"] == pytest.approx(stats["horizon_loss"], rel=1e-5)
+    assert trainer.loss(rows, 128, [random.Random(0)], weights=torch.ones(1, T))[0].item() == pytest.approx(
+        trainer.loss(rows, 128, [random.Random(0)])[0].item(), rel=1e-6)
+
+
+def test_fact_stats_say_where_the_asked_fact_is():
+    from nanochat.megacontext.training import fact_stats, Variant
+    from nanochat.megacontext.probes import fact_block
+    model, gistnet, lensnet, mc = make()
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randint(10, V, (1, T + 1), generator=g)
+    answer = torch.tensor([1, 2, 3, 4])  # " <value>." stand-in: the value is 1, 2, 3
+    rows[0, 70:73] = answer[:-1]  # the fact states it in block 2 (tokens 64..95)
+    c = T + 1 - 32
+    rows[0, c + 10:c + 14] = answer  # ... and the horizon asks for it
+    weights = torch.zeros(1, T)
+    weights[0, c - 1 + 10:c - 1 + 14] = 1
+    assert fact_block(rows[0, :c], answer) == 2
+    source = build_source(model, gistnet, rows[0, :c], mc.max_level)
+    coarse = WorkingContext.coarsest(source, mc.recent_tokens, 1)
+    expanded = coarse.expand(2)  # entry 2 is block 2's gist
+    variants = [Variant(0, "baseline", WorkingContext.recent(source, 128), None), Variant(0, "reference", coarse, {}),
+                Variant(0, "perturbed", expanded, {})]
+    scores = torch.zeros(1, len(coarse))
+    scores[0, 2] = 1.0  # LensNet's top gist: the fact's
+    out = fact_stats(rows, [c], weights, 32, variants, [coarse], [0], scores)
+    assert out["fact_raw_baseline"] == 0 and out["fact_raw_reference"] == 0 and out["fact_raw_perturbed"] == 1
+    assert out["fact_lens_top"] == 1
+    scores[0, 2], scores[0, 5] = 0.0, 2.0
+    assert fact_stats(rows, [c], weights, 32, variants, [coarse], [0], scores)["fact_lens_top"] == 0
+
+
 def test_the_horizon_ends_the_rows_longest_document():
     B_ = 0  # BOS
     row = [B_] + [5] * 99 + [B_] + [6] * 299 + [B_] + [7] * 20  # docs of 100, 300 and 21 tokens: 421 tokens

@@ -54,6 +54,7 @@ from nanochat.megacontext.allocator import FocusAllocator
 from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.horizon import SequenceSource, build_source, horizon_nll, score_entries
 from nanochat.megacontext.lensnet import lens_agreement
+from nanochat.megacontext.probes import digit_probe, fact_block, raw_blocks
 from nanochat.megacontext.training import gist_loss, split_point
 from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context
 
@@ -447,8 +448,11 @@ def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, re
             jobs.append((b, "full", WorkingContext.recent(src, min(src.num_tokens, field) + K)))  # covers > field tokens
     scores = answer_scores(model, [j[2] for j in jobs], [sources[j[0]] for j in jobs], [answers[j[0]] for j in jobs], max_slots)
     records = {method: [None] * R for method in METHODS}
-    for (b, method, _), (correct, nll) in zip(jobs, scores):
+    for (b, method, wc), (correct, nll) in zip(jobs, scores):
         records[method][b] = dict(correct=correct, nll=nll)
+        if method == "megacontext":  # the probe: is the fact that states the answer raw in the refocused WC?
+            block = fact_block(histories[b], answers[b])
+            records[method][b]["fact_raw"] = None if block is None else block in raw_blocks(wc)
     return records, [L for _, L in fitted]
 
 
@@ -458,4 +462,30 @@ def retrieval_summary(records):
     if not records or any(r is None for r in records):
         return None
     n = len(records)
-    return dict(acc=sum(r["correct"] for r in records) / n, nll=sum(r["nll"] for r in records) / n, n=n)
+    out = dict(acc=sum(r["correct"] for r in records) / n, nll=sum(r["nll"] for r in records) / n, n=n)
+    found = [r["fact_raw"] for r in records if r.get("fact_raw") is not None]
+    if found:  # megacontext: the fraction whose fact block the WC held raw
+        out["fact_raw"] = sum(found) / len(found)
+    return out
+
+
+@torch.no_grad()
+def gist_digit_probe(model, gistnet, histories, answers, values):
+    """Does the fact block's gist carry the answer? histories/answers as measure_retrieval takes them,
+    values: each answer's digits as a string (the same length). -> {"gist": per-digit held-out accuracy
+    of a linear probe (probes.digit_probe) from the fact block's LOD1 gist, "mean": the same from the
+    block's mean normalized token embedding (what a plain mean pool keeps), "n": documents used};
+    chance is 0.1 per digit."""
+    from nanochat.gpt import norm
+    gists, means, kept = [], [], []
+    for history, answer, value in zip(histories, answers, values):
+        block = fact_block(history, answer)
+        if block is None or (block + 1) * K > history.numel():
+            continue
+        source = build_source(model, gistnet, history[:(block + 1) * K], 1)
+        gists.append(source.levels[1][block].float())
+        means.append(norm(model.embed_tokens(history[block * K:(block + 1) * K]).float()).mean(dim=0))
+        kept.append(value)
+    if len(kept) < 4:
+        return {"gist": None, "mean": None, "n": len(kept)}
+    return {"gist": digit_probe(torch.stack(gists), kept), "mean": digit_probe(torch.stack(means), kept), "n": len(kept)}

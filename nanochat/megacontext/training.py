@@ -53,6 +53,7 @@ from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
 from nanochat.megacontext.composite import CompositeAllocator, CompositeSource, CompositeWC, ck_cap, composite_start
 from nanochat.megacontext.horizon import build_sources, horizon_nll, score_entries
+from nanochat.megacontext.probes import answer_spans, fact_block, raw_blocks
 from nanochat.megacontext.lensnet import (pairwise_lens_loss, regression_lens_loss, lens_targets, lens_regularizer,
                                           lens_agreement, variant_utilities)
 from nanochat.megacontext.working_context import WorkingContext
@@ -239,6 +240,28 @@ def gist_pair_cos(sources):
     return sum(values) / len(values) if values else float("nan")
 
 
+def fact_stats(rows, cuts, weights, H, variants, refs, lens_rows, scores):
+    """Recall rows (scored answers in the horizon): where is each answer's fact? -> {fact_raw_<kind>: the
+    fraction of (row, answer) pairs whose fact block a variant of that kind holds raw, fact_lens_top: the
+    fraction of references with a fact block as a gist whose top-scored gist is one (NaN: none)}."""
+    facts = {}  # row -> the blocks of the facts its horizon asks about
+    for b, c in enumerate(cuts):
+        spans = answer_spans(weights[b, c - 1:c - 1 + H])
+        found = [fact_block(rows[b, :c], rows[b, c + s:c + e]) for s, e in spans]
+        facts[b] = [f for f in found if f is not None]
+    out = {}
+    for kind in ("baseline", "reference", "perturbed", "lens"):
+        hits = [f in raw_blocks(v.wc) for v in variants if v.kind == kind for f in facts[v.row]]
+        out[f"fact_raw_{kind}"] = sum(hits) / len(hits) if hits else float("nan")
+    tops = []
+    for j, b in enumerate(lens_rows):
+        gists = [(scores[j, i].item(), e.index) for i, e in enumerate(refs[b].entries) if e.level == 1]
+        if gists and any(f not in raw_blocks(refs[b]) for f in facts[b]):
+            tops.append(max(gists)[1] in facts[b])
+    out["fact_lens_top"] = sum(tops) / len(tops) if tops else float("nan")
+    return out
+
+
 class MegaContextTrainer:
     def __init__(self, model, gistnet, lensnet, config, seed=0, bos_id=None):
         """bos_id: the tokenizer's BOS, to find documents in packed rows (None: every horizon is its row's end)."""
@@ -262,7 +285,9 @@ class MegaContextTrainer:
         """x, y: (B, T) one loader micro-batch. Backpropagates grad_scale x the MegaContext losses;
         -> stats: dict of floats (row-weighted means over the chunks). Rows go in chunks of at most
         max_slots variant slots (default B * T, the vanilla micro-batch)."""
-        rows = torch.cat([x, y[:, -1:]], dim=1)  # (B, T + 1): the packed rows
+        masked = bool((y < 0).any())  # targets -1 off the answers (recall rows): the horizon is scored where y is
+        rows = torch.cat([x, y[:, -1:].clamp(min=0)], dim=1)  # (B, T + 1): the packed rows (a masked last token reads 0)
+        weights = (y >= 0).float() if masked else None  # (B, T): target j, row token j + 1, counts or not
         B, n = rows.shape
         H = self.config.horizon
         budget = variant_budget(step, num_iterations, n - H, self.config)
@@ -273,7 +298,11 @@ class MegaContextTrainer:
         for r0 in range(0, B, chunk):
             part = rows[r0:r0 + chunk]
             rngs = [random.Random(f"{self.seed}:{step}:{stream}:{r0 + i}") for i in range(part.size(0))]  # one per row
-            loss, stats = self.loss(part, budget, rngs, cuts[r0:r0 + chunk])
+            # the caller's LM loss is a mean over its scored targets; each chunk's horizon sum is divided by
+            # its share of them, so that the chunks' losses, scaled by part.size(0) / B below, add up right
+            lm_tokens = None if weights is None else weights.sum().clamp(min=1) * part.size(0) / B
+            loss, stats = self.loss(part, budget, rngs, cuts[r0:r0 + chunk],
+                                    None if weights is None else weights[r0:r0 + chunk], lm_tokens)
             (loss * grad_scale * part.size(0) / B).backward()
             for k, v in stats.items():
                 w = part.size(0) if v == v else 0  # a NaN (nothing measured in this chunk) counts for nothing
@@ -388,10 +417,11 @@ class MegaContextTrainer:
             variants.append(Variant(b, "drop", ref.segments[-1], None, src.session))
         return variants, refs, lens_rows, scores, swaps, assembled_refs
 
-    def loss(self, rows, budget, rngs, cuts=None):
+    def loss(self, rows, budget, rngs, cuts=None, weights=None, lm_tokens=None):
         """rows (R, T + 1), rngs: one random.Random per row, cuts: each row's split point (default: the
-        row's last H tokens are the horizon) -> (scalar loss to backpropagate, stats dict of floats,
-        NaN = nothing measured)."""
+        row's last H tokens are the horizon), weights (R, T): 1 where row token j + 1 is a scored target
+        (None: all are), lm_tokens: the LM tokens the horizon sum is divided by (default R * T)
+        -> (scalar loss to backpropagate, stats dict of floats, NaN = nothing measured)."""
         cfg, model = self.config, self.model
         H = cfg.horizon
         cuts = [rows.size(1) - H] * len(rows) if cuts is None else cuts
@@ -408,13 +438,19 @@ class MegaContextTrainer:
         nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [v.source or sources[v.row] for v in variants],
                                      [horizons[v.row] for v in variants], return_logits=True,
                                      assembled=[assembled_refs[v.row] if v.kind == "reference" else None for v in variants])  # (Rv, H), (Rv, H, V)
-        item_nll = nll.mean(dim=1)  # (Rv,)
+        if weights is None:
+            item_nll = nll.mean(dim=1)  # (Rv,)
+        else:  # only the scored horizon tokens count: horizon token i of row b is target c_b - 1 + i
+            w = torch.stack([weights[v.row, cuts[v.row] - 1:cuts[v.row] - 1 + H] for v in variants])  # (Rv, H)
+            nll = nll * w
+            item_nll = nll.sum(dim=1) / w.sum(dim=1).clamp(min=1)  # (Rv,)
         row_of = torch.tensor([v.row for v in variants], device=item_nll.device)
         per_row = torch.zeros(len(rows), device=item_nll.device).index_add(0, row_of, item_nll)
         per_row = per_row / torch.bincount(row_of, minlength=len(rows))
         # every scored horizon token weighs horizon_weight x one next-token (LM) token of these rows: the
         # caller's LM loss is a mean over R * (n - 1) tokens, so divide this sum by the same count
-        loss = cfg.horizon_weight * nll.sum() / (len(rows) * (rows.size(1) - 1))
+        lm_tokens = len(rows) * (rows.size(1) - 1) if lm_tokens is None else lm_tokens
+        loss = cfg.horizon_weight * nll.sum() / lm_tokens
         nan = float("nan")
         stats = dict(horizon_loss=per_row.mean().item(), history=sum(cuts) / len(cuts),
                      gist_pair_cos=gist_pair_cos([m for src in sources for m in getattr(src, "memories", [src])]))
@@ -443,6 +479,8 @@ class MegaContextTrainer:
                      variants=len(variants) / len(rows), slots=sum(v.wc.cost + H - 1 for v in variants) / len(rows),
                      budget_util=sum(v.wc.cost for v in variants) / len(variants) / budget,
                      controller_ms=1000 * controller_s)
+        if weights is not None and not cfg.cognitive_core:
+            stats.update(fact_stats(rows, cuts, weights, H, variants, refs, lens_rows, scores))
         if lens_rows:
             lens_loss, lens_stats = self.lens_loss(variants, refs, lens_rows, scores, item_nll.detach(), sources)
             stats.update(lens_stats)
