@@ -49,9 +49,10 @@ def recall_facts(rng, n_facts):
     return out
 
 
-def recall_row(rng, n, n_facts, encode, bos, filler):
+def recall_row(rng, n, n_facts, encode, bos, filler, back=None):
     """One row -> (ids, answer): ids (n,) ints starting with bos, answer (n,) bools marking the answers'
-    tokens. encode(text) -> ids; filler(count) -> `count` natural-text token ids."""
+    tokens. encode(text) -> ids; filler(count) -> `count` natural-text token ids. back = (lo, hi), one
+    fact only: the fact starts d tokens before the answer, d uniform in [lo, hi] (clipped to the row)."""
     while True:
         facts = recall_facts(rng, n_facts)
         fact_ids = [encode(SEP + fact + SEP) for fact, _, _ in facts]
@@ -65,6 +66,11 @@ def recall_row(rng, n, n_facts, encode, bos, filler):
         raise UserError(f"a recall row of {n} tokens cannot hold one fact and its question ({used + 1} tokens)")
     body = filler(n - 1 - used)
     cuts = sorted(rng.randint(0, len(body)) for _ in fact_ids)  # where each fact goes in the filler
+    if back is not None:
+        if len(fact_ids) != 1:
+            raise UserError("a recall row with the fact at a set distance holds one fact")
+        d = rng.randint(*back)  # the answer is at n - len(answer): the fact starts at 1 + cut
+        cuts = [min(len(body), max(0, n - len(qa_ids[0][1]) - 1 - d))]
     ids, answer, prev = [bos], [False], 0
     for cut, f in zip(cuts, fact_ids):
         ids += body[prev:cut] + f
@@ -78,7 +84,7 @@ def recall_row(rng, n, n_facts, encode, bos, filler):
 
 
 def recall_loader(tokenizer, B, T, split, n_facts, device="cpu", resume_state_dict=None, short_len=0, short_batches=0,
-                  seed=0, data_dir=None):
+                  seed=0, back=None, data_dir=None):
     """Infinite generator of (inputs (B', T') int64, targets (B', T') int64 with -1 off the answers,
     state_dict); B', T' = B * T // short_len, short_len for the first short_batches micro-batches, else B, T."""
     if n_facts < 1:
@@ -123,7 +129,7 @@ def recall_loader(tokenizer, B, T, split, n_facts, device="cpu", resume_state_di
         n = short_len if i < short_batches else T
         rows, masks = [], []
         for _ in range(B * T // n):
-            ids, answer = recall_row(rng, n + 1, n_facts, tokenizer.encode, bos, filler)
+            ids, answer = recall_row(rng, n + 1, n_facts, tokenizer.encode, bos, filler, back)
             rows.append(ids)
             masks.append(answer)
         batch = torch.tensor(rows, dtype=torch.long)  # (B', n + 1)
@@ -134,10 +140,11 @@ def recall_loader(tokenizer, B, T, split, n_facts, device="cpu", resume_state_di
         yield inputs.to(device), targets.to(device), state
 
 
-def recall_eval_docs(tokenizer, n, num_docs, split="val", seed=0, data_dir=None):
+def recall_eval_docs(tokenizer, n, num_docs, split="val", seed=0, back=None, data_dir=None):
     """num_docs (history ids, answer ids): recall rows of n tokens with one fact each (the training
-    format, the val split's filler), cut before their answer; the same documents for every call."""
-    loader = recall_loader(tokenizer, num_docs, n - 1, split, 1, seed=seed, data_dir=data_dir)
+    format, the split's filler; back as recall_row takes it), cut before their answer; the same
+    documents for every call."""
+    loader = recall_loader(tokenizer, num_docs, n - 1, split, 1, seed=seed, back=back, data_dir=data_dir)
     x, y, _ = next(loader)  # (num_docs, n - 1): inputs and masked targets
     docs = []
     for xs, ys in zip(x.tolist(), y.tolist()):

@@ -194,6 +194,39 @@ def plot_curves(curves, path):
         fig.savefig(tmp, format="png")
 
 
+def collect_recall_curves(base_dir):
+    """[(run label, method, [(tokens seen, exact recall)])] from the recall/* values that base_train
+    --recall-facts logs at each eval (full, truncation, megacontext)."""
+    curves = []
+    for path in sorted(glob.glob(os.path.join(base_dir, "base_checkpoints", "*", "train_log.jsonl"))):
+        records = [r for r in read_jsonl(path) if r.get("kind") == "eval"]
+        label = os.path.basename(os.path.dirname(path))
+        for method in ("megacontext", "truncation", "full"):
+            points = [(r.get("tokens_seen", r["step"]), r[f"recall/{method}"]) for r in records
+                      if isinstance(r.get(f"recall/{method}"), (int, float))]
+            if points:
+                curves.append((label, method, points))
+    return curves
+
+
+def plot_recall_curves(curves, path):
+    """Exact recall against training tokens, one line per run and method; PNG via Agg."""
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    styles = {"megacontext": "-", "truncation": ":", "full": "--"}
+    for label, method, points in curves:
+        ax.plot(*zip(*points), styles[method], marker="o", markersize=3, label=f"{label}: {method}")
+    ax.set(title="exact recall of a fact ~a row back", xlabel="training tokens", ylabel="recall", ylim=(-0.02, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
 # -----------------------------------------------------------------------------
 # Summary table
 
@@ -280,7 +313,7 @@ class Report:
         """Remove the old sections, report and plot; write a fresh header."""
         if not self.is_master():
             return
-        for path in glob.glob(os.path.join(self.report_dir, "*.md")) + [os.path.join(self.report_dir, "loss_curves.png")]:
+        for path in glob.glob(os.path.join(self.report_dir, "*.md")) + [os.path.join(self.report_dir, f) for f in ("loss_curves.png", "recall_curves.png")]:
             if os.path.isfile(path):
                 os.remove(path)
         self.write("header.md", header_markdown())
@@ -315,10 +348,13 @@ class Report:
         else:  # no reset was run: describe this machine, now
             header = header_markdown()
         png = os.path.join(self.report_dir, "loss_curves.png")
-        if curves:
-            plot_curves(curves, png)
-        elif os.path.exists(png):
-            os.remove(png)  # stale plot of an earlier run
+        recall_png = os.path.join(self.report_dir, "recall_curves.png")
+        recall = collect_recall_curves(os.path.dirname(self.report_dir))
+        for plot, data, path in ((plot_curves, curves, png), (plot_recall_curves, recall, recall_png)):
+            if data:
+                plot(data, path)
+            elif os.path.exists(path):
+                os.remove(path)  # stale plot of an earlier run
         out_path = os.path.abspath(out_path or "report.md")
         main_path = os.path.join(self.report_dir, "report.md")
         for path in dict.fromkeys([main_path, out_path]):
@@ -327,6 +363,9 @@ class Report:
             if curves:
                 rel = os.path.relpath(png, os.path.dirname(path)).replace(os.sep, "/")
                 parts.append(f"## Loss curves\n\n![loss curves]({rel})\n")
+            if recall:
+                rel = os.path.relpath(recall_png, os.path.dirname(path)).replace(os.sep, "/")
+                parts.append(f"## Recall curves\n\n![recall curves]({rel})\n")
             parts.append(summary_markdown(sections))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with atomic_path(path) as tmp:

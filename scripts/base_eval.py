@@ -1,9 +1,12 @@
 """
 Evaluate a base model checkpoint: CORE (the DCLM in-context-learning bundle), bits per byte
-on the train and val splits, and a few greedy samples.
+on the train and val splits, a few greedy samples, and (--eval recall) exact recall of a fact
+planted d tokens back in natural text (nanochat/recall.py rows, the val split's filler), by full
+attention and by the newest --recall-window tokens alone, for each band of d in --recall-bands.
 
     python -m scripts.base_eval                                   # largest d<N>, last step, everything
     python -m scripts.base_eval --model-tag d12 --eval core --max-per-task 500
+    python -m scripts.base_eval --model-tag cpu_recall --eval recall --recall-bands 100-300,400-600,800-1000
     torchrun --nproc_per_node=8 scripts/base_eval.py              # examples / batches split over ranks
 
 Results go to <base>/base_eval/<model_tag>_<step>.json (written atomically) and a table on stdout.
@@ -19,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, atomic_write_json
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 
-EVALS = ("core", "bpb", "sample")
+EVALS = ("core", "bpb", "sample", "recall")
+DEFAULT_EVALS = ("core", "bpb", "sample")
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -36,11 +40,14 @@ def build_parser():
     p.add_argument("--source", type=str, default="base", choices=sorted(SOURCE_DIRS), help="which checkpoints to load")
     p.add_argument("--model-tag", type=str, default=None, help="checkpoint tag (default: the largest d<N>)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last one)")
-    p.add_argument("--eval", type=str, default=",".join(EVALS), help=f"comma list of {', '.join(EVALS)}")
+    p.add_argument("--eval", type=str, default=",".join(DEFAULT_EVALS), help=f"comma list of {', '.join(EVALS)}")
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE: examples per task (-1: all)")
     p.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty: autodetect)")
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="bpb: tokens evaluated per split")
     p.add_argument("--device-batch-size", type=int, default=32, help="bpb: rows per forward")
+    p.add_argument("--recall-bands", type=str, default="100-300,400-600,800-1000", help="recall: bands of tokens back, lo-hi,...")
+    p.add_argument("--recall-docs", type=int, default=64, help="recall: documents per band")
+    p.add_argument("--recall-window", type=int, default=128, help="recall: the truncation baseline's window")
     p.add_argument("--bundle-url", type=str, default="", help="CORE bundle zip URL (default: $NANOCHAT_EVAL_BUNDLE_URL or upstream's)")
     return p
 
@@ -59,6 +66,33 @@ def evaluate_bpb_splits(model, tokenizer, device, split_tokens, device_batch_siz
         bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb[split]:.4f} ({steps} x {B} x {T} tokens per rank, {time.time() - t0:.1f}s)")
     return bpb
+
+
+def parse_bands(text):
+    """"100-300,800-1000" -> [(100, 300), (800, 1000)]; UserError on anything else."""
+    bands = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and 0 < int(lo) <= int(hi)):
+            raise UserError(f"--recall-bands takes lo-hi token distances like 100-300,800-1000; got {text!r}")
+        bands.append((int(lo), int(hi)))
+    return bands
+
+
+def evaluate_recall(model, tokenizer, device, bands, num_docs, window):
+    """{band "lo-hi": {"full": acc, "truncation": acc}}: exact recall of one fact lo..hi tokens back."""
+    from nanochat.recall import recall_eval_docs, recall_accuracy
+    n = model.config.sequence_len + 1
+    if max(hi for _, hi in bands) >= n - 16:
+        raise UserError(f"--recall-bands reach past what a row of {n} tokens (the model's sequence_len + 1) can hold")
+    out = {}
+    for lo, hi in bands:
+        docs = recall_eval_docs(tokenizer, n, num_docs, back=(lo, hi))
+        out[f"{lo}-{hi}"] = {"full": recall_accuracy(model, docs, device=device),
+                             "truncation": recall_accuracy(model, docs, window, device=device)}
+        print0(f"recall {lo}-{hi} tokens back: full {out[f'{lo}-{hi}']['full']:.3f} | newest {window} tokens "
+               f"{out[f'{lo}-{hi}']['truncation']:.3f} ({num_docs} documents)")
+    return out
 
 
 def sample_completions(model, tokenizer, max_tokens=16):
@@ -106,6 +140,9 @@ def main(argv=None):
         results = dict(source=args.source, model_tag=model_tag, step=step, world_size=world_size)
         if "bpb" in evals:
             results["bpb"] = evaluate_bpb_splits(model, tokenizer, device, args.split_tokens, args.device_batch_size, world_size)
+        if "recall" in evals:
+            results["recall"] = evaluate_recall(model, tokenizer, device, parse_bands(args.recall_bands), args.recall_docs,
+                                                args.recall_window)
         if "sample" in evals and rank == 0:  # samples are cheap and identical on every rank
             results["samples"] = sample_completions(model, tokenizer)
         if "core" in evals:
@@ -123,6 +160,8 @@ def main(argv=None):
             summary.update({f"{split}_bpb": v for split, v in results.get("bpb", {}).items()})
             if "core" in results:
                 summary["CORE"] = results["core"]["core_metric"]
+            for band, r in results.get("recall", {}).items():
+                summary[f"recall {band} back (full / truncation)"] = f"{r['full']:.3f} / {r['truncation']:.3f}"
             samples = ["Samples:\n" + "\n".join(f"- {s!r}" for s in results["samples"])] if "samples" in results else []
             get_report().log(section="Base model evaluation", data=[summary, *samples])
             print0(f"wrote {out_path}")

@@ -222,6 +222,8 @@ def recall_metrics(model, docs, mc, gistnet, lensnet, window, device):
         answers = [torch.tensor(a, dtype=torch.long, device=device) for _, a in docs]
         records, _ = measure_retrieval(model, gistnet, lensnet, mc, histories, answers)
         out = {f"recall/{m}": sum(r["correct"] for r in records[m]) / len(docs) for m in ("full", "truncation", "megacontext")}
+        found = [r["fact_raw"] for r in records["megacontext"] if r["fact_raw"] is not None]
+        out["recall/fact_raw"] = sum(found) / len(found) if found else float("nan")  # the WC held the fact block raw
         gistnet.train(), lensnet.train()
     model.train()
     return out

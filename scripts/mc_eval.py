@@ -340,6 +340,14 @@ def plot_retrieval(results, tasks, mults, depths, path):
     plt.close(fig)
 
 
+def recall_verdict(task_results, task, mult):
+    """The one-line verdict at one history multiple, each method's accuracy averaged over the depths."""
+    acc = {m: cell_mean([task_results[m][str(mult)]], "acc") for m in ("megacontext", "truncation", "full")}
+    pct = {m: "n/a" if a is None else f"{100 * a:.0f}%" for m, a in acc.items()}
+    return (f"MegaContext recalls {pct['megacontext']} at {mult}x W_max on {task} "
+            f"(truncation {pct['truncation']}, full {pct['full']})")
+
+
 def cell_mean(tables, key):
     """The mean of key (acc or nll) over every cell of depth tables ({depth: cell}, None skipped), or None."""
     cells = [c for table in tables if table for c in table.values()]
@@ -400,6 +408,7 @@ def retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, ran
             print0(f"digit probe ({probes['n']} facts, chance 0.10 per digit): from the fact block's gist "
                    + " ".join(f"{v:.2f}" for v in probes["gist"]) + " | from its mean token embedding "
                    + " ".join(f"{v:.2f}" for v in probes["mean"]))
+    verdicts = [recall_verdict(results[task], task, m) for task in tasks for m in mults if m in (8, 16)]
     out_path = args.out or os.path.join(get_base_dir(), "mc_eval", f"{model_tag}_step{step}_{args.task}.json")
     png_path = os.path.splitext(out_path)[0] + ".png"
     report = dict(model_tag=model_tag, step=step, task=args.task, tasks=list(tasks), methods=list(METHODS), mults=mults,
@@ -407,6 +416,7 @@ def retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, ran
                   refocus_iters=args.refocus_iters, seed=args.seed, mc_config=mc.to_dict(), mc_levels=mc_levels,
                   sequence_len=model.config.sequence_len, rotary_table=table, full_receptive_field=field,
                   chance={task: 1 / num_answers(task) for task in tasks}, results=results, full_skipped=full_skipped, probes=probes,
+                  verdicts=verdicts,
                   plot=png_path, seconds=round(time.time() - t0, 1))
     if rank == 0:
         atomic_write_json(report, out_path)
@@ -419,6 +429,8 @@ def retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, ran
                 summary[f"{key}_{method}"] = cell_mean([results[task][method][str(mult)] for task in tasks], key)
         summary["acc_chance"] = sum(report["chance"].values()) / len(tasks)
         print0(f"wrote {out_path} and {png_path}")
+        for line in verdicts:
+            print0(line)
         print0(json.dumps(summary))
     return report
 
@@ -537,6 +549,8 @@ def main(argv=None):
             from nanochat.report import get_report
             get_report().log(section="MegaContext evaluation", data=[summary])
             print0(f"wrote {out_path} and {png_path}")
+        for line in verdicts:
+            print0(line)
             print0(json.dumps(summary))
         return report
     finally:

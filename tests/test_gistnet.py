@@ -168,3 +168,12 @@ def test_any_level_serves_deeper_levels_with_the_deepest_trained_weights():
     assert deep.max_level is None and deep.dim == 16
     assert torch.equal(deep(x, 1), net(x, 1)) and torch.equal(deep(x, 2), net(x, 2))
     assert torch.equal(deep(x, 5), net(x, 2)) and not torch.equal(deep(x, 5), net(x, 1))
+
+
+def test_the_mean_kind_is_the_normalized_mean_with_no_weights_at_any_level():
+    from nanochat.gpt import norm
+    net = GistNet(64, kind="mean", max_level=2)
+    assert list(net.parameters()) == [] and not net.shared
+    x = torch.randn(5, 32, 64)
+    for level in (1, 2):
+        torch.testing.assert_close(net(x, level), norm(x.mean(dim=1)))

@@ -285,6 +285,26 @@ def test_retrieval_cli_end_to_end(base_dir, capsys):
     assert summary["nll_truncation"] == pytest.approx(sum(c["nll"] for c in cells) / len(cells))
 
 
+def test_passkey_verdict_and_probes(base_dir, capsys):
+    """--task passkey at 8x: the one-line verdict (the depth-averaged accuracies, in the JSON and on stdout)
+    and the probes: fact_raw in each MegaContext cell, the digit probe of the fact blocks' gists."""
+    from scripts import base_train, mc_eval
+    base_train.main(MC_TINY + MC_FLAGS + ["--num-iterations", "1", "--model-tag", "mc_eval_verdict"])
+    mc_eval.main(["--model-tag", "mc_eval_verdict", "--device-type", "cpu", "--task", "passkey", "--mults", "8",
+                  "--depths", "0.25,0.75", "--num-docs", "2", "--refocus-iters", "1", "--probe-docs", "8"])
+    data = json.loads((base_dir / "mc_eval" / "mc_eval_verdict_step1_passkey.json").read_text())
+    cells = data["results"]["passkey"]
+    acc = {m: sum(c["acc"] for c in cells[m]["8"].values()) / 2 for m in ("megacontext", "truncation", "full")}
+    pct = lambda a: f"{100 * a:.0f}%"
+    verdict = (f"MegaContext recalls {pct(acc['megacontext'])} at 8x W_max on passkey "
+               f"(truncation {pct(acc['truncation'])}, full {pct(acc['full'])})")
+    assert data["verdicts"] == [verdict] and verdict in capsys.readouterr().out
+    assert all(0 <= c["fact_raw"] <= 1 for c in cells["megacontext"]["8"].values())
+    probes = data["probes"]
+    assert probes["n"] >= 4 and len(probes["gist"]) == len(probes["mean"]) == 5
+    assert all(0 <= a <= 1 for a in probes["gist"] + probes["mean"])
+
+
 @pytest.mark.parametrize("flags,message", [(["--task", "recall"], "unknown --task"), (["--depths", "0,0.5"], "between 0 and 1"),
                                            (["--depths", "0.5,1"], "between 0 and 1"), (["--depths", "a,b"], "comma-separated"),
                                            (["--mults", "0,4"], "at least 1"), (["--mults", "2.5"], "comma-separated")])

@@ -107,3 +107,33 @@ def test_eval_docs_end_in_the_question_and_recall_accuracy_scores_the_answer(bas
     assert recall_accuracy(Oracle(table), docs[:1], window=50) == 0.0  # its keys are whole histories
     table[tuple(history + answer[:2])] = answer[2] + 1  # one answer token wrong: not recalled
     assert recall_accuracy(Oracle(table), docs[:1]) == 0.0
+
+
+def test_back_puts_the_one_fact_that_many_tokens_before_the_answer(base_dir):
+    tok = get_tokenizer()
+    fact_start = tok.encode("\n\nThe")
+    for history, answer in recall_eval_docs(tok, 400, 6, back=(250, 300)):
+        starts = [i for i in range(len(history)) if history[i:i + len(fact_start)] == fact_start
+                  and "key is" in tok.decode(history[i:i + 12]) and "Remember" in tok.decode(history[i:i + 40])]
+        assert len(starts) == 1
+        assert 250 <= len(history) - starts[0] <= 300
+    with pytest.raises(UserError, match="one fact"):
+        next(recall_loader(tok, 1, 400, "train", 2, back=(10, 20)))
+
+
+def test_base_eval_recall_reports_full_and_truncation_per_band(base_dir):
+    from nanochat.gpt import GPT, GPTConfig
+    from scripts.base_eval import evaluate_recall, parse_bands
+    tok = get_tokenizer()
+    assert parse_bands("100-300, 800-1000") == [(100, 300), (800, 1000)]
+    for bad in ("100", "300-100", "a-b", "0-5"):
+        with pytest.raises(UserError, match="--recall-bands"):
+            parse_bands(bad)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=400, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    out = evaluate_recall(model, tok, "cpu", [(100, 150), (250, 300)], 3, 64)
+    assert set(out) == {"100-150", "250-300"} and all(set(v) == {"full", "truncation"} for v in out.values())
+    assert all(0.0 <= a <= 1.0 for v in out.values() for a in v.values())
+    with pytest.raises(UserError, match="reach past"):
+        evaluate_recall(model, tok, "cpu", [(300, 390)], 3, 64)

@@ -175,3 +175,20 @@ def test_cli(base):
     r = run("generate")
     assert r.returncode == 0, r.stderr
     assert "| val bpb | - | 0.5000 | - |" in open("report.md").read()
+
+
+def test_recall_curves_are_plotted_from_the_training_logs(base):
+    from nanochat.report import collect_recall_curves
+    eval_rec = lambda step, **recall: dict(step=step, kind="eval", tokens_seen=step * 4096, **{f"recall/{k}": v for k, v in recall.items()})
+    write_train_log(base / "base_checkpoints" / "recall_mc" / "train_log.jsonl",
+                    [eval_rec(0, full=0.0, truncation=0.0, megacontext=0.0), dict(step=1, kind="train", loss=2.0),
+                     eval_rec(100, full=0.9, truncation=0.05, megacontext=0.6)])
+    write_train_log(base / "base_checkpoints" / "plain" / "train_log.jsonl", [dict(step=0, kind="eval", val_bpb=2.0)])
+    curves = collect_recall_curves(str(base))
+    assert [(label, method) for label, method, _ in curves] == [("recall_mc", m) for m in ("megacontext", "truncation", "full")]
+    assert curves[0][2] == [(0, 0.0), (409600, 0.6)]
+    get_report().generate()
+    assert "## Recall curves" in open("report.md").read() and (base / "report" / "recall_curves.png").exists()
+    os.remove(base / "base_checkpoints" / "recall_mc" / "train_log.jsonl")
+    get_report().generate()  # no recall logged any more: no section, no stale plot
+    assert "## Recall curves" not in open("report.md").read() and not (base / "report" / "recall_curves.png").exists()

@@ -20,7 +20,7 @@ class MegaContextConfig:
     max_level: int = 2               # deepest gist level built (LOD2 = 1024 tokens per gist)
     recent_tokens: int = 64          # the newest tokens always stay raw (LOD0)
     # GistNet
-    gist_kind: str = "transformer"   # linear | mlp | transformer
+    gist_kind: str = "transformer"   # mean | linear | mlp | transformer
     gist_pooling: str = "query"      # mean | query | cls (transformer only)
     gist_layers: int = 2             # bidirectional blocks in the transformer GistNet
     gist_shared: bool = True         # one GistNet for every level (False: one per level)
@@ -68,7 +68,7 @@ class MegaContextConfig:
             (self.w_max >= 2 * BLOCK_SIZE, f"mc_w_max must be at least {2 * BLOCK_SIZE}, got {self.w_max}"),
             (1 <= self.max_level <= 6, f"mc_max_level must be in 1..6, got {self.max_level}"),
             (0 <= self.recent_tokens <= self.w_max - BLOCK_SIZE, f"mc_recent_tokens must be in 0..w_max-{BLOCK_SIZE}, got {self.recent_tokens}"),
-            (self.gist_kind in ("linear", "mlp", "transformer"), f"mc_gist_kind must be linear, mlp or transformer, got {self.gist_kind!r}"),
+            (self.gist_kind in ("mean", "linear", "mlp", "transformer"), f"mc_gist_kind must be mean, linear, mlp or transformer, got {self.gist_kind!r}"),
             (self.gist_pooling in ("mean", "query", "cls"), f"mc_gist_pooling must be mean, query or cls, got {self.gist_pooling!r}"),
             (self.gist_layers >= 1 and self.lens_layers >= 1, "mc_gist_layers and mc_lens_layers must be at least 1"),
             (self.lens_tail >= 0, f"mc_lens_tail must be >= 0, got {self.lens_tail}"),

@@ -5,12 +5,14 @@ normalized token-embedding space (design: shared/spec/megacontext.md, "GistNet")
 Input at level 1 is 32 normalized token embeddings (`model.embed_tokens`), at level L >= 2 the 32
 child gists of level L-1; both live in the same space, so one network can serve every level.
 Kinds:
+- mean:        the normalized mean of the 32 inputs, no weights at all (GistPool, arXiv 2504.08934, finds
+               plain mean pooling beats learned gist tokens at long context; and it cannot collapse)
 - linear:      mean-pool + Linear head
 - mlp:         mean-pool + relu^2 MLP head (nanochat.gpt.MLP)
 - transformer: n_layer bidirectional blocks (pre-norm attention + relu^2 MLP, QK-norm, a learned
                position-in-block embedding instead of rotary) + pooling (mean / learned query /
                CLS token) + Linear head
-Every kind is a residual around mean pooling: gist = norm(mean(x) + head(summary)). The head's
+Every other kind is a residual around mean pooling: gist = norm(mean(x) + head(summary)). The head's
 last projection starts at zero, so at step 0 a gist is exactly the normalized mean of its
 children, a sane stand-in for them. The inner blocks start small-random (not zero like the base
 model's c_proj) so that query/CLS pooling depends on the block from step 0.
@@ -90,6 +92,8 @@ class GistEncoder(nn.Module):
     def __init__(self, dim, kind, pooling, n_layer, n_head):
         super().__init__()
         self.dim, self.kind, self.pooling = dim, kind, pooling
+        if kind == "mean":
+            return
         if kind == "mlp":
             self.head = MLP(GPTConfig(n_embd=dim))
         else:
@@ -122,11 +126,15 @@ class GistEncoder(nn.Module):
         return h.mean(dim=1)
 
     def forward(self, x):
+        if self.kind == "mean":
+            return x.mean(dim=1)  # (N, D)
         return x.mean(dim=1) + self.head(norm(self.summarize(x)))  # (N, D)
 
     @torch.no_grad()
     def init_weights(self):
         bound = math.sqrt(3.0 / self.dim)
+        if self.kind == "mean":
+            return
         if self.kind == "mlp":
             nn.init.uniform_(self.head.c_fc.weight, -bound, bound)
             nn.init.zeros_(self.head.c_proj.weight)  # step 0: gist = norm(mean)
@@ -149,14 +157,15 @@ class GistNet(nn.Module):
 
     def __init__(self, dim, kind="mlp", pooling="mean", n_layer=2, n_head=4, shared=True, max_level=2):
         super().__init__()
-        if kind not in ("linear", "mlp", "transformer"):
-            raise ValueError(f"GistNet kind must be linear, mlp or transformer, got {kind!r}")
+        if kind not in ("mean", "linear", "mlp", "transformer"):
+            raise ValueError(f"GistNet kind must be mean, linear, mlp or transformer, got {kind!r}")
         if pooling not in ("mean", "query", "cls"):
             raise ValueError(f"GistNet pooling must be mean, query or cls, got {pooling!r}")
         if kind != "transformer" and pooling != "mean":
             raise ValueError(f"GistNet kind {kind!r} mean-pools; pooling {pooling!r} needs kind='transformer'")
         if max_level < 1:
             raise ValueError(f"GistNet max_level must be >= 1, got {max_level}")
+        shared = shared and kind != "mean"  # a weightless mean has no level embedding either: nothing learned, nothing to collapse
         self.dim, self.kind, self.pooling, self.shared, self.max_level = dim, kind, pooling, shared, max_level
         n_encoders = 1 if shared else max_level
         self.encoders = nn.ModuleList([GistEncoder(dim, kind, pooling, n_layer, n_head) for _ in range(n_encoders)])

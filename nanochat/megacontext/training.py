@@ -275,7 +275,7 @@ class MegaContextTrainer:
         """AdamW for every GistNet and LensNet parameter (2-D or not), lr scheduled like the model's."""
         groups = [dict(params=list(self.gistnet.parameters()), lr=self.config.gist_lr),
                   dict(params=list(self.lensnet.parameters()), lr=self.config.lens_lr)]
-        fused = next(self.gistnet.parameters()).device.type == "cuda"
+        fused = next(self.lensnet.parameters()).device.type == "cuda"  # a mean GistNet has no parameters
         opt = torch.optim.AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
