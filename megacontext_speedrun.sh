@@ -77,8 +77,18 @@ else
     stage mc_build_ck $PY -m scripts.mc_build_ck --input nanochat --ext py --out "$CK" --model-tag "$TAG"
     stage chat_ck $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
     stage chat_eval $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
+    # the recall testbed: a d2 MegaContext model trained on dense recall rows (configs/cpu_recall_mc.toml), then
+    # exact pass-key recall with the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention
+    stage base_train_recall $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --run "$RUN"
+    RECALL_JSON="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
+    stage mc_eval_recall $PY -m scripts.mc_eval --model-tag cpu_recall_mc --task passkey --mults 8,16 --num-docs 16 --out "$RECALL_JSON"
 fi
 stage report_md $PY -m nanochat.report generate
 echo
 echo "wall time per stage (the whole job: $((SECONDS))s, venv install included):"
 printf '  %s\n' "${STAGES[@]}"
+if [ -n "${RECALL_JSON:-}" ]; then
+    echo
+    echo "recall heat map: ${RECALL_JSON%.json}.png"
+    $PY -c "import json, sys; [print(v) for v in json.load(open(sys.argv[1]))['verdicts']]" "$RECALL_JSON"
+fi

@@ -391,8 +391,9 @@ def retrieval(args, model, tokenizer, mc, gistnet, lensnet, model_tag, step, ran
                 table = results[task][method][str(mult)]
                 line.append(f"{method} n/a" if table is None else
                             f"{method} acc {cell_mean([table], 'acc'):.3f} nll {cell_mean([table], 'nll'):.3f}"
-                            + (f" fact raw {cell_mean([table], 'fact_raw'):.2f}" if method == "megacontext"
-                               and all("fact_raw" in c for c in table.values()) else ""))
+                            + (f" fact raw {cell_mean([table], 'fact_raw_start'):.2f} -> {cell_mean([table], 'fact_raw'):.2f}"
+                               f" ({cell_mean([table], 'swaps'):.1f} swaps)" if method == "megacontext"
+                               and all("fact_raw" in c and "fact_raw_start" in c for c in table.values()) else ""))
             print0(f"{task:9s} {mult:3d}x ({history:6d} tokens, LOD{mc_levels[str(mult)]}): " + " | ".join(line) +
                    f" | {time.time() - t1:.1f}s")
 
@@ -549,8 +550,6 @@ def main(argv=None):
             from nanochat.report import get_report
             get_report().log(section="MegaContext evaluation", data=[summary])
             print0(f"wrote {out_path} and {png_path}")
-        for line in verdicts:
-            print0(line)
             print0(json.dumps(summary))
         return report
     finally:

@@ -190,3 +190,17 @@ def test_lens_losses_train_every_lensnet_parameter():
     loss.backward()
     for name, p in lens.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_recency_cap_gives_every_entry_that_far_back_one_code():
+    from nanochat.megacontext.lensnet import recency_features
+    mask = torch.ones(1, 40, dtype=torch.bool)
+    free, capped = recency_features(mask, 16), recency_features(mask, 16, cap=8)
+    torch.testing.assert_close(capped[0, -9:], free[0, -9:])  # 0..8 back: as without a cap
+    assert torch.equal(capped[0, 0], capped[0, 31]) and not torch.equal(free[0, 0], free[0, 31])  # 39 and 8 back: alike
+    torch.manual_seed(0)
+    net = LensNet(32, n_layer=1, hidden=32, n_tail=0, max_level=1, recency_cap=4)
+    x, levels = torch.randn(1, 12, 32), torch.ones(1, 12, dtype=torch.long)
+    x[0, 0] = x[0, 3]  # the same gist 11 and 8 entries back: capped, it scores the same wherever it sits
+    assert net(x, levels)[0, 0].item() != pytest.approx(net(x, levels)[0, 1].item())
+    assert net(x, levels)[0, 0].item() == pytest.approx(net(x, levels)[0, 3].item(), abs=1e-6)

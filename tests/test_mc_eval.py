@@ -215,7 +215,7 @@ def test_retrieval_accuracy_on_known_answers():
         logits = model(torch.cat([history, wrong3])[None, :-1])[0, -3:]  # (3, V): the slots that predict the answer
     assert records["full"][1]["nll"] == pytest.approx(F.cross_entropy(logits, wrong3).item(), abs=1e-4)
     assert all(set(r) == {"correct", "nll"} for r in records["truncation"])
-    assert all(set(r) == {"correct", "nll", "fact_raw"} for r in records["megacontext"])
+    assert all(set(r) == {"correct", "nll", "fact_raw", "fact_raw_start", "swaps"} for r in records["megacontext"])
     assert retrieval_summary(records["full"]) == dict(acc=pytest.approx(2 / 3), n=3, nll=pytest.approx(
         sum(r["nll"] for r in records["full"]) / 3))
     assert retrieval_summary([None, records["full"][0]]) is None
@@ -239,7 +239,26 @@ def test_the_fact_raw_probe_says_whether_the_mc_wc_holds_the_fact_block_raw():
     old[40:42], new[590:592] = answer[:-1], answer[:-1]
     records, _ = measure_retrieval(model, gistnet, lensnet, cfg, [old, new, absent], [answer] * 3, refocus_iters=0)
     assert [r["fact_raw"] for r in records["megacontext"]] == [False, True, None]
-    assert retrieval_summary(records["megacontext"])["fact_raw"] == 0.5
+    assert [r["fact_raw_start"] for r in records["megacontext"]] == [False, True, None]  # no refocus: the start WC
+    assert [r["swaps"] for r in records["megacontext"]] == [0, 0, 0]
+    summary = retrieval_summary(records["megacontext"])
+    assert summary["fact_raw"] == summary["fact_raw_start"] == 0.5 and summary["swaps"] == 0
+
+    class Wants(torch.nn.Module):  # a LensNet that wants the second entry (block 1: the old fact's) raw, other raw blocks gisted
+        n_tail, max_level = lensnet.n_tail, lensnet.max_level
+
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # score_entries reads the dtype off a parameter
+
+        def forward(self, entry_embeds, levels, tail_gists=None, mask=None):
+            scores = torch.where(levels == 0, -0.9, 0.0)
+            scores[:, 1] = 0.9
+            return scores
+
+    records, _ = measure_retrieval(model, gistnet, Wants(), cfg, [old], [answer], refocus_iters=2)
+    r = records["megacontext"][0]
+    assert r["fact_raw_start"] is False and r["fact_raw"] is True and r["swaps"] >= 2  # swapped in: one expand, one collapse
 
 
 def test_full_attention_only_where_the_rotary_table_reaches():

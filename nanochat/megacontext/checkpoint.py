@@ -28,7 +28,7 @@ def build_modules(mc_config, model_config, device=None):
                       n_head=model_config.n_head, shared=mc_config.gist_shared, max_level=mc_config.max_level)
     hidden = mc_config.lens_hidden
     lensnet = LensNet(dim, n_layer=mc_config.lens_layers, n_head=4, hidden=hidden,
-                      n_tail=mc_config.lens_tail, max_level=mc_config.max_level)
+                      n_tail=mc_config.lens_tail, max_level=mc_config.max_level, recency_cap=mc_config.lens_recency_cap)
     return gistnet.to(device), lensnet.to(device)
 
 

@@ -28,6 +28,8 @@ class MegaContextConfig:
     lens_layers: int = 2
     lens_hidden: int = 256           # LensNet width (its input is projected from the model's dim)
     lens_tail: int = 4               # tail gists summarizing the newest content
+    lens_recency_cap: int = 0        # entries more than this many back share one recency code (0: no cap), so
+                                     # a LensNet trained on short histories scores old entries alike at any length
     # Focus allocator
     allocator: str = "greedy"        # greedy | stochastic
     temperature: float = 1.0         # stochastic: softmax temperature over |score|
@@ -72,6 +74,7 @@ class MegaContextConfig:
             (self.gist_pooling in ("mean", "query", "cls"), f"mc_gist_pooling must be mean, query or cls, got {self.gist_pooling!r}"),
             (self.gist_layers >= 1 and self.lens_layers >= 1, "mc_gist_layers and mc_lens_layers must be at least 1"),
             (self.lens_tail >= 0, f"mc_lens_tail must be >= 0, got {self.lens_tail}"),
+            (self.lens_recency_cap >= 0, f"mc_lens_recency_cap must be >= 0 (0: no cap), got {self.lens_recency_cap}"),
             (self.lens_hidden >= 4 and self.lens_hidden % 4 == 0, f"mc_lens_hidden must be a positive multiple of 4, got {self.lens_hidden}"),
             (self.temperature > 0 and self.top_k >= 1, "mc_temperature must be > 0 and mc_top_k >= 1"),
             (self.lens_loss in ("pairwise", "regression", "both"), f"mc_lens_loss must be pairwise, regression or both, got {self.lens_loss!r}"),

@@ -439,7 +439,8 @@ def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, re
     R = len(histories)
     fitted = [fitted_source(model, gistnet, h, cfg.w_max, cfg.recent_tokens, cfg.max_level) for h in histories]
     sources = [src for src, _ in fitted]
-    mc, _ = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], refocus_iters, seed)
+    mc, edits = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], refocus_iters, seed)
+    start, _ = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], 0, seed)  # before any refocus
     field = receptive_field(model)
     jobs = []  # (sequence index, method, WC)
     for b, src in enumerate(sources):
@@ -450,9 +451,11 @@ def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, re
     records = {method: [None] * R for method in METHODS}
     for (b, method, wc), (correct, nll) in zip(jobs, scores):
         records[method][b] = dict(correct=correct, nll=nll)
-        if method == "megacontext":  # the probe: is the fact that states the answer raw in the refocused WC?
+        if method == "megacontext":  # the probes: is the fact raw in the refocused WC, was it before, how many edits
             block = fact_block(histories[b], answers[b])
-            records[method][b]["fact_raw"] = None if block is None else block in raw_blocks(wc)
+            records[method][b].update(fact_raw=None if block is None else block in raw_blocks(wc),
+                                      fact_raw_start=None if block is None else block in raw_blocks(start[b]),
+                                      swaps=sum(len(step) for step in edits[b]))
     return records, [L for _, L in fitted]
 
 
@@ -463,9 +466,12 @@ def retrieval_summary(records):
         return None
     n = len(records)
     out = dict(acc=sum(r["correct"] for r in records) / n, nll=sum(r["nll"] for r in records) / n, n=n)
-    found = [r["fact_raw"] for r in records if r.get("fact_raw") is not None]
-    if found:  # megacontext: the fraction whose fact block the WC held raw
-        out["fact_raw"] = sum(found) / len(found)
+    for key in ("fact_raw", "fact_raw_start"):  # megacontext: the fraction whose fact block the WC held raw (before refocus)
+        found = [r[key] for r in records if r.get(key) is not None]
+        if found:
+            out[key] = sum(found) / len(found)
+    if "swaps" in records[0]:
+        out["swaps"] = sum(r["swaps"] for r in records) / n  # refocus edits per WC
     return out
 
 

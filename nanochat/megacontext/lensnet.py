@@ -5,7 +5,7 @@ LensNet: one signed focus score per working-context entry, and its losses
 
 The network is a small bidirectional transformer (gistnet.BidirectionalBlock) over
 [entries || tail gists]. Each entry row is in_proj(norm(vector)) + a level embedding + a fixed
-sinusoid of how many entries back from the newest it sits; each tail row (a few gists summarizing
+sinusoid of how many entries back from the newest it sits (at most recency_cap, when set); each tail row (a few gists summarizing
 the newest content) is in_proj(norm(gist)) + a learned tail-slot embedding. Attention is never
 causal: the first entry's score sees every later entry and the tail (failure mode 8 of the spec).
 
@@ -37,12 +37,14 @@ from nanochat.gpt import Linear, norm
 from nanochat.megacontext.gistnet import BidirectionalBlock
 
 
-def recency_features(mask, dim):
+def recency_features(mask, dim, cap=0):
     """mask (B, E) bool, True = real entry (real entries first) -> (B, E, dim) sin/cos of the number
-    of entries back from the row's newest entry (0 for the newest; padding clamps to 0)."""
+    of entries back from the row's newest entry (0 for the newest; padding clamps to 0; cap > 0:
+    clamped to cap, so every entry at least cap back reads the same code)."""
     B, E = mask.shape
     n = mask.sum(dim=1, keepdim=True)  # (B, 1)
-    back = (n - 1 - torch.arange(E, device=mask.device)).clamp(min=0).float()  # (B, E)
+    back = (n - 1 - torch.arange(E, device=mask.device)).clamp(min=0)  # (B, E)
+    back = (back.clamp(max=cap) if cap > 0 else back).float()
     half = dim // 2
     freqs = 1000.0 ** (-torch.arange(half, device=mask.device, dtype=torch.float32) / max(half, 1))  # (half,)
     angles = back[..., None] * freqs  # (B, E, half)
@@ -50,10 +52,10 @@ def recency_features(mask, dim):
 
 
 class LensNet(nn.Module):
-    def __init__(self, dim, n_layer=2, n_head=4, hidden=None, n_tail=4, max_level=3):
+    def __init__(self, dim, n_layer=2, n_head=4, hidden=None, n_tail=4, max_level=3, recency_cap=0):
         super().__init__()
         hidden = dim if hidden is None else hidden
-        self.dim, self.hidden, self.n_tail, self.max_level = dim, hidden, n_tail, max_level
+        self.dim, self.hidden, self.n_tail, self.max_level, self.recency_cap = dim, hidden, n_tail, max_level, recency_cap
         self.in_proj = Linear(dim, hidden)
         self.level_embed = nn.Embedding(max_level + 1, hidden)  # levels 0 (LOD0 block) .. max_level
         self.tail_embed = nn.Parameter(torch.zeros(n_tail, hidden))
@@ -85,7 +87,7 @@ class LensNet(nn.Module):
             raise ValueError(f"LensNet levels must be in 0..{self.max_level}, got {lo}..{hi}")
         mask = torch.ones(B, E, dtype=torch.bool, device=entry_embeds.device) if mask is None else mask
         x = self.in_proj(norm(entry_embeds))  # (B, E, H)
-        x = x + self.level_embed(levels).to(x.dtype) + recency_features(mask, self.hidden).to(x.dtype)
+        x = x + self.level_embed(levels).to(x.dtype) + recency_features(mask, self.hidden, self.recency_cap).to(x.dtype)
         key_mask = mask
         if tail_gists is not None:
             assert tail_gists.shape == (B, self.n_tail, D), \

@@ -35,6 +35,10 @@ whose next tokens no distant history could help predict).
    predicted utility of a collapse is minus the mean of its members' scores, what the allocator ranks
    by), measured by DeltaNLL = NLL(variant) - NLL(reference); the loss is pairwise Bradley-Terry and/or
    regression on argmin targets (mc_lens_loss) + lens_reg * lensnet.lens_regularizer.
+Masked targets (recall rows, nanochat/recall.py: y is -1 off the answers): only the scored horizon tokens
+count, in the horizon loss (their NLL sum over the micro-batch's scored targets, as the LM loss is a
+mean over them), in each variant's NLL and so in DeltaNLL; fact_stats then logs where each asked fact
+sits (raw in which variants, LensNet's top gist or not), the probes of issue 15.
 Memory: rows go through in chunks whose variant slots fit in the vanilla micro-batch's B * T slots,
 each chunk backpropagated on its own, so peak memory stays near the vanilla run's.
 Randomness: each row's slate RNG is seeded from (seed, step, stream, row), so a resumed run draws the
