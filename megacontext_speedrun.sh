@@ -67,9 +67,9 @@ else
         stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d4 --run "$RUN"
     fi
     stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
-    stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 24
+    stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 12
     stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
-    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
+    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 200 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
     stage chat $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     stage chat_gist_first $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     CK="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/ck/nanochat_src"

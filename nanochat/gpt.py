@@ -310,7 +310,7 @@ class GPT(nn.Module):
         return norm(self.transformer.wte(idx))
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, *, inputs_embeds=None, positions=None, lod=None,
-                logits_at=None, return_hidden=False):
+                logits_at=None, return_hidden=False, scored_only=False):
         """Vanilla: idx (B, T) token ids -> logits (B, T, V), or the loss given targets.
         MegaContext hook (inputs_embeds given): one working context of tokens and gists.
           inputs_embeds: (B, T, C) slot embeddings (embed_tokens(ids) at token slots, gists elsewhere)
@@ -327,7 +327,9 @@ class GPT(nn.Module):
             slots, while rotary uses `positions`, so the caller may keep any origin (runtime.py uses
             the history's token 0, which keeps cached slots valid as the history grows)
         return_hidden: also return the final residual stream (B, T, C) (before the head's norm), what
-        MegaPrediction's readouts read: -> (logits or loss, hidden)."""
+        MegaPrediction's readouts read: -> (logits or loss, hidden).
+        scored_only (vanilla, with targets, mean loss): run the head only where a target is not -1, the
+        same loss up to float summation order (the recall rows score ~2% of their targets)."""
         B, T = idx.shape
         if inputs_embeds is not None:
             out, x = self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache, logits_at)
@@ -345,6 +347,9 @@ class GPT(nn.Module):
         x = self._trunk(x, idx, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T, emb[:, -1:])
+        if scored_only and targets is not None and loss_reduction == "mean":
+            scored = targets != -1  # (B, T)
+            return self._head(x[scored][None], targets[scored][None], loss_reduction)  # (1, N, C) -> the mean loss
         out = self._head(x, targets, loss_reduction)
         return (out, x) if return_hidden else out
 

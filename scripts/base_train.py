@@ -440,8 +440,8 @@ def train(argv=None):
         for micro in range(grad_accum_steps):
             if predictor is not None:  # the same forward, also returning the hidden states (B, T, C)
                 loss, hidden = model(x, y, return_hidden=True)
-            else:
-                loss = model(x, y)
+            else:  # recall rows score only their answers: the head runs there alone
+                loss = model(x, y, scored_only=args.recall_facts > 0)
             train_loss = loss.detach()
             if mc is None:
                 (loss / grad_accum_steps).backward()
