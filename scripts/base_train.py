@@ -216,14 +216,14 @@ def recall_metrics(model, docs, mc, gistnet, lensnet, window, device):
         out = {"recall/full": recall_accuracy(model, docs, device=device),
                "recall/truncation": recall_accuracy(model, docs, window, device=device)}
     else:
-        from nanochat.megacontext.evaluation import measure_retrieval
+        from nanochat.megacontext.evaluation import measure_retrieval, retrieval_summary
         gistnet.eval(), lensnet.eval()
         histories = [torch.tensor(h, dtype=torch.long, device=device) for h, _ in docs]
         answers = [torch.tensor(a, dtype=torch.long, device=device) for _, a in docs]
         records, _ = measure_retrieval(model, gistnet, lensnet, mc, histories, answers)
-        out = {f"recall/{m}": sum(r["correct"] for r in records[m]) / len(docs) for m in ("full", "truncation", "megacontext")}
-        found = [r["fact_raw"] for r in records["megacontext"] if r["fact_raw"] is not None]
-        out["recall/fact_raw"] = sum(found) / len(found) if found else float("nan")  # the WC held the fact block raw
+        cells = {m: retrieval_summary(records[m]) for m in ("full", "truncation", "megacontext")}
+        out = {f"recall/{m}": cell["acc"] for m, cell in cells.items()}
+        out["recall/fact_raw"] = cells["megacontext"].get("fact_raw", float("nan"))  # the WC held the fact block raw
         gistnet.train(), lensnet.train()
     model.train()
     return out

@@ -170,12 +170,17 @@ def refocus(model, lensnet, allocator, wc, source, iterations, generator=None):
     return wcs[0], edits[0]
 
 
+def start_working_contexts(cfg, sources, levels):
+    """The WC each refocus starts from: WorkingContext.recency_filled up to the source's level, fit_budget'ed."""
+    return [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, L), cfg.w_max)
+            for src, L in zip(sources, levels)]
+
+
 def mc_working_contexts(model, lensnet, cfg, sources, levels, iterations, seed):
     """The MegaContext WC of each source: WorkingContext.recency_filled up to its level (the newest
     tokens raw as far as w_max allows, the rest as gists; fit_budget when even that is too big), then
     refocused with a fresh allocator and generator (seed + index). -> (wcs, edits) as refocus_batch."""
-    start = [fit_budget(WorkingContext.recency_filled(src, cfg.w_max, cfg.recent_tokens, L), cfg.w_max)
-             for src, L in zip(sources, levels)]
+    start = start_working_contexts(cfg, sources, levels)
     allocators = [FocusAllocator.from_config(cfg) for _ in sources]
     generators = [torch.Generator().manual_seed(seed + b) for b in range(len(sources))]
     return refocus_batch(model, lensnet, allocators, start, sources, iterations, generators)
@@ -440,7 +445,7 @@ def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, re
     fitted = [fitted_source(model, gistnet, h, cfg.w_max, cfg.recent_tokens, cfg.max_level) for h in histories]
     sources = [src for src, _ in fitted]
     mc, edits = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], refocus_iters, seed)
-    start, _ = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], 0, seed)  # before any refocus
+    start = start_working_contexts(cfg, sources, [L for _, L in fitted])  # before any refocus (WCs are values: still as built)
     field = receptive_field(model)
     jobs = []  # (sequence index, method, WC)
     for b, src in enumerate(sources):
