@@ -309,22 +309,24 @@ class GPT(nn.Module):
         this space, so a working context of tokens and gists is one tensor of these."""
         return norm(self.transformer.wte(idx))
 
-    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, *, inputs_embeds=None, positions=None, lod=None,
+    def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None, *, inputs_embeds=None, rotary=None, lod=None,
                 logits_at=None, return_hidden=False, scored_only=False):
         """Vanilla: idx (B, T) token ids -> logits (B, T, V), or the loss given targets.
         MegaContext hook (inputs_embeds given): one working context of tokens and gists.
           inputs_embeds: (B, T, C) slot embeddings (embed_tokens(ids) at token slots, gists elsewhere)
-          positions: (B, T) or (T,) float position each slot stands for (a gist: its span's center)
+          rotary: (cos, sin), each (B, T, 1, D/2) or (1, T, 1, D/2) float32: the slots' rotary factors, which
+            the caller computes (megacontext/positions.py, slot_rotary: Gaussian RoPE from the position
+            each slot stands for; this module never imports the MegaContext package)
           lod: (B, T) or (T,) long, 0 at token slots, the gist's level elsewhere
           idx: (B, T) token ids at token slots, any value (e.g. -1) at gist slots
           logits_at: (B, H) long or None: compute logits (and the loss: targets then (B, H)) only at
             these slots, e.g. the horizon after a working context (saves the (B, T, V) logits)
-        Gist slots get Gaussian RoPE (megacontext/positions.py), no value embedding (it is keyed
-        by token id; the slot's v is c_v(x) alone) and no smear in or out (the smear mixes in the
-        previous token, and a gist is not one). With lod all 0 and positions 0..T-1 (T <= 4096,
-        see positions.SPLIT) the result equals the vanilla forward on idx exactly.
+        Gist slots get no value embedding (it is keyed by token id; the slot's v is c_v(x) alone) and
+        no smear in or out (the smear mixes in the previous token, and a gist is not one). With lod all
+        0 and the rotary of positions 0..T-1 (T <= 4096, see positions.SPLIT) the result equals the
+        vanilla forward on idx exactly.
           kv_cache (MegaContext): an engine.KVCache over the WC's slots; its windows and masks count
-            slots, while rotary uses `positions`, so the caller may keep any origin (runtime.py uses
+            slots, while `rotary` carries the positions, so the caller may keep any origin (runtime.py uses
             the history's token 0, which keeps cached slots valid as the history grows)
         return_hidden: also return the final residual stream (B, T, C) (before the head's norm), what
         MegaPrediction's readouts read: -> (logits or loss, hidden).
@@ -332,7 +334,7 @@ class GPT(nn.Module):
         same loss up to float summation order (the recall rows score ~2% of their targets)."""
         B, T = idx.shape
         if inputs_embeds is not None:
-            out, x = self._forward_mixed(idx, inputs_embeds, positions, lod, targets, loss_reduction, kv_cache, logits_at)
+            out, x = self._forward_mixed(idx, inputs_embeds, rotary, lod, targets, loss_reduction, kv_cache, logits_at)
             return (out, x) if return_hidden else out
         emb = self.embed_tokens(idx)  # (B, T, C) pre-smear
         if kv_cache is None:
@@ -369,11 +371,10 @@ class GPT(nn.Module):
                 x_mid = x
         return x - self.backout_lambda.to(x.dtype) * x_mid
 
-    def _forward_mixed(self, idx, emb, positions, lod, targets, loss_reduction, kv_cache, logits_at=None):
-        from nanochat.megacontext.positions import gaussian_rotary  # only MegaContext runs get here
+    def _forward_mixed(self, idx, emb, rotary, lod, targets, loss_reduction, kv_cache, logits_at=None):
         B, T, C = emb.shape
-        if positions is None or lod is None or idx.shape != (B, T):
-            raise ValueError(f"inputs_embeds {tuple(emb.shape)} needs positions, lod and idx of shape ({B}, {T})")
+        if rotary is None or lod is None or idx.shape != (B, T):
+            raise ValueError(f"inputs_embeds {tuple(emb.shape)} needs rotary, lod and idx of shape ({B}, {T})")
         lod = lod.expand(B, T)
         token_mask = (lod == 0).unsqueeze(-1).to(emb.dtype)  # (B, T, 1)
         if kv_cache is None:
@@ -382,8 +383,7 @@ class GPT(nn.Module):
             kv_cache.positions(T)  # slot indices of the new slots: the attention masks
             keep = token_mask * torch.cat([torch.ones_like(token_mask[:, :1]), token_mask[:, :-1]], dim=1)  # (B, T, 1)
             x = self.smear(emb, kv_cache.smear_prev, keep=keep)
-        cos, sin = gaussian_rotary(positions.expand(B, T), lod, self.config.n_embd // self.config.n_head)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (B, T, 1, D/2)
+        cos, sin = (r.to(x.dtype) for r in rotary)  # (B or 1, T, 1, D/2)
         x = self._trunk(x, idx, cos, sin, kv_cache, token_mask=token_mask)
         if kv_cache is not None:
             kv_cache.advance(T, emb[:, -1:] * token_mask[:, -1:])

@@ -182,49 +182,16 @@ def print_samples(model, tokenizer, prompts, max_tokens=32):
 SAMPLE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "import os\n", "If yesterday was Friday, then tomorrow will be"]
 
 
-@torch.no_grad()
-def validate_megacontext(model, gistnet, lensnet, mc, tokenizer, B, T, device, predictor=None):
-    """megacontext.evaluation.validate on the first mc.eval_rows rows of the val split -> {"mc_val/<key>": float};
-    with a predictor also mp_dnll_lod{L}, megaprediction.predicted_gist_dnll on the same rows."""
-    from nanochat.megacontext.evaluation import validate
-    loader = bos_bestfit_loader(tokenizer, B, T, "val", device=device)
-    rows = []
-    while sum(len(r) for r in rows) < mc.eval_rows:
-        x, y, _ = next(loader)
-        rows.append(torch.cat([x, y[:, -1:]], dim=1))  # (B, T + 1)
-    rows = torch.cat(rows)[:mc.eval_rows]
-    modules = (model, gistnet, lensnet) + (() if predictor is None else (predictor,))
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    result = validate(model, gistnet, lensnet, mc, rows, bos_id=tokenizer.get_bos_token_id())
-    if predictor is not None:
-        from nanochat.megacontext.megaprediction import predicted_gist_dnll
-        dnll = predicted_gist_dnll(predictor, gistnet, model, mc, rows, bos_id=tokenizer.get_bos_token_id())
-        result.update({f"mp_dnll_lod{L}": v for L, v in dnll.items()})
-    for m, mode in zip(modules, modes):
-        m.train(mode)
-    return {f"mc_val/{k}": v for k, v in result.items()}
-
-
-def recall_metrics(model, docs, mc, gistnet, lensnet, window, device):
+def recall_metrics(model, docs, trainer, window, device):
     """Exact recall of docs (recall_eval_docs) -> {"recall/full", "recall/truncation"[, "recall/megacontext"]}:
     a vanilla run reads the whole history or its newest `window` tokens, a MegaContext run
-    megacontext.evaluation.measure_retrieval's three methods (the same two, plus its refocused WC)."""
+    MegaContextTrainer.recall: the same two, plus its refocused WC."""
     model.eval()
-    if mc is None:
+    if trainer is None:
         out = {"recall/full": recall_accuracy(model, docs, device=device),
                "recall/truncation": recall_accuracy(model, docs, window, device=device)}
     else:
-        from nanochat.megacontext.evaluation import measure_retrieval, retrieval_summary
-        gistnet.eval(), lensnet.eval()
-        histories = [torch.tensor(h, dtype=torch.long, device=device) for h, _ in docs]
-        answers = [torch.tensor(a, dtype=torch.long, device=device) for _, a in docs]
-        records, _ = measure_retrieval(model, gistnet, lensnet, mc, histories, answers)
-        cells = {m: retrieval_summary(records[m]) for m in ("full", "truncation", "megacontext")}
-        out = {f"recall/{m}": cell["acc"] for m, cell in cells.items()}
-        out["recall/fact_raw"] = cells["megacontext"].get("fact_raw", float("nan"))  # the WC held the fact block raw
-        gistnet.train(), lensnet.train()
+        out = trainer.recall(docs, device)
     model.train()
     return out
 
@@ -298,24 +265,13 @@ def train(argv=None):
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
                                         matrix_lr=args.matrix_lr * lr_scale, weight_decay=weight_decay, scalar_lr=args.scalar_lr * lr_scale)
     adamw, muon = optimizers
-    predictor = None  # MegaPrediction's readouts (--megaprediction)
-    if mc is not None:  # GistNet + LensNet and their AdamW, scheduled with the model's optimizers
-        from nanochat.megacontext.checkpoint import build_modules, build_predictor, save_megacontext, load_megacontext, load_predictor
+    trainer = None
+    if mc is not None:  # GistNet + LensNet (+ MegaPredictor) and their AdamW, scheduled with the model's optimizers
         from nanochat.megacontext.training import MegaContextTrainer
-        gistnet, lensnet = build_modules(mc, config, device)
-        trainer = MegaContextTrainer(model, gistnet, lensnet, mc, seed=0, bos_id=tokenizer.get_bos_token_id())
+        trainer = MegaContextTrainer.build(model, mc, device, bos_id=tokenizer.get_bos_token_id())
         mc_optimizer = trainer.make_optimizer()
-        predictor = build_predictor(mc, config, device)  # None without --megaprediction
-        if predictor is not None:  # its own group in the MC AdamW, at GistNet's lr
-            from nanochat.megacontext.megaprediction import megaprediction_loss, level_weights
-            mp_weights = level_weights(mc)  # {level: alpha}
-            mc_optimizer.add_param_group(dict(params=list(predictor.parameters()), lr=mc.gist_lr, initial_lr=mc.gist_lr))
-            print0(f"megaprediction: MegaPredictor {sum(p.numel() for p in predictor.parameters()):,} params | loss weights {mp_weights}")
-        gist_flops = 6 * sum(p.numel() for p in gistnet.parameters())  # per history token gisted
-        print0(f"megacontext: {json.dumps(mc.to_dict())}")
-        print0(f"megacontext: GistNet {sum(p.numel() for p in gistnet.parameters()):,} params | LensNet "
-               f"{sum(p.numel() for p in lensnet.parameters()):,} params | history {args.max_seq_len + 1 - mc.horizon} tokens "
-               f"= {(args.max_seq_len + 1 - mc.horizon) / mc.w_max:.1f}x w_max")
+        for line in trainer.describe(history=args.max_seq_len + 1 - mc.horizon):
+            print0(line)
 
     # checkpoint dir and resume -----------------------------------------------------------
     model_tag = args.model_tag or f"d{args.depth}"
@@ -334,16 +290,8 @@ def train(argv=None):
         for opt, state in zip(optimizers, optim_data["optimizers"]):
             opt.load_state_dict(state)
         start_step = meta["step"]
-        if mc is not None:
-            saved_mc, saved_gistnet, saved_lensnet, mc_state = load_megacontext(checkpoint_dir, start_step, config, device)
-            if saved_mc != mc:
-                changed = sorted(k for k, v in mc.to_dict().items() if saved_mc.to_dict()[k] != v)
-                raise UserError(f"cannot resume: the checkpoint's MegaContext settings differ in {', '.join(changed)}")
-            gistnet.load_state_dict(saved_gistnet.state_dict())
-            lensnet.load_state_dict(saved_lensnet.state_dict())
-            if predictor is not None:
-                predictor.load_state_dict(load_predictor(checkpoint_dir, start_step, config, device).state_dict())
-            mc_optimizer.load_state_dict(mc_state)
+        if trainer is not None:
+            trainer.resume(checkpoint_dir, start_step, mc_optimizer)
         if start_step > num_iterations:
             raise UserError(f"cannot resume from step {start_step}: this run has only {num_iterations} iterations")
         loader_state = optim_data["dataloader_state_dict"]
@@ -387,7 +335,7 @@ def train(argv=None):
         if mc is not None:  # beside the model, before the meta (the meta, written last, marks a complete step)
             meta["megacontext"] = mc.to_dict()
             if master:
-                save_megacontext(checkpoint_dir, step, mc, gistnet, lensnet, mc_optimizer, predictor)
+                trainer.save(checkpoint_dir, step, mc_optimizer)
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_data, meta, rank=rank)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
 
@@ -404,15 +352,11 @@ def train(argv=None):
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             mc_val = {}
             if mc is not None and mc.eval_rows > 0:  # failure mode 10: validate the MegaContext path too
-                mc_val = validate_megacontext(orig_model, gistnet, lensnet, mc, tokenizer, B, T, device, predictor)
-                print0(f"step {step:05d} | mc val: NLL trunc {mc_val['mc_val/nll_trunc']:.3f} | mc {mc_val['mc_val/nll_mc']:.3f} "
-                       f"| full {mc_val['mc_val/nll_full']:.3f} | gap closed {mc_val['mc_val/gap_closed']:.3f} "
-                       f"| LOD1 substitution {mc_val['mc_val/dnll_lod1']:+.3f} nats"
-                       + (f" | predicted LOD1 {mc_val['mc_val/mp_dnll_lod1']:+.3f} nats" if "mc_val/mp_dnll_lod1" in mc_val else ""))
+                mc_val, line = trainer.validate(tokenizer, B, T, device)
+                print0(f"step {step:05d} | {line}")
             recall = {}
             if args.recall_facts > 0:  # recall of one fact ~T tokens back: full attention, truncation, the WC
-                recall = recall_metrics(orig_model, recall_docs, mc, gistnet if mc else None, lensnet if mc else None,
-                                        args.recall_window, device)
+                recall = recall_metrics(orig_model, recall_docs, trainer, args.recall_window, device)
                 print0(f"step {step:05d} | recall " + " | ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in recall.items()))
             log.write(step=step, kind="eval", val_bpb=val_bpb, **recall, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
                       wall_s=loop_state["total_training_time"], **mc_val)
@@ -438,31 +382,18 @@ def train(argv=None):
         step_flops = flops_per_token * total_batch_size
         mc_stats = []
         for micro in range(grad_accum_steps):
-            if predictor is not None:  # the same forward, also returning the hidden states (B, T, C)
-                loss, hidden = model(x, y, return_hidden=True)
-            else:  # recall rows score only their answers: the head runs there alone
+            if trainer is None:  # recall rows score only their answers: the head runs there alone
                 loss = model(x, y, scored_only=args.recall_facts > 0)
-            train_loss = loss.detach()
-            if mc is None:
+                train_loss = loss.detach()
                 (loss / grad_accum_steps).backward()
-            elif predictor is None:
-                (mc.lm_weight * loss / grad_accum_steps).backward()
-            else:  # MegaPrediction: + sum_L alpha_L * (1 - cos) of the readouts, in the LM loss's backward
-                mp_losses, mp_cos = megaprediction_loss(predictor, gistnet, orig_model, hidden, x, mp_weights)
-                mp_loss = sum(mp_weights[L] * l for L, l in mp_losses.items())
-                ((mc.lm_weight * loss + mp_loss) / grad_accum_steps).backward()
-                step_flops += world_size * B * T * (gist_flops / 3 + 6 * predictor.dim ** 2 / 32)  # per token: the targets' GistNet forward, 1/32 readout
-            if mc is not None:
-                stats = trainer.backward(x, y, step, num_iterations, grad_scale=1 / grad_accum_steps,
-                                         stream=rank * grad_accum_steps + micro)
-                step_flops += world_size * x.size(0) * (stats.get("slots", 0.0) * flops_per_token + (x.size(1) + 1 - mc.horizon) * gist_flops)
-                if predictor is not None:
-                    stats.update({f"mp_cos_lod{L}": c for L, c in mp_cos.items()})
+            else:  # the LM loss (+ MegaPrediction's), then the MegaContext losses on the same rows
+                train_loss, stats, flops = trainer.micro_step(model, x, y, step, num_iterations, grad_accum_steps,
+                                                              stream=rank * grad_accum_steps + micro, scored_only=args.recall_facts > 0)
+                step_flops += world_size * flops
                 mc_stats.append(stats)
             loader_state = next_loader_state  # the state after the batch just consumed: what a checkpoint resumes from
             x, y, next_loader_state = next(train_loader)
-        params = list(orig_model.parameters()) + ([] if mc is None else trainer.parameters())
-        params += [] if predictor is None else list(predictor.parameters())
+        params = list(orig_model.parameters()) + ([] if trainer is None else trainer.parameters())
         if is_ddp:
             for p in params:  # a MegaContext module can sit out a rank's step (e.g. LensNet while C2 covers every history)
                 if p.grad is None:
@@ -494,21 +425,7 @@ def train(argv=None):
         done = (step - start_step) / (num_iterations - start_step)
         eta = dt * (num_iterations - step)
         mfu_str = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        mc_line, mc_metrics = "", {}
-        if mc is not None:  # micro-batch means of the trainer's stats (NaN: none of them measured it)
-            for k in mc_stats[0]:
-                vals = [st[k] for st in mc_stats if k in st and st[k] == st[k]]
-                mc_metrics[f"mc/{k}"] = sum(vals) / len(vals) if vals else float("nan")
-            mc_line = (f" | C2 {mc_metrics['mc/budget']:.0f} | hz {mc_metrics['mc/horizon_loss']:.3f} | lens {mc_metrics['mc/lens_loss']:.3f}"
-                       f" agree {mc_metrics['mc/lens_agree']:.2f} | gist cos {mc_metrics['mc/gist_cos_lod1']:.2f}")
-            if "mc/mp_cos_lod1" in mc_metrics:
-                mc_line += f" | mp cos {mc_metrics['mc/mp_cos_lod1']:.2f}"
-            if "mc/fact_lens_top" in mc_metrics:  # recall rows: is the asked fact raw in a variant, LensNet's top gist?
-                mc_line += (f" | fact raw ref {mc_metrics['mc/fact_raw_reference']:.2f} pert {mc_metrics['mc/fact_raw_perturbed']:.2f}"
-                            f" lens {mc_metrics['mc/fact_raw_lens']:.2f} top {mc_metrics['mc/fact_lens_top']:.2f}"
-                            f" | pair cos {mc_metrics['mc/gist_pair_cos']:.2f}")
-            if "mc/ckri" in mc_metrics:
-                mc_line += f" | ckri {mc_metrics['mc/ckri']:.3f}"
+        mc_metrics, mc_line = ({}, "") if trainer is None else trainer.summarize(mc_stats)  # micro-batch means
         print0(f"step {step:05d}/{num_iterations:05d} ({100 * done:.1f}%) | loss {smooth:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms "
                f"| tok/s {tok_per_sec:,.0f} | mfu {mfu_str}{mc_line} | eta {eta / 60:.1f}m")
         log.write(step=step, kind="train", loss=train_loss, smooth_loss=smooth, lr_mult=lrm, tok_per_sec=tok_per_sec, mfu=mfu,

@@ -95,7 +95,8 @@ def main(argv=None):
         _, gistnet, _, _ = load_for_chat(args.source, model_tag, step, model, device)
         name = f"{args.source}/{model_tag}"  # what chat_cli names its trees: the CK is checked against it on attach
         print0(f"building a Core-Knowledge MegaContext of {len(files)} files from {args.input} for {name} step {step}")
-        tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=partial, model_name=name)
+        tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=partial, model_name=name,
+                               device=model.get_device())
         t0, last = time.time(), [0.0]
 
         def progress(k, tree):

@@ -110,3 +110,29 @@ def heavy_op_dtypes(fn):
     with Record() as mode:
         fn()
     return mode.seen
+
+
+# a tiny MegaContext model for the evaluation and refocus tests
+
+def tiny(max_level=1, w_max=64, seed=0, vocab_size=256, **mc):
+    """A real GPT (n_embd 64, 2 layers) with weights jittered off the init (whose zero projections
+    would make every layer a no-op), and fresh GistNet / LensNet."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.megacontext.checkpoint import build_modules
+    from nanochat.megacontext.config import MegaContextConfig
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
+    model = GPT(config)
+    model.init_weights()
+    jitter(model.parameters(), 0.05)
+    cfg = MegaContextConfig(w_max=w_max, max_level=max_level, recent_tokens=32, horizon=32, gist_layers=1, lens_layers=1,
+                            lens_hidden=64, **mc).validate()
+    gistnet, lensnet = build_modules(cfg, config)
+    return model, gistnet, lensnet, cfg
+
+
+def loud(lensnet, gain=50.0):
+    """Saturate LensNet's tanh so that most entries score beyond the allocator's thresholds."""
+    with torch.no_grad():
+        lensnet.head.weight.mul_(gain)
+    return lensnet

@@ -8,9 +8,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from nanochat.megacontext import BLOCK_SIZE as K
-from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.allocator import FocusAllocator, refocus
+from nanochat.megacontext.horizon import build_source
 from nanochat.megacontext.tree import MegaContextTree
 from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context
+from conftest import loud, tiny
 
 
 DIM = 8
@@ -270,3 +272,23 @@ def test_bad_scores_and_illegal_input_are_refused():
     assert FocusAllocator(wc.cost - 1, check=False).step(wc, torch.zeros(20), source) == (wc, [])
     with pytest.raises(ValueError, match="strategy"):
         FocusAllocator(100, strategy="random")
+
+
+# -----------------------------------------------------------------------------
+# refocus: LensNet scores, then allocator steps (against a real model)
+
+def test_refocus_stops_when_there_is_no_edit():
+    model, gistnet, lensnet, cfg = tiny(w_max=128)
+    source = build_source(model, gistnet, torch.randint(0, 256, (600,)), cfg.max_level)
+    start = WorkingContext.coarsest(source, cfg.recent_tokens, cfg.max_level)
+    with torch.no_grad():
+        lensnet.head.weight.zero_()  # every score 0: inside both thresholds, no candidate
+        wc, edits = refocus(model, lensnet, FocusAllocator.from_config(cfg), start, source, iterations=5)
+    assert wc == start and edits == [[]]
+    loud(lensnet)
+    with torch.no_grad():
+        lensnet.head.weight.normal_(std=10.0)  # large scores of both signs
+        wc, edits = refocus(model, lensnet, FocusAllocator.from_config(cfg), start, source, iterations=50)
+    assert edits[0] and wc != start and wc.cost <= cfg.w_max
+    assert len(edits) == 50 or edits[-1] == []  # ran out of iterations, or stopped at the first idle one
+    assert all(step for step in edits[:-1])  # no idle iteration before the last

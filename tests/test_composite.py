@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.megacontext import BLOCK_SIZE as K
 from nanochat.megacontext.checkpoint import build_modules
+from nanochat.megacontext.allocator import refocus
 from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource, CompositeWC, attribution, check_composite,
                                             ck_cap, composite_start)
 from nanochat.megacontext.config import MegaContextConfig
-from nanochat.megacontext.evaluation import refocus
 from nanochat.megacontext.horizon import build_source, horizon_nll
 from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError
 from conftest import jitter

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanochat.megacontext.positions import slot_rotary
 from nanochat.gpt import GPT, GPTConfig, attend, window_sizes, has_value_embedding
 from conftest import jitter
 
@@ -195,12 +196,15 @@ def test_lr_multiplier_scales_every_group_and_schedules_follow_initial_lr():
 
 
 # -----------------------------------------------------------------------------
-# the MegaContext hook: model(idx, inputs_embeds=..., positions=..., lod=...)
+# the MegaContext hook: model(idx, inputs_embeds=..., rotary=..., lod=...), rotary from positions.slot_rotary
 
 def mixed_inputs(model, idx):
     T = idx.size(1)
-    return dict(inputs_embeds=model.embed_tokens(idx), positions=torch.arange(T, dtype=torch.float32),
-                lod=torch.zeros(T, dtype=torch.long))
+    return mixed(model, model.embed_tokens(idx), torch.arange(T, dtype=torch.float32), torch.zeros(T, dtype=torch.long))
+
+
+def mixed(model, embeds, positions, lod):
+    return dict(inputs_embeds=embeds, rotary=slot_rotary(model, positions, lod), lod=lod)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1, window_pattern="SL", sequence_len=256)])
@@ -235,8 +239,9 @@ def test_gist_slots_ignore_their_placeholder_id_and_get_no_smear():
     lod[10] = 1
     a, b = idx.clone(), idx.clone()
     a[0, 10], b[0, 10] = -1, 7  # the id at a gist slot is a placeholder: no value embedding is looked up
-    out_a = model(a, inputs_embeds=emb, positions=inputs["positions"], lod=lod)
-    assert torch.equal(out_a, model(b, inputs_embeds=emb, positions=inputs["positions"], lod=lod))
+    positions = torch.arange(T, dtype=torch.float32)
+    out_a = model(a, **mixed(model, emb, positions, lod))
+    assert torch.equal(out_a, model(b, **mixed(model, emb, positions, lod)))
     # smear: a slot next to a gist keeps its own embedding; tokens elsewhere still smear
     keep = torch.ones(1, T - 1, 1)
     keep[0, 9] = keep[0, 10] = 0  # pairs (9, 10) and (10, 11)
@@ -251,9 +256,10 @@ def test_hook_takes_positions_beyond_any_table_and_is_shift_invariant():
     idx = torch.randint(0, model.config.vocab_size, (1, T))
     inputs = mixed_inputs(model, idx)
     base = model(idx, **inputs)
-    far = dict(inputs, positions=inputs["positions"] + 1000.0)  # rotary is relative: a shift changes nothing
+    positions = torch.arange(T, dtype=torch.float32)
+    far = mixed(model, inputs["inputs_embeds"], positions + 1000.0, inputs["lod"])  # rotary is relative: a shift changes nothing
     assert torch.allclose(model(idx, **far), base, atol=2e-3)
-    huge = dict(inputs, positions=inputs["positions"] + 5_000_000.0)  # far past the rotary table: no assert
+    huge = mixed(model, inputs["inputs_embeds"], positions + 5_000_000.0, inputs["lod"])  # far past the rotary table: no assert
     assert torch.isfinite(model(idx, **huge)).all()
 
 
@@ -282,10 +288,10 @@ def test_hook_wiring_lod_changes_rotary_smear_is_cut_and_gists_get_gradients(mon
     seen = {}
     smear = model.smear
     monkeypatch.setattr(model, "smear", lambda x, prev=None, keep=None: seen.setdefault("keep", keep) is not None and smear(x, prev, keep))
-    out1 = model(idx, inputs_embeds=emb, positions=positions, lod=lod1)
+    out1 = model(idx, inputs_embeds=emb, rotary=slot_rotary(model, positions, lod1), lod=lod1)
     keep = seen["keep"][0, :, 0]
     assert keep[9] == 0 and keep[10] == 0 and keep.sum() == T - 3  # pairs (9, 10) and (10, 11) cut, the rest kept
-    out2 = model(idx, inputs_embeds=emb, positions=positions, lod=lod2)
+    out2 = model(idx, inputs_embeds=emb, rotary=slot_rotary(model, positions, lod2), lod=lod2)
     assert not torch.allclose(out1[0, 11:], out2[0, 11:])  # the gist's level changes how later slots see it
     out1[0, -1].sum().backward()
     assert emb.grad[0, 10].abs().sum() > 0  # the gist is in the graph
@@ -306,19 +312,19 @@ def test_hook_with_a_kv_cache_equals_the_full_forward_chunk_by_chunk():
         lod[s] = 1
     idx[0, lod == 1] = -1
     pos = torch.arange(T, dtype=torch.float64) * 3 + 1e6  # any origin and spacing: rotary reads the positions
-    full, hidden = model(idx, inputs_embeds=emb, positions=pos, lod=lod, return_hidden=True)
+    full, hidden = model(idx, inputs_embeds=emb, rotary=slot_rotary(model, pos, lod), lod=lod, return_hidden=True)
     assert hidden.shape == (1, T, model.config.n_embd)
     cache = KVCache.for_model(model, 1, T)
     outs = []
     for a, b in [(0, 4), (4, 5), (5, 18), (18, 19), (19, 40)]:
-        outs.append(model(idx[:, a:b], kv_cache=cache, inputs_embeds=emb[:, a:b], positions=pos[a:b], lod=lod[a:b]))
+        outs.append(model(idx[:, a:b], kv_cache=cache, inputs_embeds=emb[:, a:b], rotary=slot_rotary(model, pos[a:b], lod[a:b]), lod=lod[a:b]))
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-4)
     # rewind to slot 17 (a gist follows slot 16, a token) and recompute the rest
     cache.truncate(17, emb[:, 16:17])
-    again = model(idx[:, 17:], kv_cache=cache, inputs_embeds=emb[:, 17:], positions=pos[17:], lod=lod[17:])
+    again = model(idx[:, 17:], kv_cache=cache, inputs_embeds=emb[:, 17:], rotary=slot_rotary(model, pos[17:], lod[17:]), lod=lod[17:])
     assert torch.allclose(again, full[:, 17:], atol=1e-4)
     cache.truncate(5, emb[:, 4:5] * 0)  # slot 4 is a gist: nothing smears into slot 5
-    again = model(idx[:, 5:], kv_cache=cache, inputs_embeds=emb[:, 5:], positions=pos[5:], lod=lod[5:])
+    again = model(idx[:, 5:], kv_cache=cache, inputs_embeds=emb[:, 5:], rotary=slot_rotary(model, pos[5:], lod[5:]), lod=lod[5:])
     assert torch.allclose(again, full[:, 5:], atol=1e-4)
 
 

@@ -3,9 +3,10 @@
 import torch
 import torch.nn.functional as F
 
+from nanochat.megacontext.positions import slot_rotary
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.megacontext.gistnet import GistNet
-from nanochat.megacontext.horizon import build_source, horizon_nll, lens_inputs, pack_horizon
+from nanochat.megacontext.horizon import build_source, gist_loss, horizon_nll, lens_inputs, pack_horizon, split_point
 from nanochat.megacontext.working_context import WorkingContext
 
 H = 32
@@ -80,7 +81,7 @@ def test_token_slots_are_the_sources_own_embeddings_not_embedded_again():
     assert torch.equal(assembled[0]["embeds"], a["embeds"])
     # and the horizon loss reaches wte through the source's embeddings (the gists' inputs too)
     source.levels[0].retain_grad()
-    logits = model(batch["idx"], inputs_embeds=batch["inputs_embeds"], positions=batch["positions"], lod=batch["lod"],
+    logits = model(batch["idx"], inputs_embeds=batch["inputs_embeds"], rotary=slot_rotary(model, batch["positions"], batch["lod"]), lod=batch["lod"],
                    logits_at=batch["logits_at"])
     logits.sum().backward()
     first_raw = wc.entries[[e.level for e in wc.entries].index(0)].start
@@ -131,3 +132,30 @@ def test_lens_inputs_entry_vectors_levels_mask_and_tail():
     assert torch.all(tail[0, :8 - n1] == 0)
     torch.testing.assert_close(tail[0, -1], source.gists(1, n1 - 1, n1)[0])
     assert not vecs.requires_grad and not tail.requires_grad
+
+
+# the horizon of a packed row and the gist loss
+
+def test_the_horizon_ends_the_rows_longest_document():
+    B_ = 0  # BOS
+    row = [B_] + [5] * 99 + [B_] + [6] * 299 + [B_] + [7] * 20  # docs of 100, 300 and 21 tokens: 421 tokens
+    assert split_point(row, B_, 32, 128) == 400 - 32  # the horizon: the last 32 tokens of the 300-token document
+    assert split_point(row, None, 32, 128) == 421 - 32  # no BOS given: the row's end
+    assert split_point(row, B_, 32, 380) == 421 - 32  # no document leaves a history longer than w_max: the row's end
+    assert split_point([5] * 80 + [B_] + [6] * 10, B_, 32, 16) == 80 - 32  # a row that starts inside a cropped document
+
+
+def test_gist_loss_is_zero_for_a_perfect_prediction_and_none_below_a_block():
+    model, gistnet, _, _ = setup()
+    targets = torch.randint(0, 97, (2, 32))
+    perfect = torch.full((2, 32, 97), -50.0).scatter(2, targets[..., None], 50.0)
+    loss, cos = gist_loss(model, gistnet, perfect, targets, 1)
+    assert loss.item() < 1e-5 and cos.item() > 1 - 1e-5
+    loss, _ = gist_loss(model, gistnet, torch.randn(2, 32, 97, requires_grad=True), targets, 1)
+    assert loss.item() > 0.01
+    assert gist_loss(model, gistnet, perfect, targets, 2) is None  # LOD2 needs a 1024-token horizon
+    # it trains the model (through the soft prediction), never GistNet: a constant GistNet would make cos = 1
+    logits = torch.randn(2, 32, 97, requires_grad=True)
+    gist_loss(model, gistnet, logits, targets, 1)[0].backward()
+    assert logits.grad.abs().sum() > 0 and model.transformer.wte.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gistnet.parameters()) and all(p.requires_grad for p in gistnet.parameters())

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat.megacontext.positions import slot_rotary
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig, norm
 from nanochat.megacontext.checkpoint import build_modules
@@ -39,7 +40,7 @@ def full_forward_logits(session):
     items = slot_items(session.wc, None if session.plan is None else session.plan[0])
     b = session._assemble_from(items, 0)
     with torch.no_grad():
-        return session.model(b["idx"], inputs_embeds=b["embeds"], positions=b["positions"], lod=b["lod"])[0, -1]
+        return session.model(b["idx"], inputs_embeds=b["embeds"], rotary=slot_rotary(session.model, b["positions"], b["lod"]), lod=b["lod"])[0, -1]
 
 
 def stream(n, seed=1):
@@ -281,7 +282,7 @@ def test_attached_memories_stream_legal_and_the_cache_equals_a_full_forward(tmp_
             items = slot_items(s.wc, None, s.recall)
             b = s._assemble_from(items, 0)
             with torch.no_grad():
-                full = model(b["idx"], inputs_embeds=b["embeds"], positions=b["positions"], lod=b["lod"])[0, -1]
+                full = model(b["idx"], inputs_embeds=b["embeds"], rotary=slot_rotary(model, b["positions"], b["lod"]), lod=b["lod"])[0, -1]
             assert torch.allclose(logits, full, atol=1e-4), f"cache diverged at token {40 + i}"
     # the runtime lays the slots out as composite.py does (tested there against the memories read as one text)
     a = CompositeWC(s.recall + [s.wc]).assemble(s.composite_source(), model.embed_tokens)

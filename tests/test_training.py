@@ -11,8 +11,7 @@ from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.horizon import build_source
 from nanochat.megacontext.lensnet import variant_utilities
-from nanochat.megacontext.training import (MegaContextTrainer, allocator_edits, gist_loss, perturb, random_mix,
-                                           split_point, variant_budget)
+from nanochat.megacontext.training import MegaContextTrainer, allocator_edits, perturb, random_mix, variant_budget
 from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
 
 from conftest import heavy_op_dtypes
@@ -85,22 +84,6 @@ def test_a_collapse_edit_scores_minus_the_mean_of_its_members_like_the_allocator
     row = torch.tensor([[edits[e] for e in entries]])  # (1, E)
     u = variant_utilities(scores, row[:, None, :])[0, 0]
     torch.testing.assert_close(u, -scores[0, :32].mean() + scores[0, 32])
-
-
-def test_gist_loss_is_zero_for_a_perfect_prediction_and_none_below_a_block():
-    model, gistnet, _, _ = make()
-    targets = torch.randint(0, V, (2, 32))
-    perfect = torch.full((2, 32, V), -50.0).scatter(2, targets[..., None], 50.0)
-    loss, cos = gist_loss(model, gistnet, perfect, targets, 1)
-    assert loss.item() < 1e-5 and cos.item() > 1 - 1e-5
-    loss, _ = gist_loss(model, gistnet, torch.randn(2, 32, V, requires_grad=True), targets, 1)
-    assert loss.item() > 0.01
-    assert gist_loss(model, gistnet, perfect, targets, 2) is None  # LOD2 needs a 1024-token horizon
-    # it trains the model (through the soft prediction), never GistNet: a constant GistNet would make cos = 1
-    logits = torch.randn(2, 32, V, requires_grad=True)
-    gist_loss(model, gistnet, logits, targets, 1)[0].backward()
-    assert logits.grad.abs().sum() > 0 and model.transformer.wte.weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in gistnet.parameters()) and all(p.requires_grad for p in gistnet.parameters())
 
 
 def test_a_training_step_changes_gistnet_and_lensnet_weights():
@@ -238,15 +221,6 @@ def test_fact_stats_say_where_the_asked_fact_is():
     assert out["fact_lens_top"] == 1
     scores[0, 2], scores[0, 5] = 0.0, 2.0
     assert fact_stats(rows, [c], weights, 32, variants, [coarse], [0], scores)["fact_lens_top"] == 0
-
-
-def test_the_horizon_ends_the_rows_longest_document():
-    B_ = 0  # BOS
-    row = [B_] + [5] * 99 + [B_] + [6] * 299 + [B_] + [7] * 20  # docs of 100, 300 and 21 tokens: 421 tokens
-    assert split_point(row, B_, 32, 128) == 400 - 32  # the horizon: the last 32 tokens of the 300-token document
-    assert split_point(row, None, 32, 128) == 421 - 32  # no BOS given: the row's end
-    assert split_point(row, B_, 32, 380) == 421 - 32  # no document leaves a history longer than w_max: the row's end
-    assert split_point([5] * 80 + [B_] + [6] * 10, B_, 32, 16) == 80 - 32  # a row that starts inside a cropped document
 
 
 def test_gist_pair_cos_detects_a_collapsed_gistnet():

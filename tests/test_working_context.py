@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
+from nanochat.megacontext.positions import slot_rotary
 from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context
 
 K = 32
@@ -177,7 +178,7 @@ def test_assembly_feeds_the_model():
     wc = WorkingContext.coarsest(src, recent_tokens=64)
     slots = wc.assemble(src, model.embed_tokens)
     ids = slots["token_ids"][None]
-    logits = model(ids, inputs_embeds=slots["embeds"][None], positions=slots["positions"], lod=slots["lod"])
+    logits = model(ids, inputs_embeds=slots["embeds"][None], rotary=slot_rotary(model, slots["positions"], slots["lod"]), lod=slots["lod"])
     assert logits.shape == (1, wc.cost, 100) and torch.isfinite(logits).all()
 
 

@@ -6,10 +6,12 @@ One module per component, read in this order:
 - gistnet.py          GistNet: a block of 32 embeddings -> one gist in the token-embedding space
 - tree.py             MegaContextTree: the whole history, LOD0 tokens + LOD1/LOD2/... gists, RAM or disk
 - working_context.py  WorkingContext: the fixed-budget mix of blocks and gists the model attends to,
-                      its edits, assembly, and the one invariant checker
+                      its edits, assembly, fit_budget, and the one invariant checker
 - lensnet.py          LensNet: signed focus scores for the working-context entries
-- allocator.py        FocusAllocator: scores -> legal expand / collapse edits within the budget
-- horizon.py          scoring WCs by the NLL of the tokens that follow them (one padded forward)
+- horizon.py          scoring WCs by the NLL of the tokens that follow them (one padded forward), where a
+                      packed row's horizon starts (split_point), the gist loss, LensNet's scores of WC entries
+- allocator.py        FocusAllocator: scores -> legal expand / collapse edits within the budget; refocus
+                      (LensNet scores, then allocator steps, until nothing changes)
 - training.py         base_train --megacontext: the slate of WC variants and the horizon, gist, lens losses
 - evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit
 - megaprediction.py   MegaPredictor: readouts of the model's hidden state predict the next block's gist
@@ -20,8 +22,10 @@ One module per component, read in this order:
                       refocus every block, the KV cache over the WC, gist-first plans, save / open)
 - checkpoint.py       GistNet + LensNet (+ MegaPredictor) beside a base checkpoint (mc_<step>.pt), built in one place
 - config.py           MegaContextConfig: the --mc-* flags and mc_* preset keys
-The vanilla model never imports this package; `GPT.forward(inputs_embeds=..., positions=..., lod=...)`
-is the one hook into the base model.
+Imports run one way, down this list (tests/test_imports.py fails on any cycle): the vanilla model never
+imports this package, and `GPT.forward(inputs_embeds=..., rotary=positions.slot_rotary(...), lod=...)`
+is the one hook into the base model; runtime, composite and checkpoint reach neither training nor
+evaluation.
 """
 
 BLOCK_SIZE = 32  # K: tokens per LOD1 gist, and children per node at every level

@@ -35,6 +35,7 @@ from collections import namedtuple
 import torch
 
 from nanochat.megacontext import BLOCK_SIZE
+from nanochat.megacontext.horizon import score_entries
 from nanochat.megacontext.working_context import check_working_context
 
 K = BLOCK_SIZE
@@ -193,3 +194,38 @@ class FocusAllocator:
         logits = torch.tensor([abs(c[0]) for c in top], dtype=torch.float64) / self.temperature
         k = torch.multinomial(torch.softmax(logits, 0), 1, generator=generator).item()
         return top[k]
+
+
+# -----------------------------------------------------------------------------
+# refocusing: LensNet scores, then allocator steps, until nothing changes
+
+def refocus_batch(model, lensnet, allocators, wcs, sources, iterations, generators=None):
+    """Refocus several WCs at once: per iteration one batched LensNet scoring of the WCs still
+    moving, then each one's allocator step; a WC stops at its first iteration with no edit.
+    -> (wcs, edits): edits[b] is the list of each of WC b's iterations' Edit lists."""
+    wcs = list(wcs)
+    edits = [[] for _ in wcs]
+    active = list(range(len(wcs)))
+    for _ in range(iterations):
+        if not active:
+            break
+        device, dtype = model.get_device(), model.transformer.wte.weight.dtype
+        assembled = [wcs[b].assemble(sources[b], model.embed_tokens, device, dtype) for b in active]
+        scores, _ = score_entries(lensnet, [wcs[b] for b in active], [sources[b] for b in active], assembled)  # (A, E)
+        still = []
+        for j, b in enumerate(active):
+            gen = None if generators is None else generators[b]
+            wcs[b], step_edits = allocators[b].step(wcs[b], scores[j, :len(wcs[b])], sources[b], generator=gen)
+            edits[b].append(step_edits)
+            if step_edits:
+                still.append(b)
+        active = still
+    return wcs, edits
+
+
+def refocus(model, lensnet, allocator, wc, source, iterations, generator=None):
+    """Repeat LensNet scoring + allocator.step until an iteration makes no edit or `iterations`
+    are done. -> (wc, edits per iteration: a list of Edit lists)."""
+    wcs, edits = refocus_batch(model, lensnet, [allocator], [wc], [source], iterations,
+                               None if generator is None else [generator])
+    return wcs[0], edits[0]

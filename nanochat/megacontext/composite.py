@@ -23,7 +23,7 @@ keep a slot each and the session's oldest entries go, as without memories). A sh
 CKs, and as it grows the CKs give it back (runtime.make_room_composite shrinks them first).
 
 Duck typing: CompositeSource and CompositeWC offer what the shared code reads from a source and a
-WorkingContext (horizon.pack_horizon / horizon_nll, horizon.score_entries, evaluation.refocus):
+WorkingContext (horizon.pack_horizon / horizon_nll, horizon.score_entries, allocator.refocus):
 entries (every segment's entries in slot order), cost, start (0), len(), assemble(source,
 embed_tokens), and num_tokens / num_gists / gists (LensNet's tail gists: the session's newest).
 
@@ -42,7 +42,7 @@ import torch
 
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator, alternate
-from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context
+from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context, fit_budget
 
 K = BLOCK_SIZE
 
@@ -136,7 +136,7 @@ def ck_cap(source, w_max, min_session_share, recent_tokens):
     """The most slots the CK segments of source (a CompositeSource) may hold together: the session keeps
     its share (or all it has, if less), and never less than its coarsest legal WC, unless even that
     leaves the CKs less than a slot each (a budget too small for the history: the session then loses
-    its oldest entries, as a lone session would, evaluation.fit_budget)."""
+    its oldest entries, as a lone session would, working_context.fit_budget)."""
     session = source.session
     floor = WorkingContext.coarsest(session, recent_tokens).cost if session.num_tokens else 0
     return max(len(source.memories) - 1, w_max - max(min(math.ceil(min_session_share * w_max), session.num_tokens), floor))
@@ -166,7 +166,6 @@ def composite_start(source, w_max, recent_tokens, min_session_share):
     in its reserved share (w_max - ck_cap); what is left is free for LensNet to spend on whichever
     memory needs detail. A CK whose coarsest view passes its part of the cap keeps only its newest
     entries (fit_budget); its part: an even split of what the CKs before it left."""
-    from nanochat.megacontext.evaluation import fit_budget
     cap = ck_cap(source, w_max, min_session_share, recent_tokens)
     cks, left = [], cap
     for k, src in enumerate(source.memories[:-1]):  # water-filling: each CK its coarsest view, within an even share of what is left

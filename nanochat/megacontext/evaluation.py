@@ -22,7 +22,7 @@ true tokens (horizon.horizon_nll), with no grad:
                substituting gists for everything older than the recent tokens (GistNet's
                substitutability). Measured only on histories with a whole level-L node outside the
                recent tokens
-  gist_cos_lod{L}  training.gist_loss's cosine on the full-history forward (LOD2 when H >= 1024)
+  gist_cos_lod{L}  horizon.gist_loss's cosine on the full-history forward (LOD2 when H >= 1024)
   budget_violations, wc_util  check_working_context on each final MC WC (must be 0 violations), cost / w_max
   LensNet audit (audit_edits > 0): LensNet scores the final MC WC; its single legal edits are expanding a
                gist (predicted utility +score) and collapsing an LOD0 block or a whole sibling group
@@ -45,23 +45,19 @@ the end) asks a different question: is a fact far back in a long-range document 
 """
 
 import math
+import random
+import time
 
 import torch
 
-from nanochat.common import UserError
+from nanochat.common import UserError, print0
 from nanochat.megacontext import BLOCK_SIZE
-from nanochat.megacontext.allocator import FocusAllocator
-from nanochat.megacontext.gistnet import AnyLevel
-from nanochat.megacontext.horizon import SequenceSource, build_source, horizon_nll, score_entries
+from nanochat.megacontext.allocator import FocusAllocator, refocus_batch
+from nanochat.megacontext.horizon import MAX_SLOTS, build_source, horizon_nlls, score_entries, split_point
 from nanochat.megacontext.lensnet import lens_agreement
-from nanochat.megacontext.probes import digit_probe, fact_block, raw_blocks
-from nanochat.megacontext.training import gist_loss, split_point
-from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context
+from nanochat.megacontext.working_context import WorkingContext, WorkingContextError, check_working_context, fit_budget
 
 K = BLOCK_SIZE
-MAX_SLOTS = 16384  # padded WC + horizon slots per forward
-
-
 # -----------------------------------------------------------------------------
 # small pieces
 
@@ -95,79 +91,8 @@ def spearman(x, y):
     return (rx * ry).sum().item() / denom.item() if denom > 0 else None
 
 
-def fit_budget(wc, w_max):
-    """wc with its oldest entries dropped until its cost is <= w_max (the WC then starts later)."""
-    entries = list(wc.entries)
-    cost = wc.cost
-    while cost > w_max and len(entries) > 1:
-        cost -= entries.pop(0).cost
-    return WorkingContext(entries)
-
-
-def _chunks(lengths, max_slots):
-    """Index lists, sorted by length, each padding to at most max_slots (one row at least)."""
-    chunk = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if chunk and (len(chunk) + 1) * lengths[i] > max_slots:
-            yield chunk
-            chunk = []
-        chunk.append(i)
-    if chunk:
-        yield chunk
-
-
-def horizon_nlls(model, wcs, sources, horizons, max_slots=MAX_SLOTS, gistnet=None, gist_levels=()):
-    """-> (nll, cos): nll a list of R (H,) float CPU tensors, each WC's per-token horizon NLL; cos
-    {level: R floats}, the gist cosine (training.gist_loss) of each row's forward, for the levels
-    given (needs gistnet). The R forwards go in chunks (_chunks) through horizon_nll."""
-    H = horizons[0].numel()
-    nll = [None] * len(wcs)
-    cos = {level: [0.0] * len(wcs) for level in gist_levels}
-    for idx in _chunks([wc.cost + H - 1 for wc in wcs], max_slots):
-        out = horizon_nll(model, [wcs[i] for i in idx], [sources[i] for i in idx], [horizons[i] for i in idx],
-                          return_logits=bool(gist_levels))
-        rows = (out[0] if gist_levels else out).float().cpu()  # (len(idx), H)
-        for j, i in enumerate(idx):
-            nll[i] = rows[j]
-            for level in gist_levels:  # one row at a time, so every row gets its own cosine
-                g = gist_loss(model, gistnet, out[1][j:j + 1], horizons[i][None], level)
-                cos[level][i] = g[1].item()
-    return nll, cos
-
-
 # -----------------------------------------------------------------------------
 # refocusing
-
-
-def refocus_batch(model, lensnet, allocators, wcs, sources, iterations, generators=None):
-    """Refocus several WCs at once: per iteration one batched LensNet scoring of the WCs still
-    moving, then each one's allocator step; a WC stops at its first iteration with no edit.
-    -> (wcs, edits): edits[b] is the list of each of WC b's iterations' Edit lists."""
-    wcs = list(wcs)
-    edits = [[] for _ in wcs]
-    active = list(range(len(wcs)))
-    for _ in range(iterations):
-        if not active:
-            break
-        assembled = [wcs[b].assemble(sources[b], model.embed_tokens) for b in active]
-        scores, _ = score_entries(lensnet, [wcs[b] for b in active], [sources[b] for b in active], assembled)  # (A, E)
-        still = []
-        for j, b in enumerate(active):
-            gen = None if generators is None else generators[b]
-            wcs[b], step_edits = allocators[b].step(wcs[b], scores[j, :len(wcs[b])], sources[b], generator=gen)
-            edits[b].append(step_edits)
-            if step_edits:
-                still.append(b)
-        active = still
-    return wcs, edits
-
-
-def refocus(model, lensnet, allocator, wc, source, iterations, generator=None):
-    """Repeat LensNet scoring + allocator.step until an iteration makes no edit or `iterations`
-    are done. -> (wc, edits per iteration: a list of Edit lists)."""
-    wcs, edits = refocus_batch(model, lensnet, [allocator], [wc], [source], iterations,
-                               None if generator is None else [generator])
-    return wcs[0], edits[0]
 
 
 def start_working_contexts(cfg, sources, levels):
@@ -282,7 +207,8 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
 
     utilities = [[] for _ in range(R)]  # per sequence, the audited edits' predicted utilities in job order
     if audit_edits > 0:
-        assembled = [wc.assemble(src, model.embed_tokens) for wc, src in zip(mc, sources)]
+        device, dtype = model.get_device(), model.transformer.wte.weight.dtype
+        assembled = [wc.assemble(src, model.embed_tokens, device, dtype) for wc, src in zip(mc, sources)]
         scores, _ = score_entries(lensnet, mc, sources, assembled)  # (R, E)
         for b, (wc, src) in enumerate(zip(mc, sources)):
             candidates = audit_candidates(wc, scores[b, :len(wc)].tolist(), src, cfg.recent_tokens)
@@ -362,7 +288,7 @@ def evaluate_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=No
 
 def validate(model, gistnet, lensnet, mc_config, rows, refocus_iters=4, bos_id=None):
     """The quick check base_train runs at each eval: rows (R, T + 1) long from the val loader, each
-    cut where training cuts it (training.split_point: the horizon ends its longest document; with
+    cut where training cuts it (horizon.split_point: the horizon ends its longest document; with
     bos_id None, the row's last H tokens); a few refocus iterations, no audit.
     -> flat floats: gap_closed, nll_trunc, nll_full, nll_mc, dnll_lod1 (and dnll_lod2 when
     measured), gist_cos_lod1, budget_violations, wc_util, swap_rate; NaN for what is undefined."""
@@ -376,127 +302,154 @@ def validate(model, gistnet, lensnet, mc_config, rows, refocus_iters=4, bos_id=N
 
 
 # -----------------------------------------------------------------------------
-# retrieval (scripts/mc_eval.py --task): is a fact from far back recalled exactly?
-#
-# A long-range document (nanochat/longrange.py) is cut into its history (filler, the fact at some
-# depth, filler, the question) and its answer's A tokens. Each method below reads the history and
-# is scored teacher forced over the answer span (horizon_nll with the answer as the horizon): the
-# document is retrieved when greedy argmax predicts every answer token; its nll is the mean over them.
-#   megacontext  the history's tree up to the shallowest level >= mc_config.max_level whose coarsest
-#                WC fits w_max (gistnet.AnyLevel serves the levels past the trained depth, see
-#                fitted_source), WorkingContext.recency_filled, then LensNet + FocusAllocator refocus
-#                it, as measure_sequences does
-#   truncation   the newest w_max tokens raw (WorkingContext.recent)
-#   full         the whole history raw, only when history + answer fit the model's rotary table
-#                (model.cos.size(1), what a vanilla forward may read), else None. Only its newest
-#                receptive_field(model) tokens (whole blocks) are fed: nothing older can reach the answer
-#                through the windowed layers (the logits are the same), and the forward's cost stops
-#                growing with the history there. Note that a history longer than that field is "full"
-#                in name only: the model itself cannot recall a fact older than it.
+# the documents mc_eval measures: val text, long-range documents, retrieval documents
 
-METHODS = ("megacontext", "truncation", "full")
+LONGRANGE_KINDS = ("passkey", "kv-recall", "variable")
 
 
-def receptive_field(model):
-    """How many of the newest history tokens the logits after it can depend on: each layer reads
-    `window` slots back (gpt.attend: 0 <= i - j <= window), the smear one more, plus the last itself."""
-    return sum(model.window_sizes) + 2
+def val_texts():
+    """Every document of the val split, in order."""
+    from nanochat.dataset import parquets_iter_batched
+    return [t for texts in parquets_iter_batched("val") for t in texts]
 
 
-def fitted_source(model, gistnet, history, w_max, recent_tokens, min_level):
-    """history (N,) long -> (SequenceSource, level): its tree up to the shallowest level >= min_level
-    whose coarsest WC costs <= w_max (gists by gistnet.AnyLevel, so past the trained depth the deepest
-    trained level's weights), or up to the deepest level the history has when none fits (fit_budget
-    then drops the oldest entries)."""
-    depth = min_level
-    while K ** (depth + 1) <= history.numel():
-        depth += 1
-    full = build_source(model, AnyLevel(gistnet), history, depth)
-    level = next((L for L in range(min_level, depth + 1) if WorkingContext.coarsest(full, recent_tokens, L).cost <= w_max), depth)
-    return SequenceSource(history, full.levels[:level + 1]), level
+def val_documents(tokenizer, texts, num_docs, n_tokens):
+    """Up to num_docs token lists of exactly n_tokens: consecutive val documents (BOS + text)
+    concatenated, the last one cut; the next list starts with the next document."""
+    bos = tokenizer.get_bos_token_id()
+    docs, current = [], []
+    for i in range(0, len(texts), 64):
+        for ids in tokenizer.encode(texts[i:i + 64], prepend=bos):
+            current += ids
+            if len(current) >= n_tokens:
+                docs.append(current[:n_tokens])
+                current = []
+                if len(docs) == num_docs:
+                    return docs
+    return docs
 
 
-def answer_scores(model, wcs, sources, answers, max_slots=MAX_SLOTS):
-    """-> one (correct, nll) per WC: whether greedy argmax predicts every token of its answer ((A,) long,
-    teacher forced after the WC) and the answer's mean NLL. Answers of one length share forwards
-    (horizon_nll needs one H), in chunks of at most max_slots padded slots (_chunks)."""
-    out = [None] * len(wcs)
-    for A in sorted({a.numel() for a in answers}):
-        group = [i for i, a in enumerate(answers) if a.numel() == A]
-        for idx in _chunks([wcs[i].cost + A - 1 for i in group], max_slots):
-            rows = [group[j] for j in idx]
-            targets = torch.stack([answers[i] for i in rows])  # (B, A)
-            nll, logits, _ = horizon_nll(model, [wcs[i] for i in rows], [sources[i] for i in rows], list(targets),
-                                         return_logits=True)  # (B, A), (B, A, V)
-            hit = (logits.argmax(dim=-1) == targets).all(dim=-1).tolist()  # (B,)
-            for j, i in enumerate(rows):
-                out[i] = (hit[j], nll[j].mean().item())
+def left_pad(tokenizer, texts, ids, n_tokens, rng):
+    """ids with the end of random val texts in front of them, to exactly n_tokens."""
+    pad = []
+    while len(pad) < n_tokens - len(ids):
+        pad = tokenizer.encode(texts[rng.randrange(len(texts))]) + pad
+    return pad[len(pad) - (n_tokens - len(ids)):] + ids
+
+
+def longrange_documents(tokenizer, texts, num_docs, n_tokens, horizon, seed):
+    """num_docs (token list of exactly n_tokens, answer tokens): BOS + a long-range document, the
+    few tokens it falls short of n_tokens taken from the end of a val text in front of it."""
+    from nanochat.longrange import make_document
+    bos = tokenizer.get_bos_token_id()
+    rng = random.Random(seed)
+    count = lambda text: len(tokenizer.encode(text)) + 1  # + the BOS
+    out = []
+    for j in range(num_docs):
+        doc = make_document(LONGRANGE_KINDS[j % len(LONGRANGE_KINDS)], rng, texts, n_tokens, count, depth=rng.uniform(0.0, 0.75))
+        ids = tokenizer.encode(doc.text, prepend=bos)[:n_tokens]
+        answer = len(ids) - len(tokenizer.encode(doc.prompt, prepend=bos))  # the answer's tokens at the end
+        if not 0 < answer <= horizon:
+            raise UserError(f"a {doc.kind} document's answer ({answer} tokens) does not fit the horizon of {horizon} tokens")
+        out.append((left_pad(tokenizer, texts, ids, n_tokens, rng), answer))  # left padding: the end of some val text
     return out
 
 
-@torch.no_grad()
-def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, refocus_iters=8, max_slots=MAX_SLOTS, seed=0):
-    """histories: R (N_i,) long tensors on the model's device, each ending with its question; answers:
-    R (A_i,) long tensors, the answer tokens that follow. -> (records, levels): records {method: R
-    dicts (correct, nll)}, None for full where N_i + A_i exceeds the rotary table; levels: the gist
-    level of each MegaContext tree (fitted_source)."""
-    cfg = mc_config
-    R = len(histories)
-    fitted = [fitted_source(model, gistnet, h, cfg.w_max, cfg.recent_tokens, cfg.max_level) for h in histories]
-    sources = [src for src, _ in fitted]
-    mc, edits = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], refocus_iters, seed)
-    start = start_working_contexts(cfg, sources, [L for _, L in fitted])  # before any refocus (WCs are values: still as built)
-    field = receptive_field(model)
-    jobs = []  # (sequence index, method, WC)
-    for b, src in enumerate(sources):
-        jobs += [(b, "megacontext", mc[b]), (b, "truncation", WorkingContext.recent(src, cfg.w_max))]
-        if src.num_tokens + answers[b].numel() <= model.cos.size(1):
-            jobs.append((b, "full", WorkingContext.recent(src, min(src.num_tokens, field) + K)))  # covers > field tokens
-    scores = answer_scores(model, [j[2] for j in jobs], [sources[j[0]] for j in jobs], [answers[j[0]] for j in jobs], max_slots)
-    records = {method: [None] * R for method in METHODS}
-    for (b, method, wc), (correct, nll) in zip(jobs, scores):
-        records[method][b] = dict(correct=correct, nll=nll)
-        if method == "megacontext":  # the probes: is the fact raw in the refocused WC, was it before, how many edits
-            block = fact_block(histories[b], answers[b])
-            records[method][b].update(fact_raw=None if block is None else block in raw_blocks(wc),
-                                      fact_raw_start=None if block is None else block in raw_blocks(start[b]),
-                                      swaps=sum(len(step) for step in edits[b]))
-    return records, [L for _, L in fitted]
-
-
-def retrieval_summary(records):
-    """A cell of records (dicts of measure_retrieval) -> dict(acc, nll, n): the fraction retrieved and
-    the mean answer NLL; None when a record is None (the method did not run)."""
-    if not records or any(r is None for r in records):
-        return None
-    n = len(records)
-    out = dict(acc=sum(r["correct"] for r in records) / n, nll=sum(r["nll"] for r in records) / n, n=n)
-    for key in ("fact_raw", "fact_raw_start"):  # megacontext: the fraction whose fact block the WC held raw (before refocus)
-        found = [r[key] for r in records if r.get(key) is not None]
-        if found:
-            out[key] = sum(found) / len(found)
-    if "swaps" in records[0]:
-        out["swaps"] = sum(r["swaps"] for r in records) / n  # refocus edits per WC
+def retrieval_documents(tokenizer, texts, kind, depth, history, num_docs, rng):
+    """num_docs (history ids, answer ids) of kind with the fact at depth: BOS + a long-range document
+    cut before its answer, left-padded to exactly `history` tokens with the end of a val text."""
+    from nanochat.longrange import make_document
+    bos = tokenizer.get_bos_token_id()
+    count = lambda text: len(tokenizer.encode(text)) + 1  # + the BOS
+    out = []
+    for _ in range(num_docs):
+        doc = make_document(kind, rng, texts, history, count, depth=depth)
+        ids, prompt = tokenizer.encode(doc.text, prepend=bos), tokenizer.encode(doc.prompt, prepend=bos)
+        if ids[:len(prompt)] != prompt:
+            raise UserError(f"a {kind} document's answer {doc.answer!r} does not tokenize apart from its question")
+        out.append((left_pad(tokenizer, texts, prompt, history, rng), ids[len(prompt):]))
     return out
 
 
-@torch.no_grad()
-def gist_digit_probe(model, gistnet, histories, answers, values):
-    """Does the fact block's gist carry the answer? histories/answers as measure_retrieval takes them,
-    values: each answer's digits as a string (the same length). -> {"gist": per-digit held-out accuracy
-    of a linear probe (probes.digit_probe) from the fact block's LOD1 gist, "mean": the same from the
-    block's mean normalized token embedding (what a plain mean pool keeps), "n": documents used};
-    chance is 0.1 per digit."""
-    from nanochat.gpt import norm
-    gists, means, kept = [], [], []
-    for history, answer, value in zip(histories, answers, values):
-        block = fact_block(history, answer)
-        if block is None or (block + 1) * K > history.numel():
-            continue
-        source = build_source(model, gistnet, history[:(block + 1) * K], 1)
-        gists.append(source.levels[1][block].float())
-        means.append(norm(model.embed_tokens(history[block * K:(block + 1) * K]).float()).mean(dim=0))
-        kept.append(value)
-    if len(kept) < 4:
-        return {"gist": None, "mean": None, "n": len(kept)}
-    return {"gist": digit_probe(torch.stack(gists), kept), "mean": digit_probe(torch.stack(means), kept), "n": len(kept)}
+def gist_first_quality(model, gistnet, lensnet, predictor, mc, docs, prompt_tokens):
+    """Gist-first vs token-first decoding, scored teacher forced: each document's first prompt_tokens go
+    into a fresh runtime Session, the rest is scored token by token (Session.score) once without and
+    once with the predicted-gist plans in front of each block. -> dict(nll_token_first, nll_gist_first,
+    gist_first_delta = gist - token first (< 0: the plans help), docs, scored_tokens)."""
+    from nanochat.megacontext.runtime import Session
+    nll = {}
+    for gist_first in (False, True):
+        scores = []
+        for ids in docs:
+            session = Session.create(model, gistnet, lensnet, mc, predictor=predictor, gist_first=gist_first)
+            session.feed(ids[:prompt_tokens])
+            scores.append(session.score(ids[prompt_tokens:]))  # (len(ids) - prompt_tokens,)
+        nll[gist_first] = torch.cat(scores).mean().item()
+    return dict(nll_token_first=nll[False], nll_gist_first=nll[True], gist_first_delta=nll[True] - nll[False],
+                docs=len(docs), scored_tokens=sum(len(ids) - prompt_tokens for ids in docs))
+
+
+CURVE_KEYS = ("nll_trunc", "nll_mc", "nll_full")  # the NLL-vs-history curve's keys
+
+
+def run_history(model, tokenizer, mc, gistnet, lensnet, predictor, history_mult, num_docs, source="both", refocus_iters=8,
+                audit_edits=8, seed=0, gist_first_docs=0, device="cpu"):
+    """The default mc_eval run: num_docs documents of history_mult x w_max + H tokens per source (val
+    text, long-range documents or both), measure_sequences on them cut to their last mult x w_max
+    history tokens for mult = 1, 2, 4, ... history_mult (the LensNet audit at the full length only), and
+    with a predictor gist-first vs token-first decoding on gist_first_docs val documents. Progress lines
+    as it goes. -> (results {source or "overall": summarize(...)} at the full length, curve: one entry per
+    mult, gist_first: gist_first_quality's dict or None)."""
+    H, history = mc.horizon, history_mult * mc.w_max
+    print0(f"mc_eval: w_max {mc.w_max} | history {history} tokens ({history_mult}x) | horizon {H}")
+
+    texts = val_texts()
+    docs, answers, source_of = [], [], []
+    if source in ("val", "both"):
+        val = val_documents(tokenizer, texts, num_docs, history + H)
+        if not val:
+            raise UserError(f"the val split has fewer than {history + H} tokens: no document of history + horizon tokens")
+        if len(val) < num_docs:
+            print0(f"warning: the val split holds only {len(val)} documents of {history + H} tokens")
+        docs += val
+        answers += [0] * len(val)
+        source_of += ["val"] * len(val)
+    if source in ("longrange", "both"):
+        for ids, answer in longrange_documents(tokenizer, texts, num_docs, history + H, H, seed):
+            docs.append(ids)
+            answers.append(answer)
+            source_of.append("longrange")
+    sequences = [torch.tensor(d, dtype=torch.long, device=device) for d in docs]
+    print0(f"mc_eval: {len(docs)} documents ({', '.join(f'{source_of.count(s)} {s}' for s in dict.fromkeys(source_of))})")
+
+    def grouped(records):
+        out = {s: summarize([r for r, src in zip(records, source_of) if src == s]) for s in dict.fromkeys(source_of)}
+        out["overall"] = summarize(records)
+        return out
+
+    mults = [m for m in (2 ** k for k in range(history_mult.bit_length())) if m < history_mult] + [history_mult]
+    curve = []
+    for mult in mults:
+        t1 = time.time()
+        n = mult * mc.w_max + H
+        full_run = mult == history_mult
+        records = measure_sequences(model, gistnet, lensnet, mc, [s[-n:] for s in sequences], H, refocus_iters,
+                                    audit_edits if full_run else 0, answers, seed=seed)
+        results = grouped(records)
+        o = results["overall"]
+        gap = "n/a" if o["gap_closed"] is None else f"{o['gap_closed']:.3f}"
+        print0(f"history {mult * mc.w_max:6d} tokens: nll trunc {o['nll_trunc']:.4f} | mc {o['nll_mc']:.4f} | "
+               f"full {o['nll_full']:.4f} | gap closed {gap} | swaps/iter {o['swap_rate']:.2f} | {time.time() - t1:.1f}s")
+        curve.append(dict(mult=mult, history_tokens=mult * mc.w_max, **{s: {k: r[k] for k in (*CURVE_KEYS, "gap_closed")}
+                                                                    for s, r in results.items()}))
+    # MegaPrediction: does decoding with the predicted gist of each block as a plan read the text better?
+    gist_first = None
+    if predictor is not None and gist_first_docs > 0 and mc.w_max < mc.recent_tokens + 2 * K:
+        print0(f"gist-first decoding: skipped, the runtime needs w_max >= recent_tokens + {2 * K} (w_max is {mc.w_max})")
+    elif predictor is not None and gist_first_docs > 0:
+        t1 = time.time()
+        docs = val_documents(tokenizer, texts, gist_first_docs, history + 4 * K)  # history fed, 4 blocks scored
+        gist_first = gist_first_quality(model, gistnet, lensnet, predictor.eval(), mc, docs, history)
+        print0(f"gist-first decoding: nll {gist_first['nll_gist_first']:.4f} vs token-first {gist_first['nll_token_first']:.4f} "
+               f"(delta {gist_first['gist_first_delta']:+.4f}) over {gist_first['scored_tokens']} tokens | {time.time() - t1:.1f}s")
+    return results, curve, gist_first

@@ -17,10 +17,17 @@ by the mean NLL of the horizon's H tokens under each.
   LOD1 gists of the history), all detached: the lens loss trains LensNet only.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
+from nanochat.gpt import norm
+from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.gistnet import build_gists_batch
+from nanochat.megacontext.positions import slot_rotary
+
+K = BLOCK_SIZE
 
 
 class SequenceSource:
@@ -100,7 +107,7 @@ def horizon_nll(model, wcs, sources, horizons, return_logits=False, assembled=No
     """-> nll (R, H) float32 per horizon token (and the logits (R, H, V) and the assembled WCs when
     asked), one forward. assembled: as pack_horizon takes it."""
     batch, assembled = pack_horizon(model, wcs, sources, horizons, assembled)
-    logits = model(batch["idx"], inputs_embeds=batch["inputs_embeds"], positions=batch["positions"],
+    logits = model(batch["idx"], inputs_embeds=batch["inputs_embeds"], rotary=slot_rotary(model, batch["positions"], batch["lod"]),
                    lod=batch["lod"], logits_at=batch["logits_at"])  # (R, H, V)
     targets = torch.stack(list(horizons))  # (R, H)
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
@@ -143,3 +150,85 @@ def score_entries(lensnet, wcs, sources, assembled):
     dtype = next(lensnet.parameters()).dtype
     scores = lensnet(entry_embeds.to(dtype), levels, None if tail is None else tail.to(dtype), mask)
     return scores, mask
+
+
+# -----------------------------------------------------------------------------
+# the horizon of a packed row, the gist loss on it, and many WCs' horizon NLLs in chunks
+
+MAX_SLOTS = 16384  # padded WC + horizon slots per forward
+
+
+def split_point(row, bos_id, horizon, w_max):
+    """row: (n,) one packed row (a list of ints or a tensor) -> c: history row[:c], horizon row[c : c+H].
+    The horizon ends where the row's longest document ends, among the documents holding the horizon
+    plus a block of context and leaving a history longer than w_max (something to compress);
+    without one (or without bos_id) it is the row's last H tokens."""
+    ids = row.tolist() if torch.is_tensor(row) else list(row)
+    n = len(ids)
+    if bos_id is None:
+        return n - horizon
+    starts = [i for i, t in enumerate(ids) if t == bos_id]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    docs = [(e - s, e) for s, e in zip(starts, starts[1:] + [n]) if e - s >= horizon + K and e - horizon > w_max]
+    return max(docs)[1] - horizon if docs else n - horizon
+
+
+def gist_loss(model, gistnet, logits, targets, level):
+    """logits (R, H, V), targets (R, H) true tokens -> (mean 1 - cos, mean cos detached) over the
+    level-`level` gists of the first H // 32**level whole spans of the horizon, or None if H is shorter."""
+    span = K ** level
+    n = targets.size(1) // span * span
+    if n == 0:
+        return None
+    V = logits.size(-1)
+    dtype = model.transformer.wte.weight.dtype
+    table = norm(model.transformer.wte.weight[:V].float())  # (V, D): every token's normalized embedding
+    soft = torch.softmax(logits[:, :n], dim=-1) @ table  # (R, n, D) expected next embedding
+    true = model.embed_tokens(targets[:, :n]).float()  # (R, n, D)
+
+    # GistNet is the fixed measuring stick here: it runs on detached copies of its weights (its own
+    # parameters untouched), so gradients reach the model through `soft` only
+    fixed = {name: t.detach() for name, t in itertools.chain(gistnet.named_parameters(), gistnet.named_buffers())}
+
+    def gists(x):  # (R, n, D) -> (R * n // span, D)
+        x = x.to(dtype).reshape(-1, K, x.size(-1))
+        for L in range(1, level + 1):
+            x = torch.func.functional_call(gistnet, fixed, (x, L))
+            if L < level:
+                x = x.reshape(-1, K, x.size(-1))
+        return x.float()
+
+    cos = F.cosine_similarity(gists(soft), gists(true).detach(), dim=-1)
+    return (1 - cos).mean(), cos.mean().detach()
+
+
+def length_chunks(lengths, max_slots):
+    """Index lists, sorted by length, each padding to at most max_slots (one row at least)."""
+    chunk = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if chunk and (len(chunk) + 1) * lengths[i] > max_slots:
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
+
+
+def horizon_nlls(model, wcs, sources, horizons, max_slots=MAX_SLOTS, gistnet=None, gist_levels=()):
+    """-> (nll, cos): nll a list of R (H,) float CPU tensors, each WC's per-token horizon NLL; cos
+    {level: R floats}, the gist cosine (gist_loss) of each row's forward, for the levels
+    given (needs gistnet). The R forwards go in chunks (length_chunks) through horizon_nll."""
+    H = horizons[0].numel()
+    nll = [None] * len(wcs)
+    cos = {level: [0.0] * len(wcs) for level in gist_levels}
+    for idx in length_chunks([wc.cost + H - 1 for wc in wcs], max_slots):
+        out = horizon_nll(model, [wcs[i] for i in idx], [sources[i] for i in idx], [horizons[i] for i in idx],
+                          return_logits=bool(gist_levels))
+        rows = (out[0] if gist_levels else out).float().cpu()  # (len(idx), H)
+        for j, i in enumerate(idx):
+            nll[i] = rows[j]
+            for level in gist_levels:  # one row at a time, so every row gets its own cosine
+                g = gist_loss(model, gistnet, out[1][j:j + 1], horizons[i][None], level)
+                cos[level][i] = g[1].item()
+    return nll, cos

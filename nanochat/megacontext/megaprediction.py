@@ -40,11 +40,9 @@ import torch.nn.functional as F
 
 from nanochat.gpt import Linear, norm
 from nanochat.megacontext import BLOCK_SIZE
-from nanochat.megacontext.evaluation import fit_budget, horizon_nlls
 from nanochat.megacontext.gistnet import build_gists_batch
-from nanochat.megacontext.horizon import SequenceSource, build_source
-from nanochat.megacontext.training import split_point
-from nanochat.megacontext.working_context import WorkingContext
+from nanochat.megacontext.horizon import SequenceSource, build_source, horizon_nlls, split_point
+from nanochat.megacontext.working_context import WorkingContext, fit_budget
 
 K = BLOCK_SIZE
 
@@ -118,7 +116,7 @@ def megaprediction_loss(predictor, gistnet, model, hidden, ids, levels):
 
 @torch.no_grad()
 def predicted_gist_dnll(predictor, gistnet, model, mc_config, rows, bos_id=None, levels=None):
-    """rows: (R, N) long (or a list of (N_i,)), each cut where training cuts it (training.split_point;
+    """rows: (R, N) long (or a list of (N_i,)), each cut where training cuts it (horizon.split_point;
     bos_id None: the last H tokens are the horizon) -> {L: mean DeltaNLL@H of the predicted newest
     level-L gist vs the true one} over the rows where it is measurable (see the top); levels default
     to those MegaPrediction trains. The caller puts the modules in eval mode."""

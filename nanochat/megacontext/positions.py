@@ -50,3 +50,11 @@ def gaussian_rotary(positions, lod, head_dim, block_size=BLOCK_SIZE):
     damp = torch.exp(-0.5 * (sigma[..., None] * inv_freq) ** 2)  # (B, T, D/2)
     damp = torch.where((lod == 0)[..., None], torch.ones_like(damp), damp)  # tokens: undamped, exactly
     return (cos * damp)[:, :, None, :], (sin * damp)[:, :, None, :]
+
+
+def slot_rotary(model, positions, lod):
+    """The `rotary` argument of model(idx, inputs_embeds=..., rotary=..., lod=...) for slots at these
+    positions ((B, T) or (T,) float64) and levels ((B, T) or (T,) long): -> (cos, sin) (B, T, 1, D/2)."""
+    positions, lod = torch.broadcast_tensors(positions, lod)
+    positions, lod = (positions, lod) if positions.dim() == 2 else (positions[None], lod[None])
+    return gaussian_rotary(positions, lod, model.config.n_embd // model.config.n_head)

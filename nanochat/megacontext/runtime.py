@@ -25,7 +25,7 @@ most w_max slots, once per K tokens). Nothing here grows with the history except
 lives on disk in disk mode, so the cost per token at 1M tokens is that at 1k
 (benchmarks/mc_inference.py measures it).
 When even the coarsest WC no longer fits w_max - K (a history far deeper than the budget allows;
-about 31 slots per level), the oldest entries are dropped from the WC (evaluation.fit_budget); the
+about 31 slots per level), the oldest entries are dropped from the WC (working_context.fit_budget); the
 tree keeps them, and `focus()` reports the tokens out of reach.
 
 Gist-first decoding (gist_first=True, needs a MegaPredictor): when a generated token opens a new
@@ -57,13 +57,13 @@ import torch
 from nanochat.common import UserError, atomic_write_json
 from nanochat.engine import KVCache, RowState, sample_next
 from nanochat.megacontext import BLOCK_SIZE
-from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.allocator import FocusAllocator, refocus
 from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource, CompositeWC, attribution, check_composite,
                                             ck_cap, composite_start)
-from nanochat.megacontext.evaluation import fit_budget, refocus
 from nanochat.megacontext.gistnet import AnyLevel
+from nanochat.megacontext.positions import slot_rotary
 from nanochat.megacontext.tree import MegaContextTree
-from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context
+from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context, fit_budget
 
 K = BLOCK_SIZE
 SESSION_FILE = "session.json"
@@ -173,7 +173,8 @@ class Session:
         """A new, empty session: its tree in RAM, or on disk under `path` (a new directory)."""
         if path is not None and os.path.exists(os.path.join(path, SESSION_FILE)):
             raise UserError(f"{path} already holds a session: open it with --resume (Session.open)")
-        tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=path, model_name=model_name)
+        tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=path, model_name=model_name,
+                               device=model.get_device())
         return cls(model, gistnet, lensnet, config, tree, predictor, w_max, gist_first, seed)
 
     @classmethod
@@ -190,7 +191,8 @@ class Session:
             entries = [Entry(*map(int, e)) for e in state["wc"]]
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{file}: unreadable session ({type(e).__name__}: {e})")
-        tree = MegaContextTree.load(path, AnyLevel(gistnet), model.embed_tokens, dim=model.config.n_embd, model_name=model_name)
+        tree = MegaContextTree.load(path, AnyLevel(gistnet), model.embed_tokens, dim=model.config.n_embd, model_name=model_name,
+                                    device=model.get_device())
         gist_first = state["gist_first"] if gist_first is None else gist_first
         session = cls(model, gistnet, lensnet, config, tree, predictor, state["w_max"], gist_first)
         memories = state.get("memories", [])
@@ -232,7 +234,7 @@ class Session:
         if not os.path.isdir(path):
             raise UserError(f"Core-Knowledge memory {path}: no such directory")
         return MegaContextTree.load(path, AnyLevel(self.gistnet), self.model.embed_tokens, dim=self.model.config.n_embd,
-                                    in_ram=True, model_name=self.tree.model_name or None)
+                                    in_ram=True, model_name=self.tree.model_name or None, device=self.model.get_device())
 
     def _attach(self, path, name, tree=None):
         """path None: `tree` lives only in RAM (an eval's memory); the session then cannot be saved."""
@@ -345,7 +347,8 @@ class Session:
             self.cache.truncate(keep, self._embed_before(items, keep))
         batch = self._assemble_from(items, keep)  # the slots from `keep` on
         logits, hidden = self.model(batch["idx"], kv_cache=self.cache, inputs_embeds=batch["embeds"],
-                                    positions=batch["positions"], lod=batch["lod"], return_hidden=True)
+                                    rotary=slot_rotary(self.model, batch["positions"], batch["lod"]), lod=batch["lod"],
+                                    return_hidden=True)
         self.cached = items
         self.logits, self.hidden = logits[0, -1], hidden[0, -1]
         self.stats["slots_computed"] += batch["idx"].size(1)

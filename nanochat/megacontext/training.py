@@ -45,6 +45,7 @@ Randomness: each row's slate RNG is seeded from (seed, step, stream, row), so a 
 same slates, and so does any chunking.
 """
 
+import json
 import time
 import random
 from collections import namedtuple
@@ -52,14 +53,20 @@ from collections import namedtuple
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import norm
+from nanochat.common import UserError
+from nanochat.dataloader import bos_bestfit_loader
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
+from nanochat.megacontext.checkpoint import (build_modules, build_predictor, load_megacontext, load_predictor,
+                                             save_megacontext)
 from nanochat.megacontext.composite import CompositeAllocator, CompositeSource, CompositeWC, ck_cap, composite_start
-from nanochat.megacontext.horizon import build_sources, horizon_nll, score_entries
+from nanochat.megacontext.horizon import build_sources, gist_loss, horizon_nll, score_entries, split_point
 from nanochat.megacontext.probes import answer_spans, fact_block, raw_blocks
+from nanochat.megacontext.evaluation import validate
+from nanochat.megacontext.retrieval import measure_retrieval, retrieval_summary
 from nanochat.megacontext.lensnet import (pairwise_lens_loss, regression_lens_loss, lens_targets, lens_regularizer,
                                           lens_agreement, variant_utilities)
+from nanochat.megacontext.megaprediction import level_weights, megaprediction_loss, predicted_gist_dnll
 from nanochat.megacontext.working_context import WorkingContext
 
 K = BLOCK_SIZE
@@ -79,22 +86,6 @@ def variant_budget(step, num_iterations, history, config):
         return config.w_max
     c2 = config.w_max + frac * (history - config.w_max)
     return max(config.w_max, -(-int(c2) // K) * K)
-
-
-def split_point(row, bos_id, horizon, w_max):
-    """row: (n,) one packed row (a list of ints or a tensor) -> c: history row[:c], horizon row[c : c+H].
-    The horizon ends where the row's longest document ends, among the documents holding the horizon
-    plus a block of context and leaving a history longer than w_max (something to compress);
-    without one (or without bos_id) it is the row's last H tokens."""
-    ids = row.tolist() if torch.is_tensor(row) else list(row)
-    n = len(ids)
-    if bos_id is None:
-        return n - horizon
-    starts = [i for i, t in enumerate(ids) if t == bos_id]
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    docs = [(e - s, e) for s, e in zip(starts, starts[1:] + [n]) if e - s >= horizon + K and e - horizon > w_max]
-    return max(docs)[1] - horizon if docs else n - horizon
 
 
 def random_mix(source, budget, config, rng):
@@ -199,38 +190,6 @@ def composite_perturb(ref, source, budget, config, rng, n_edits):
     return ref.replace(m, wc), {(m, e): v for e, v in edits.items()}
 
 
-def gist_loss(model, gistnet, logits, targets, level):
-    """logits (R, H, V), targets (R, H) true tokens -> (mean 1 - cos, mean cos detached) over the
-    level-`level` gists of the first H // 32**level whole spans of the horizon, or None if H is shorter."""
-    span = K ** level
-    n = targets.size(1) // span * span
-    if n == 0:
-        return None
-    V = logits.size(-1)
-    dtype = model.transformer.wte.weight.dtype
-    table = norm(model.transformer.wte.weight[:V].float())  # (V, D): every token's normalized embedding
-    soft = torch.softmax(logits[:, :n], dim=-1) @ table  # (R, n, D) expected next embedding
-    true = model.embed_tokens(targets[:, :n]).float()  # (R, n, D)
-
-    def gists(x):  # (R, n, D) -> (R * n // span, D)
-        x = x.to(dtype).reshape(-1, K, x.size(-1))
-        for L in range(1, level + 1):
-            x = gistnet(x, L)
-            if L < level:
-                x = x.reshape(-1, K, x.size(-1))
-        return x.float()
-
-    params = [p for p in gistnet.parameters() if p.requires_grad]
-    for p in params:  # GistNet is the fixed measuring stick here: gradients reach the model through `soft` only
-        p.requires_grad_(False)
-    try:
-        cos = F.cosine_similarity(gists(soft), gists(true).detach(), dim=-1)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    return (1 - cos).mean(), cos.mean().detach()
-
-
 @torch.no_grad()
 def gist_pair_cos(sources):
     """Mean cosine between the distinct LOD1 gists of each history (a collapse detector: near 1 means
@@ -267,23 +226,155 @@ def fact_stats(rows, cuts, weights, H, variants, refs, lens_rows, scores):
 
 
 class MegaContextTrainer:
-    def __init__(self, model, gistnet, lensnet, config, seed=0, bos_id=None):
-        """bos_id: the tokenizer's BOS, to find documents in packed rows (None: every horizon is its row's end)."""
+    def __init__(self, model, gistnet, lensnet, config, seed=0, bos_id=None, predictor=None):
+        """bos_id: the tokenizer's BOS, to find documents in packed rows (None: every horizon is its row's end).
+        predictor: the MegaPredictor of a --megaprediction run (its readout loss joins the LM loss in micro_step)."""
         self.model, self.gistnet, self.lensnet, self.config, self.seed = model, gistnet, lensnet, config, seed
-        self.bos_id = bos_id
+        self.bos_id, self.predictor = bos_id, predictor
+        self.mp_weights = level_weights(config) if predictor is not None else {}  # {level: alpha}
+        self.flops_per_token = model.estimate_flops()  # the trunk's, per slot of a variant forward
+        self.gist_flops = 6 * sum(p.numel() for p in gistnet.parameters())  # per history token gisted
+
+    @classmethod
+    def build(cls, model, config, device, bos_id=None, seed=0):
+        """A trainer with fresh GistNet, LensNet (and MegaPredictor with config.megaprediction) on device."""
+        gistnet, lensnet = build_modules(config, model.config, device)
+        return cls(model, gistnet, lensnet, config, seed, bos_id, build_predictor(config, model.config, device))
+
+    def modules(self):
+        return [m for m in (self.gistnet, self.lensnet, self.predictor) if m is not None]
 
     def parameters(self):
-        return list(self.gistnet.parameters()) + list(self.lensnet.parameters())
+        return [p for m in self.modules() for p in m.parameters()]
 
     def make_optimizer(self):
-        """AdamW for every GistNet and LensNet parameter (2-D or not), lr scheduled like the model's."""
+        """AdamW for every GistNet and LensNet parameter (2-D or not), and the MegaPredictor's at
+        GistNet's lr, scheduled like the model's."""
         groups = [dict(params=list(self.gistnet.parameters()), lr=self.config.gist_lr),
                   dict(params=list(self.lensnet.parameters()), lr=self.config.lens_lr)]
         fused = next(self.lensnet.parameters()).device.type == "cuda"  # a mean GistNet has no parameters
         opt = torch.optim.AdamW(groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, fused=fused)
+        if self.predictor is not None:
+            opt.add_param_group(dict(params=list(self.predictor.parameters()), lr=self.config.gist_lr))
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
         return opt
+
+    def describe(self, history):
+        """The lines base_train prints about this run's MegaContext modules, for histories of `history` tokens."""
+        n = lambda m: sum(p.numel() for p in m.parameters())
+        lines = [f"megacontext: {json.dumps(self.config.to_dict())}",
+                 f"megacontext: GistNet {n(self.gistnet):,} params | LensNet {n(self.lensnet):,} params | history "
+                 f"{history} tokens = {history / self.config.w_max:.1f}x w_max"]
+        if self.predictor is not None:
+            lines.insert(0, f"megaprediction: MegaPredictor {n(self.predictor):,} params | loss weights {self.mp_weights}")
+        return lines
+
+    # -------------------------------------------------------------------------
+    # what base_train's loop calls: a micro-batch, its log line, validation, saving and resuming
+
+    def micro_step(self, forward, x, y, step, num_iterations, grad_accum_steps=1, stream=0, scored_only=False):
+        """One pretraining micro-batch x, y (B, T): the LM loss through `forward` (the model, compiled or
+        not) times lm_weight (+ MegaPrediction's readout loss with a predictor), backpropagated, then
+        backward() on the same rows. -> (LM loss detached, stats, FLOPs of this rank's micro-batch).
+        scored_only: recall rows score only their answers, so the LM head runs there alone."""
+        cfg = self.config
+        B, T = x.shape
+        flops = 0.0
+        if self.predictor is None:
+            loss = forward(x, y, scored_only=scored_only)
+            (cfg.lm_weight * loss / grad_accum_steps).backward()
+            mp_cos = {}
+        else:  # + sum_L alpha_L * (1 - cos) of the readouts, in the LM loss's backward
+            loss, hidden = forward(x, y, return_hidden=True)  # the same forward, also returning the hidden states (B, T, C)
+            mp_losses, mp_cos = megaprediction_loss(self.predictor, self.gistnet, self.model, hidden, x, self.mp_weights)
+            mp_loss = sum(self.mp_weights[L] * l for L, l in mp_losses.items())
+            ((cfg.lm_weight * loss + mp_loss) / grad_accum_steps).backward()
+            flops += B * T * (self.gist_flops / 3 + 6 * self.predictor.dim ** 2 / 32)  # per token: the targets' GistNet forward, 1/32 readout
+        stats = self.backward(x, y, step, num_iterations, grad_scale=1 / grad_accum_steps, stream=stream)
+        flops += B * (stats.get("slots", 0.0) * self.flops_per_token + (T + 1 - cfg.horizon) * self.gist_flops)
+        stats.update({f"mp_cos_lod{L}": c for L, c in mp_cos.items()})
+        return loss.detach(), stats, flops
+
+    @staticmethod
+    def summarize(micro_stats):
+        """The micro-batches' stats -> (their means as {"mc/<key>": float} (NaN: none measured it), the
+        text the step's log line adds)."""
+        metrics = {}
+        for k in micro_stats[0]:
+            vals = [st[k] for st in micro_stats if k in st and st[k] == st[k]]
+            metrics[f"mc/{k}"] = sum(vals) / len(vals) if vals else float("nan")
+        m = metrics
+        line = (f" | C2 {m['mc/budget']:.0f} | hz {m['mc/horizon_loss']:.3f} | lens {m['mc/lens_loss']:.3f}"
+                f" agree {m['mc/lens_agree']:.2f} | gist cos {m['mc/gist_cos_lod1']:.2f}")
+        if "mc/mp_cos_lod1" in m:
+            line += f" | mp cos {m['mc/mp_cos_lod1']:.2f}"
+        if "mc/fact_lens_top" in m:  # recall rows: is the asked fact raw in a variant, LensNet's top gist?
+            line += (f" | fact raw ref {m['mc/fact_raw_reference']:.2f} pert {m['mc/fact_raw_perturbed']:.2f}"
+                     f" lens {m['mc/fact_raw_lens']:.2f} top {m['mc/fact_lens_top']:.2f} | pair cos {m['mc/gist_pair_cos']:.2f}")
+        if "mc/ckri" in m:
+            line += f" | ckri {m['mc/ckri']:.3f}"
+        return metrics, line
+
+    @torch.no_grad()
+    def validate(self, tokenizer, B, T, device):
+        """evaluation.validate on the first config.eval_rows rows of the val split (with a predictor also
+        mp_dnll_lod{L}, megaprediction.predicted_gist_dnll on the same rows), the modules in eval mode
+        meanwhile. -> ({"mc_val/<key>": float}, the log line's text)."""
+        cfg, bos = self.config, tokenizer.get_bos_token_id()
+        loader = bos_bestfit_loader(tokenizer, B, T, "val", device=device)
+        rows = []
+        while sum(len(r) for r in rows) < cfg.eval_rows:
+            x, y, _ = next(loader)
+            rows.append(torch.cat([x, y[:, -1:]], dim=1))  # (B, T + 1)
+        rows = torch.cat(rows)[:cfg.eval_rows]
+        modules = [self.model] + self.modules()
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        result = validate(self.model, self.gistnet, self.lensnet, cfg, rows, bos_id=bos)
+        if self.predictor is not None:
+            dnll = predicted_gist_dnll(self.predictor, self.gistnet, self.model, cfg, rows, bos_id=bos)
+            result.update({f"mp_dnll_lod{L}": v for L, v in dnll.items()})
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+        r = result
+        line = (f"mc val: NLL trunc {r['nll_trunc']:.3f} | mc {r['nll_mc']:.3f} | full {r['nll_full']:.3f} "
+                f"| gap closed {r['gap_closed']:.3f} | LOD1 substitution {r['dnll_lod1']:+.3f} nats"
+                + (f" | predicted LOD1 {r['mp_dnll_lod1']:+.3f} nats" if "mp_dnll_lod1" in r else ""))
+        return {f"mc_val/{k}": v for k, v in result.items()}, line
+
+    @torch.no_grad()
+    def recall(self, docs, device):
+        """Exact recall of docs ([(history ids, answer ids)], recall.recall_eval_docs) by
+        evaluation.measure_retrieval's three methods -> {"recall/full", "recall/truncation",
+        "recall/megacontext", "recall/fact_raw" (the WC held the fact block raw)}."""
+        for m in self.modules():
+            m.eval()
+        histories = [torch.tensor(h, dtype=torch.long, device=device) for h, _ in docs]
+        answers = [torch.tensor(a, dtype=torch.long, device=device) for _, a in docs]
+        records, _ = measure_retrieval(self.model, self.gistnet, self.lensnet, self.config, histories, answers)
+        cells = {m: retrieval_summary(records[m]) for m in ("full", "truncation", "megacontext")}
+        out = {f"recall/{m}": cell["acc"] for m, cell in cells.items()}
+        out["recall/fact_raw"] = cells["megacontext"].get("fact_raw", float("nan"))
+        for m in self.modules():
+            m.train()
+        return out
+
+    def save(self, checkpoint_dir, step, optimizer):
+        save_megacontext(checkpoint_dir, step, self.config, self.gistnet, self.lensnet, optimizer, self.predictor)
+
+    def resume(self, checkpoint_dir, step, optimizer):
+        """Load the weights and optimizer state saved at `step`; refuses a checkpoint of other MC settings."""
+        saved, gistnet, lensnet, optimizer_state = load_megacontext(checkpoint_dir, step, self.model.config, self.model.get_device())
+        if saved != self.config:
+            changed = sorted(k for k, v in self.config.to_dict().items() if saved.to_dict()[k] != v)
+            raise UserError(f"cannot resume: the checkpoint's MegaContext settings differ in {', '.join(changed)}")
+        self.gistnet.load_state_dict(gistnet.state_dict())
+        self.lensnet.load_state_dict(lensnet.state_dict())
+        if self.predictor is not None:
+            self.predictor.load_state_dict(load_predictor(checkpoint_dir, step, self.model.config, self.model.get_device()).state_dict())
+        optimizer.load_state_dict(optimizer_state)
 
     def backward(self, x, y, step, num_iterations, grad_scale=1.0, stream=0, max_slots=None):
         """x, y: (B, T) one loader micro-batch. Backpropagates grad_scale x the MegaContext losses;

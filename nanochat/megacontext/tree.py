@@ -181,15 +181,15 @@ class MegaContextTree:
     the GistNet's); path: None = RAM, else a directory for disk mode (one writer at a time);
     dtype: gist storage, fp16 or bf16; model_name: recorded in the files, checked by load."""
 
-    def __init__(self, dim, gistnet, embed_tokens, max_level=None, path=None, dtype=torch.float16, model_name=""):
+    def __init__(self, dim, gistnet, embed_tokens, max_level=None, path=None, dtype=torch.float16, model_name="", device="cpu"):
         max_level = getattr(gistnet, "max_level", None) if max_level is None else max_level  # a GistNet's depth
         if path is not None and os.path.exists(os.path.join(path, "meta.json")):
             raise UserError(f"{path} already holds a MegaContext tree: open it with MegaContextTree.load")
-        self._setup(dim, gistnet, embed_tokens, max_level, path, dtype, model_name)
+        self._setup(dim, gistnet, embed_tokens, max_level, path, dtype, model_name, device)
         self._add_level()
         self.flush()
 
-    def _setup(self, dim, gistnet, embed_tokens, max_level, path, dtype, model_name):
+    def _setup(self, dim, gistnet, embed_tokens, max_level, path, dtype, model_name, device):
         if dtype not in DTYPE_CODES:
             raise UserError(f"gist storage dtype must be torch.float16 or torch.bfloat16, got {dtype}")
         if max_level is not None and max_level < 0:
@@ -198,6 +198,7 @@ class MegaContextTree:
         if width != dim or (depth is not None and (max_level is None or max_level > depth)):
             raise UserError(f"the GistNet (dim {width}, levels 1..{depth}) cannot serve a tree of dim {dim}, max_level {max_level}")
         self.dim, self.gistnet, self.embed_tokens, self.max_level = dim, gistnet, embed_tokens, max_level
+        self.device = torch.device(device)  # where embed_tokens and the GistNet run (their weights' device)
         self.path, self.dtype, self.model_name = path, dtype, model_name
         self._lock = None  # disk mode: a finalizer holding the directory's flock'ed fd while this tree may write
         if path is not None:  # one writer per directory: opening trims uncommitted rows, which would cut a live writer's
@@ -325,14 +326,12 @@ class MegaContextTree:
 
     def _compute(self, L, a, b):
         """Gist bits of level-L nodes a..b-1 from their children as stored: uint16 (b - a, D)."""
-        p = next(iter(self.gistnet.parameters()), None) if isinstance(self.gistnet, torch.nn.Module) else None
-        device, dtype = (p.device, p.dtype) if p is not None else ("cpu", torch.float32)
         if L == 1:
             ids = torch.from_numpy(self.levels[0].read(a * K, b * K).astype(np.int64))
-            x = self.embed_tokens(ids.to(device))  # (n * K, D)
+            x = self.embed_tokens(ids.to(self.device))  # (n * K, D)
         else:
             x = from_bits(self.levels[L - 1].read(a * K, b * K), self.dtype)  # (n * K, D)
-        g = self.gistnet(x.to(device, dtype).view(b - a, K, self.dim), L)  # (n, D)
+        g = self.gistnet(x.to(self.device, torch.float32).view(b - a, K, self.dim), L)  # (n, D): GistNets compute in float32
         assert g.shape == (b - a, self.dim), f"gistnet returned {tuple(g.shape)}, expected {(b - a, self.dim)}"
         return to_bits(g, self.dtype)
 
@@ -384,7 +383,7 @@ class MegaContextTree:
         atomic_write_json(self._meta(), meta_path)
 
     @classmethod
-    def load(cls, path, gistnet, embed_tokens, dim=None, in_ram=False, model_name=None):
+    def load(cls, path, gistnet, embed_tokens, dim=None, in_ram=False, model_name=None, device="cpu"):
         """Open a saved tree: disk mode on `path` (memory-mapped, ingest continues there; one writer
         at a time), or a copy in RAM (only reads the files). Given model_name, a tree built for
         another model is refused."""
@@ -410,7 +409,7 @@ class MegaContextTree:
         if any(counts[L] > counts[0] // K ** L for L in range(1, len(counts))):
             raise UserError(f"{meta_path}: inconsistent counts {counts} (more gists than complete nodes)")
         tree = cls.__new__(cls)
-        tree._setup(d, gistnet, embed_tokens, max_level, None if in_ram else path, dtype, stored_name)
+        tree._setup(d, gistnet, embed_tokens, max_level, None if in_ram else path, dtype, stored_name, device)
         for L, count in enumerate(counts):
             file = os.path.join(path, f"lod{L}.bin")
             check_level_file(file, L, d, 0 if L == 0 else DTYPE_CODES[dtype], tree.model_name, count)

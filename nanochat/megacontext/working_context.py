@@ -238,17 +238,14 @@ class WorkingContext:
         their index, gists at their span's center, both relative to self.start (float64 keeps
         x.5 centers and positions past 2**24 exact; positions.py takes them as they are);
         entry (T,) long: the entry each slot belongs to.
-        embed_tokens: ids -> embeddings for the token slots (a tree stores ids only); device / dtype
-        then default to those of the model that owns it (a bound method). None: the source's own
-        source.token_embeds(start, end) (a horizon.SequenceSource: the embeddings its gists were built
-        from, in the autograd graph, not embedded again); device / dtype then default to the source's.
-        Contiguous runs of same-level entries are fetched with one call each."""
+        embed_tokens: ids -> embeddings for the token slots (a tree stores ids only), run on `device`
+        (default: the CPU), the embeds then in `dtype` (default float32): a model on a GPU or in bf16
+        passes its own. None: the source's own source.token_embeds(start, end) (a horizon.SequenceSource:
+        the embeddings its gists were built from, in the autograd graph, not embedded again); device /
+        dtype then default to the source's. Contiguous runs of same-level entries are fetched with one call each."""
         if embed_tokens is not None:
-            owner = getattr(embed_tokens, "__self__", None)
-            if device is None:
-                device = owner.get_device() if hasattr(owner, "get_device") else torch.device("cpu")
-            if dtype is None:
-                dtype = owner.transformer.wte.weight.dtype if hasattr(owner, "transformer") else torch.float32
+            device = torch.device("cpu") if device is None else device
+            dtype = torch.float32 if dtype is None else dtype
         runs = []  # (level, first entry, last entry + 1)
         for i, e in enumerate(self.entries):
             if runs and runs[-1][0] == e.level and runs[-1][2] == i:
@@ -281,3 +278,11 @@ class WorkingContext:
             entry=torch.cat(entry_ids).to(device),
         )
 
+
+def fit_budget(wc, w_max):
+    """wc with its oldest entries dropped until its cost is <= w_max (the WC then starts later)."""
+    entries = list(wc.entries)
+    cost = wc.cost
+    while cost > w_max and len(entries) > 1:
+        cost -= entries.pop(0).cost
+    return WorkingContext(entries)
