@@ -12,7 +12,8 @@ from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig, norm
 from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import MegaContextConfig
-from nanochat.megacontext.runtime import Plan, Session, common_slots, format_focus, make_room, slot_items
+from nanochat.megacontext.runtime import Session, format_focus, make_room
+from nanochat.megacontext.slots import Plan, slot_items
 from nanochat.megacontext.working_context import Entry, WorkingContext, check_working_context
 from conftest import jitter
 
@@ -38,7 +39,7 @@ def parts(seed=0, lens_tau=0.0, w_max=128, recent=16):
 def full_forward_logits(session):
     """The logits at the last slot from one forward of the whole current layout (no cache)."""
     items = slot_items(session.wc, None if session.plan is None else session.plan[0])
-    b = session._assemble_from(items, 0)
+    b = session.slots.assemble_from(items, 0, session.trees(), session.offsets, None if session.plan is None else session.plan[1])
     with torch.no_grad():
         return session.model(b["idx"], inputs_embeds=b["embeds"], rotary=slot_rotary(session.model, b["positions"], b["lod"]), lod=b["lod"])[0, -1]
 
@@ -100,17 +101,6 @@ def test_make_room_collapses_the_oldest_first_and_protects_recent_tokens():
     assert levels == sorted(levels, reverse=True)  # coarse old, raw new
     assert all(e.level == 0 for e in out.entries if e.end > 300 - 40)
     assert make_room(raw, s.tree, 300, 40) == raw
-
-
-def test_common_slots_and_plan_layout():
-    a = [Entry(1, 0, 32), Entry(0, 32, 64), Entry(0, 64, 70)]
-    b = [Entry(1, 0, 32), Entry(0, 32, 64), Entry(0, 64, 75)]
-    assert common_slots(a, b) == 1 + 32 + 6
-    assert common_slots(a, [Entry(0, 0, 32)] + b[1:]) == 0
-    wc = WorkingContext(b)
-    assert slot_items(wc, 64) == [Entry(1, 0, 32), Entry(0, 32, 64), Plan(64), Entry(0, 64, 75)]
-    assert slot_items(WorkingContext(b[:2]), 64)[-1] == Plan(64)
-    assert common_slots(slot_items(wc, 64), b) == 33
 
 
 class FixedPredictor(nn.Module):
@@ -280,7 +270,7 @@ def test_attached_memories_stream_legal_and_the_cache_equals_a_full_forward(tmp_
         check_composite(CompositeWC(s.recall + [s.wc]), s.composite_source(), 192, mc.recent_tokens, 0.5)
         if i % 41 == 0 or i > len(tokens) - 45:
             items = slot_items(s.wc, None, s.recall)
-            b = s._assemble_from(items, 0)
+            b = s.slots.assemble_from(items, 0, s.trees(), s.offsets)
             with torch.no_grad():
                 full = model(b["idx"], inputs_embeds=b["embeds"], rotary=slot_rotary(model, b["positions"], b["lod"]), lod=b["lod"])[0, -1]
             assert torch.allclose(logits, full, atol=1e-4), f"cache diverged at token {40 + i}"

@@ -201,6 +201,13 @@ def test_assembly_from_a_real_tree_with_gistnet():
     tail = wc.entries[-1]
     assert torch.equal(slots["token_ids"][-(tail.end - tail.start):], ids[tail.start:])
     assert torch.equal(slots["embeds"][-1], embed(ids[-1:])[0])
+    # device and dtype are the caller's, never read off embed_tokens' owner: a bf16 table still assembles in
+    # float32 unless bf16 is asked for
+    wte.to(torch.bfloat16)
+    with torch.no_grad():
+        assert wc.assemble(tree, embed)["embeds"].dtype == torch.float32
+        bf16 = wc.assemble(tree, embed, device="cpu", dtype=torch.bfloat16)["embeds"]
+    assert bf16.dtype == torch.bfloat16 and bf16.device.type == "cpu"
 
 
 class HugeSource:

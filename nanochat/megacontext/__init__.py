@@ -13,16 +13,20 @@ One module per component, read in this order:
 - allocator.py        FocusAllocator: scores -> legal expand / collapse edits within the budget; refocus
                       (LensNet scores, then allocator steps, until nothing changes)
 - training.py         base_train --megacontext: the slate of WC variants and the horizon, gist, lens losses
-- evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit
+- evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit; the documents
+                      mc_eval measures and its default run (run_history)
+- retrieval.py        exact recall of a fact far back (mc_eval --task passkey/kv-recall/needle) and the
+                      Core-Knowledge task (--task ck)
 - megaprediction.py   MegaPredictor: readouts of the model's hidden state predict the next block's gist
                       (base_train --megaprediction; gist-first decoding in runtime.py)
 - composite.py        composite memories (cognitive core): Core-Knowledge MCs and the session in one WC,
                       the composite allocator (session share, diversity penalty), per-memory attribution
+- slots.py            the slot layout of a chat session's WC (memories, entries, the plan slot) and its KV cache
 - runtime.py          Session: a chat over an unbounded history at constant cost per token (streaming ingest,
                       refocus every block, the KV cache over the WC, gist-first plans, save / open)
 - checkpoint.py       GistNet + LensNet (+ MegaPredictor) beside a base checkpoint (mc_<step>.pt), built in one place
 - config.py           MegaContextConfig: the --mc-* flags and mc_* preset keys
-Imports run one way, down this list (tests/test_imports.py fails on any cycle): the vanilla model never
+Imports run one way (tests/test_imports.py fails on any cycle): the vanilla model never
 imports this package, and `GPT.forward(inputs_embeds=..., rotary=positions.slot_rotary(...), lod=...)`
 is the one hook into the base model; runtime, composite and checkpoint reach neither training nor
 evaluation.

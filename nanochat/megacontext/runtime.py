@@ -5,7 +5,7 @@ A Session holds
   tree    the whole history (MegaContextTree, on disk under `path` or in RAM); gists are made by
           gistnet.AnyLevel as blocks complete, as deep as the history needs
   wc      the WorkingContext the model reads; its cost never exceeds w_max
-  cache   an engine.KVCache over the WC's slots (w_max + 1: room for a gist-first plan slot)
+  slots   a slots.SlotCache: the KV cache over the WC's slots (w_max + 1: room for a gist-first plan slot)
 feed(tokens) appends tokens to the tree and to the WC, brings the cache up to date and returns the
 next-token logits:
   - every token adds one raw slot to the WC (WorkingContext.extend);
@@ -50,26 +50,23 @@ the session stopped (the same WC, the same next tokens).
 import os
 import json
 import base64
-from collections import namedtuple
 
 import torch
 
 from nanochat.common import UserError, atomic_write_json
-from nanochat.engine import KVCache, RowState, sample_next
+from nanochat.engine import RowState, sample_next
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator, refocus
 from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource, CompositeWC, attribution, check_composite,
                                             ck_cap, composite_start)
 from nanochat.megacontext.gistnet import AnyLevel
-from nanochat.megacontext.positions import slot_rotary
+from nanochat.megacontext.slots import SlotCache, slot_items
 from nanochat.megacontext.tree import MegaContextTree
 from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context, fit_budget
 
 K = BLOCK_SIZE
 SESSION_FILE = "session.json"
 SESSION_FORMAT = 1
-Plan = namedtuple("Plan", ["start"])  # a gist-first plan slot, in front of the block that starts at `start`
-Recall = namedtuple("Recall", ["memory", "entry"])  # a slot item of Core-Knowledge memory `memory`: one of its WC entries
 
 
 def make_room(wc, source, budget, recent_tokens):
@@ -108,36 +105,9 @@ def make_room_composite(cwc, source, budget, recent_tokens, min_session_share):
     return CompositeWC(cks + [session])
 
 
-def slot_items(wc, plan_start, recall=()):
-    """The WC's entries in slot order, with Plan(s) in front of the tokens of block [s, s + K), after
-    the Recall items of the attached memories' WC segments (recall: one WorkingContext per memory)."""
-    items = [Recall(m, e) for m, seg in enumerate(recall) for e in seg.entries]
-    if plan_start is None:
-        return items + list(wc.entries)
-    at = next((i for i, e in enumerate(wc.entries) if e.level == 0 and e.start == plan_start), len(wc))
-    return items + list(wc.entries[:at]) + [Plan(plan_start)] + list(wc.entries[at:])
-
-
 def allocator_state(a):
     """A FocusAllocator's cooldown state, as JSON (Session.save / open)."""
     return dict(steps=a.steps, last_toggled=[[lvl, s, t] for (lvl, s), t in a.last_toggled.items()])
-
-
-def item_cost(item):
-    return 1 if isinstance(item, Plan) else item.entry.cost if isinstance(item, Recall) else item.cost
-
-
-def common_slots(old, new):
-    """How many leading slots two slot-item lists share (a raw block that grew keeps its old slots)."""
-    n = 0
-    for a, b in zip(old, new):
-        if a == b:
-            n += item_cost(a)
-            continue
-        if isinstance(a, Entry) and isinstance(b, Entry) and a.level == b.level == 0 and a.start == b.start:
-            n += min(a.end, b.end) - a.start
-        break
-    return n
 
 
 class Session:
@@ -156,8 +126,7 @@ class Session:
         self.generator = torch.Generator(device=model.get_device()).manual_seed(seed)
         self.wc = None                  # the WorkingContext, None before the first token
         self.plan = None                # (start, (D,) vector) of the live gist-first plan, or None
-        self.cache = None               # KVCache over the slots of self.cached
-        self.cached = []                # slot items the cache holds, in order
+        self.slots = SlotCache(model, w_max + 1)  # the KV cache over the WC's slots (+ 1: a gist-first plan slot)
         self.logits = self.hidden = None  # (V,), (D,): the outputs at the last slot
         self.stats = dict(refocuses=0, edits=0, slots_computed=0, tokens_fed=0, forwards=0, last_edits=0, memory_edits=[0])
         self.memories = []              # attached Core-Knowledge memories: (name, tree, path), in slot order
@@ -336,73 +305,18 @@ class Session:
         self.stats["edits"] += len(edits)
         self.stats["last_edits"] = len(edits)
 
+    def trees(self):
+        """The tree of each attached memory, the session's last (what the slot items read)."""
+        return [tree for _, tree, _ in self.memories] + [self.tree]
+
     def _sync(self):
-        """Bring the cache to the current WC (plus plan): keep the unchanged slot prefix, forward the rest."""
+        """Bring the slot cache to the current WC (plus plan) -> the next-token logits (V,)."""
         items = slot_items(self.wc, None if self.plan is None else self.plan[0], self.recall)
-        total = sum(item_cost(it) for it in items)
-        if self.cache is None:
-            self.cache = KVCache.for_model(self.model, 1, self.w_max + 1)
-        keep = min(common_slots(self.cached, items), total - 1, int(self.cache.lengths[0]))  # the last slot always runs
-        if keep < int(self.cache.lengths[0]):
-            self.cache.truncate(keep, self._embed_before(items, keep))
-        batch = self._assemble_from(items, keep)  # the slots from `keep` on
-        logits, hidden = self.model(batch["idx"], kv_cache=self.cache, inputs_embeds=batch["embeds"],
-                                    rotary=slot_rotary(self.model, batch["positions"], batch["lod"]), lod=batch["lod"],
-                                    return_hidden=True)
-        self.cached = items
-        self.logits, self.hidden = logits[0, -1], hidden[0, -1]
-        self.stats["slots_computed"] += batch["idx"].size(1)
+        self.logits, self.hidden, computed = self.slots.sync(items, self.trees(), self.offsets,
+                                                             None if self.plan is None else self.plan[1])
+        self.stats["slots_computed"] += computed
         self.stats["forwards"] += 1
         return self.logits
-
-    def _embed_before(self, items, slot):
-        """(1, 1, D) the pre-smear embedding of slot - 1: a token's, or zeros (no slot, a gist, a plan)."""
-        D, dtype = self.model.config.n_embd, self.model.transformer.wte.weight.dtype
-        zero = torch.zeros(1, 1, D, device=self.model.get_device(), dtype=dtype)
-        seen = 0
-        for it in items:
-            c = item_cost(it)
-            if seen + c >= slot:
-                tree, e = (self.memories[it.memory][1], it.entry) if isinstance(it, Recall) else (self.tree, it)
-                if slot == 0 or isinstance(it, Plan) or e.level > 0:
-                    return zero
-                ids = tree.tokens(e.start + slot - 1 - seen, e.start + slot - seen)
-                return self.model.embed_tokens(ids.to(zero.device))[None].to(dtype)
-            seen += c
-        return zero
-
-    def _assemble_from(self, items, slot):
-        """The model inputs of every slot from index `slot` on, with global positions (memory m's token t
-        at self.offsets[m] + t, the session's after every attached memory): dict of (1, T) tensors."""
-        device, dtype = self.model.get_device(), self.model.transformer.wte.weight.dtype
-        parts, seen, run, run_memory = [], 0, [], len(self.memories)  # run_memory: the session is the last memory
-
-        def flush_run():  # a run of one memory's entries, assembled in one call
-            if run:
-                tree = self.tree if run_memory == len(self.memories) else self.memories[run_memory][1]
-                a = WorkingContext(run).assemble(tree, self.model.embed_tokens, device=device, dtype=dtype)
-                parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + (run[0].start + self.offsets[run_memory])))
-                run.clear()
-
-        for it in items:
-            c = item_cost(it)
-            if seen + c > slot:
-                if isinstance(it, Plan):
-                    flush_run()
-                    center = torch.tensor([self.offsets[-1] + it.start + (K - 1) / 2], dtype=torch.float64)
-                    parts.append((self.plan[1].to(device, dtype)[None], torch.full((1,), -1, device=device),
-                                  torch.ones(1, dtype=torch.long, device=device), center.to(device if device.type != "mps" else "cpu")))
-                else:
-                    memory, e = (it.memory, it.entry) if isinstance(it, Recall) else (len(self.memories), it)
-                    if memory != run_memory:
-                        flush_run()
-                        run_memory = memory
-                    skip = max(0, slot - seen)  # only a raw block can be entered part-way
-                    run.append(e if skip == 0 else Entry(0, e.start + skip, e.end))
-            seen += c
-        flush_run()
-        embeds, ids, lod, pos = (torch.cat(x) for x in zip(*parts))
-        return dict(embeds=embeds[None], idx=ids[None], lod=lod[None], positions=pos[None])
 
     # -------------------------------------------------------------------------
     # decoding

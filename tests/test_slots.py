@@ -1,0 +1,24 @@
+"""Slot layouts and the slot cache (nanochat/megacontext/slots.py); the cache against full forwards is
+tested through the sessions that use it (tests/test_runtime.py)."""
+
+from nanochat.megacontext.slots import Plan, common_slots, item_cost, Recall, slot_items
+from nanochat.megacontext.working_context import Entry, WorkingContext
+
+
+def test_common_slots_and_plan_layout():
+    a = [Entry(1, 0, 32), Entry(0, 32, 64), Entry(0, 64, 70)]
+    b = [Entry(1, 0, 32), Entry(0, 32, 64), Entry(0, 64, 75)]
+    assert common_slots(a, b) == 1 + 32 + 6
+    assert common_slots(a, [Entry(0, 0, 32)] + b[1:]) == 0
+    wc = WorkingContext(b)
+    assert slot_items(wc, 64) == [Entry(1, 0, 32), Entry(0, 32, 64), Plan(64), Entry(0, 64, 75)]
+    assert slot_items(WorkingContext(b[:2]), 64)[-1] == Plan(64)
+    assert common_slots(slot_items(wc, 64), b) == 33
+
+
+def test_recall_items_come_first_and_cost_their_entry():
+    ck = WorkingContext([Entry(1, 0, 32), Entry(0, 32, 40)])
+    wc = WorkingContext([Entry(0, 0, 10)])
+    items = slot_items(wc, None, [ck])
+    assert items == [Recall(0, Entry(1, 0, 32)), Recall(0, Entry(0, 32, 40)), Entry(0, 0, 10)]
+    assert [item_cost(it) for it in items] == [1, 8, 10] and item_cost(Plan(64)) == 1
