@@ -93,7 +93,8 @@ def stream_session_reply(session, tokenizer, tools, args, out=None):
 def open_session(args, model, tokenizer, device, model_tag, step):
     """A new MegaContext session (in RAM, or on disk at --session), or the one saved at --session."""
     from nanochat.megacontext.checkpoint import load_for_chat
-    from nanochat.megacontext.runtime import Session, SESSION_FILE
+    from nanochat.megacontext.runtime import Session
+    from nanochat.megacontext.session_file import SESSION_FILE
     mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
     name = f"{args.source}/{model_tag}"
     if args.session and os.path.exists(os.path.join(args.session, SESSION_FILE)):

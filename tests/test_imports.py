@@ -82,6 +82,6 @@ def test_the_model_and_the_inference_side_stay_below_training_and_evaluation():
     graph = import_graph()
     mc = "nanochat.megacontext"
     assert not any(m.startswith(mc) for m in reachable(graph, "nanochat.gpt"))
-    for m in ("runtime", "slots", "composite", "checkpoint", "megaprediction"):
+    for m in ("runtime", "slots", "session_file", "composite", "checkpoint", "megaprediction"):
         reached = reachable(graph, f"{mc}.{m}")
         assert not reached & {f"{mc}.training", f"{mc}.evaluation"}, (m, sorted(reached))

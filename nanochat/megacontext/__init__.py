@@ -22,6 +22,7 @@ One module per component, read in this order:
 - composite.py        composite memories (cognitive core): Core-Knowledge MCs and the session in one WC,
                       the composite allocator (session share, diversity penalty), per-memory attribution
 - slots.py            the slot layout of a chat session's WC (memories, entries, the plan slot) and its KV cache
+- session_file.py     session.json: a chat session saved beside its disk tree, and opened again
 - runtime.py          Session: a chat over an unbounded history at constant cost per token (streaming ingest,
                       refocus every block, the KV cache over the WC, gist-first plans, save / open)
 - checkpoint.py       GistNet + LensNet (+ MegaPredictor) beside a base checkpoint (mc_<step>.pt), built in one place

@@ -41,15 +41,13 @@ corpus (scripts/mc_build_ck.py), read-only, whose WC segments sit in front of th
 the budget is shared (the session keeps its share, make_room_composite shrinks the memories first)
 and one composite allocator refocuses every memory; focus() reports each memory's part.
 
-Sessions persist: save() flushes the disk tree and writes session.json atomically (WC entries,
+Sessions persist (session_file.py): save() flushes the disk tree and writes session.json atomically (WC entries,
 plan, allocator cooldowns, sampling RNG state, the attached memories' paths and segments);
 Session.open() reattaches the memories, rebuilds the cache from the saved WC and continues where
 the session stopped (the same WC, the same next tokens).
 """
 
 import os
-import json
-import base64
 
 import torch
 
@@ -62,11 +60,10 @@ from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource,
 from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.slots import SlotCache, slot_items
 from nanochat.megacontext.tree import MegaContextTree
-from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context, fit_budget
+from nanochat.megacontext.session_file import SESSION_FILE, read_session, restore_session, session_state
+from nanochat.megacontext.working_context import WorkingContext, check_working_context, fit_budget
 
 K = BLOCK_SIZE
-SESSION_FILE = "session.json"
-SESSION_FORMAT = 1
 
 
 def make_room(wc, source, budget, recent_tokens):
@@ -103,11 +100,6 @@ def make_room_composite(cwc, source, budget, recent_tokens, min_session_share):
             cks[m] = WorkingContext(cks[m].entries[1:])
     session = make_room(cwc.segments[-1], source.session, budget - sum(c.cost for c in cks), recent_tokens)
     return CompositeWC(cks + [session])
-
-
-def allocator_state(a):
-    """A FocusAllocator's cooldown state, as JSON (Session.save / open)."""
-    return dict(steps=a.steps, last_toggled=[[lvl, s, t] for (lvl, s), t in a.last_toggled.items()])
 
 
 class Session:
@@ -149,40 +141,12 @@ class Session:
     @classmethod
     def open(cls, path, model, gistnet, lensnet, config, predictor=None, gist_first=None, model_name=None):
         """Reopen a saved session; it continues exactly where save() left it."""
-        file = os.path.join(path, SESSION_FILE)
-        if not os.path.exists(file):
-            raise UserError(f"{path}: no {SESSION_FILE}, not a saved MegaContext session")
-        try:
-            with open(file, encoding="utf-8") as f:
-                state = json.load(f)
-            if state["format"] != SESSION_FORMAT:
-                raise ValueError(f"format {state['format']}, this code reads {SESSION_FORMAT}")
-            entries = [Entry(*map(int, e)) for e in state["wc"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{file}: unreadable session ({type(e).__name__}: {e})")
+        state, entries = read_session(path)
         tree = MegaContextTree.load(path, AnyLevel(gistnet), model.embed_tokens, dim=model.config.n_embd, model_name=model_name,
                                     device=model.get_device())
         gist_first = state["gist_first"] if gist_first is None else gist_first
         session = cls(model, gistnet, lensnet, config, tree, predictor, state["w_max"], gist_first)
-        memories = state.get("memories", [])
-        try:
-            for memory in memories:
-                session._attach(memory["path"], memory["name"])
-            if entries:
-                session.wc = check_working_context(WorkingContext(entries), tree, session.w_max, config.recent_tokens)
-                session.recall = [WorkingContext(Entry(*map(int, e)) for e in memory["wc"]) for memory in memories]
-                if memories:
-                    check_composite(CompositeWC(session.recall + [session.wc]), session.composite_source(), session.w_max,
-                                    config.recent_tokens, config.ck_min_session_share)
-            for a, saved in zip(session._allocators(), [memory["allocator"] for memory in memories] + [state["allocator"]]):
-                a.steps, a.last_toggled = saved["steps"], {(lvl, start): t for lvl, start, t in saved["last_toggled"]}
-        except (WorkingContextError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{file}: the saved working context does not fit this session's trees (a memory rebuilt "
-                            f"since it was saved?): {type(e).__name__}: {e}") from None
-        if state["plan"] is not None:
-            session.plan = (state["plan"][0], torch.tensor(state["plan"][1], dtype=torch.float32))
-        session.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
-        session.stats.update(state["stats"])
+        restore_session(session, state, entries)
         if session.wc is not None:
             with torch.inference_mode():
                 session._sync()
@@ -234,18 +198,7 @@ class Session:
         if any(path is None for _, _, path in self.memories):
             raise UserError("a memory attached from RAM (no path) cannot be saved with the session")
         self.tree.flush()
-        state = dict(
-            format=SESSION_FORMAT, w_max=self.w_max, gist_first=self.gist_first,
-            wc=[] if self.wc is None else [[e.level, e.start, e.end] for e in self.wc.entries],
-            plan=None if self.plan is None else [self.plan[0], self.plan[1].float().cpu().tolist()],
-            allocator=allocator_state(self._allocators()[-1]),
-            memories=[dict(name=name, path=path, allocator=allocator_state(a),
-                           wc=[[e.level, e.start, e.end] for e in self.recall[m].entries] if self.recall else [])
-                      for m, ((name, _, path), a) in enumerate(zip(self.memories, self._allocators()))],
-            rng=base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii"),
-            stats=self.stats,
-        )
-        atomic_write_json(state, os.path.join(self.tree.path, SESSION_FILE))
+        atomic_write_json(session_state(self), os.path.join(self.tree.path, SESSION_FILE))
 
     def close(self):
         self.tree.close()
