@@ -5,7 +5,8 @@ A session's working context is laid out as a list of slot items:
   Recall(m, entry)  an entry of Core-Knowledge memory m's WC segment (memories first, in attach order)
   Entry             an entry of the session's own WC
   Plan(start)       the gist-first plan slot: one slot holding the predicted gist of the block that
-                    starts at token `start`, in front of that block's tokens
+                    starts at token `start`, in front of that block's tokens; assembled as that block's
+                    LOD1 entry (Entry(1, start, start + K)) whose gist is the plan's vector (PlanGist)
 An LOD0 entry costs one slot per token, a gist entry and a plan one slot each. The cache keeps the
 longest prefix of slots two layouts share (common_slots: a raw block that only grew keeps its slots)
 and recomputes from the first slot that differs. Positions are global: memory m's token t sits at
@@ -52,6 +53,16 @@ def common_slots(old, new):
             n += min(a.end, b.end) - a.start
         break
     return n
+
+
+class PlanGist:
+    """The source a plan slot is assembled from: its block's LOD1 gist is the plan's (D,) vector."""
+
+    def __init__(self, vector):
+        self.vector = vector
+
+    def gists(self, level, i0, i1):
+        return self.vector[None]  # (1, D): the one gist of the one entry
 
 
 class SlotCache:
@@ -111,11 +122,10 @@ class SlotCache:
         for it in items:
             c = item_cost(it)
             if seen + c > slot:
-                if isinstance(it, Plan):
+                if isinstance(it, Plan):  # the LOD1 entry of the block it predicts, its gist the plan's vector
                     flush_run()
-                    center = torch.tensor([offsets[-1] + it.start + (K - 1) / 2], dtype=torch.float64)
-                    parts.append((plan.to(device, dtype)[None], torch.full((1,), -1, device=device),
-                                  torch.ones(1, dtype=torch.long, device=device), center.to(device if device.type != "mps" else "cpu")))
+                    a = WorkingContext([Entry(1, it.start, it.start + K)]).assemble(PlanGist(plan), device=device, dtype=dtype)
+                    parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + (it.start + offsets[-1])))
                 else:
                     memory, e = (it.memory, it.entry) if isinstance(it, Recall) else (session, it)
                     if memory != run_memory:
