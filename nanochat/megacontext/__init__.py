@@ -12,7 +12,8 @@ One module per component, read in this order:
                       packed row's horizon starts (split_point), the gist loss, LensNet's scores of WC entries
 - allocator.py        FocusAllocator: scores -> legal expand / collapse edits within the budget; refocus
                       (LensNet scores, then allocator steps, until nothing changes)
-- training.py         base_train --megacontext: the slate of WC variants and the horizon, gist, lens losses
+- slate.py            the slate's pieces: variant budgets, random mixes, perturbations, edit values, the probes it logs
+- training.py         base_train --megacontext: MegaContextTrainer, the slate of WC variants and the horizon, gist, lens losses
 - evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit; the documents
                       mc_eval measures and its default run (run_history)
 - retrieval.py        exact recall of a fact far back (mc_eval --task passkey/kv-recall/needle) and the

@@ -48,7 +48,6 @@ same slates, and so does any chunking.
 import json
 import time
 import random
-from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -59,171 +58,18 @@ from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
 from nanochat.megacontext.checkpoint import (build_modules, build_predictor, load_megacontext, load_predictor,
                                              save_megacontext)
-from nanochat.megacontext.composite import CompositeAllocator, CompositeSource, CompositeWC, ck_cap, composite_start
+from nanochat.megacontext.composite import CompositeAllocator, ck_cap, composite_start
 from nanochat.megacontext.horizon import build_sources, gist_loss, horizon_nll, score_entries, split_point
-from nanochat.megacontext.probes import answer_spans, fact_block, raw_blocks
 from nanochat.megacontext.evaluation import validate
 from nanochat.megacontext.retrieval import measure_retrieval, retrieval_summary
 from nanochat.megacontext.lensnet import (pairwise_lens_loss, regression_lens_loss, lens_targets, lens_regularizer,
                                           lens_agreement, variant_utilities)
 from nanochat.megacontext.megaprediction import level_weights, megaprediction_loss, predicted_gist_dnll
+from nanochat.megacontext.slate import (Variant, allocator_edits, composite_baseline, composite_perturb, entry_keys, fact_stats,
+                                        gist_pair_cos, perturb, random_mix, split_memories, variant_budget)
 from nanochat.megacontext.working_context import WorkingContext
 
 K = BLOCK_SIZE
-
-# one WC variant of one row: kind in baseline | reference | perturbed | lens | drop; edits: {entry key of
-# the reference: edit value} (None for the baseline and drop, which are not edits of the reference; the
-# key of an entry is the Entry, or (memory, Entry) in a composite); source: what wc reads (None: the row's)
-Variant = namedtuple("Variant", ["row", "kind", "wc", "edits", "source"], defaults=(None,))
-
-
-def variant_budget(step, num_iterations, history, config):
-    """C2 at `step`: linear from the history length (rounded up to whole blocks: every variant is then
-    the raw history) down to w_max over the first anneal_frac of the run, in whole blocks; w_max after."""
-    ramp = config.anneal_frac * num_iterations
-    frac = max(0.0, 1.0 - step / ramp) if ramp > 0 else 0.0
-    if frac == 0 or history <= config.w_max:
-        return config.w_max
-    c2 = config.w_max + frac * (history - config.w_max)
-    return max(config.w_max, -(-int(c2) // K) * K)
-
-
-def random_mix(source, budget, config, rng):
-    """The coarsest WC over the whole history, then random expansions while one fits; None when even
-    the coarsest WC exceeds the budget."""
-    wc = WorkingContext.coarsest(source, config.recent_tokens, config.max_level)
-    if wc.cost > budget:
-        return None
-    while wc.cost + K - 1 <= budget:
-        gists = [i for i, e in enumerate(wc.entries) if e.level > 0]
-        if not gists:
-            break
-        wc = wc.expand(rng.choice(gists))
-    return wc
-
-
-def perturb(ref, source, budget, recent_tokens, rng, n_edits):
-    """ref plus up to n_edits random legal edits of ref's own entries -> (wc, {ref Entry: edit value}).
-    Each round collapses a random group (always when no expansion fits, else half the time), then
-    expands a random gist when one fits (a round that collapsed skips it a quarter of the time)."""
-    protect_from = source.num_tokens - recent_tokens
-    wc, edits, ref_entries = ref, {}, set(ref.entries)
-
-    def untouched(e):
-        return e in ref_entries and e not in edits
-
-    for _ in range(n_edits):
-        groups = {}  # parent Entry -> (an entry index of the group, the group's members)
-        for i, e in enumerate(wc.entries):
-            if not untouched(e) or e.parent in groups:
-                continue
-            r = wc.collapse_range(i, source)
-            if r is not None and r[2].end <= protect_from and all(untouched(m) for m in wc.entries[r[0]:r[1]]):
-                groups[r[2]] = (i, wc.entries[r[0]:r[1]])
-        collapsed = bool(groups) and (wc.cost + K - 1 > budget or rng.random() < 0.5)
-        if collapsed:
-            i, members = rng.choice(list(groups.values()))
-            wc = wc.collapse(i, source)
-            edits.update({m: -1.0 / len(members) for m in members})
-        expandable = [i for i, e in enumerate(wc.entries) if e.level > 0 and untouched(e)]
-        if expandable and wc.cost + K - 1 <= budget and not (collapsed and rng.random() < 0.25):
-            i = rng.choice(expandable)
-            edits[wc.entries[i]] = 1.0
-            wc = wc.expand(i)
-    return wc, edits
-
-
-def allocator_edits(steps):
-    """The allocator's Edit list -> {Entry of the WC it was given: edit value}; a CompositeAllocator's
-    (memory, Edit) list -> {(memory, Entry): edit value}."""
-    edits = {}
-    for step in steps:
-        memory, edit = step if isinstance(step, tuple) and not hasattr(step, "kind") else (None, step)
-        key = (lambda e: e) if memory is None else (lambda e, m=memory: (m, e))
-        if edit.kind == "expand":
-            edits[key(edit.before[0])] = 1.0
-        else:
-            edits.update({key(m): -1.0 / len(edit.before) for m in edit.before})
-    return edits
-
-
-def entry_keys(wc):
-    """The key of each entry of wc, in slot order: the Entry, or (memory, Entry) in a CompositeWC."""
-    return list(wc.entries) if isinstance(wc, WorkingContext) else [(m, e) for m, seg in enumerate(wc.segments) for e in seg.entries]
-
-
-# -----------------------------------------------------------------------------
-# cognitive core (--cognitive-core): the history as a Core-Knowledge memory and a session
-
-def split_memories(model, gistnet, history, max_level, rng):
-    """history (c,) -> CompositeSource of two memories: the CK, the first a tokens (a whole number of
-    blocks, a random cut in the middle half), and the session, the rest. Positions are those of the
-    unsplit history (composite.py puts the session right after the CK), so only the WC's structure
-    changes: each memory tiled on its own, under the session's share of the budget."""
-    c = history.numel()
-    a = K * rng.randint(max(1, c // (4 * K)), max(1, 3 * c // (4 * K)))
-    return CompositeSource(build_sources(model, gistnet, [history[:a], history[a:]], max_level), ["ck", "session"])
-
-
-def composite_baseline(row, source, budget):
-    """The truncated window of a split history (split_memories' two memories): its newest `budget`
-    tokens raw, reaching into the CK when the session is shorter, the tokens slate()'s baseline reads
-    from the unsplit history. -> Variant."""
-    ck, session = source.memories
-    recent = WorkingContext.recent(session, budget)
-    room = budget - recent.cost
-    if recent.start > 0 or room < K:
-        return Variant(row, "baseline", recent, None, session)
-    return Variant(row, "baseline", CompositeWC([WorkingContext.recent(ck, room), recent]), None)
-
-
-def composite_perturb(ref, source, budget, config, rng, n_edits):
-    """ref (CompositeWC) plus random legal edits of one memory's segment (perturb), within the budget
-    and, for the CK, its cap -> (wc, {(memory, Entry): edit value})."""
-    m = rng.randrange(len(ref.segments))
-    seg, others = ref.segments[m], ref.cost - ref.segments[m].cost
-    room = budget - others
-    if m < len(ref.segments) - 1:
-        room = min(room, ck_cap(source, budget, config.ck_min_session_share, config.recent_tokens) - (ref.ck_cost - seg.cost))
-    recent = config.recent_tokens if m == len(ref.segments) - 1 else 0
-    wc, edits = perturb(seg, source.memories[m], max(room, seg.cost), recent, rng, n_edits)
-    return ref.replace(m, wc), {(m, e): v for e, v in edits.items()}
-
-
-@torch.no_grad()
-def gist_pair_cos(sources):
-    """Mean cosine between the distinct LOD1 gists of each history (a collapse detector: near 1 means
-    GistNet gives every block about the same gist), NaN without two gists."""
-    values = []
-    for src in sources:
-        g = F.normalize(src.levels[1].float(), dim=-1) if src.num_gists(1) >= 2 else None
-        if g is not None:
-            n = g.size(0)
-            values.append(((g @ g.T).sum() - n).item() / (n * (n - 1)))
-    return sum(values) / len(values) if values else float("nan")
-
-
-def fact_stats(rows, cuts, weights, H, variants, refs, lens_rows, scores):
-    """Recall rows (scored answers in the horizon): where is each answer's fact? -> {fact_raw_<kind>: the
-    fraction of (row, answer) pairs whose fact block a variant of that kind holds raw, fact_lens_top: the
-    fraction of references with a fact block as a gist whose top-scored gist is one (NaN: none)}."""
-    facts = {}  # row -> the blocks of the facts its horizon asks about
-    for b, c in enumerate(cuts):
-        spans = answer_spans(weights[b, c - 1:c - 1 + H])
-        found = [fact_block(rows[b, :c], rows[b, c + s:c + e]) for s, e in spans]
-        facts[b] = [f for f in found if f is not None]
-    out = {}
-    for kind in ("baseline", "reference", "perturbed", "lens"):
-        hits = [f in raw_blocks(v.wc) for v in variants if v.kind == kind for f in facts[v.row]]
-        out[f"fact_raw_{kind}"] = sum(hits) / len(hits) if hits else float("nan")
-    tops = []
-    for j, b in enumerate(lens_rows):
-        gists = [(scores[j, i].item(), e.index) for i, e in enumerate(refs[b].entries) if e.level == 1]
-        if gists and any(f not in raw_blocks(refs[b]) for f in facts[b]):
-            tops.append(max(gists)[1] in facts[b])
-    out["fact_lens_top"] = sum(tops) / len(tops) if tops else float("nan")
-    return out
-
 
 class MegaContextTrainer:
     def __init__(self, model, gistnet, lensnet, config, seed=0, bos_id=None, predictor=None):
