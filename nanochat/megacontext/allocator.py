@@ -206,10 +206,10 @@ def refocus_batch(model, lensnet, allocators, wcs, sources, iterations, generato
     wcs = list(wcs)
     edits = [[] for _ in wcs]
     active = list(range(len(wcs)))
+    device, dtype = model.get_device(), model.transformer.wte.weight.dtype
     for _ in range(iterations):
         if not active:
             break
-        device, dtype = model.get_device(), model.transformer.wte.weight.dtype
         assembled = [wcs[b].assemble(sources[b], model.embed_tokens, device, dtype) for b in active]
         scores, _ = score_entries(lensnet, [wcs[b] for b in active], [sources[b] for b in active], assembled)  # (A, E)
         still = []

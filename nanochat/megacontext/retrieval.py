@@ -39,8 +39,6 @@ from nanochat.megacontext.working_context import WorkingContext
 
 K = BLOCK_SIZE
 RETRIEVAL_TASKS = ("passkey", "kv-recall", "needle")  # the long-range kinds --task measures (needle: never trained on)
-
-
 METHODS = ("megacontext", "truncation", "full")
 
 

@@ -185,7 +185,7 @@ class Session:
 
     def composite_source(self):
         """The attached memories and the session's tree as one CompositeSource (composite.py)."""
-        return CompositeSource([tree for _, tree, _ in self.memories] + [self.tree], [n for n, _, _ in self.memories] + ["session"])
+        return CompositeSource(self.trees(), [n for n, _, _ in self.memories] + ["session"])
 
     def _allocators(self):
         """The FocusAllocator of each memory, the session's last."""
