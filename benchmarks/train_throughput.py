@@ -1,8 +1,8 @@
 """
 Training throughput of the base model: tokens/s and MFU for a given depth, sequence length
 and device batch, on random tokens (no tokenizer or data needed). Prints one JSON line.
-On a CPU it also measures the machine's own fp32 matmul rate in the same run (a 2048^3 product)
-and prints cpu_mfu = achieved training FLOP/s / that rate.
+On a CPU it also measures the machine's own fp32 matmul rate in the same run (2048^3 products, after
+each timed step) and prints cpu_mfu = achieved training FLOP/s / that rate, each the median over the steps.
 
     python -m benchmarks.train_throughput --depth 12 --max-seq-len 2048 --device-batch-size 32   # GPU: bf16, compiled
     python -m benchmarks.train_throughput --depth 4 --max-seq-len 512 --device-batch-size 8 --vocab-size 4096 --window-pattern L --steps 5 --warmup 1   # CPU
@@ -13,6 +13,7 @@ import os
 import sys
 import json
 import time
+import statistics
 import argparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,15 +73,21 @@ def main():
     for _ in range(args.warmup):
         train_step()
     sync()
-    t0 = time.time()
+    # each timed step is followed, on a CPU, by a measurement of the matmul peak, so both medians see
+    # the same drift (a shared VM's steal time moves either by 30% within a minute)
+    step_times, cpu_peaks = [], []
     for _ in range(args.steps):
+        t0 = time.perf_counter()
         train_step()
-    sync()
-    dt = (time.time() - t0) / args.steps
+        sync()
+        step_times.append(time.perf_counter() - t0)
+        if device_type == "cpu":
+            cpu_peaks.append(measured_matmul_flops(device, repeats=2))
+    dt = statistics.median(step_times)
     tok_per_sec = B * T / dt
     flops_per_token = model.estimate_flops()
     peak = peak_flops(device)
-    cpu_peak = measured_matmul_flops(device) if device_type == "cpu" else None
+    cpu_peak = statistics.median(cpu_peaks) if cpu_peaks else None
     result = dict(benchmark="train_throughput", device=torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
                   dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled=use_compile, depth=args.depth,
                   n_embd=config.n_embd, max_seq_len=T, device_batch_size=B, step_ms=round(1000 * dt, 2),
