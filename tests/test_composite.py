@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.megacontext import BLOCK_SIZE as K
 from nanochat.megacontext.checkpoint import build_modules
-from nanochat.megacontext.allocator import refocus
-from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource, CompositeWC, attribution, check_composite,
-                                            ck_cap, composite_start)
+from nanochat.megacontext.allocator import FocusAllocator, refocus
+from nanochat.megacontext.composite import CompositeSource, attribution, starting_wc
 from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.horizon import build_source, horizon_nll
-from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError
+from nanochat.megacontext.working_context import (Entry, OneMemory, WorkingContext, WorkingContextError, check_working_context,
+                                                  ck_cap)
 from conftest import jitter
 
 V = 256
@@ -39,7 +39,11 @@ def composite(model, gistnet, lengths, seed=1):
 
 
 def all_raw(source):
-    return CompositeWC(WorkingContext.recent(src, src.num_tokens + K) for src in source.memories)
+    return WorkingContext.joined([WorkingContext.recent(src, src.num_tokens + K) for src in source.memories])
+
+
+def ck_cost(wc):
+    return wc.cost - wc.segments[-1].cost
 
 
 @torch.no_grad()
@@ -62,7 +66,7 @@ def test_gists_sit_at_their_memorys_offset():
     model, gistnet, _, _ = tiny()
     source = composite(model, gistnet, [128, 64])
     ck = WorkingContext([Entry(1, 0, 32), Entry(1, 32, 64), Entry(0, 64, 96), Entry(0, 96, 128)])
-    cwc = CompositeWC([ck, WorkingContext.recent(source.session, 64)])
+    cwc = WorkingContext.joined([ck, WorkingContext.recent(source.session, 64)])
     a = cwc.assemble(source, model.embed_tokens)
     assert a["positions"][:3].tolist() == [15.5, 47.5, 64.0]
     assert a["positions"][66:].tolist() == [128.0 + t for t in range(64)]
@@ -70,7 +74,7 @@ def test_gists_sit_at_their_memorys_offset():
     assert torch.equal(a["embeds"][0], source.memories[0].gists(1, 0, 1)[0])
 
 
-class Tokens:
+class Tokens(OneMemory):
     """A source of n tokens with every complete gist (what ck_cap and WorkingContext.coarsest read)."""
 
     def __init__(self, n):
@@ -96,18 +100,18 @@ def test_the_allocator_expands_into_the_cks_up_to_the_cap_and_never_past_it(sess
     lends its unused share, and the CKs grow past half, up to the cap."""
     model, gistnet, _, cfg = tiny(w_max=256)
     source = composite(model, gistnet, [2048, 1024, session_tokens])
-    cwc = check_composite(composite_start(source, cfg.w_max, cfg.recent_tokens, 0.5), source, 256, 32, 0.5)
-    allocator = CompositeAllocator.from_config(cfg, 3)
+    cwc = check_working_context(starting_wc(source, cfg.w_max, cfg.recent_tokens, 0.5), source, 256, 32, 0.5)
+    allocator = FocusAllocator.from_config(cfg)
     cap = ck_cap(source, 256, 0.5, 32)
     expanded = 0
     for _ in range(20):  # LensNet wants everything expanded
         cwc, edits = allocator.step(cwc, torch.ones(len(cwc)), source)
-        expanded += sum(e.kind == "expand" for _, e in edits)
-        check_composite(cwc, source, 256, 32, 0.5)
-        assert cwc.ck_cost <= cap and cwc.cost <= 256
+        expanded += sum(e.kind == "expand" for e in edits)
+        check_working_context(cwc, source, 256, 32, 0.5)
+        assert ck_cost(cwc) <= cap and cwc.cost <= 256
     assert expanded > 0 and cwc.cost > 256 - (K - 1)  # full, as far as whole expansions go
     if session_tokens == 40:
-        assert cap == 216 and cwc.ck_cost > cap - (K - 1)
+        assert cap == 216 and ck_cost(cwc) > cap - (K - 1)
 
 
 def test_the_diversity_penalty_spreads_expansions_across_memories():
@@ -117,13 +121,13 @@ def test_the_diversity_penalty_spreads_expansions_across_memories():
     source = composite(model, gistnet, [1024, 1024, 64])
     big = WorkingContext([Entry(0, s, s + K) for s in range(0, 256, K)] + [Entry(1, s, s + K) for s in range(256, 1024, K)])
     small = WorkingContext.coarsest(source.memories[1], max_level=1)
-    cwc = CompositeWC([big, small, WorkingContext.recent(source.session, 64)])
+    cwc = WorkingContext.joined([big, small, WorkingContext.recent(source.session, 64)])
     scores = torch.tensor([0.0] * 8 + [0.55] * 24 + [0.5] * 32 + [0.0] * 2)  # big: 280 slots, small: 32
     for diversity, memory in ((0.0, 0), (0.5, 1)):
         cfg_d = MegaContextConfig(**{**cfg.to_dict(), "ck_diversity": diversity, "n_diff": 1, "tau_collapse": 1.0})
-        allocator = CompositeAllocator.from_config(cfg_d, 3)
+        allocator = FocusAllocator.from_config(cfg_d)
         _, edits = allocator.step(cwc, scores, source)
-        assert [(m, e.kind) for m, e in edits] == [(memory, "expand")], diversity
+        assert [(e.before[0].memory, e.kind) for e in edits] == [(memory, "expand")], diversity
 
 
 def test_refocus_scores_a_composite_with_lensnet():
@@ -131,10 +135,10 @@ def test_refocus_scores_a_composite_with_lensnet():
     with torch.no_grad():
         lensnet.head.weight.mul_(50.0)  # saturate LensNet's tanh: most entries pass the thresholds
     source = composite(model, gistnet, [3000, 900])
-    cwc = composite_start(source, cfg.w_max, cfg.recent_tokens, cfg.ck_min_session_share)
-    allocator = CompositeAllocator.from_config(cfg, 2)
+    cwc = starting_wc(source, cfg.w_max, cfg.recent_tokens, cfg.ck_min_session_share)
+    allocator = FocusAllocator.from_config(cfg)
     new, steps = refocus(model, lensnet, allocator, cwc, source, iterations=4)
-    check_composite(new, source, 256, 32, 0.5)
+    check_working_context(new, source, 256, 32, 0.5)
     assert sum(len(s) for s in steps) > 0 and new != cwc
     report = attribution(new, source, [e for s in steps for e in s])
     assert set(report) == {"ck0", "session"}
@@ -143,14 +147,33 @@ def test_refocus_scores_a_composite_with_lensnet():
     assert sum(r["edits"] for r in report.values()) == sum(len(s) for s in steps)
 
 
-def test_check_composite_names_the_broken_invariant():
+def test_check_working_context_names_the_broken_invariant_of_a_composite():
     model, gistnet, _, _ = tiny()
     source = composite(model, gistnet, [256, 300])
     raw_ck = WorkingContext.recent(source.memories[0], 256)
     session = WorkingContext.recent(source.session, 128)
     with pytest.raises(WorkingContextError, match="session share"):
-        check_composite(CompositeWC([raw_ck, session]), source, 480, 32, 0.5)  # CK 256 > 480 - 240, total 384 fits
+        check_working_context(WorkingContext.joined([raw_ck, session]), source, 480, 32, 0.5)  # CK 256 > 480 - 240, total 384 fits
     with pytest.raises(WorkingContextError, match="memory ck0: tiling"):
-        check_composite(CompositeWC([WorkingContext([Entry(0, 0, 32)]), session]), source, 512, 32, 0.5)
-    with pytest.raises(WorkingContextError, match="segments"):
-        check_composite(CompositeWC([session]), source, 512, 32, 0.5)
+        check_working_context(WorkingContext.joined([WorkingContext([Entry(0, 0, 32)]), session]), source, 512, 32, 0.5)
+    with pytest.raises(WorkingContextError, match="memory session: no entries"):
+        check_working_context(WorkingContext.joined([session]), source, 512, 32, 0.5)
+    swapped = WorkingContext(WorkingContext.joined([raw_ck, session]).entries[::-1])
+    with pytest.raises(WorkingContextError, match="memory by memory"):
+        check_working_context(swapped, source, 1024, 32, 0.5)
+
+
+def test_the_plain_working_context_is_the_one_memory_case():
+    """One type for one memory and many: a lone memory's WC joins to itself, its one segment is
+    itself, and a composite's segments are the WCs of each memory alone, joined back unchanged."""
+    model, gistnet, _, cfg = tiny()
+    source = composite(model, gistnet, [256, 300])
+    ck, session = WorkingContext.coarsest(source.memories[0]), WorkingContext.recency_filled(source.session, 128, 32)
+    assert WorkingContext.joined([session]) == session and session.segments == [session] and session.num_memories == 1
+    cwc = WorkingContext.joined([ck, session])
+    assert cwc.segments == [ck, session] and cwc.num_memories == 2 and len(cwc) == len(ck) + len(session)
+    assert [e.memory for e in cwc.entries] == [0] * len(ck) + [1] * len(session)
+    assert WorkingContext.joined(cwc.segments) == cwc and cwc.replace(0, ck) == cwc
+    assert cwc.expand(0).entries[0].memory == 0 and cwc.expand(len(ck)).entries[len(ck)].memory == 1
+    # starting_wc of a lone memory is the recency-filled WC inference starts from
+    assert starting_wc(source.session, 128, 32, 0.5) == WorkingContext.recency_filled(source.session, 128, 32)

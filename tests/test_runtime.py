@@ -39,7 +39,7 @@ def parts(seed=0, lens_tau=0.0, w_max=128, recent=16):
 def full_forward_logits(session):
     """The logits at the last slot from one forward of the whole current layout (no cache)."""
     items = slot_items(session.wc, None if session.plan is None else session.plan[0])
-    b = session.slots.assemble_from(items, 0, session.trees(), session.offsets, None if session.plan is None else session.plan[1])
+    b = session.slots.assemble_from(items, 0, session.source, None if session.plan is None else session.plan[1])
     with torch.no_grad():
         return session.model(b["idx"], inputs_embeds=b["embeds"], rotary=slot_rotary(session.model, b["positions"], b["lod"]), lod=b["lod"])[0, -1]
 
@@ -258,24 +258,23 @@ def make_ck(path, model, gistnet, n, seed):
 
 
 def test_attached_memories_stream_legal_and_the_cache_equals_a_full_forward(tmp_path):
-    from nanochat.megacontext.composite import CompositeWC, check_composite
     model, gistnet, lensnet, mc = parts(w_max=192)
     s = Session.create(model, gistnet, lensnet, mc)
     s.attach(make_ck(tmp_path / "facts", model, gistnet, 704, seed=11)).attach(make_ck(tmp_path / "more", model, gistnet, 1504, seed=12))
-    assert s.offsets == [0, 704, 2208]
+    assert s.source.offsets == [0, 704, 2208]
     tokens = stream(600)
     s.feed(tokens[:40])
     for i, t in enumerate(tokens[40:]):
         logits = s.feed([t])
-        check_composite(CompositeWC(s.recall + [s.wc]), s.composite_source(), 192, mc.recent_tokens, 0.5)
+        check_working_context(s.wc, s.source, 192, mc.recent_tokens, 0.5)
         if i % 41 == 0 or i > len(tokens) - 45:
-            items = slot_items(s.wc, None, s.recall)
-            b = s.slots.assemble_from(items, 0, s.trees(), s.offsets)
+            items = slot_items(s.wc, None)
+            b = s.slots.assemble_from(items, 0, s.source)
             with torch.no_grad():
                 full = model(b["idx"], inputs_embeds=b["embeds"], rotary=slot_rotary(model, b["positions"], b["lod"]), lod=b["lod"])[0, -1]
             assert torch.allclose(logits, full, atol=1e-4), f"cache diverged at token {40 + i}"
     # the runtime lays the slots out as composite.py does (tested there against the memories read as one text)
-    a = CompositeWC(s.recall + [s.wc]).assemble(s.composite_source(), model.embed_tokens)
+    a = s.wc.assemble(s.source, model.embed_tokens)
     assert torch.equal(b["positions"][0], a["positions"]) and torch.equal(b["lod"][0], a["lod"])
     assert torch.allclose(b["embeds"][0], a["embeds"])
     f = s.focus()
@@ -295,10 +294,10 @@ def test_a_session_with_memories_saves_and_reopens_exactly(tmp_path):
     s.feed(stream(200))
     head = [t for t, _ in s.generate(20, temperature=1.0)]
     s.save()
-    recall = s.recall
+    wc = s.wc
     s.close()
     again = Session.open(path, model, gistnet, lensnet, mc)
-    assert again.recall == recall and [n for n, _, _ in again.memories] == ["ck"]
+    assert again.wc == wc and wc.num_memories == 2 and [n for n, _, _ in again.memories] == ["ck"]
     tail = [t for t, _ in again.generate(30, temperature=1.0)]
     assert head + tail == expected
 
@@ -323,7 +322,6 @@ def test_memories_never_squeeze_the_session_below_its_coarsest_view(tmp_path, ck
     session's recent tokens raw). With w_max 128 the session's whole history stays reachable however
     the memories are focused; 96, the smallest w_max, cannot hold a 2.5k-token session's coarsest view
     (2 LOD2 + 14 LOD1 gists + up to 63 raw tokens > 64), and it loses its oldest entries, memories or not."""
-    from nanochat.megacontext.composite import CompositeWC, check_composite
     model, gistnet, lensnet, mc = parts(w_max=w_max, recent=32)
     s = Session.create(model, gistnet, lensnet, mc).attach(make_ck(tmp_path / "ck", model, gistnet, ck_tokens, seed=2))
     rng = torch.Generator().manual_seed(0)
@@ -332,8 +330,8 @@ def test_memories_never_squeeze_the_session_below_its_coarsest_view(tmp_path, ck
         n = int(torch.randint(1, 80, (1,), generator=rng))
         s.feed(stream(n, seed=fed))
         fed += n
-        check_composite(CompositeWC(s.recall + [s.wc]), s.composite_source(), w_max, 32, 0.5)
-        assert s.wc.start == 0 or w_max == 96  # the session is tiled whole: nothing of it dropped
+        check_working_context(s.wc, s.source, w_max, 32, 0.5)
+        assert s.wc.segments[-1].start == 0 or w_max == 96  # the session is tiled whole: nothing of it dropped
     assert s.focus()["memories"]["ck"]["slots"] >= 1
 
 

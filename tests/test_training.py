@@ -166,29 +166,24 @@ def test_masked_targets_score_only_their_tokens_in_the_horizon():
 # --cognitive-core: each history as a Core-Knowledge memory and a session
 
 def test_cognitive_core_slates_are_legal_and_each_row_has_its_drop_variant():
-    from nanochat.megacontext.composite import CompositeWC, check_composite
     from nanochat.megacontext.slate import split_memories
     model, gistnet, lensnet, mc = make(cognitive_core=True, num_variants=4)
     trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
     rngs = [random.Random(r) for r in range(4)]
     sources = [split_memories(model, gistnet, torch.randint(0, V, (353,)), 1, rng) for rng in rngs]
-    variants, refs, lens_rows, scores, swaps, _ = trainer.composite_slate(sources, 128, rngs)
+    variants, refs, lens_rows, scores, swaps, _ = trainer.slate(sources, 128, rngs)
     assert lens_rows == [0, 1, 2, 3] and len(swaps) == 4
     for b, src in enumerate(sources):
         mine = [v for v in variants if v.row == b]
         assert [v.kind for v in mine][:2] == ["baseline", "reference"] and mine[-1].kind == "drop"
         assert mine[-1].wc == refs[b].segments[-1] and mine[-1].source is src.session  # the CK removed
         base = mine[0]  # the truncated window: the newest 128 tokens of the unsplit history, raw
-        covered = sum(seg.cost for seg in base.wc.segments) if isinstance(base.wc, CompositeWC) else base.wc.cost
-        assert all(e.level == 0 for e in base.wc.entries) and 96 < covered <= 128
+        assert all(e.level == 0 for e in base.wc.entries) and 96 < base.wc.cost <= 128
         for v in mine[1:]:
-            if isinstance(v.wc, CompositeWC):
-                check_composite(v.wc, src, 128, mc.recent_tokens, mc.ck_min_session_share)
-            else:
-                check_working_context(v.wc, src.session, 128, mc.recent_tokens)
-        for v in mine[2:-1]:  # perturbed / lens: edits of the reference, keyed (memory, Entry)
-            keys = {(m, e) for m, seg in enumerate(refs[b].segments) for e in seg.entries}
-            assert v.edits and set(v.edits) <= keys
+            check_working_context(v.wc, v.source or src, 128, mc.recent_tokens, mc.ck_min_session_share)
+        for v in mine[2:-1]:  # perturbed / lens: edits of the reference's entries (each naming its memory)
+            assert v.edits and set(v.edits) <= set(refs[b].entries)
+        assert {e.memory for v in mine[2:-1] for e in v.edits} <= {0, 1} and refs[b].num_memories == 2
 
 
 def test_cognitive_core_training_step_adds_the_reliance_margin_and_trains_lensnet_over_both_memories():

@@ -5,13 +5,13 @@ import torch
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from nanochat.megacontext.positions import slot_rotary
-from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context
+from nanochat.megacontext.working_context import Entry, OneMemory, WorkingContext, WorkingContextError, check_working_context
 
 K = 32
 D = 8
 
 
-class ArraySource:
+class ArraySource(OneMemory):
     """A history held as plain tensors: tokens and, per level, one distinct vector per complete
     gist (row i of level L = L*1000 + i in every channel, so a mix-up shows)."""
 
@@ -210,7 +210,7 @@ def test_assembly_from_a_real_tree_with_gistnet():
     assert bf16.dtype == torch.bfloat16 and bf16.device.type == "cpu"
 
 
-class HugeSource:
+class HugeSource(OneMemory):
     """A 40M-token history that stores nothing: every token is 0, every gist a zero vector."""
     num_tokens = 40_000_000
 

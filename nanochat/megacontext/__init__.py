@@ -5,14 +5,16 @@ One module per component, read in this order:
 - positions.py        Gaussian RoPE: rotary angles from arbitrary positions, damped by each slot's LOD
 - gistnet.py          GistNet: a block of 32 embeddings -> one gist in the token-embedding space
 - tree.py             MegaContextTree: the whole history, LOD0 tokens + LOD1/LOD2/... gists, RAM or disk
-- working_context.py  WorkingContext: the fixed-budget mix of blocks and gists the model attends to,
-                      its edits, assembly, fit_budget, and the one invariant checker
+- working_context.py  WorkingContext: the fixed-budget mix of blocks and gists the model attends to, over
+                      one memory or several (each entry names its memory), its edits, assembly,
+                      fit_budget, the session's share (ck_cap) and the one invariant checker
 - lensnet.py          LensNet: signed focus scores for the working-context entries
 - horizon.py          scoring WCs by the NLL of the tokens that follow them (one padded forward), where a
                       packed row's horizon starts (split_point), the gist loss, LensNet's scores of WC entries
-- allocator.py        FocusAllocator: scores -> legal expand / collapse edits within the budget; refocus
-                      (LensNet scores, then allocator steps, until nothing changes)
-- slate.py            the slate's pieces: variant budgets, random mixes, perturbations, edit values, the probes it logs
+- allocator.py        FocusAllocator: scores -> legal expand / collapse edits within the budget, over every
+                      memory of the WC; refocus (LensNet scores, then allocator steps, until nothing changes)
+- slate.py            the slate's pieces: variant budgets, baselines, references, random mixes, perturbations,
+                      edit values, the probes it logs (one memory or a --cognitive-core row's two)
 - training.py         base_train --megacontext: MegaContextTrainer, the slate of WC variants and the horizon, gist, lens losses
 - evaluation.py       validation of the MC path: gap closed, gist substitution, LensNet audit; the documents
                       mc_eval measures and its default run (run_history)
@@ -20,8 +22,8 @@ One module per component, read in this order:
                       Core-Knowledge task (--task ck)
 - megaprediction.py   MegaPredictor: readouts of the model's hidden state predict the next block's gist
                       (base_train --megaprediction; gist-first decoding in runtime.py)
-- composite.py        composite memories (cognitive core): Core-Knowledge MCs and the session in one WC,
-                      the composite allocator (session share, diversity penalty), per-memory attribution
+- composite.py        composite memories (cognitive core): Core-Knowledge MCs and the session in one WC:
+                      their source, building a CK, the starting WC, per-memory attribution
 - slots.py            the slot layout of a chat session's WC (memories, entries, the plan slot) and its KV cache
 - session_file.py     session.json: a chat session saved beside its disk tree, and opened again
 - runtime.py          Session: a chat over an unbounded history at constant cost per token (streaming ingest,

@@ -20,9 +20,15 @@ LensNet gives one score per WC entry, > 0 "look closer", < 0 "summarize". One al
 The WC is checked (check_working_context: tiling, alignment, existence, budget, recent
 protection) on the way in and after every edit; check=False skips that, for benchmarks.
 
+Several memories (composite.py: Core-Knowledge memories, then the session): one step ranks the
+candidates of every memory together. Recent protection is the session's only; an expansion in
+memory m ranks by s - diversity * cost_m / w_max (a memory that already holds much of the budget
+must be more useful to get more) and must pass tau_expand so; a CK expansion that would pass the
+CK cap (working_context.ck_cap: the session keeps min_session_share) is not a candidate.
+
 Cooldown, the allocator's only state: every edit toggles one node, the parent side of the edit
 (a collapse makes node P present, expanding P opens it again; for LOD0 <-> LOD1, P is the LOD1
-gist). The allocator remembers, per node (level, start), the step that last toggled it, and
+gist). The allocator remembers, per node (memory, level, start), the step that last toggled it, and
 refuses to toggle it again for the next `cooldown` steps: edited at step t, refused at steps
 t+1 .. t+cooldown, allowed from t+cooldown+1. So a collapsed group is not re-expanded (and an
 expanded gist not re-collapsed) right away. Further edits in the same direction (collapsing P's
@@ -36,7 +42,7 @@ import torch
 
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.horizon import score_entries
-from nanochat.megacontext.working_context import check_working_context
+from nanochat.megacontext.working_context import check_working_context, ck_cap
 
 K = BLOCK_SIZE
 
@@ -46,7 +52,7 @@ Edit = namedtuple("Edit", ["kind", "before", "after"])
 
 
 def alternate(n_diff, candidates, make_edit):
-    """The loop of one allocator step (FocusAllocator and composite.CompositeAllocator): at most n_diff
+    """The loop of one allocator step (FocusAllocator.step): at most n_diff
     edits, kinds alternating, collapse first, and when one kind has no candidate the other goes on;
     stop when neither has one. candidates(kind) -> a list (of the WC as it is now); make_edit(kind,
     that list) chooses one, applies and checks it -> the edit. -> the list of edits made."""
@@ -65,7 +71,7 @@ def alternate(n_diff, candidates, make_edit):
 
 class FocusAllocator:
     def __init__(self, w_max, tau_expand=0.1, tau_collapse=0.1, n_diff=4, cooldown=2, strategy="greedy",
-                 temperature=1.0, recent_tokens=0, top_k=4, check=True):
+                 temperature=1.0, recent_tokens=0, top_k=4, check=True, min_session_share=0.5, diversity=0.1):
         if strategy not in ("greedy", "stochastic"):
             raise ValueError(f"strategy must be 'greedy' or 'stochastic', got {strategy!r}")
         if not temperature > 0:
@@ -82,8 +88,9 @@ class FocusAllocator:
         self.recent_tokens = recent_tokens
         self.top_k = top_k  # stochastic: how many of the best candidates of a kind may be drawn
         self.check = check
+        self.min_session_share, self.diversity = min_session_share, diversity  # several memories only
         self.steps = 0  # step() calls so far
-        self.last_toggled = {}  # (level, start) of a node -> the step that last expanded or collapsed it
+        self.last_toggled = {}  # (memory, level, start) of a node -> the step that last expanded or collapsed it
 
     @classmethod
     def from_config(cls, config, w_max=None, cooldown=None, check=True):
@@ -91,30 +98,33 @@ class FocusAllocator:
         refocuses under the annealed variant budget C2, with no cooldown: each slate starts afresh)."""
         return cls(config.w_max if w_max is None else w_max, config.tau_expand, config.tau_collapse, config.n_diff,
                    config.cooldown if cooldown is None else cooldown, config.allocator, config.temperature,
-                   config.recent_tokens, config.top_k, check=check)
+                   config.recent_tokens, config.top_k, check=check, min_session_share=config.ck_min_session_share,
+                   diversity=config.ck_diversity)
 
     def reset(self):
         self.steps = 0
         self.last_toggled = {}
 
     def step(self, wc, scores, source, generator=None):
-        """wc: WorkingContext; scores: (E,) one signed score per entry; source: the tree.
-        -> (new WorkingContext, list of Edit). A step with no candidate returns wc itself."""
+        """wc: WorkingContext; scores: (E,) one signed score per entry; source: the tree (or the
+        CompositeSource of wc's memories). -> (new WorkingContext, list of Edit). A step with no
+        candidate returns wc itself."""
         scores = self.validate_scores(wc, scores)
         if self.check:
-            check_working_context(wc, source, self.w_max, self.recent_tokens)
+            check_working_context(wc, source, self.w_max, self.recent_tokens, self.min_session_share)
         self.begin_step()
         score_of = dict(zip(wc.entries, scores))  # Entry -> score; entries made by this step's edits have none
+        cap = ck_cap(source, self.w_max, self.min_session_share, self.recent_tokens)
 
         def candidates(kind):
-            return self.collapses(wc, source, score_of) if kind == "collapse" else self.expands(wc, score_of)
+            return self.collapses(wc, source, score_of) if kind == "collapse" else self.expands(wc, source, score_of, cap)
 
         def make_edit(kind, found):
             nonlocal wc
             _, i, node = self.choose(found, generator)
             wc, edit = self.apply(wc, kind, i, node, source)
             if self.check:
-                check_working_context(wc, source, self.w_max, self.recent_tokens)
+                check_working_context(wc, source, self.w_max, self.recent_tokens, self.min_session_share)
             return edit
 
         edits = alternate(self.n_diff, candidates, make_edit)
@@ -134,7 +144,7 @@ class FocusAllocator:
         else:
             new_wc = wc.expand(i)
             edit = Edit("expand", (node,), new_wc.entries[i:i + K if node.level > 1 else i + 1])
-        self.last_toggled[(node.level, node.start)] = self.steps
+        self.last_toggled[(node.memory, node.level, node.start)] = self.steps
         return new_wc, edit
 
     # -------------------------------------------------------------------------
@@ -150,21 +160,31 @@ class FocusAllocator:
         return scores.detach().double().cpu().tolist()
 
     def _cooling(self, node):
-        t = self.last_toggled.get((node.level, node.start))
+        t = self.last_toggled.get((node.memory, node.level, node.start))
         return t is not None and self.steps - t <= self.cooldown
 
-    def expands(self, wc, score_of):
+    def expands(self, wc, source, score_of, ck_cap=0):
         if wc.cost + K - 1 > self.w_max:
             return []  # every expand costs the same, so none fits
+        session = len(source.memories) - 1
+        memory_cost = [0] * (session + 1)
+        for e in wc.entries:
+            memory_cost[e.memory] += e.cost
+        ck_full = session > 0 and wc.cost - memory_cost[-1] + K - 1 > ck_cap
         candidates = []
         for i, e in enumerate(wc.entries):
             s = score_of.get(e)
-            if e.level >= 1 and s is not None and s > self.tau_expand and not self._cooling(e):
+            if e.level < 1 or s is None or (ck_full and e.memory < session):
+                continue
+            if session > 0:  # the diversity penalty
+                s = s - self.diversity * memory_cost[e.memory] / self.w_max
+            if s > self.tau_expand and not self._cooling(e):
                 candidates.append((s, i, e))
         return candidates
 
     def collapses(self, wc, source, score_of):
-        protect_from = source.num_tokens - self.recent_tokens  # no gist may end after this token
+        session = len(source.memories) - 1
+        protect_from = source.memories[-1].num_tokens - self.recent_tokens  # no session gist may end after this token
         seen, candidates = set(), []
         for i, e in enumerate(wc.entries):
             s = score_of.get(e)
@@ -179,7 +199,7 @@ class FocusAllocator:
                 continue  # a short tail block, siblings missing from the WC, or a parent not in the tree
             j0, j1, parent = r
             members = [score_of.get(m) for m in wc.entries[j0:j1]]
-            if None in members or parent.end > protect_from or self._cooling(parent):
+            if None in members or (parent.memory == session and parent.end > protect_from) or self._cooling(parent):
                 continue
             mean = sum(members) / len(members)
             if mean < -self.tau_collapse:

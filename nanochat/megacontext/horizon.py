@@ -26,11 +26,12 @@ from nanochat.gpt import norm
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.gistnet import build_gists_batch
 from nanochat.megacontext.positions import slot_rotary
+from nanochat.megacontext.working_context import OneMemory
 
 K = BLOCK_SIZE
 
 
-class SequenceSource:
+class SequenceSource(OneMemory):
     """One history in RAM / on the device, as a working-context source."""
 
     def __init__(self, token_ids, levels):
@@ -81,7 +82,7 @@ def pack_horizon(model, wcs, sources, horizons, assembled=None):
         if assembled[i] is None:
             assembled[i] = wc.assemble(src)  # token slots: the source's own embeddings
         a = assembled[i]
-        offset = src.num_tokens - wc.start  # hz[0]'s position relative to the WC's first token
+        offset = src.num_tokens - wc.origin(src)  # hz[0]'s position relative to the WC's first slot
         pos = a["positions"]
         rows.append(dict(
             inputs_embeds=torch.cat([a["embeds"], model.embed_tokens(hz[:-1]).to(a["embeds"].dtype)]),  # (T_wc + H - 1, D)

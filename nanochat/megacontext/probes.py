@@ -31,7 +31,7 @@ def fact_block(history, answer):
 
 
 def raw_blocks(wc):
-    """The LOD0 block indices a WorkingContext (or a composite's segments) holds as raw tokens."""
+    """The LOD0 block indices a (one-memory) WorkingContext holds as raw tokens."""
     return {e.index for e in wc.entries if e.level == 0}
 
 

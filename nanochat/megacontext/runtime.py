@@ -37,9 +37,10 @@ token's logits, as in token-first decoding); once the block completes, or genera
 plan leaves the WC and the block's real tokens (and soon its real gist) stand in its place.
 
 Core-Knowledge memories (attach, before the first token; composite.py): trees built once from a
-corpus (scripts/mc_build_ck.py), read-only, whose WC segments sit in front of the session's. Then
-the budget is shared (the session keeps its share, make_room_composite shrinks the memories first)
-and one composite allocator refocuses every memory; focus() reports each memory's part.
+corpus (scripts/mc_build_ck.py), read-only, whose WC segments sit in front of the session's (the
+WC then reads a CompositeSource of every tree, the session's last). The budget is shared (the
+session keeps its share, make_room shrinks the memories first) and the one allocator refocuses
+every memory; focus() reports each memory's part.
 
 Sessions persist (session_file.py): save() flushes the disk tree and writes session.json atomically (WC entries,
 plan, allocator cooldowns, sampling RNG state, the attached memories' paths and segments);
@@ -55,37 +56,23 @@ from nanochat.common import UserError, atomic_write_json
 from nanochat.engine import RowState, sample_next
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator, refocus
-from nanochat.megacontext.composite import (CompositeAllocator, CompositeSource, CompositeWC, attribution, check_composite,
-                                            ck_cap, composite_start)
+from nanochat.megacontext.composite import CompositeSource, attribution, starting_wc
 from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.slots import SlotCache, slot_items
 from nanochat.megacontext.tree import MegaContextTree
 from nanochat.megacontext.session_file import SESSION_FILE, read_session, restore_session, session_state
-from nanochat.megacontext.working_context import WorkingContext, check_working_context, fit_budget
+from nanochat.megacontext.working_context import WorkingContext, check_working_context, ck_cap, fit_budget
 
 K = BLOCK_SIZE
 
 
-def make_room(wc, source, budget, recent_tokens):
-    """Collapse the oldest collapsible node of wc until its cost is <= budget; a node ending within
-    the newest recent_tokens stays. If nothing is left to collapse, drop the oldest entries."""
-    protect_from = source.num_tokens - recent_tokens
-    while wc.cost > budget:
-        for i in range(len(wc)):
-            r = wc.collapse_range(i, source)
-            if r is not None and r[2].end <= protect_from:
-                wc = wc.collapse(i, source)
-                break
-        else:
-            return fit_budget(wc, budget)
-    return wc
-
-
-def make_room_composite(cwc, source, budget, recent_tokens, min_session_share):
-    """make_room for a composite WC: the CKs shrink to their cap (ck_cap: never below the session's
-    coarsest view), by the oldest collapse of any CK while one is left, else by dropping the oldest
-    entry of the CK holding the most; then the session shrinks to what they leave."""
-    cks = list(cwc.segments[:-1])
+def make_room(wc, source, budget, recent_tokens, min_session_share=0.5):
+    """Shrink wc to cost <= budget. With Core-Knowledge memories the CKs go first, down to their cap
+    (ck_cap: never below the session's coarsest view), by the oldest collapse of any CK while one is
+    left, else by dropping the oldest entry of the CK holding the most. Then the session: collapse its
+    oldest collapsible node until the cost fits (a node ending within the newest recent_tokens stays);
+    if nothing is left to collapse, drop its oldest entries."""
+    *cks, session = wc.segments
     limit = ck_cap(source, budget, min_session_share, recent_tokens)
     while sum(c.cost for c in cks) > limit:
         for m, ck in enumerate(cks):  # a collapse refunds 31 slots and loses nothing
@@ -96,10 +83,20 @@ def make_room_composite(cwc, source, budget, recent_tokens, min_session_share):
         else:
             m = max(range(len(cks)), key=lambda m: cks[m].cost)
             if len(cks[m]) == 1:
-                break  # every CK down to one entry: nothing left to give (the session's make_room copes)
+                break  # every CK down to one entry: nothing left to give (the session copes below)
             cks[m] = WorkingContext(cks[m].entries[1:])
-    session = make_room(cwc.segments[-1], source.session, budget - sum(c.cost for c in cks), recent_tokens)
-    return CompositeWC(cks + [session])
+    tree, budget = source.memories[-1], budget - sum(c.cost for c in cks)
+    protect_from = tree.num_tokens - recent_tokens
+    while session.cost > budget:
+        for i in range(len(session)):
+            r = session.collapse_range(i, tree)
+            if r is not None and r[2].end <= protect_from:
+                session = session.collapse(i, tree)
+                break
+        else:
+            session = fit_budget(session, budget)
+            break
+    return WorkingContext.joined(cks + [session])
 
 
 class Session:
@@ -116,14 +113,13 @@ class Session:
         self.w_max, self.gist_first = w_max, gist_first
         self.allocator = FocusAllocator.from_config(config, w_max=w_max - K)
         self.generator = torch.Generator(device=model.get_device()).manual_seed(seed)
-        self.wc = None                  # the WorkingContext, None before the first token
+        self.source = tree              # what the WC reads: the tree, or a CompositeSource once memories are attached
+        self.wc = None                  # the WorkingContext (over every memory), None before the first token
         self.plan = None                # (start, (D,) vector) of the live gist-first plan, or None
         self.slots = SlotCache(model, w_max + 1)  # the KV cache over the WC's slots (+ 1: a gist-first plan slot)
         self.logits = self.hidden = None  # (V,), (D,): the outputs at the last slot
         self.stats = dict(refocuses=0, edits=0, slots_computed=0, tokens_fed=0, forwards=0, last_edits=0, memory_edits=[0])
         self.memories = []              # attached Core-Knowledge memories: (name, tree, path), in slot order
-        self.recall = []                # their WC segments (WorkingContext each), in front of self.wc
-        self.offsets = [0]              # position of each memory's token 0; the last: the session's
 
     # -------------------------------------------------------------------------
     # construction and persistence
@@ -155,7 +151,7 @@ class Session:
     def attach(self, path, name=None, tree=None):
         """Attach a Core-Knowledge memory (a tree built by scripts/mc_build_ck.py) before the session's
         first token: its WC segment sits in front of the session's (composite.py), read as if the
-        memory came before the conversation, and one composite allocator refocuses them all.
+        memory came before the conversation, and the one allocator refocuses them all.
         tree: the memory already loaded (load_memory), to share one copy between sessions; it is only read."""
         if self.tree.num_tokens > 0:
             raise UserError("attach Core-Knowledge memories before the session's first token")
@@ -179,17 +175,8 @@ class Session:
         if name in [n for n, _, _ in self.memories] + ["session"]:
             raise UserError(f"a memory named {name!r} is already attached")
         self.memories.append((name, tree, path and os.path.abspath(path)))
-        self.offsets.append(self.offsets[-1] + tree.num_tokens)
+        self.source = CompositeSource(self.trees(), [n for n, _, _ in self.memories] + ["session"])
         self.stats["memory_edits"] = [0] * (len(self.memories) + 1)
-        self.allocator = CompositeAllocator.from_config(self.config, len(self.memories) + 1, w_max=self.w_max - K)
-
-    def composite_source(self):
-        """The attached memories and the session's tree as one CompositeSource (composite.py)."""
-        return CompositeSource(self.trees(), [n for n, _, _ in self.memories] + ["session"])
-
-    def _allocators(self):
-        """The FocusAllocator of each memory, the session's last."""
-        return self.allocator.allocators if self.memories else [self.allocator]
 
     def save(self):
         """Make the session durable: the tree's rows, then session.json (atomically)."""
@@ -221,39 +208,28 @@ class Session:
         if self.plan is not None and self.plan[0] + K <= n:
             self.plan = None  # its block is complete: the real tokens take over
         target = self.w_max - K
-        if self.wc is None or len(tokens) >= self.w_max:
-            if self.memories:  # the CKs at their coarsest, the session in its share
-                start = composite_start(self.composite_source(), target, self.config.recent_tokens, self.config.ck_min_session_share)
-                self.recall, self.wc = list(start.segments[:-1]), start.segments[-1]
-            else:
-                self.wc = WorkingContext.recency_filled(self.tree, target, self.config.recent_tokens)
+        if self.wc is None or len(tokens) >= self.w_max:  # the CKs at their coarsest, the session recency-filled in its share
+            self.wc = starting_wc(self.source, target, self.config.recent_tokens, self.config.ck_min_session_share)
             self._refocus(target)
         else:
-            self.wc = self.wc.extend(self.tree)
+            self.wc = self.wc.extend(self.source)
             if n // K > before // K:  # a block completed
                 self._refocus(target)
         return self._sync()
 
     def _refocus(self, target):
         """Make room for the next block, then one LensNet + allocator step (over every memory when
-        Core-Knowledge memories are attached: composite edits are (memory, Edit) pairs)."""
+        Core-Knowledge memories are attached)."""
         recent, share = self.config.recent_tokens, self.config.ck_min_session_share
-        if self.memories:
-            source = self.composite_source()
-            wc = make_room_composite(CompositeWC(self.recall + [self.wc]), source, target, recent, share)
-        else:
-            source, wc = self.tree, make_room(self.wc, self.tree, target, recent)
+        wc = make_room(self.wc, self.source, target, recent, share)
         edits = []
         if self.lensnet is not None:
-            wc, steps = refocus(self.model, self.lensnet, self.allocator, wc, source, iterations=1)
+            wc, steps = refocus(self.model, self.lensnet, self.allocator, wc, self.source, iterations=1)
             edits = [e for step in steps for e in step]
+        self.wc = check_working_context(wc, self.source, self.w_max, recent, share)
         if self.memories:
-            check_composite(wc, source, self.w_max, recent, share)
-            self.recall, self.wc = list(wc.segments[:-1]), wc.segments[-1]
-            for m, _ in edits:
-                self.stats["memory_edits"][m] += 1
-        else:
-            self.wc = check_working_context(wc, self.tree, self.w_max, recent)
+            for edit in edits:
+                self.stats["memory_edits"][edit.before[0].memory] += 1
         self.stats["refocuses"] += 1
         self.stats["edits"] += len(edits)
         self.stats["last_edits"] = len(edits)
@@ -264,9 +240,8 @@ class Session:
 
     def _sync(self):
         """Bring the slot cache to the current WC (plus plan) -> the next-token logits (V,)."""
-        items = slot_items(self.wc, None if self.plan is None else self.plan[0], self.recall)
-        self.logits, self.hidden, computed = self.slots.sync(items, self.trees(), self.offsets,
-                                                             None if self.plan is None else self.plan[1])
+        items = slot_items(self.wc, None if self.plan is None else self.plan[0])
+        self.logits, self.hidden, computed = self.slots.sync(items, self.source, None if self.plan is None else self.plan[1])
         self.stats["slots_computed"] += computed
         self.stats["forwards"] += 1
         return self.logits
@@ -351,20 +326,21 @@ class Session:
         n = self.tree.num_tokens
         if self.wc is None:
             return dict(history_tokens=0, w_max=self.w_max)
+        session = self.wc.segment(len(self.memories))  # the session's own entries
         levels = {}
-        for e in self.wc.entries:
+        for e in session.entries:
             entries, slots = levels.get(e.level, (0, 0))
             levels[e.level] = (entries + 1, slots + e.cost)
         fed = max(1, self.stats["tokens_fed"])
-        cost = self.wc.cost + sum(seg.cost for seg in self.recall)  # the session's slots and the attached memories'
+        cost = self.wc.cost  # the session's slots and the attached memories'
         memories = None
         if self.memories:  # per memory: its slots, share, LOD mix, what it covers, the edits that touched it
-            memories = attribution(CompositeWC(self.recall + [self.wc]), self.composite_source())
+            memories = attribution(self.wc, self.source)
             for m, report in enumerate(memories.values()):
                 report["edits"] = self.stats["memory_edits"][m]
         return dict(
             history_tokens=n, w_max=self.w_max, wc_cost=cost, budget_use=cost / self.w_max, memories=memories,
-            wc_entries=len(self.wc), covered_from=self.wc.start, unreachable_tokens=self.wc.start,
+            wc_entries=len(session), covered_from=session.start, unreachable_tokens=session.start,
             lod={f"lod{L}": dict(entries=c, slots=s) for L, (c, s) in sorted(levels.items())},
             tree_levels=len(self.tree.levels) - 1, plan=None if self.plan is None else self.plan[0],
             refocuses=self.stats["refocuses"], edits_per_refocus=self.stats["edits"] / max(1, self.stats["refocuses"]),

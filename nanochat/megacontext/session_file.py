@@ -15,28 +15,32 @@ import base64
 import torch
 
 from nanochat.common import UserError
-from nanochat.megacontext.composite import CompositeWC, check_composite
 from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context
 
 SESSION_FILE = "session.json"
 SESSION_FORMAT = 1
 
 
-def allocator_state(a):
-    """A FocusAllocator's cooldown state, as JSON (Session.save / open)."""
-    return dict(steps=a.steps, last_toggled=[[lvl, s, t] for (lvl, s), t in a.last_toggled.items()])
+def allocator_state(a, memory):
+    """The FocusAllocator's cooldown state of one memory's nodes, as JSON (Session.save / open)."""
+    return dict(steps=a.steps, last_toggled=[[lvl, s, t] for (m, lvl, s), t in a.last_toggled.items() if m == memory])
+
+
+def segment_entries(session, m):
+    """Memory m's WC entries as [level, start, end] lists ([] before the first token)."""
+    return [] if session.wc is None else [[e.level, e.start, e.end] for e in session.wc.segment(m).entries]
 
 
 def session_state(session):
     """A session's state as session.json holds it (JSON-ready)."""
+    last = len(session.memories)  # the session's own memory
     return dict(
         format=SESSION_FORMAT, w_max=session.w_max, gist_first=session.gist_first,
-        wc=[] if session.wc is None else [[e.level, e.start, e.end] for e in session.wc.entries],
+        wc=segment_entries(session, last),
         plan=None if session.plan is None else [session.plan[0], session.plan[1].float().cpu().tolist()],
-        allocator=allocator_state(session._allocators()[-1]),
-        memories=[dict(name=name, path=path, allocator=allocator_state(a),
-                       wc=[[e.level, e.start, e.end] for e in session.recall[m].entries] if session.recall else [])
-                  for m, ((name, _, path), a) in enumerate(zip(session.memories, session._allocators()))],
+        allocator=allocator_state(session.allocator, last),
+        memories=[dict(name=name, path=path, allocator=allocator_state(session.allocator, m), wc=segment_entries(session, m))
+                  for m, (name, _, path) in enumerate(session.memories)],
         rng=base64.b64encode(session.generator.get_state().numpy().tobytes()).decode("ascii"),
         stats=session.stats,
     )
@@ -66,13 +70,12 @@ def restore_session(session, state, entries):
         for memory in memories:
             session._attach(memory["path"], memory["name"])
         if entries:
-            session.wc = check_working_context(WorkingContext(entries), session.tree, session.w_max, session.config.recent_tokens)
-            session.recall = [WorkingContext(Entry(*map(int, e)) for e in memory["wc"]) for memory in memories]
-            if memories:
-                check_composite(CompositeWC(session.recall + [session.wc]), session.composite_source(), session.w_max,
-                                session.config.recent_tokens, session.config.ck_min_session_share)
-        for a, saved in zip(session._allocators(), [memory["allocator"] for memory in memories] + [state["allocator"]]):
-            a.steps, a.last_toggled = saved["steps"], {(lvl, start): t for lvl, start, t in saved["last_toggled"]}
+            segments = [WorkingContext(Entry(*map(int, e)) for e in memory["wc"]) for memory in memories] + [WorkingContext(entries)]
+            session.wc = check_working_context(WorkingContext.joined(segments), session.source, session.w_max,
+                                               session.config.recent_tokens, session.config.ck_min_session_share)
+        saved = [memory["allocator"] for memory in memories] + [state["allocator"]]
+        session.allocator.steps = saved[-1]["steps"]
+        session.allocator.last_toggled = {(m, lvl, start): t for m, a in enumerate(saved) for lvl, start, t in a["last_toggled"]}
     except (WorkingContextError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"{os.path.join(session.tree.path, SESSION_FILE)}: the saved working context does not fit this "
                         f"session's trees (a memory rebuilt since it was saved?): {type(e).__name__}: {e}") from None

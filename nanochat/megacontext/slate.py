@@ -4,10 +4,11 @@ and what it logs about them.
 
 - Variant: one WC of one row and what kind it is (baseline | reference | perturbed | lens | drop)
 - variant_budget: C2, annealed from the history length down to w_max
+- baseline / reference: a row's truncated window and the WC its edits start from
 - random_mix / perturb: a random legal mix within the budget, and 1-2 random edits of a reference
-  (allocator_edits / entry_keys: the per-entry edit values LensNet's loss reads)
-- split_memories / composite_baseline / composite_perturb: the same for --cognitive-core rows, each
-  history split into a Core-Knowledge memory and a session (composite.py)
+  (allocator_edits: the per-entry edit values LensNet's loss reads)
+- split_memories: a --cognitive-core row's history as a Core-Knowledge memory and a session
+  (composite.py); baseline, reference and perturb take such a two-memory row as they take a lone one
 - gist_pair_cos, fact_stats: the collapse detector and the recall probes logged per step
 """
 
@@ -17,17 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.megacontext import BLOCK_SIZE
-from nanochat.megacontext.composite import CompositeSource, CompositeWC, ck_cap
+from nanochat.megacontext.composite import CompositeSource, starting_wc
 from nanochat.megacontext.horizon import build_sources
 from nanochat.megacontext.probes import answer_spans, fact_block, raw_blocks
-from nanochat.megacontext.working_context import WorkingContext
+from nanochat.megacontext.working_context import WorkingContext, ck_cap
 
 K = BLOCK_SIZE
 
 
-# one WC variant of one row: kind in baseline | reference | perturbed | lens | drop; edits: {entry key of
-# the reference: edit value} (None for the baseline and drop, which are not edits of the reference; the
-# key of an entry is the Entry, or (memory, Entry) in a composite); source: what wc reads (None: the row's)
+# one WC variant of one row: kind in baseline | reference | perturbed | lens | drop; edits: {Entry of the
+# reference: edit value} (None for the baseline and drop, which are not edits of the reference); source:
+# what wc reads (None: the row's; a split row's baseline and drop read its session alone)
 Variant = namedtuple("Variant", ["row", "kind", "wc", "edits", "source"], defaults=(None,))
 
 
@@ -88,22 +89,74 @@ def perturb(ref, source, budget, recent_tokens, rng, n_edits):
 
 
 def allocator_edits(steps):
-    """The allocator's Edit list -> {Entry of the WC it was given: edit value}; a CompositeAllocator's
-    (memory, Edit) list -> {(memory, Entry): edit value}."""
+    """The allocator's Edit list -> {Entry of the WC it was given: edit value}."""
     edits = {}
-    for step in steps:
-        memory, edit = step if isinstance(step, tuple) and not hasattr(step, "kind") else (None, step)
-        key = (lambda e: e) if memory is None else (lambda e, m=memory: (m, e))
+    for edit in steps:
         if edit.kind == "expand":
-            edits[key(edit.before[0])] = 1.0
+            edits[edit.before[0]] = 1.0
         else:
-            edits.update({key(m): -1.0 / len(edit.before) for m in edit.before})
+            edits.update({m: -1.0 / len(edit.before) for m in edit.before})
     return edits
 
 
-def entry_keys(wc):
-    """The key of each entry of wc, in slot order: the Entry, or (memory, Entry) in a CompositeWC."""
-    return list(wc.entries) if isinstance(wc, WorkingContext) else [(m, e) for m, seg in enumerate(wc.segments) for e in seg.entries]
+def baseline(row, source, budget):
+    """Row `row`'s truncated window -> Variant: its newest `budget` tokens raw (WorkingContext.recent);
+    for a split row (split_memories), reaching into the CK when the session is shorter, the tokens the
+    unsplit history's baseline reads."""
+    session = source.memories[-1]
+    recent = WorkingContext.recent(session, budget)
+    if len(source.memories) == 1:
+        return Variant(row, "baseline", recent, None)
+    room = budget - recent.cost
+    if recent.start > 0 or room < K:
+        return Variant(row, "baseline", recent, None, session)
+    return Variant(row, "baseline", WorkingContext.joined([WorkingContext.recent(source.memories[0], room), recent]), None)
+
+
+def reference(source, budget, config, rng, base):
+    """The WC a row's edited variants start from, or None (the baseline alone is scored).
+    A lone memory: half the rows random_mix, the others WorkingContext.recency_filled (the WC
+    inference starts from), kept if it fits and differs from `base` (the baseline's WC). A split row:
+    starting_wc (the CK at its coarsest, the session recency-filled in its share), for half the rows
+    then random expansions in any memory while one fits; none while the budget holds the whole history."""
+    if len(source.memories) == 1:
+        ref = random_mix(source, budget, config, rng) if rng.random() < 0.5 else \
+            WorkingContext.recency_filled(source, budget, config.recent_tokens, config.max_level)
+        return ref if ref is not None and ref.cost <= budget and ref != base else None
+    if budget >= source.num_tokens:
+        return None
+    share = config.ck_min_session_share
+    ref = starting_wc(source, budget, config.recent_tokens, share)
+    if ref.cost > budget:
+        return None  # the coarsest views do not fit this budget: the baseline alone
+    cap = ck_cap(source, budget, share, config.recent_tokens)
+    session = len(source.memories) - 1
+    expand = rng.random() < 0.5
+    while expand:
+        ck_cost = ref.cost - ref.segment(session).cost
+        gists = [i for i, e in enumerate(ref.entries) if e.level > 0
+                 and ref.cost + K - 1 <= budget and (e.memory == session or ck_cost + K - 1 <= cap)]
+        if not gists:
+            break
+        ref = ref.expand(rng.choice(gists))
+    return ref
+
+
+def perturb_any(ref, source, budget, config, rng, n_edits):
+    """perturb for a lone memory; for a split row, random legal edits of one memory's segment, within
+    the budget and, for the CK, its cap -> (wc, {Entry of ref: edit value})."""
+    if len(source.memories) == 1:
+        return perturb(ref, source, budget, config.recent_tokens, rng, n_edits)
+    m = rng.randrange(ref.num_memories)
+    session = ref.num_memories - 1
+    seg = ref.segment(m)
+    room = budget - (ref.cost - seg.cost)
+    if m < session:
+        ck_cost = ref.cost - ref.segment(session).cost
+        room = min(room, ck_cap(source, budget, config.ck_min_session_share, config.recent_tokens) - (ck_cost - seg.cost))
+    recent = config.recent_tokens if m == session else 0
+    wc, edits = perturb(seg, source.memories[m], max(room, seg.cost), recent, rng, n_edits)
+    return ref.replace(m, wc), {e.in_memory(m): v for e, v in edits.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -117,31 +170,6 @@ def split_memories(model, gistnet, history, max_level, rng):
     c = history.numel()
     a = K * rng.randint(max(1, c // (4 * K)), max(1, 3 * c // (4 * K)))
     return CompositeSource(build_sources(model, gistnet, [history[:a], history[a:]], max_level), ["ck", "session"])
-
-
-def composite_baseline(row, source, budget):
-    """The truncated window of a split history (split_memories' two memories): its newest `budget`
-    tokens raw, reaching into the CK when the session is shorter, the tokens slate()'s baseline reads
-    from the unsplit history. -> Variant."""
-    ck, session = source.memories
-    recent = WorkingContext.recent(session, budget)
-    room = budget - recent.cost
-    if recent.start > 0 or room < K:
-        return Variant(row, "baseline", recent, None, session)
-    return Variant(row, "baseline", CompositeWC([WorkingContext.recent(ck, room), recent]), None)
-
-
-def composite_perturb(ref, source, budget, config, rng, n_edits):
-    """ref (CompositeWC) plus random legal edits of one memory's segment (perturb), within the budget
-    and, for the CK, its cap -> (wc, {(memory, Entry): edit value})."""
-    m = rng.randrange(len(ref.segments))
-    seg, others = ref.segments[m], ref.cost - ref.segments[m].cost
-    room = budget - others
-    if m < len(ref.segments) - 1:
-        room = min(room, ck_cap(source, budget, config.ck_min_session_share, config.recent_tokens) - (ref.ck_cost - seg.cost))
-    recent = config.recent_tokens if m == len(ref.segments) - 1 else 0
-    wc, edits = perturb(seg, source.memories[m], max(room, seg.cost), recent, rng, n_edits)
-    return ref.replace(m, wc), {(m, e): v for e, v in edits.items()}
 
 
 @torch.no_grad()

@@ -2,8 +2,8 @@
 The slots a chat session's model reads, and the KV cache over them (runtime.Session holds one SlotCache).
 
 A session's working context is laid out as a list of slot items:
-  Recall(m, entry)  an entry of Core-Knowledge memory m's WC segment (memories first, in attach order)
-  Entry             an entry of the session's own WC
+  Entry             an entry of the WC (Entry.memory: a Core-Knowledge memory's, in attach order, or
+                    the session's, last)
   Plan(start)       the gist-first plan slot: one slot holding the predicted gist of the block that
                     starts at token `start`, in front of that block's tokens; assembled as that block's
                     LOD1 entry (Entry(1, start, start + K)) whose gist is the plan's vector (PlanGist)
@@ -21,25 +21,23 @@ import torch
 from nanochat.engine import KVCache
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.positions import slot_rotary
-from nanochat.megacontext.working_context import Entry, WorkingContext
+from nanochat.megacontext.working_context import Entry, OneMemory, WorkingContext
 
 K = BLOCK_SIZE
 Plan = namedtuple("Plan", ["start"])  # a gist-first plan slot, in front of the block that starts at `start`
-Recall = namedtuple("Recall", ["memory", "entry"])  # a slot item of Core-Knowledge memory `memory`: one of its WC entries
 
 
-def slot_items(wc, plan_start, recall=()):
-    """The WC's entries in slot order, with Plan(s) in front of the tokens of block [s, s + K), after
-    the Recall items of the attached memories' WC segments (recall: one WorkingContext per memory)."""
-    items = [Recall(m, e) for m, seg in enumerate(recall) for e in seg.entries]
+def slot_items(wc, plan_start):
+    """The WC's entries in slot order, with Plan(s) in front of the tokens of the session's block [s, s + K)."""
     if plan_start is None:
-        return items + list(wc.entries)
-    at = next((i for i, e in enumerate(wc.entries) if e.level == 0 and e.start == plan_start), len(wc))
-    return items + list(wc.entries[:at]) + [Plan(plan_start)] + list(wc.entries[at:])
+        return list(wc.entries)
+    session = wc.num_memories - 1
+    at = next((i for i, e in enumerate(wc.entries) if e.memory == session and e.level == 0 and e.start == plan_start), len(wc))
+    return list(wc.entries[:at]) + [Plan(plan_start)] + list(wc.entries[at:])
 
 
 def item_cost(item):
-    return 1 if isinstance(item, Plan) else item.entry.cost if isinstance(item, Recall) else item.cost
+    return 1 if isinstance(item, Plan) else item.cost
 
 
 def common_slots(old, new):
@@ -49,13 +47,13 @@ def common_slots(old, new):
         if a == b:
             n += item_cost(a)
             continue
-        if isinstance(a, Entry) and isinstance(b, Entry) and a.level == b.level == 0 and a.start == b.start:
+        if isinstance(a, Entry) and isinstance(b, Entry) and a.level == b.level == 0 and a.start == b.start and a.memory == b.memory:
             n += min(a.end, b.end) - a.start
         break
     return n
 
 
-class PlanGist:
+class PlanGist(OneMemory):
     """The source a plan slot is assembled from: its block's LOD1 gist is the plan's (D,) vector."""
 
     def __init__(self, vector):
@@ -67,8 +65,9 @@ class PlanGist:
 
 class SlotCache:
     """A KVCache over one layout of slot items at a time, on the model's device and in its dtype.
-    trees: the tree of each memory, the session's last (slot items of memory m read trees[m]);
-    offsets: the global position of each tree's token 0; plan: the plan slot's (D,) vector or None."""
+    source: what the WC reads (the session's tree, or the CompositeSource of every memory's: an entry
+    of memory m reads source.memories[m], its token t at global position source.offsets[m] + t);
+    plan: the plan slot's (D,) vector or None."""
 
     def __init__(self, model, capacity):
         self.model, self.capacity = model, capacity  # capacity: the most slots a layout may have
@@ -76,7 +75,7 @@ class SlotCache:
         self.cache = None  # the KVCache, made at the first sync
         self.items = []    # the slot items it holds, in order
 
-    def sync(self, items, trees, offsets, plan=None):
+    def sync(self, items, source, plan=None):
         """Bring the cache to `items`: keep the unchanged slot prefix, forward the rest (the last slot
         always runs). -> (logits (V,) and hidden state (D,) at the last slot, slots computed)."""
         total = sum(item_cost(it) for it in items)
@@ -84,39 +83,39 @@ class SlotCache:
             self.cache = KVCache.for_model(self.model, 1, self.capacity)
         keep = min(common_slots(self.items, items), total - 1, int(self.cache.lengths[0]))
         if keep < int(self.cache.lengths[0]):
-            self.cache.truncate(keep, self.embed_before(items, keep, trees))
-        batch = self.assemble_from(items, keep, trees, offsets, plan)  # the slots from `keep` on
+            self.cache.truncate(keep, self.embed_before(items, keep, source))
+        batch = self.assemble_from(items, keep, source, plan)  # the slots from `keep` on
         logits, hidden = self.model(batch["idx"], kv_cache=self.cache, inputs_embeds=batch["embeds"],
                                     rotary=slot_rotary(self.model, batch["positions"], batch["lod"]), lod=batch["lod"],
                                     return_hidden=True)
         self.items = items
         return logits[0, -1], hidden[0, -1], batch["idx"].size(1)
 
-    def embed_before(self, items, slot, trees):
+    def embed_before(self, items, slot, source):
         """(1, 1, D) the pre-smear embedding of slot - 1: a token's, or zeros (no slot, a gist, a plan)."""
         zero = torch.zeros(1, 1, self.model.config.n_embd, device=self.device, dtype=self.dtype)
         seen = 0
         for it in items:
             c = item_cost(it)
             if seen + c >= slot:
-                tree, e = (trees[it.memory], it.entry) if isinstance(it, Recall) else (trees[-1], it)
-                if slot == 0 or isinstance(it, Plan) or e.level > 0:
+                if slot == 0 or isinstance(it, Plan) or it.level > 0:
                     return zero
-                ids = tree.tokens(e.start + slot - 1 - seen, e.start + slot - seen)
+                ids = source.memories[it.memory].tokens(it.start + slot - 1 - seen, it.start + slot - seen)
                 return self.model.embed_tokens(ids.to(self.device))[None].to(self.dtype)
             seen += c
         return zero
 
-    def assemble_from(self, items, slot, trees, offsets, plan=None):
+    def assemble_from(self, items, slot, source, plan=None):
         """The model inputs of every slot from index `slot` on, with global positions: dict of (1, T)
-        tensors embeds, idx, lod, positions. Runs of one memory's entries are assembled in one call."""
-        device, dtype, session = self.device, self.dtype, len(trees) - 1
-        parts, seen, run, run_memory = [], 0, [], session
+        tensors embeds, idx, lod, positions. Runs of entries between plans are assembled in one call."""
+        device, dtype = self.device, self.dtype
+        parts, seen, run = [], 0, []
 
         def flush_run():
             if run:
-                a = WorkingContext(run).assemble(trees[run_memory], self.model.embed_tokens, device=device, dtype=dtype)
-                parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + (run[0].start + offsets[run_memory])))
+                wc = WorkingContext(run)
+                a = wc.assemble(source, self.model.embed_tokens, device=device, dtype=dtype)
+                parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + wc.origin(source)))
                 run.clear()
 
         for it in items:
@@ -125,14 +124,10 @@ class SlotCache:
                 if isinstance(it, Plan):  # the LOD1 entry of the block it predicts, its gist the plan's vector
                     flush_run()
                     a = WorkingContext([Entry(1, it.start, it.start + K)]).assemble(PlanGist(plan), device=device, dtype=dtype)
-                    parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + (it.start + offsets[-1])))
+                    parts.append((a["embeds"], a["token_ids"], a["lod"], a["positions"] + (it.start + source.offsets[-1])))
                 else:
-                    memory, e = (it.memory, it.entry) if isinstance(it, Recall) else (session, it)
-                    if memory != run_memory:
-                        flush_run()
-                        run_memory = memory
                     skip = max(0, slot - seen)  # only a raw block can be entered part-way
-                    run.append(e if skip == 0 else Entry(0, e.start + skip, e.end))
+                    run.append(it if skip == 0 else Entry(0, it.start + skip, it.end, it.memory))
             seen += c
         flush_run()
         embeds, ids, lod, pos = (torch.cat(x) for x in zip(*parts))

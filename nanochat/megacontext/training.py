@@ -58,16 +58,14 @@ from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
 from nanochat.megacontext.checkpoint import (build_modules, build_predictor, load_megacontext, load_predictor,
                                              save_megacontext)
-from nanochat.megacontext.composite import CompositeAllocator, ck_cap, composite_start
 from nanochat.megacontext.horizon import build_sources, gist_loss, horizon_nll, score_entries, split_point
 from nanochat.megacontext.evaluation import validate
 from nanochat.megacontext.retrieval import measure_retrieval, retrieval_summary
 from nanochat.megacontext.lensnet import (pairwise_lens_loss, regression_lens_loss, lens_targets, lens_regularizer,
                                           lens_agreement, variant_utilities)
 from nanochat.megacontext.megaprediction import level_weights, megaprediction_loss, predicted_gist_dnll
-from nanochat.megacontext.slate import (Variant, allocator_edits, composite_baseline, composite_perturb, entry_keys, fact_stats,
-                                        gist_pair_cos, perturb, random_mix, split_memories, variant_budget)
-from nanochat.megacontext.working_context import WorkingContext
+from nanochat.megacontext.slate import (Variant, allocator_edits, baseline, fact_stats, gist_pair_cos, perturb_any, reference,
+                                        split_memories, variant_budget)
 
 K = BLOCK_SIZE
 
@@ -255,31 +253,30 @@ class MegaContextTrainer:
 
     def slate(self, sources, budget, rngs):
         """-> (variants, refs, lens_rows, scores, swaps, assembled_refs): variants of every row (baseline
-        first, then the reference and its edits), each row's reference WC (None when it is the
-        baseline), the rows that have a reference, LensNet's scores (len(lens_rows), E) of their
-        references, the number of edits of each allocator step, and {row: its assembled reference}."""
+        first, then the reference and its edits; a split row, --cognitive-core, also drop: the
+        reference's session segment alone, the CK removed, L_drop of the reliance margin), each row's
+        reference WC (None when it is the baseline), the rows that have a reference, LensNet's scores
+        (len(lens_rows), E) of their references, the number of edits of each allocator step, and
+        {row: its assembled reference}."""
         cfg = self.config
-        baselines = [WorkingContext.recent(src, budget) for src in sources]
+        baselines = [baseline(b, src, budget) for b, src in enumerate(sources)]
         refs = [None] * len(sources)
         if cfg.num_variants >= 2:
-            for b, (src, rng) in enumerate(zip(sources, rngs)):
-                ref = random_mix(src, budget, cfg, rng) if rng.random() < 0.5 else \
-                    WorkingContext.recency_filled(src, budget, cfg.recent_tokens, cfg.max_level)
-                if ref is not None and ref.cost <= budget and ref != baselines[b]:
-                    refs[b] = ref
+            refs = [reference(src, budget, cfg, rng, base.wc) for src, rng, base in zip(sources, rngs, baselines)]
         lens_rows, scores, assembled_refs = self.lens_scores(refs, sources)
         variants, swaps = [], []
-        for b, base in enumerate(baselines):
-            rng = rngs[b]
-            variants.append(Variant(b, "baseline", base, None))
+        for b, (src, rng, base) in enumerate(zip(sources, rngs, baselines)):
+            variants.append(base)
             ref = refs[b]
             if ref is None:
                 continue
             variants.append(Variant(b, "reference", ref, {}))
             variants += self.edited_variants(
-                b, ref, sources[b], scores[lens_rows.index(b), :len(ref)], {base, ref}, swaps, rng,
+                b, ref, src, scores[lens_rows.index(b), :len(ref)], {base.wc, ref}, swaps, rng,
                 lambda: FocusAllocator.from_config(cfg, w_max=budget, cooldown=0),
-                lambda: perturb(ref, sources[b], budget, cfg.recent_tokens, rng, n_edits=rng.choice((1, 2))))
+                lambda: perturb_any(ref, src, budget, cfg, rng, n_edits=rng.choice((1, 2))))
+            if len(src.memories) > 1:
+                variants.append(Variant(b, "drop", ref.segment(ref.num_memories - 1), None, src.memories[-1]))
         return variants, refs, lens_rows, scores, swaps, assembled_refs
 
     def lens_scores(self, refs, sources):
@@ -317,47 +314,6 @@ class MegaContextTrainer:
                 out.append(Variant(b, kind, wc, edits))
         return out
 
-    def composite_slate(self, sources, budget, rngs):
-        """slate() for --cognitive-core rows (a CompositeSource each, split_memories): baseline (the
-        session's newest tokens raw: no memory), reference (composite_start: the CK at its coarsest, the
-        session recency-filled in its share; for half the rows then random expansions in any memory while
-        one fits, as random_mix does), perturbed (composite_perturb) and lens (CompositeAllocator) variants, and drop: the
-        reference's session segment alone, the CK removed (L_drop of the reliance margin). While the
-        budget holds the whole history raw only the baseline (then all of it) is scored, as in slate()."""
-        cfg = self.config
-        share = cfg.ck_min_session_share
-        refs = [None] * len(sources)
-        for b, (src, rng) in enumerate(zip(sources, rngs)):
-            if budget >= src.num_tokens or cfg.num_variants < 2:
-                continue
-            ref = composite_start(src, budget, cfg.recent_tokens, share)
-            if ref.cost > budget:
-                continue  # the coarsest views do not fit this budget: the baseline alone
-            cap = ck_cap(src, budget, share, cfg.recent_tokens)
-            expand = rng.random() < 0.5  # half the rows: random expansions across memories while one fits
-            while expand:
-                gists = [(m, i) for m, seg in enumerate(ref.segments) for i, e in enumerate(seg.entries) if e.level > 0
-                         and ref.cost + K - 1 <= budget and (m == len(ref.segments) - 1 or ref.ck_cost + K - 1 <= cap)]
-                if not gists:
-                    break
-                m, i = rng.choice(gists)
-                ref = ref.replace(m, ref.segments[m].expand(i))
-            refs[b] = ref
-        lens_rows, scores, assembled_refs = self.lens_scores(refs, sources)
-        variants, swaps = [], []
-        for b, (src, rng) in enumerate(zip(sources, rngs)):
-            variants.append(composite_baseline(b, src, budget))
-            ref = refs[b]
-            if ref is None:
-                continue
-            variants.append(Variant(b, "reference", ref, {}))
-            variants += self.edited_variants(
-                b, ref, src, scores[lens_rows.index(b), :len(ref)], {ref}, swaps, rng,
-                lambda: CompositeAllocator.from_config(cfg, len(src.memories), w_max=budget, cooldown=0),
-                lambda: composite_perturb(ref, src, budget, cfg, rng, n_edits=rng.choice((1, 2))))
-            variants.append(Variant(b, "drop", ref.segments[-1], None, src.session))
-        return variants, refs, lens_rows, scores, swaps, assembled_refs
-
     def loss(self, rows, budget, rngs, cuts=None, weights=None, lm_tokens=None):
         """rows (R, T + 1), rngs: one random.Random per row, cuts: each row's split point (default: the
         row's last H tokens are the horizon), weights (R, T): 1 where row token j + 1 is a scored target
@@ -372,8 +328,7 @@ class MegaContextTrainer:
             sources = build_sources(model, self.gistnet, [row[:c] for row, c in zip(rows, cuts)], cfg.max_level)
         horizons = [row[c:c + H] for row, c in zip(rows, cuts)]
         t0 = time.perf_counter()
-        variants, refs, lens_rows, scores, swaps, assembled_refs = \
-            (self.composite_slate if cfg.cognitive_core else self.slate)(sources, budget, rngs)
+        variants, refs, lens_rows, scores, swaps, assembled_refs = self.slate(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
 
         nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [v.source or sources[v.row] for v in variants],
@@ -394,7 +349,7 @@ class MegaContextTrainer:
         loss = cfg.horizon_weight * nll.sum() / lm_tokens
         nan = float("nan")
         stats = dict(horizon_loss=per_row.mean().item(), history=sum(cuts) / len(cuts),
-                     gist_pair_cos=gist_pair_cos([m for src in sources for m in getattr(src, "memories", [src])]))
+                     gist_pair_cos=gist_pair_cos([m for src in sources for m in src.memories]))
         for kind in ("baseline", "reference", "perturbed", "lens", "drop"):
             sel = [i for i, v in enumerate(variants) if v.kind == kind]
             stats[f"nll_{kind}"] = item_nll[sel].mean().item() if sel else nan
@@ -442,13 +397,11 @@ class MegaContextTrainer:
         mix = {}
         for j, (b, items) in enumerate(zip(lens_rows, per_row)):
             ref = refs[b]
-            keys = entry_keys(ref)
-            where = {key: i for i, key in enumerate(keys)}
-            session = getattr(sources[b], "session", sources[b])  # recent tokens are the session's
-            protect_from = session.num_tokens - cfg.recent_tokens
-            last = len(getattr(ref, "segments", [ref])) - 1
-            for i, (key, e) in enumerate(zip(keys, ref.entries)):
-                protected = e.parent.end > protect_from and (not isinstance(key, tuple) or key[0] == last)
+            where = {e: i for i, e in enumerate(ref.entries)}
+            session = len(sources[b].memories) - 1  # recent tokens are the session's
+            protect_from = sources[b].memories[-1].num_tokens - cfg.recent_tokens
+            for i, e in enumerate(ref.entries):
+                protected = e.parent.end > protect_from and e.memory == session
                 mask[j, i] = True
                 can_expand[j, i] = e.level > 0
                 can_collapse[j, i] = e.level < cfg.max_level and not protected and e.cost in (1, K)

@@ -42,6 +42,7 @@ import torch
 
 from nanochat.common import UserError, atomic_path, atomic_write_json
 from nanochat.megacontext import BLOCK_SIZE
+from nanochat.megacontext.working_context import OneMemory
 
 K = BLOCK_SIZE
 FORMAT_VERSION = 1
@@ -175,7 +176,7 @@ def version_runs(v):
     return [[a, b, int(v[a])] for a, b in zip(cuts[:-1], cuts[1:]) if b > a and v[a] != 0]
 
 
-class MegaContextTree:
+class MegaContextTree(OneMemory):
     """The history of one stream. dim: embedding width D; gistnet: (N, 32, D), level -> (N, D), or
     None (tokens only); embed_tokens: ids (n,) -> (n, D); max_level: deepest gist level (default:
     the GistNet's); path: None = RAM, else a directory for disk mode (one writer at a time);

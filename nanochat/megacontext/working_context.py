@@ -23,12 +23,24 @@ Edits, each returning a new WC (a WC is an immutable value, so slates of variant
                present in the WC) -> their level-(L+1) parent
 Both change the cost by 31 (K - 1), expand up and collapse down; collapse(expand(wc, i)) == wc.
 
-The tree-like `source` used here needs: num_tokens, num_gists(level), tokens(start, end) -> (n,)
-LongTensor, gists(level, i0, i1) -> (i1-i0, D). MegaContextTree has them; so does the in-graph
-view that training builds over one sequence.
+Memories: one WC type reads one memory or several (the cognitive core: Core-Knowledge memories,
+then the session, composite.py). Each entry names its memory (Entry.memory, 0 for a lone one);
+the entries run memory by memory, in the source's order, and the entries of each memory are a
+legal WC over it by the invariants above (recent protection for the last memory, the session,
+only). A plain WC is the one-memory case. With several memories the budget also keeps the
+session its share (ck_cap). Positions are composite: memory m's token t sits at offsets[m] + t,
+as if the memories came one after another (the session last).
+
+The `source` a WC reads: `memories` (the per-memory sources, in order) and `offsets` (the position
+of each one's token 0), and per memory num_tokens, num_gists(level), tokens(start, end) -> (n,)
+LongTensor, gists(level, i0, i1) -> (i1-i0, D). A one-memory source (MegaContextTree, the in-graph
+SequenceSource training builds over one sequence) is its own only memory (OneMemory);
+composite.CompositeSource holds several.
 """
 
-from dataclasses import dataclass
+import math
+
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,6 +54,7 @@ class Entry:
     level: int
     start: int
     end: int
+    memory: int = field(default=0, repr=False)  # the memory it is a block of (0: the only one)
 
     @property
     def cost(self):
@@ -52,46 +65,95 @@ class Entry:
         """The node one collapse turns this entry into: an LOD0 block's LOD1 gist, a gist's parent."""
         span = K ** (self.level + 1)
         p0 = self.start - self.start % span
-        return Entry(self.level + 1, p0, p0 + span)
+        return Entry(self.level + 1, p0, p0 + span, self.memory)
 
     @property
     def index(self):
         """The node's index within its level (LOD0: the block index)."""
         return self.start // K ** max(self.level, 1)
 
+    def in_memory(self, memory):
+        return replace(self, memory=memory)
+
+
+class OneMemory:
+    """A source of one memory (a tree, a SequenceSource) is its own only memory, at position 0."""
+    offsets = (0,)
+
+    @property
+    def memories(self):
+        return (self,)
+
 
 class WorkingContextError(ValueError):
     """A WC that breaks one of the invariants above."""
 
 
-def check_working_context(wc, source, w_max, recent_tokens=0):
-    """Raise WorkingContextError naming the first broken invariant; return wc when legal."""
-    entries, n = wc.entries, source.num_tokens
-    if not entries:
+def ck_cap(source, w_max, min_session_share, recent_tokens):
+    """The most slots the Core-Knowledge memories of source (all but its last memory) may hold
+    together: the session keeps its share (or all it has, if less), and never less than its coarsest
+    legal WC, unless even that leaves the CKs less than a slot each (a budget too small for the
+    history: the session then loses its oldest entries, as a lone session would, fit_budget).
+    0 for a lone memory."""
+    if len(source.memories) == 1:
+        return 0
+    session = source.memories[-1]
+    floor = WorkingContext.coarsest(session, recent_tokens).cost if session.num_tokens else 0
+    return max(len(source.memories) - 1, w_max - max(min(math.ceil(min_session_share * w_max), session.num_tokens), floor))
+
+
+def check_working_context(wc, source, w_max, recent_tokens=0, min_session_share=0.0):
+    """Raise WorkingContextError naming the first broken invariant; return wc when legal.
+    min_session_share: with several memories, the session's share of w_max (ck_cap)."""
+    if not wc.entries:
         raise WorkingContextError("empty working context")
+    memories = source.memories
+    segments = [[] for _ in memories]  # the entries of each memory
+    for i, e in enumerate(wc.entries):
+        if not 0 <= e.memory < len(memories) or (i > 0 and e.memory < wc.entries[i - 1].memory):
+            raise WorkingContextError(f"entry {i} {e} of memory {e.memory}: the entries must run memory by memory, over {len(memories)}")
+        segments[e.memory].append(e)
+    last = len(memories) - 1
+    name = (lambda m: "") if last == 0 else (lambda m: f"memory {source.names[m]}: ")
+    for m, entries in enumerate(segments):
+        if not entries:
+            raise WorkingContextError(f"{name(m)}no entries: {len(memories)} memories, each needs a segment")
+    for m, entries in enumerate(segments):
+        _check_tiling(entries, memories[m], recent_tokens if m == last else 0, name(m))
+    if wc.cost > w_max:
+        raise WorkingContextError(f"budget: cost {wc.cost} > w_max {w_max}")
+    n = memories[-1].num_tokens
+    for i, e in enumerate(segments[-1]):
+        if e.level > 0 and e.end > n - recent_tokens:
+            raise WorkingContextError(f"{name(last)}recent protection: entry {i} {e} is a gist within the newest {recent_tokens} tokens")
+    if last > 0:
+        cap, ck_cost = ck_cap(source, w_max, min_session_share, recent_tokens), wc.cost - sum(e.cost for e in segments[-1])
+        if ck_cost > cap:
+            raise WorkingContextError(f"session share: the CK segments cost {ck_cost} > {cap} "
+                                      f"(w_max {w_max} less the session's share {min_session_share:g})")
+    return wc
+
+
+def _check_tiling(entries, source, recent_tokens, name):
+    """Tiling, alignment, existence and the recent tokens' cover of one memory's entries."""
+    n = source.num_tokens
     if entries[-1].end != n:
-        raise WorkingContextError(f"tiling: the last entry ends at {entries[-1].end}, the history at {n}")
+        raise WorkingContextError(f"{name}tiling: the last entry ends at {entries[-1].end}, the history at {n}")
     for i, e in enumerate(entries):
         if i > 0 and e.start != entries[i - 1].end:
             kind = "gap" if e.start > entries[i - 1].end else "overlap"
-            raise WorkingContextError(f"tiling: {kind} between entry {i - 1} (ends {entries[i - 1].end}) and entry {i} (starts {e.start})")
+            raise WorkingContextError(f"{name}tiling: {kind} between entry {i - 1} (ends {entries[i - 1].end}) and entry {i} (starts {e.start})")
         span = K ** max(e.level, 1)
         if e.level < 0 or e.start < 0 or e.start % span != 0:
-            raise WorkingContextError(f"alignment: entry {i} {e} does not start on the level-{e.level} grid ({span})")
+            raise WorkingContextError(f"{name}alignment: entry {i} {e} does not start on the level-{e.level} grid ({span})")
         if e.level == 0 and not (e.start < e.end <= e.start + K and (e.end == e.start + K or e.end == n)):
-            raise WorkingContextError(f"alignment: entry {i} {e} is not one LOD0 block (only the newest may be short)")
+            raise WorkingContextError(f"{name}alignment: entry {i} {e} is not one LOD0 block (only the newest may be short)")
         if e.level > 0 and e.end != e.start + span:
-            raise WorkingContextError(f"alignment: entry {i} {e} does not span one level-{e.level} block ({span} tokens)")
+            raise WorkingContextError(f"{name}alignment: entry {i} {e} does not span one level-{e.level} block ({span} tokens)")
         if e.level > 0 and e.index >= source.num_gists(e.level):
-            raise WorkingContextError(f"existence: entry {i} {e}: the tree has {source.num_gists(e.level)} level-{e.level} gists")
-    if wc.start > max(0, n - recent_tokens):
-        raise WorkingContextError(f"recent protection: the WC starts at {wc.start}, the newest {recent_tokens} tokens start at {n - recent_tokens}")
-    if wc.cost > w_max:
-        raise WorkingContextError(f"budget: cost {wc.cost} > w_max {w_max}")
-    for i, e in enumerate(entries):
-        if e.level > 0 and e.end > n - recent_tokens:
-            raise WorkingContextError(f"recent protection: entry {i} {e} is a gist within the newest {recent_tokens} tokens")
-    return wc
+            raise WorkingContextError(f"{name}existence: entry {i} {e}: the tree has {source.num_gists(e.level)} level-{e.level} gists")
+    if entries[0].start > max(0, n - recent_tokens):
+        raise WorkingContextError(f"{name}recent protection: the WC starts at {entries[0].start}, the newest {recent_tokens} tokens start at {n - recent_tokens}")
 
 
 class WorkingContext:
@@ -109,6 +171,8 @@ class WorkingContext:
         return len(self.entries)
 
     def __repr__(self):
+        if self.num_memories > 1:
+            return "WorkingContext(" + " | ".join(repr(seg)[len("WorkingContext("):-1] for seg in self.segments) + ")"
         counts = {}
         for e in self.entries:
             counts[e.level] = counts.get(e.level, 0) + 1
@@ -117,11 +181,43 @@ class WorkingContext:
 
     @property
     def start(self):
+        """Where the WC's first memory's entries start (a lone memory: the oldest token it covers)."""
         return self.entries[0].start
 
     @property
     def end(self):
         return self.entries[-1].end
+
+    def origin(self, source):
+        """The composite position of the WC's first slot: assemble's positions count from it."""
+        first = self.entries[0]
+        return source.offsets[first.memory] + first.start
+
+    # -------------------------------------------------------------------------
+    # memories: a WC of several is its segments, one per memory, joined
+
+    @property
+    def num_memories(self):
+        return self.entries[-1].memory + 1 if self.entries else 0
+
+    def segment(self, m):
+        """Memory m's entries as a WC over that memory alone (memory 0)."""
+        return WorkingContext(e if e.memory == 0 else e.in_memory(0) for e in self.entries if e.memory == m)
+
+    @property
+    def segments(self):
+        return [self.segment(m) for m in range(self.num_memories)]
+
+    @classmethod
+    def joined(cls, segments):
+        """One WC over several memories: segment m (a WC over memory m alone) as memory m's entries."""
+        return cls(e.in_memory(m) for m, seg in enumerate(segments) for e in seg.entries)
+
+    def replace(self, m, segment):
+        """This WC with memory m's entries those of `segment` (a WC over memory m alone)."""
+        segments = self.segments
+        segments[m] = segment
+        return WorkingContext.joined(segments)
 
     # -------------------------------------------------------------------------
     # construction
@@ -171,15 +267,17 @@ class WorkingContext:
         return wc
 
     def extend(self, source):
-        """This WC after the history grew: the newest LOD0 block filled up and new LOD0 blocks added
-        up to source.num_tokens (streaming). Every existing slot keeps its place, so a KV cache over
-        this WC stays valid; the cost grows by the number of new tokens."""
-        n, last = source.num_tokens, self.entries[-1]
+        """This WC after the history (its last memory, the session) grew: the newest LOD0 block
+        filled up and new LOD0 blocks added up to that memory's num_tokens (streaming). Every existing
+        slot keeps its place, so a KV cache over this WC stays valid; the cost grows by the number of
+        new tokens."""
+        last = self.entries[-1]
+        n, m = source.memories[-1].num_tokens, last.memory
         assert n >= self.end, f"the history shrank: the WC ends at {self.end}, the source has {n} tokens"
         entries = list(self.entries)
         if last.level == 0 and last.end - last.start < K:  # the open tail block grows first
-            entries[-1] = Entry(0, last.start, min(last.start + K, n))
-        entries += [Entry(0, s, min(s + K, n)) for s in range(entries[-1].end, n, K)]
+            entries[-1] = Entry(0, last.start, min(last.start + K, n), m)
+        entries += [Entry(0, s, min(s + K, n), m) for s in range(entries[-1].end, n, K)]
         return WorkingContext(entries)
 
     # -------------------------------------------------------------------------
@@ -190,10 +288,10 @@ class WorkingContext:
         if e.level == 0:
             raise WorkingContextError(f"cannot expand entry {i}: it is already raw tokens")
         if e.level == 1:
-            children = [Entry(0, e.start, e.end)]
+            children = [Entry(0, e.start, e.end, e.memory)]
         else:
             span = K ** (e.level - 1)
-            children = [Entry(e.level - 1, s, s + span) for s in range(e.start, e.end, span)]
+            children = [Entry(e.level - 1, s, s + span, e.memory) for s in range(e.start, e.end, span)]
         return WorkingContext(self.entries[:i] + tuple(children) + self.entries[i + 1:])
 
     def collapse_range(self, i, source=None):
@@ -202,10 +300,10 @@ class WorkingContext:
         tree, a parent gist it has not computed)."""
         e = self.entries[i]
         if e.level == 0:
-            r = (i, i + 1, Entry(1, e.start, e.end)) if e.end - e.start == K else None
+            r = (i, i + 1, Entry(1, e.start, e.end, e.memory)) if e.end - e.start == K else None
         else:
             r = self._sibling_range(i)
-        if r is not None and source is not None and r[2].index >= source.num_gists(r[2].level):
+        if r is not None and source is not None and r[2].index >= source.memories[e.memory].num_gists(r[2].level):
             return None
         return r
 
@@ -217,7 +315,8 @@ class WorkingContext:
         if j0 < 0 or j1 > len(self.entries):
             return None
         siblings = self.entries[j0:j1]
-        if siblings[0].start != parent.start or any(s.level != e.level for s in siblings) or siblings[-1].end != parent.end:
+        if siblings[0].start != parent.start or any(s.level != e.level or s.memory != e.memory for s in siblings) \
+                or siblings[-1].end != parent.end:
             return None
         return j0, j1, parent
 
@@ -235,37 +334,39 @@ class WorkingContext:
         """-> dict of per-slot tensors for the model (T = cost), all on `device`:
         embeds (T, D) in `dtype`: the token embeddings at token slots, the gist vectors elsewhere
         token_ids (T,) long, -1 at gist slots; lod (T,) long; positions (T,) float64: tokens at
-        their index, gists at their span's center, both relative to self.start (float64 keeps
-        x.5 centers and positions past 2**24 exact; positions.py takes them as they are);
+        their (composite) index, gists at their span's center, both relative to self.origin(source)
+        (float64 keeps x.5 centers and positions past 2**24 exact; positions.py takes them as they are);
         entry (T,) long: the entry each slot belongs to.
         embed_tokens: ids -> embeddings for the token slots (a tree stores ids only), run on `device`
         (default: the CPU), the embeds then in `dtype` (default float32): a model on a GPU or in bf16
         passes its own. None: the source's own source.token_embeds(start, end) (a horizon.SequenceSource:
         the embeddings its gists were built from, in the autograd graph, not embedded again); device /
-        dtype then default to the source's. Contiguous runs of same-level entries are fetched with one call each."""
+        dtype then default to the source's. Contiguous runs of same-level entries of one memory are
+        fetched with one call each."""
         if embed_tokens is not None:
             device = torch.device("cpu") if device is None else device
             dtype = torch.float32 if dtype is None else dtype
-        runs = []  # (level, first entry, last entry + 1)
+        runs = []  # (memory, level, first entry, last entry + 1)
         for i, e in enumerate(self.entries):
-            if runs and runs[-1][0] == e.level and runs[-1][2] == i:
-                runs[-1][2] = i + 1
+            if runs and runs[-1][:2] == [e.memory, e.level] and runs[-1][3] == i:
+                runs[-1][3] = i + 1
             else:
-                runs.append([e.level, i, i + 1])
+                runs.append([e.memory, e.level, i, i + 1])
         embeds, token_ids, lods, positions, entry_ids = [], [], [], [], []
-        for level, i0, i1 in runs:
+        for memory, level, i0, i1 in runs:
+            src, offset = source.memories[memory], source.offsets[memory]
             a, b = self.entries[i0].start, self.entries[i1 - 1].end
             if level == 0:
-                ids = source.tokens(a, b)  # (b - a,)
-                embeds.append(source.token_embeds(a, b) if embed_tokens is None else embed_tokens(ids.to(device)))
+                ids = src.tokens(a, b)  # (b - a,)
+                embeds.append(src.token_embeds(a, b) if embed_tokens is None else embed_tokens(ids.to(device)))
                 token_ids.append(ids)
-                positions.append(torch.arange(a, b, dtype=torch.float64))
+                positions.append(torch.arange(a, b, dtype=torch.float64) + offset)
                 entry_ids.append(torch.repeat_interleave(torch.arange(i0, i1), torch.tensor([self.entries[i].cost for i in range(i0, i1)])))
             else:
                 span = K ** level
-                embeds.append(source.gists(level, a // span, b // span))  # (i1 - i0, D)
+                embeds.append(src.gists(level, a // span, b // span))  # (i1 - i0, D)
                 token_ids.append(torch.full((i1 - i0,), -1, dtype=torch.long))
-                positions.append(torch.arange(a, b, span, dtype=torch.float64) + (span - 1) / 2)
+                positions.append(torch.arange(a, b, span, dtype=torch.float64) + (span - 1) / 2 + offset)
                 entry_ids.append(torch.arange(i0, i1))
             lods.append(torch.full((len(token_ids[-1]),), level, dtype=torch.long))
         if device is None:  # as the source holds them
@@ -274,7 +375,7 @@ class WorkingContext:
             embeds=torch.cat([x.to(device=device, dtype=dtype) for x in embeds]),
             token_ids=torch.cat(token_ids).to(device),
             lod=torch.cat(lods).to(device),
-            positions=(torch.cat(positions) - self.start).to(device if torch.device(device).type != "mps" else "cpu"),  # MPS has no float64
+            positions=(torch.cat(positions) - self.origin(source)).to(device if torch.device(device).type != "mps" else "cpu"),  # MPS has no float64
             entry=torch.cat(entry_ids).to(device),
         )
 
