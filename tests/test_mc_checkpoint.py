@@ -68,3 +68,29 @@ def test_megapredictor_round_trips_beside_gistnet_and_lensnet_and_is_none_when_o
         load_predictor(str(tmp_path), 2, other, "cpu")
     with pytest.raises(UserError, match="no MegaContext weights"):
         load_predictor(str(tmp_path), 9, MODEL, "cpu")
+
+
+def test_chat_models_get_the_megacontext_weights_of_the_base_step_they_were_tuned_from(tmp_path, monkeypatch):
+    """An SFT (or RL on SFT) model reads mc_<step>.pt of the base step its meta names, never the newest:
+    mc_6.pt of a base save killed before its model and meta must not pair with a model tuned from step 5."""
+    import json
+    from nanochat.megacontext.checkpoint import find_megacontext
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    base, sft, rl = (tmp_path / d / "d4" for d in ("base_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"))
+    for d in (base, sft, rl):
+        d.mkdir(parents=True)
+    gistnet, lensnet = build_modules(MC, MODEL)
+    for step in (5, 6):
+        save_megacontext(str(base), step, MC, gistnet, lensnet)
+    (base / "meta_000005.json").write_text(json.dumps(dict(step=5)))
+    (sft / "meta_000200.json").write_text(json.dumps(dict(source=dict(kind="base", model_tag="d4", step=5))))
+    (rl / "meta_000030.json").write_text(json.dumps(dict(source=dict(kind="sft", step=200))))
+    assert find_megacontext("base", "d4", 5) == (str(base), 5)
+    assert find_megacontext("sft", "d4", 200) == (str(base), 5)
+    assert find_megacontext("rl", "d4", 30) == (str(base), 5)
+    (sft / "meta_000300.json").write_text(json.dumps(dict(source=dict(kind="base", model_tag="d4", step=4))))
+    with pytest.raises(UserError, match="no MegaContext weights saved with this checkpoint"):
+        find_megacontext("sft", "d4", 300)  # its base step has none: refused, not mc_6
+    (sft / "meta_000400.json").write_text(json.dumps(dict(source=dict(kind="base", step="five"))))
+    with pytest.raises(UserError, match="unreadable source"):
+        find_megacontext("sft", "d4", 400)

@@ -352,6 +352,77 @@ def test_a_session_saved_before_its_first_token_keeps_its_memories(tmp_path):
     state["memories"][0]["wc"] = [[1, 0, 32]]  # a segment that no longer tiles its memory
     with open(os.path.join(path, "session.json"), "w") as f:
         json.dump(state, f)
+    with pytest.raises(UserError, match="does not match its checksum"):  # a changed byte is refused
+        Session.open(path, model, gistnet, lensnet, mc)
+    from nanochat.megacontext.session_file import checksum
+    state["checksum"] = checksum(state)  # as a tool rewriting the file would: then the WC is checked against the trees
+    with open(os.path.join(path, "session.json"), "w") as f:
+        json.dump(state, f)
     again.close()
     with pytest.raises(UserError, match="does not fit this session's trees"):
         Session.open(path, model, gistnet, lensnet, mc)
+
+
+class Killed(BaseException):
+    """A kill -9 at one point of a save: nothing after that point runs."""
+
+
+def test_a_kill_at_any_point_of_save_leaves_the_old_or_the_new_session(tmp_path, monkeypatch):
+    """Every fsync / pwrite / chmod / rename of Session.save is a point a kill can land on. Killed at
+    each in turn (the process then gone: the tree closed unflushed), the directory opens again, at the
+    state of the save before or of the one killed, never a mix; once the save returned, the new one."""
+    model, gistnet, lensnet, mc = parts()
+    calls, kill_at = [], [None]
+
+    def point(name, fn):
+        def wrapped(*args, **kwargs):
+            if kill_at[0] is not None:
+                calls.append(name)
+                if len(calls) == kill_at[0]:
+                    raise Killed(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in ("fsync", "pwrite", "chmod", "replace"):
+        monkeypatch.setattr(os, name, point(name, getattr(os, name)))
+
+    def run(k):
+        path = str(tmp_path / f"s{k}")
+        s = Session.create(model, gistnet, lensnet, mc, path=path, seed=1)
+        s.feed(stream(150))
+        s.save()
+        old = (150, s.wc, s.logits.clone())
+        s.feed(stream(100, seed=2))
+        new = (250, s.wc, s.logits.clone())
+        calls.clear()
+        kill_at[0] = k if k is not None else 10 ** 9
+        try:
+            s.save()
+            done = True
+        except Killed:
+            done = False
+        kill_at[0] = None
+        s.tree.close(flush=False)
+        again = Session.open(path, model, gistnet, lensnet, mc)
+        got = [state for state in (old, new) if again.tree.num_tokens == state[0] and again.wc == state[1]]
+        assert got and torch.allclose(again.logits, got[0][2], atol=1e-4), f"kill at point {k}: a state that was never saved"
+        assert not done or got[0] is new
+        again.close()
+        return len(calls), got[0] is new
+
+    points, _ = run(None)
+    assert points >= 6  # rows (data, header) per level, the session.json write and rename, meta.json
+    outcomes = [run(k)[1] for k in range(1, points + 1)]
+    assert not outcomes[0] and outcomes[-1]  # killed at the first step: the old state; at the last: the new one
+
+
+def test_a_session_on_disk_opens_again_even_if_killed_before_its_first_save(tmp_path):
+    model, gistnet, lensnet, mc = parts()
+    path = str(tmp_path / "s")
+    s = Session.create(model, gistnet, lensnet, mc, path=path)
+    s.feed(stream(70))
+    s.tree.close(flush=False)  # killed: never saved
+    again = Session.open(path, model, gistnet, lensnet, mc)
+    assert again.tree.num_tokens == 0 and again.wc is None
+    again.feed(stream(70))  # and it goes on as a new one would
+    assert again.tree.num_tokens == 70

@@ -89,19 +89,33 @@ def load_predictor(checkpoint_dir, step, model_config, device):
 
 def find_megacontext(source, model_tag, step):
     """(directory, step) of the MegaContext weights for a chat model: mc_<step>.pt beside the loaded
-    checkpoint, else the newest one of the base run with the same tag (SFT / RL fine-tune the base
-    model and leave GistNet and LensNet as base training made them)."""
-    import re
+    checkpoint, else those of the checkpoint it was fine-tuned from, followed back through each
+    meta's "source" (SFT / RL fine-tune the base model and leave GistNet and LensNet as base training
+    made them at that step). Never another step's: weights of a later, incomplete save are not paired."""
+    import json
     from nanochat.checkpoint_manager import SOURCE_DIRS
     from nanochat.common import get_base_dir
-    own = os.path.join(get_base_dir(), SOURCE_DIRS[source], model_tag)
-    if os.path.exists(mc_path(own, step)):
-        return own, step
-    base = os.path.join(get_base_dir(), SOURCE_DIRS["base"], model_tag)
-    steps = [int(m.group(1)) for f in (os.listdir(base) if os.path.isdir(base) else []) if (m := re.fullmatch(r"mc_(\d+)\.pt", f))]
-    if not steps:
-        raise UserError(f"no MegaContext weights (mc_<step>.pt) in {own} or {base}: train the base model with --megacontext")
-    return base, max(steps)
+    kind, tag, at, seen = source, model_tag, step, []
+    while True:
+        directory = os.path.join(get_base_dir(), SOURCE_DIRS[kind], tag)
+        seen.append(mc_path(directory, at))
+        if os.path.exists(seen[-1]):
+            return directory, at
+        meta_path = os.path.join(directory, f"meta_{at:06d}.json")
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                parent = json.load(f).get("source")
+            if parent is None or len(seen) > 4:
+                break
+            kind, tag, at = parent["kind"], parent.get("model_tag") or tag, int(parent["step"])
+            if kind not in SOURCE_DIRS:
+                raise ValueError(f"unknown source kind {kind!r}")
+        except FileNotFoundError:
+            break
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{meta_path}: unreadable source of this checkpoint ({type(e).__name__}: {e})") from None
+    raise UserError(f"no MegaContext weights saved with this checkpoint (looked for {', '.join(seen)}): "
+                    f"train the base model with --megacontext")
 
 
 def load_for_chat(source, model_tag, step, model, device):

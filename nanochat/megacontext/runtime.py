@@ -127,19 +127,24 @@ class Session:
     @classmethod
     def create(cls, model, gistnet, lensnet, config, path=None, predictor=None, w_max=None, gist_first=False, seed=0,
                model_name=""):
-        """A new, empty session: its tree in RAM, or on disk under `path` (a new directory)."""
+        """A new, empty session: its tree in RAM, or on disk under `path` (a new directory, saved at once,
+        so that a session killed before its first save() opens again, empty)."""
         if path is not None and os.path.exists(os.path.join(path, SESSION_FILE)):
             raise UserError(f"{path} already holds a session: open it with --resume (Session.open)")
         tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=path, model_name=model_name,
                                device=model.get_device())
-        return cls(model, gistnet, lensnet, config, tree, predictor, w_max, gist_first, seed)
+        session = cls(model, gistnet, lensnet, config, tree, predictor, w_max, gist_first, seed)
+        if path is not None:
+            session.save()
+        return session
 
     @classmethod
     def open(cls, path, model, gistnet, lensnet, config, predictor=None, gist_first=None, model_name=None):
         """Reopen a saved session; it continues exactly where save() left it."""
         state, entries = read_session(path)
         tree = MegaContextTree.load(path, AnyLevel(gistnet), model.embed_tokens, dim=model.config.n_embd, model_name=model_name,
-                                    device=model.get_device())
+                                    device=model.get_device(), meta=state.get("tree"), meta_path=os.path.join(path, SESSION_FILE))
+        tree.flush()  # meta.json agrees with the session's commit record again (a save killed after it: meta.json lagged)
         gist_first = state["gist_first"] if gist_first is None else gist_first
         session = cls(model, gistnet, lensnet, config, tree, predictor, state["w_max"], gist_first)
         restore_session(session, state, entries)
@@ -156,6 +161,8 @@ class Session:
         if self.tree.num_tokens > 0:
             raise UserError("attach Core-Knowledge memories before the session's first token")
         self._attach(path, name, tree)
+        if self.tree.path is not None and all(p is not None for _, _, p in self.memories):
+            self.save()  # a session on disk is always one that opens again, memories included
         return self
 
     def load_memory(self, path):
@@ -179,13 +186,17 @@ class Session:
         self.stats["memory_edits"] = [0] * (len(self.memories) + 1)
 
     def save(self):
-        """Make the session durable: the tree's rows, then session.json (atomically)."""
+        """Make the session durable in one commit point: the tree's rows (not yet committed), then
+        session.json, atomically, holding the tree's commit record (its row counts) with the WC, then
+        the tree's own meta.json. A kill anywhere leaves the old session.json (the old state: open()
+        cuts the tree back to its counts) or the new one (open() reads the tree at its counts)."""
         if self.tree.path is None:
             raise UserError("this session lives in RAM: create it with a path to save it")
         if any(path is None for _, _, path in self.memories):
             raise UserError("a memory attached from RAM (no path) cannot be saved with the session")
-        self.tree.flush()
+        self.tree.flush_rows()
         atomic_write_json(session_state(self), os.path.join(self.tree.path, SESSION_FILE))
+        self.tree.flush()
 
     def close(self):
         self.tree.close()

@@ -4,13 +4,18 @@ the session's disk tree, written atomically after the tree's rows are flushed.
 
 session.json (format SESSION_FORMAT): w_max, gist_first, wc (the session WC's entries as [level,
 start, end]), plan (the live gist-first plan: [start, vector] or null), allocator (the FocusAllocator's
-cooldowns: steps, last_toggled), memories (each attached Core-Knowledge memory: name, path,
-allocator, wc: its WC segment's entries), rng (the sampling generator's state, base64), stats.
+cooldowns of the session's nodes: steps, last_toggled), memories (each attached Core-Knowledge memory:
+name, path, allocator (its nodes' cooldowns), wc: its WC segment's entries), rng (the sampling
+generator's state, base64), stats, tree (the session tree's meta.json as of this save: the one
+commit point of a save, tree.load reads the tree at its counts; absent in older files), checksum
+(sha256 of the rest: a changed byte is refused, not used; absent in older files).
 """
 
 import os
 import json
+import math
 import base64
+import hashlib
 
 import torch
 
@@ -31,10 +36,16 @@ def segment_entries(session, m):
     return [] if session.wc is None else [[e.level, e.start, e.end] for e in session.wc.segment(m).entries]
 
 
+def checksum(state):
+    """sha256 of a session state's content (every field but the checksum itself, keys sorted)."""
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def session_state(session):
-    """A session's state as session.json holds it (JSON-ready)."""
+    """A session's state as session.json holds it (JSON-ready), with its checksum."""
     last = len(session.memories)  # the session's own memory
-    return dict(
+    state = dict(
         format=SESSION_FORMAT, w_max=session.w_max, gist_first=session.gist_first,
         wc=segment_entries(session, last),
         plan=None if session.plan is None else [session.plan[0], session.plan[1].float().cpu().tolist()],
@@ -43,23 +54,85 @@ def session_state(session):
                   for m, (name, _, path) in enumerate(session.memories)],
         rng=base64.b64encode(session.generator.get_state().numpy().tobytes()).decode("ascii"),
         stats=session.stats,
+        tree=session.tree._meta(),  # the tree's commit record: Session.open reads the tree at these counts
     )
+    state["checksum"] = checksum(state)
+    return state
+
+
+def _is_int(x, low=0):
+    return type(x) is int and x >= low
+
+
+def _is_entries(x):
+    return isinstance(x, list) and all(isinstance(e, list) and len(e) == 3 and all(_is_int(v) for v in e) for e in x)
+
+
+def _is_allocator(x):
+    return isinstance(x, dict) and _is_int(x.get("steps")) and _is_entries(x.get("last_toggled"))
+
+
+RNG_BYTES = len(torch.Generator().get_state())  # a CPU generator's state
+FIELDS = ("format", "w_max", "gist_first", "wc", "plan", "allocator", "memories", "rng", "stats", "tree", "checksum")
+
+
+def _check_fields(state):
+    """The first field of a session.json that is missing or of the wrong type / size, or None."""
+    if not isinstance(state, dict):
+        return "the file", "not a JSON object"
+    if state.get("format") != SESSION_FORMAT:
+        return "format", f"{state.get('format')!r}, this code reads {SESSION_FORMAT}"
+    missing = [f for f in ("w_max", "gist_first", "wc", "plan", "allocator", "memories", "rng", "stats") if f not in state]
+    if missing:
+        return missing[0], "missing"
+    unknown = sorted(set(state) - set(FIELDS))
+    if unknown:
+        return unknown[0], "not a session.json field"
+    if "tree" in state and "checksum" not in state:  # written by a save that records the tree: it has a checksum
+        return "checksum", "missing"
+    plan, rng = state.get("plan"), state.get("rng")
+    checks = [
+        ("w_max", _is_int(state.get("w_max"), 1)),
+        ("gist_first", isinstance(state.get("gist_first"), bool)),
+        ("wc", _is_entries(state.get("wc"))),
+        ("plan", plan is None or (isinstance(plan, list) and len(plan) == 2 and _is_int(plan[0]) and isinstance(plan[1], list)
+                                  and all(type(v) in (int, float) and math.isfinite(v) for v in plan[1]))),
+        ("allocator", _is_allocator(state.get("allocator"))),
+        ("memories", isinstance(state.get("memories"), list) and all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("path"), str)
+            and _is_allocator(m.get("allocator")) and _is_entries(m.get("wc")) for m in state["memories"])),
+        ("rng", isinstance(rng, str) and len(rng) == 4 * -(-RNG_BYTES // 3)),
+        ("stats", isinstance(state.get("stats"), dict) and all(
+            isinstance(k, str) and (_is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)))
+            for k, v in state["stats"].items())),
+        ("tree", state.get("tree") is None or isinstance(state.get("tree"), dict)),
+    ]
+    return next(((field, "missing or of the wrong type or size") for field, ok in checks if not ok), None)
 
 
 def read_session(path):
-    """<path>/session.json -> (state dict, the session WC's entries), or a one-line UserError."""
+    """<path>/session.json -> (state dict, the session WC's entries), or a one-line UserError naming
+    the field that does not fit."""
     file = os.path.join(path, SESSION_FILE)
     if not os.path.exists(file):
         raise UserError(f"{path}: no {SESSION_FILE}, not a saved MegaContext session")
     try:
         with open(file, encoding="utf-8") as f:
             state = json.load(f)
-        if state["format"] != SESSION_FORMAT:
-            raise ValueError(f"format {state['format']}, this code reads {SESSION_FORMAT}")
-        entries = [Entry(*map(int, e)) for e in state["wc"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{file}: unreadable session ({type(e).__name__}: {e})")
-    return state, entries
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{file}: unreadable session ({type(e).__name__}: {str(e)[:120]})") from None
+    if isinstance(state, dict) and "checksum" in state and state["checksum"] != checksum(state):
+        raise UserError(f"{file}: the session's content does not match its checksum (changed or damaged since it was saved)")
+    bad = _check_fields(state)
+    if bad is not None:
+        raise UserError(f"{file}: unreadable session (field {bad[0]}: {bad[1]})")
+    try:
+        rng = base64.b64decode(state["rng"], validate=True)
+    except ValueError as e:
+        raise UserError(f"{file}: unreadable session (field rng: {e})") from None
+    if len(rng) != RNG_BYTES:
+        raise UserError(f"{file}: unreadable session (field rng: {len(rng)} bytes, a generator's state is {RNG_BYTES})")
+    return state, [Entry(*e) for e in state["wc"]]
 
 
 def restore_session(session, state, entries):
@@ -80,6 +153,9 @@ def restore_session(session, state, entries):
         raise UserError(f"{os.path.join(session.tree.path, SESSION_FILE)}: the saved working context does not fit this "
                         f"session's trees (a memory rebuilt since it was saved?): {type(e).__name__}: {e}") from None
     if state["plan"] is not None:
+        if len(state["plan"][1]) != session.model.config.n_embd:
+            raise UserError(f"{os.path.join(session.tree.path, SESSION_FILE)}: unreadable session (field plan: a "
+                            f"{len(state['plan'][1])}-wide gist, the model's are {session.model.config.n_embd})")
         session.plan = (state["plan"][0], torch.tensor(state["plan"][1], dtype=torch.float32))
     session.generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
     session.stats.update(state["stats"])

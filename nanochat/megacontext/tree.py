@@ -347,11 +347,17 @@ class MegaContextTree(OneMemory):
             "versions": {str(L): version_runs(v.read(0, v.n)) for L, v in enumerate(self.versions) if L >= 1},
         }
 
-    def flush(self):
-        """Disk mode: make everything ingested so far durable (data, then headers, then meta.json)."""
+    def flush_rows(self):
+        """Disk mode: make every row ingested so far durable (data, then headers), not yet committed:
+        meta.json (or a session.json holding this tree's meta, runtime.Session.save) commits them."""
         if self.path is not None:
             for rows in self.levels:
                 rows.flush()
+
+    def flush(self):
+        """Disk mode: make everything ingested so far durable (data, then headers, then meta.json)."""
+        if self.path is not None:
+            self.flush_rows()
             atomic_write_json(self._meta(), os.path.join(self.path, "meta.json"))
 
     def close(self, flush=True):
@@ -384,21 +390,29 @@ class MegaContextTree(OneMemory):
         atomic_write_json(self._meta(), meta_path)
 
     @classmethod
-    def load(cls, path, gistnet, embed_tokens, dim=None, in_ram=False, model_name=None, device="cpu"):
+    def load(cls, path, gistnet, embed_tokens, dim=None, in_ram=False, model_name=None, device="cpu", meta=None, meta_path=None):
         """Open a saved tree: disk mode on `path` (memory-mapped, ingest continues there; one writer
         at a time), or a copy in RAM (only reads the files). Given model_name, a tree built for
-        another model is refused."""
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.exists(meta_path):
-            raise UserError(f"{path}: no meta.json, not a saved MegaContext tree (or its save did not finish)")
+        another model is refused. meta: the commit record to open it at instead of meta.json's (a
+        session's, read from meta_path: runtime.Session.save commits the tree and the session in one file)."""
+        if meta is None:
+            meta_path = os.path.join(path, "meta.json")
+            if not os.path.exists(meta_path):
+                raise UserError(f"{path}: no meta.json, not a saved MegaContext tree (or its save did not finish)")
         try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
+            if meta is None:
+                with open(meta_path, encoding="utf-8") as f:
+                    meta = json.load(f)
             version, block, d, counts = meta["format_version"], meta["block_size"], meta["dim"], meta["counts"]
             dtype = {name: t for t, name in DTYPE_NAMES.items()}[meta["dtype"]]
             max_level, stored_name, runs = meta["max_level"], meta["model_name"], meta["versions"]
-            if not counts or not all(isinstance(c, int) and c >= 0 for c in counts):
+            if not isinstance(counts, list) or not counts or not all(type(c) is int and c >= 0 for c in counts):
                 raise ValueError(f"counts {counts!r} are not row counts")
+            if max_level is not None and (type(max_level) is not int or max_level < 0):
+                raise ValueError(f"max_level {max_level!r} is not a level")
+            if not isinstance(runs, dict) or not all(isinstance(v, list) and all(
+                    isinstance(r, list) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r) for r in v) for v in runs.values()):
+                raise ValueError(f"versions {str(runs)[:80]} are not runs [i0, i1, version]")
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{meta_path}: unreadable tree metadata ({type(e).__name__}: {e})")
         if version != FORMAT_VERSION:
