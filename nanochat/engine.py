@@ -147,10 +147,25 @@ def calculator(expr, time_limit=0.1):
 
 # -----------------------------------------------------------------------------
 
+# a temperature is 0 (greedy) or in [TEMPERATURE_MIN, TEMPERATURE_MAX]: below the minimum, logits / temperature
+# leaves float32 (softcapped logits reach 15; 15 / 1e-38 does not fit) and softmax gives NaN
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-2, 2.0
+
+
+def temperature_problem(temperature):
+    """None for a usable temperature, else the one-line reason it is not."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature == 0 or TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX):
+        return f"temperature must be 0 (greedy) or in [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}], got {temperature!r}"
+    return None
+
+
 def sample_next(logits, generator, temperature=1.0, top_k=None):
-    """logits: (B, V) -> (B,) token ids; temperature 0 is greedy."""
+    """logits: (B, V) -> (B,) token ids; temperature 0 is greedy (else see TEMPERATURE_MIN)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    if temperature_problem(temperature):
+        raise ValueError(temperature_problem(temperature))
     if top_k is not None:
         vals, _ = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
         logits = logits.masked_fill(logits < vals[:, -1:], -float("inf"))

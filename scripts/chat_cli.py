@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanochat.common import UserError, cli_main, compute_init, autodetect_device_type
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine
+from nanochat.engine import Engine, temperature_problem
 
 def stream_reply(engine, tokenizer, conversation, args, out=None):
     """Generate the assistant's reply to `conversation`, printing it as it streams; returns its
@@ -172,8 +172,8 @@ def main():
     p.add_argument("--ck", type=str, action="append", default=[], help="attach a Core-Knowledge memory built by "
                    "scripts.mc_build_ck (repeatable; implies --megacontext)")
     args = p.parse_args()
-    if not 0 <= args.temperature <= 2 or args.top_k < 1:
-        p.error("temperature must be in [0, 2] and top-k at least 1")
+    if temperature_problem(args.temperature) or args.top_k < 1:
+        p.error(temperature_problem(args.temperature) or "top-k must be at least 1")
     args.megacontext = args.megacontext or args.gist_first or bool(args.ck)
     if not args.megacontext and (args.session or args.context_file or args.w_max):
         p.error("--session, --context-file and --w-max need --megacontext")

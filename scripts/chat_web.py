@@ -26,20 +26,23 @@ import sys
 import json
 import random
 import argparse
+from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 import nanochat
 from nanochat.common import cli_main, compute_init, autodetect_device_type
+from nanochat.engine import TEMPERATURE_MAX, temperature_problem
 
 # Request limits: one browser tab talking to a small model, not a batch API.
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
-TEMPERATURE_RANGE = (0.0, 2.0)
+TEMPERATURE_RANGE = (0.0, TEMPERATURE_MAX)  # and 0 or at least engine.TEMPERATURE_MIN
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host / Origin a request may name, unless --allow-host widens it
 TOP_K_RANGE = (1, 200)
 MAX_TOKENS_RANGE = (1, 4096)
 
@@ -93,6 +96,8 @@ def validate_request(body, defaults):
     if turns[-1]["role"] != "user":
         raise ValueError("the last message must be from the user")
     temperature = _number(body, "temperature", defaults["temperature"], *TEMPERATURE_RANGE, integer=False)
+    if temperature_problem(temperature):
+        raise ValueError(temperature_problem(temperature))
     top_k = _number(body, "top_k", defaults["top_k"], *TOP_K_RANGE, integer=True)
     max_tokens = _number(body, "max_tokens", defaults["max_tokens"], *MAX_TOKENS_RANGE, integer=True)
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]  # drop any extra keys
@@ -136,16 +141,38 @@ def sse(obj):
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def create_app(engine, tokenizer, defaults, new_session=None):
+def request_refusal(headers, allowed_hosts):
+    """Why a request may not be served (None: it may): its Host, and its Origin when a browser sends
+    one, must name an allowed host, so a web page elsewhere (or a DNS-rebinding name) cannot drive
+    the local server. allowed_hosts: hostnames; "*" allows any."""
+    if "*" in allowed_hosts:
+        return None
+    host = urlsplit("//" + headers.get("host", "")).hostname
+    if host not in allowed_hosts:
+        return f"host {headers.get('host', '')!r} is not served here (start with --allow-host to serve it)"
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).hostname not in allowed_hosts:
+        return f"requests from origin {origin!r} are not accepted (start with --allow-host to accept them)"
+    return None
+
+
+def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCAL_HOSTS):
     """The web app around one Engine. defaults: {"temperature", "top_k", "max_tokens"} used when
     a request leaves them out. Generation runs in the server's thread pool (a sync generator),
     so a slow model does not block other requests; each request has its own KV cache.
     new_session(seed) -> a MegaContext runtime Session: when given, every request decodes through
-    a fresh one instead of the engine (no context limit)."""
+    a fresh one instead of the engine (no context limit). allowed_hosts: request_refusal."""
     with open(UI_PATH, encoding="utf-8") as f:
         page = f.read()
     context = engine.model.config.sequence_len
     app = FastAPI(title="nanochat")
+
+    @app.middleware("http")
+    async def only_allowed_hosts(request, call_next):
+        refusal = request_refusal(request.headers, allowed_hosts)
+        if refusal is not None:
+            return JSONResponse({"detail": refusal}, status_code=403)
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -157,10 +184,12 @@ def create_app(engine, tokenizer, defaults, new_session=None):
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise HTTPException(status_code=415, detail="send the request as application/json")
         try:
             body = await request.json()
-        except ValueError:
-            raise HTTPException(status_code=400, detail="request body is not valid JSON")
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
+            raise HTTPException(status_code=400, detail="request body is not valid JSON (or is nested too deeply)")
         try:
             messages, temperature, top_k, max_tokens = validate_request(body, defaults)
             prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
@@ -238,9 +267,11 @@ def main():
     p.add_argument("--w-max", type=int, default=None, help="MegaContext working-context budget (default: the run's mc_w_max)")
     p.add_argument("--ck", type=str, action="append", default=[], help="attach a Core-Knowledge memory built by "
                    "scripts.mc_build_ck to every session (repeatable; implies --megacontext)")
+    p.add_argument("--allow-host", type=str, action="append", default=[], help="a hostname requests may name in their Host / "
+                   "Origin besides localhost (repeatable; '*': any). --host NAME allows NAME")
     args = p.parse_args()
-    if not TEMPERATURE_RANGE[0] <= args.temperature <= TEMPERATURE_RANGE[1]:
-        p.error(f"temperature must be in {list(TEMPERATURE_RANGE)}")
+    if temperature_problem(args.temperature):
+        p.error(temperature_problem(args.temperature))
     if not TOP_K_RANGE[0] <= args.top_k <= TOP_K_RANGE[1]:
         p.error(f"top-k must be in {list(TOP_K_RANGE)}")
     if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
@@ -254,7 +285,8 @@ def main():
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     new_session = megacontext_sessions(args, model, model_tag, step, device) if args.megacontext or args.gist_first or args.ck else None
-    app = create_app(Engine(model, tokenizer), tokenizer, defaults, new_session)
+    allowed = LOCAL_HOSTS + tuple(args.allow_host) + ((args.host,) if args.host not in ("0.0.0.0", "::") else ())
+    app = create_app(Engine(model, tokenizer), tokenizer, defaults, new_session, allowed_hosts=allowed)
     print(f"nanochat web chat on http://{args.host}:{args.port}/")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -19,6 +19,8 @@ from nanochat.engine import Engine
 from nanochat.tokenizer import RustBPETokenizer
 from scripts.chat_web import create_app, stream_text, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS
 
+LOCAL = "http://127.0.0.1:8000"  # what a browser on this machine sends as Host
+
 DEFAULTS = {"temperature": 0.0, "top_k": 50, "max_tokens": 24}
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -41,7 +43,7 @@ def engine(tokenizer):
 
 @pytest.fixture(scope="module")
 def client(engine, tokenizer):
-    return TestClient(create_app(engine, tokenizer, DEFAULTS))
+    return TestClient(create_app(engine, tokenizer, DEFAULTS), base_url=LOCAL)
 
 
 def greedy_reply(engine, tokenizer, messages, max_tokens):
@@ -130,6 +132,9 @@ BAD_REQUESTS = [
     ({"messages": HELLO, "temperature": 2.5}, "temperature must be in [0.0, 2.0], got 2.5"),
     ({"messages": HELLO, "temperature": -0.1}, "temperature must be in [0.0, 2.0]"),
     ({"messages": HELLO, "temperature": "hot"}, "temperature must be a number"),
+    ({"messages": HELLO, "temperature": 1e-300}, "temperature must be 0 (greedy) or in [0.01, 2]"),
+    ({"messages": HELLO, "temperature": 1e-45}, "temperature must be 0 (greedy) or in [0.01, 2]"),
+    ({"messages": HELLO, "max_tokens": 10 ** 400}, "max_tokens must be in [1, 4096]"),
     ({"messages": HELLO, "top_k": 0}, "top_k must be in [1, 200], got 0"),
     ({"messages": HELLO, "top_k": 201}, "top_k must be in [1, 200], got 201"),
     ({"messages": HELLO, "top_k": 5.5}, "top_k must be an integer"),
@@ -150,6 +155,45 @@ def test_request_limits_give_400(client, body, message):
 def test_invalid_json_gives_400(client):
     r = client.post("/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                  b'{"messages": [{"role": "user", "content": "\\ud800 odd \\udfff"}]}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "top_k": ' + b"9" * 5000 + b"}"])
+def test_no_request_gets_a_500(client, body):
+    """Nesting past the parser, lone surrogates, numbers out of every range: a 400, or a reply."""
+    r = client.post("/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (200, 400), (r.status_code, r.text[:200])
+
+
+def test_only_json_from_allowed_hosts_is_served(client, engine, tokenizer):
+    """A page elsewhere can post text/plain JSON without a preflight, or reach the server through a
+    rebinding name: both refused. A flag widens the hosts."""
+    body = json.dumps({"messages": HELLO, "max_tokens": 2})
+    r = client.post("/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = client.post("/chat/completions", content=body, headers={"content-type": "application/json", "origin": "https://evil.example"})
+    assert r.status_code == 403 and "evil.example" in r.json()["detail"]
+    assert TestClient(client.app, base_url="http://rebound.example").get("/").status_code == 403
+    ok = client.post("/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8",
+                                                                  "origin": "http://localhost:8000"})
+    assert ok.status_code == 200
+    wide = TestClient(create_app(engine, tokenizer, DEFAULTS, allowed_hosts=("lab.example",)), base_url="http://lab.example")
+    assert wide.get("/health").status_code == 200
+
+
+def test_a_soak_of_valid_and_invalid_requests_leaves_the_server_answering(client):
+    """40 requests from 8 threads, a quarter valid, the rest of every bad kind: each gets 200 or 4xx, never 5xx."""
+    from concurrent.futures import ThreadPoolExecutor
+    bodies = [json.dumps({"messages": HELLO, "max_tokens": 3}).encode()] + [json.dumps(b).encode() for b, _ in BAD_REQUESTS[:9]] + \
+        [b"{", b"[" * 5000, b"null", b'"\\ud800"']
+    jobs = [bodies[i % len(bodies)] for i in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda b: client.post("/chat/completions", content=b, headers={"content-type": "application/json"}).status_code, jobs))
+    assert all(c == 200 or 400 <= c < 500 for c in codes) and 200 in codes
+    assert client.get("/health").json() == {"status": "ok"}
 
 
 def test_prompt_longer_than_context_gives_400(client, tokenizer):
@@ -260,7 +304,7 @@ def test_megacontext_switch_streams_past_the_context_and_reports_focus(engine, t
     def new_session(seed):
         return Session.create(model, gistnet, lensnet, mc, seed=seed)
 
-    client = TestClient(create_app(engine, tokenizer, DEFAULTS, new_session))
+    client = TestClient(create_app(engine, tokenizer, DEFAULTS, new_session), base_url=LOCAL)
     words = " ".join(f"q{i}" for i in range(600))  # refused by the vanilla app (test above)
     messages = [{"role": "user", "content": words}]
     r = client.post("/chat/completions", json={"messages": messages})
@@ -298,7 +342,7 @@ def test_ck_memories_are_attached_to_every_request(base_dir, tmp_path):
     model, tokenizer, _ = load_model("base", "cpu", phase="eval", model_tag="web_ck")
     args = argparse.Namespace(source="base", w_max=None, gist_first=False, ck=[ck])
     new_session = megacontext_sessions(args, model, "web_ck", 5, "cpu")
-    client = TestClient(create_app(Engine(model, tokenizer), tokenizer, DEFAULTS, new_session))
+    client = TestClient(create_app(Engine(model, tokenizer), tokenizer, DEFAULTS, new_session), base_url=LOCAL)
     for _ in range(2):
         r = client.post("/chat/completions", json={"messages": [{"role": "user", "content": "who keeps the lighthouse?"}]})
         assert r.status_code == 200

@@ -155,3 +155,15 @@ def test_max_tokens_and_stop(tokenizer):
     prompt = tokenizer.encode("the", prepend=tokenizer.get_bos_token_id())
     steps = list(engine.generate(prompt, num_samples=2, max_tokens=5, temperature=0))
     assert len(steps) <= 5 and all(len(col) == 2 for col, _ in steps)
+
+
+def test_a_temperature_that_would_overflow_the_logits_is_refused():
+    """logits / 1e-300 leaves float32 (softmax then NaN): 0 is greedy, the rest must be in range."""
+    from nanochat.engine import sample_next, temperature_problem
+    logits = torch.tensor([[15.0, -15.0, 3.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert sample_next(logits, gen, 0).item() == 0 and sample_next(logits, gen, 0.01).item() == 0
+    for t in (1e-300, 1e-45, 1e-3, 2.5, float("nan"), float("inf"), -1.0, True):
+        assert temperature_problem(t) is not None
+        with pytest.raises(ValueError, match="temperature must be 0"):
+            sample_next(logits, gen, t)

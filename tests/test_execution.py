@@ -37,10 +37,53 @@ def test_passing_program_and_stdout():
 
 
 def test_stderr_and_exit_codes():
-    r = execute_code("import sys\nsys.stderr.write('warn\\n')\nsys.exit(0)\n")
+    r = execute_code("import sys\nsys.stderr.write('warn\\n')\n")
     assert r.success and r.stderr == "warn\n"
     r = execute_code("import sys\nprint('partial')\nsys.exit(3)\n")
     assert not r.success and r.error == "exit code 3" and r.stdout == "partial\n"
+
+
+@pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "import posix; posix._exit(0)",
+                                       "raise SystemExit", "import sys; sys.exit()"])
+def test_an_early_exit_is_not_a_pass(exit_call):
+    """HumanEval's check() must run to its end: exiting 0 before a failing assert fails."""
+    r = execute_code(humaneval_program(WRONG_COMPLETION).replace("check(has_close_elements)", exit_call + "\ncheck(has_close_elements)"))
+    assert not r.success and r.error.startswith("exited before the end of the program"), r.error
+
+
+def test_the_outcome_cannot_be_forged_through_a_status_file():
+    """The program writes what a status file beside it would have said, then fails: its real end is reported."""
+    forge = ("import json, os\nfor p in ('../status.json', 'status.json'):\n"
+             "    json.dump({'type': 'MemoryError', 'memory': True, 'message': 'forged'}, open(p, 'w'))\n")
+    r = execute_code(forge + "assert 1 == 2, 'real failure'\n")
+    assert not r.success and r.error == "AssertionError: real failure" and not r.memory_exceeded
+    r = execute_code(forge + "import posix\nposix._exit(1)\n")
+    assert not r.success and r.error == "exit code 1" and not r.memory_exceeded
+
+
+@linux_only
+def test_no_process_outlives_execute_code_not_even_in_a_new_session():
+    """fork + setsid (its own session and process group, past killpg) and a double fork: every
+    one of them is gone when execute_code returns, after a normal exit and after a timeout."""
+    program = textwrap.dedent("""
+        import os, posix, sys, time
+        for _ in range(2):
+            pid = posix.fork()
+            if pid == 0:
+                posix.setsid()
+                if posix.fork() == 0:  # a grandchild, orphaned at once
+                    print("pid", os.getpid(), flush=True)
+                    time.sleep(60)
+                print("pid", os.getpid(), flush=True)
+                time.sleep(60)
+        time.sleep(0.3)
+    """)
+    for timeout in (5.0, 0.2):
+        r = execute_code(program + ("" if timeout > 1 else "time.sleep(60)\n"), timeout=timeout)
+        pids = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("pid ")]
+        assert len(pids) == 4, r.stdout + r.stderr
+        assert all(pid_gone(pid) for pid in pids), [p for p in pids if not pid_gone(p)]
+        assert r.success == (timeout > 1), r.error
 
 
 def test_failing_assert_reports_error():
