@@ -128,7 +128,8 @@ def main():
                     scores = torch.rand(len(wc), generator=gen) * 2 - 1
                     new_wc, edits = allocator.step(wc, scores, tree)
                     t2 = time.perf_counter()
-                    first_slots = first_slots if assemble_ms else int(slots["embeds"].shape[0])
+                    if not assemble_ms:
+                        first_slots = int(slots["embeds"].shape[0])  # before the allocator moves the WC
                     assemble_ms.append(1000 * (t1 - t0))
                     alloc_ms.append(1000 * (t2 - t1))
                     wc = new_wc

@@ -9,13 +9,16 @@ Every file is written atomically (temp name, then rename).
 import os
 import re
 import json
+import dataclasses
 
 import torch
 
-from nanochat.common import UserError, get_base_dir, atomic_torch_save, atomic_write_json, compute_dtype, print0
+from nanochat.common import (UserError, get_base_dir, atomic_torch_save, atomic_write_json, compute_dtype, print0,
+                             load_torch_file, check_state_dict, STALE_TEMP)
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+MAX_SEQUENCE_LEN = 1 << 16  # the rotary tables hold 10x this many positions: a larger one is a damaged meta
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
@@ -28,27 +31,44 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         atomic_write_json(meta_data, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
 
-def _torch_load(path, device):
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint file not found: {path}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated / foreign file
-        raise UserError(f"cannot read checkpoint file {path}: {type(e).__name__}: {e}") from None
+def model_config_from_meta(meta, meta_path):
+    """The GPTConfig a checkpoint meta describes, every field checked first (known key, type, range)."""
+    config = meta.get("model_config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise UserError(f"{meta_path}: model_config missing or not a JSON object")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    for key, value in config.items():
+        if key not in known:
+            raise UserError(f"{meta_path}: model_config.{key} is not a model setting (expected {', '.join(sorted(known))})")
+        if key == "window_pattern":
+            if not (isinstance(value, str) and re.fullmatch("[SLsl]+", value)):
+                raise UserError(f"{meta_path}: model_config.window_pattern must be a string of S and L, got {value!r}")
+        elif type(value) is not int or value < 1:
+            raise UserError(f"{meta_path}: model_config.{key} must be a positive integer, got {value!r}")
+    c = GPTConfig(**config)
+    if c.sequence_len > MAX_SEQUENCE_LEN:
+        raise UserError(f"{meta_path}: model_config.sequence_len {c.sequence_len:,} is above {MAX_SEQUENCE_LEN:,}")
+    if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2 or c.n_head % c.n_kv_head:
+        raise UserError(f"{meta_path}: model_config n_embd {c.n_embd} / n_head {c.n_head} / n_kv_head {c.n_kv_head} "
+                        "must give an even head_dim and n_head a multiple of n_kv_head")
+    return c
 
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """-> (model_data, optim_data or None, meta)"""
-    model_data = _torch_load(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"), device)
-    optim_data = _torch_load(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"), device) if load_optimizer else None
+    model_path = os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+    model_data = check_state_dict(load_torch_file(model_path, device), model_path)
+    optim_data = load_torch_file(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"), device) if load_optimizer else None
     meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise UserError(f"checkpoint meta not found: {meta_path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"corrupt checkpoint meta {meta_path}: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"corrupt checkpoint meta {meta_path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     return model_data, optim_data, meta
 
 
@@ -71,19 +91,19 @@ def build_model(checkpoint_dir, step, device, phase):
     assert phase in ("train", "eval"), f"phase must be train or eval, got {phase!r}"
     device = torch.device(device)
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    if "model_config" not in meta:
-        raise UserError(f"checkpoint meta in {checkpoint_dir} has no model_config")
-    config = GPTConfig(**meta["model_config"])
+    config = model_config_from_meta(meta, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
     model_data = prepare_state_dict(model_data, device)
     with torch.device("meta"):
         model = GPT(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # nothing allocated yet
+    found = {k: tuple(v.shape) for k, v in model_data.items()}
+    if expected != found:  # checked before allocating, so a meta claiming a huge model allocates nothing
+        diff = sorted(set(expected.items()) ^ set(found.items()))[0][0]
+        raise UserError(f"checkpoint in {checkpoint_dir} does not match its model_config: {diff} is "
+                        f"{found.get(diff, 'missing')} in the weights, {expected.get(diff, 'unexpected')} in the config")
     model.to_empty(device=device)
     model.init_rotary()
-    try:
-        model.load_state_dict(model_data, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0:2]
-        raise UserError(f"checkpoint in {checkpoint_dir} does not match its model_config: {' '.join(first)}") from None
+    model.load_state_dict(model_data, strict=True, assign=True)
     for name, p in model.named_parameters():  # master weights are fp32; only embeddings use the compute dtype
         if p.dtype != torch.float32:
             p.data = p.data.float()
@@ -114,7 +134,9 @@ def find_last_step(checkpoint_dir):
     files = set(os.listdir(checkpoint_dir)) if os.path.isdir(checkpoint_dir) else set()
     steps = [int(m.group(1)) for f in files if (m := re.fullmatch(r"model_(\d+)\.pt", f)) and f"meta_{m.group(1)}.json" in files]
     if not steps:
-        raise UserError(f"no complete checkpoint (model_<step>.pt + meta_<step>.json) in {checkpoint_dir}")
+        partial = sorted(f for f in files if STALE_TEMP.fullmatch(f) or re.fullmatch(r"(model|optim)_\d+.*\.pt", f))
+        why = f" (a save was interrupted: {', '.join(partial[:3])}{' ...' if len(partial) > 3 else ''}; train again)" if partial else ""
+        raise UserError(f"no complete checkpoint (model_<step>.pt + meta_<step>.json) in {checkpoint_dir}{why}")
     return max(steps)
 
 

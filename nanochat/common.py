@@ -4,6 +4,7 @@ rank 0, device auto-detection and torch.distributed setup.
 """
 
 import os
+import re
 import sys
 import json
 import logging
@@ -77,6 +78,51 @@ def atomic_path(path):
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+STALE_TEMP = re.compile(r".+\.[a-z0-9_]{8}\.tmp")  # atomic_path's <name>.<8 random chars>.tmp
+
+
+def remove_stale_temps(directory):
+    """Delete the temporary files a killed atomic write left in directory -> their names. Only the one
+    process that writes there calls it, as it starts (a reader would race a live writer's rename)."""
+    if not os.path.isdir(directory):
+        return []
+    stale = sorted(f for f in os.listdir(directory) if STALE_TEMP.fullmatch(f))
+    for name in stale:
+        os.remove(os.path.join(directory, name))
+    return stale
+
+
+def report_stale_temps(directory):
+    """remove_stale_temps, saying what it removed (one line) when it removed anything."""
+    stale = remove_stale_temps(directory)
+    if stale:
+        print0(f"removed {len(stale)} partial file(s) of an interrupted write in {directory}: {', '.join(stale[:4])}"
+               f"{' ...' if len(stale) > 4 else ''}")
+    return stale
+
+
+def load_torch_file(path, device="cpu", what="checkpoint file"):
+    """torch.load with weights_only (a pickle that is not plain tensors and containers is refused,
+    nothing executed); any failure is one line naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated / foreign file / a pickle of something else
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot read {what} {path}: {type(e).__name__}: {first[:200]}") from None
+
+
+def check_state_dict(data, path):
+    """data must be {name: tensor} with finite floating weights: one line naming the file and tensor."""
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise UserError(f"{path}: expected a state_dict of named tensors, got {type(data).__name__}")
+    for name, v in data.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise UserError(f"{path}: {name} holds NaN or inf")
+    return data
 
 
 def atomic_write_json(obj, path):

@@ -15,7 +15,7 @@ import pickle
 import torch
 import tiktoken
 
-from nanochat.common import UserError, atomic_path, get_base_dir
+from nanochat.common import UserError, atomic_path, get_base_dir, load_torch_file
 
 # The 9 special tokens take the last 9 ids, in this order.
 SPECIAL_TOKENS = [
@@ -299,10 +299,9 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
     if not os.path.isfile(path):
         raise UserError(f"no {path} (train a tokenizer with: python -m scripts.tok_train)")
-    try:
-        token_bytes = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a valid token_bytes file ({type(e).__name__}: {e})") from None
-    if not isinstance(token_bytes, torch.Tensor) or token_bytes.ndim != 1:
-        raise UserError(f"{path} does not hold a 1-D tensor")
+    token_bytes = load_torch_file(path, device, what="token_bytes file")
+    if not isinstance(token_bytes, torch.Tensor) or token_bytes.ndim != 1 or token_bytes.is_floating_point():
+        raise UserError(f"{path} does not hold a 1-D integer tensor")
+    if len(token_bytes) and not 0 <= int(token_bytes.min()) <= int(token_bytes.max()) <= 256:
+        raise UserError(f"{path}: token byte lengths must be in 0..256")
     return token_bytes.to(torch.int32)

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0,
-                             autodetect_device_type, compute_dtype, all_reduce_mean)
+                             autodetect_device_type, compute_dtype, all_reduce_mean, report_stale_temps)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
@@ -276,6 +276,8 @@ def train(argv=None):
     # checkpoint dir and resume -----------------------------------------------------------
     model_tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+    if master:
+        report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
     start_step, loader_state = 0, None
     loop_state = dict(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0, flops_seen=0.0)
     if args.resume_from_step >= 0:

@@ -136,7 +136,8 @@ def megacontext_chat(args, model, tokenizer, device, model_tag, step):
     if args.prompt:
         reply(args.prompt)
         return
-    print(f"nanochat + MegaContext (w_max {session.w_max}{', gist-first' if session.gist_first else ''}): "
+    print(f"nanochat + MegaContext (w_max {session.w_max}, nothing dropped up to {session.reach:,} tokens"
+          f"{', gist-first' if session.gist_first else ''}): "
           "type a message; `/focus` shows the working context, `clear` starts over, `quit` leaves.")
     for line in user_lines():
         if line == "/focus":

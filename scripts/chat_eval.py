@@ -13,7 +13,6 @@ over tasks of the accuracy centered by the random-guess baseline (0 for generati
 
 import os
 import sys
-import json
 import argparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -20,10 +20,9 @@ import argparse
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 
 from nanochat.common import (require_at_least_one, UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
-                             all_reduce_mean)
+                             all_reduce_mean, report_stale_temps)
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.runlog import RunLog
@@ -116,6 +115,8 @@ def main():
         train_task, test_task = make_task(args.task, "train"), make_task(args.task, "test")
         optimizers = model.setup_optimizers(weight_decay=0.0, lr_multiplier=args.init_lr_frac)
         checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", model_tag)
+        if rank == 0:
+            report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
         pad_id = tokenizer.get_bos_token_id()
         n_eval = min(args.eval_problems, len(test_task))

@@ -12,7 +12,6 @@ with whole conversations and padded with BOS; the loss counts only assistant tok
 
 import os
 import sys
-import json
 import time
 import argparse
 
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import (require_at_least_one, UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
-                             all_reduce_mean)
+                             all_reduce_mean, report_stale_temps)
 from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.runlog import RunLog
 from nanochat.optim import set_lr_multiplier
@@ -146,6 +145,8 @@ def main():
                f"{args.num_iterations} steps of {B} x {T} x {args.grad_accum_steps} x {world_size}")
         train_batches = sft_batches(train_set, tokenizer, B, T, device, rank, world_size)
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
+        if rank == 0:
+            report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
 
         val_loss, t_start = None, time.time()

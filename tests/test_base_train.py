@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError
+from nanochat.checkpoint_manager import find_last_step
 from scripts import base_train
 from scripts.base_train import get_lr_multiplier, get_muon_momentum, get_muon_weight_decay
 
@@ -85,6 +86,53 @@ def test_resume_continues_exactly(base_dir):
     assert resumed["val_bpb"] == straight["val_bpb"]
     resumed_weights = torch.load(base_dir / "base_checkpoints" / "resumed" / "model_000006.pt")
     assert all(torch.equal(straight_weights[k], resumed_weights[k]) for k in straight_weights)
+
+
+class Killed(BaseException):
+    """A kill -9 inside a save: nothing after that point runs (not even atomic_path's cleanup)."""
+
+
+@pytest.mark.parametrize("kill_at", [1, 6, 11])  # 4 points per file (chmod, fsync, rename, dir fsync): optim, model, meta
+def test_a_kill_inside_a_checkpoint_save_resumes_exactly_and_its_partial_files_are_removed(base_dir, kill_at):
+    """Killed at a point of the step-6 save (each fsync / chmod / rename of its three files counts):
+    the last complete checkpoint is step 3 (the meta of 6 never landed), the next run removes the partial files, resumes from it and ends bitwise where an unbroken run ends."""
+    common = TINY + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3"]
+    base_train.main(common + ["--model-tag", "straight"])
+    straight = torch.load(base_dir / "base_checkpoints" / "straight" / "model_000006.pt")
+    state = dict(armed=False, calls=0, dead=False)
+
+    def point(fn):
+        def wrapped(*args, **kwargs):
+            if state["dead"]:
+                raise Killed()
+            if state["armed"]:
+                state["calls"] += 1
+                if state["calls"] == kill_at:
+                    state["dead"] = True
+                    raise Killed()
+            return fn(*args, **kwargs)
+        return wrapped
+
+    real_remove, real_save = os.remove, base_train.save_checkpoint
+
+    def save(checkpoint_dir, step, *args, **kwargs):
+        state["armed"] = step == 6
+        return real_save(checkpoint_dir, step, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("fsync", "chmod", "replace"):
+            mp.setattr(os, name, point(getattr(os, name)))
+        mp.setattr(os, "remove", lambda p: None if state["dead"] else real_remove(p))
+        mp.setattr(base_train, "save_checkpoint", save)
+        with pytest.raises(Killed):
+            base_train.main(common + ["--model-tag", f"killed{kill_at}"])
+    ckpt = base_dir / "base_checkpoints" / f"killed{kill_at}"
+    assert [f for f in os.listdir(ckpt) if f.endswith(".tmp")]  # what the kill left
+    last = find_last_step(str(ckpt))
+    assert last == 3
+    base_train.main(common + ["--model-tag", f"killed{kill_at}", "--resume-from-step", str(last)])
+    assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]
+    resumed = torch.load(ckpt / "model_000006.pt")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_checkpoint_meta_and_metrics_log(base_dir):

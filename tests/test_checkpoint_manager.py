@@ -74,3 +74,62 @@ def test_incomplete_newest_step_is_skipped(base_dir):
     assert find_last_step(str(ckpt)) == 5
     _, _, meta = load_model("base", "cpu", phase="eval", model_tag="partial")
     assert meta["step"] == 5
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["model_config"].update(n_layers=2), "model_config.n_layers is not a model setting"),
+    (lambda m: m["model_config"].update(n_layer="2"), "model_config.n_layer must be a positive integer, got '2'"),
+    (lambda m: m["model_config"].update(n_head=True), "model_config.n_head must be a positive integer, got True"),
+    (lambda m: m["model_config"].update(n_embd=-64), "model_config.n_embd must be a positive integer"),
+    (lambda m: m["model_config"].update(window_pattern=["S"]), "window_pattern must be a string of S and L"),
+    (lambda m: m.update(model_config=[1, 2]), "model_config missing or not a JSON object"),
+    (lambda m: m.pop("model_config"), "model_config missing or not a JSON object"),
+    (lambda m: m["model_config"].update(sequence_len=10 ** 12), "sequence_len 1,000,000,000,000 is above 65,536"),
+    (lambda m: m["model_config"].update(n_kv_head=3), "n_head a multiple of n_kv_head"),
+    # a meta claiming a vocabulary of 10^12 tokens is refused before anything that size is allocated
+    (lambda m: m["model_config"].update(vocab_size=10 ** 12), r"does not match its model_config: lm_head.weight is \(512, 64\) in the weights, \(1000000000000, 64\)"),
+])
+def test_a_damaged_meta_is_one_line_naming_the_file_and_field(base_dir, edit, message):
+    _, ckpt = save_tiny(base_dir, "meta")
+    meta = json.loads((ckpt / "meta_000005.json").read_text())
+    edit(meta)
+    (ckpt / "meta_000005.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=message) as e:
+        load_model("base", "cpu", phase="eval", model_tag="meta")
+    assert "\n" not in str(e.value) and ("meta_000005.json" in str(e.value) or "does not match" in str(e.value))
+
+
+def test_weights_that_are_not_a_state_dict_or_not_finite_are_refused(base_dir):
+    model, ckpt = save_tiny(base_dir, "w")
+    torch.save([1, 2, 3], ckpt / "model_000005.pt")
+    with pytest.raises(UserError, match="model_000005.pt: expected a state_dict of named tensors, got list"):
+        load_model("base", "cpu", phase="eval", model_tag="w")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["transformer.h.1.attn.c_q.weight"][3, 5] = float("nan")
+    torch.save(state, ckpt / "model_000005.pt")
+    with pytest.raises(UserError, match=r"model_000005.pt: transformer.h.1.attn.c_q.weight holds NaN or inf"):
+        load_model("base", "cpu", phase="eval", model_tag="w")
+    torch.save(model.state_dict(), ckpt / "model_000005.pt")
+    (ckpt / "meta_000005.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="meta_000005.json: expected a JSON object, got list"):
+        load_model("base", "cpu", phase="eval", model_tag="w")
+
+
+def test_a_pickle_that_is_not_plain_tensors_is_refused_in_one_line(base_dir):
+    import pickle
+    _, ckpt = save_tiny(base_dir, "evil")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > pwned.txt",))
+    with open(ckpt / "model_000005.pt", "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(UserError, match="cannot read checkpoint file .*model_000005.pt: UnpicklingError") as e:
+        load_model("base", "cpu", phase="eval", model_tag="evil")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400 and not os.path.exists("pwned.txt")
+
+
+def test_a_first_save_that_was_interrupted_says_so(tmp_path):
+    (tmp_path / "model_000003.pt.a1b2c3d4.tmp").write_bytes(b"partial")
+    with pytest.raises(UserError, match=r"no complete checkpoint .* \(a save was interrupted: model_000003.pt.a1b2c3d4.tmp; train again\)"):
+        find_last_step(str(tmp_path))

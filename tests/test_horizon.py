@@ -116,7 +116,6 @@ def test_horizon_loss_reaches_gistnet_only_through_gists():
 
 def test_lens_inputs_entry_vectors_levels_mask_and_tail():
     model, _, seq, source = setup()
-    c = source.num_tokens
     a_wc = WorkingContext.coarsest(source, recent_tokens=32)
     b_wc = WorkingContext.recent(source, 64)
     assembled = [a_wc.assemble(source, model.embed_tokens), b_wc.assemble(source, model.embed_tokens)]

@@ -37,9 +37,17 @@ def test_missing_truncated_or_foreign_files_are_one_line_user_errors(tmp_path):
     save_megacontext(str(tmp_path), 1, MC, gistnet, lensnet)
     data = open(mc_path(str(tmp_path), 1), "rb").read()
     open(mc_path(str(tmp_path), 2), "wb").write(data[:len(data) // 2])
-    with pytest.raises(UserError, match="cannot load MegaContext weights") as e:
+    with pytest.raises(UserError, match="cannot read MegaContext weights .*mc_000002.pt: RuntimeError") as e:
         load_megacontext(str(tmp_path), 2, MODEL, "cpu")
     assert "\n" not in str(e.value)
+    data = torch.load(mc_path(str(tmp_path), 1), weights_only=True)
+    data["lensnet"][next(iter(data["lensnet"]))].view(-1)[0] = float("inf")
+    torch.save(data, mc_path(str(tmp_path), 3))
+    with pytest.raises(UserError, match=r"mc_000003.pt lensnet: \S+ holds NaN or inf"):
+        load_megacontext(str(tmp_path), 3, MODEL, "cpu")
+    torch.save(["not", "a", "dict"], mc_path(str(tmp_path), 4))
+    with pytest.raises(UserError, match="cannot load MegaContext weights .*mc_000004.pt: TypeError"):
+        load_megacontext(str(tmp_path), 4, MODEL, "cpu")
     other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     with pytest.raises(UserError, match="cannot load MegaContext weights"):
         load_megacontext(str(tmp_path), 1, other, "cpu")  # weights of a 64-wide model into a 128-wide one
@@ -60,7 +68,7 @@ def test_megapredictor_round_trips_beside_gistnet_and_lensnet_and_is_none_when_o
     assert load_megacontext(str(tmp_path), 2, MODEL, "cpu")[0] == mp  # the GistNet + LensNet loader is unchanged
     data = open(mc_path(str(tmp_path), 2), "rb").read()
     open(mc_path(str(tmp_path), 3), "wb").write(data[:len(data) // 2])
-    with pytest.raises(UserError, match="cannot load MegaPrediction weights") as e:
+    with pytest.raises(UserError, match="cannot read MegaContext weights .*mc_000003.pt") as e:
         load_predictor(str(tmp_path), 3, MODEL, "cpu")
     assert "\n" not in str(e.value)
     other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -320,8 +322,13 @@ def test_attaching_a_memory_is_checked(tmp_path):
 def test_memories_never_squeeze_the_session_below_its_coarsest_view(tmp_path, ck_tokens, w_max):
     """Turns of every length, LensNet editing freely: the composite stays legal after every feed (the
     session's recent tokens raw). With w_max 128 the session's whole history stays reachable however
-    the memories are focused; 96, the smallest w_max, cannot hold a 2.5k-token session's coarsest view
-    (2 LOD2 + 14 LOD1 gists + up to 63 raw tokens > 64), and it loses its oldest entries, memories or not."""
+    the memories are focused; 96 cannot hold a 2.5k-token session's coarsest view (2 LOD2 + 14 LOD1
+    gists + up to 63 raw tokens > 64; anything past 126 tokens), so such a session is refused."""
+    if w_max == 96:
+        model, gistnet, lensnet, mc = parts(w_max=w_max, recent=32)  # a training config may say 96
+        with pytest.raises(UserError, match="reachable only up to 126 tokens .* use w_max >= 106"):
+            Session.create(model, gistnet, lensnet, mc)
+        return
     model, gistnet, lensnet, mc = parts(w_max=w_max, recent=32)
     s = Session.create(model, gistnet, lensnet, mc).attach(make_ck(tmp_path / "ck", model, gistnet, ck_tokens, seed=2))
     rng = torch.Generator().manual_seed(0)
@@ -331,7 +338,7 @@ def test_memories_never_squeeze_the_session_below_its_coarsest_view(tmp_path, ck
         s.feed(stream(n, seed=fed))
         fed += n
         check_working_context(s.wc, s.source, w_max, 32, 0.5)
-        assert s.wc.segments[-1].start == 0 or w_max == 96  # the session is tiled whole: nothing of it dropped
+        assert s.wc.segments[-1].start == 0  # the session is tiled whole: nothing of it dropped
     assert s.focus()["memories"]["ck"]["slots"] >= 1
 
 
@@ -426,3 +433,42 @@ def test_a_session_on_disk_opens_again_even_if_killed_before_its_first_save(tmp_
     assert again.tree.num_tokens == 0 and again.wc is None
     again.feed(stream(70))  # and it goes on as a new one would
     assert again.tree.num_tokens == 70
+
+
+@pytest.mark.parametrize("w_max,recent,max_level", [(128, 64, 1), (96, 32, 1), (256, 192, 2), (128, 64, 6)])
+def test_a_session_whose_w_max_would_drop_its_history_is_refused_with_the_w_max_that_works(w_max, recent, max_level):
+    """The budgets that degrade to a sliding window (the coarsest view of a few hundred tokens already
+    passes w_max - K): one line naming how far they reach and the smallest w_max that reaches 4x. A
+    training config may use them (its histories are one sequence); a chat session may not."""
+    pattern = r"keeps the whole history reachable only up to [\d,]+ tokens .* use w_max >= (\d+)"
+    model, gistnet, lensnet, mc = parts(w_max=256, recent=recent)
+    mc = replace(mc, max_level=max_level)
+    MegaContextConfig(w_max=w_max, recent_tokens=recent, max_level=max_level).validate()  # fine for training
+    with pytest.raises(UserError, match="^w_max .*" + pattern) as e:
+        Session.create(model, gistnet, lensnet, mc, w_max=w_max)
+    need = int(re.search(pattern, str(e.value)).group(1))
+    assert need > w_max
+    with pytest.raises(UserError, match=pattern):
+        Session.create(model, gistnet, lensnet, mc, w_max=need - 1)  # it is the smallest
+    s = Session.create(model, gistnet, lensnet, mc, w_max=need)  # and it is accepted
+    assert s.reach >= 4 * need
+
+
+@pytest.mark.parametrize("w_max,recent", [(128, 32), (160, 32), (128, 0)])
+def test_an_accepted_session_keeps_every_token_reachable_and_refocuses_per_block(w_max, recent):
+    """A sweep of feeds (one token, a block, several blocks at once) up to the reach the config
+    promises: the WC always tiles the whole history, and a feed completing b blocks refocuses b times."""
+    from nanochat.megacontext.working_context import reachable_history
+    model, gistnet, lensnet, mc = parts(w_max=w_max, recent=recent)
+    s = Session.create(model, gistnet, lensnet, mc)
+    limit = min(reachable_history(w_max - K, recent, mc.max_level), 3000)
+    rng, fed = torch.Generator().manual_seed(1), 0
+    while fed < limit:
+        n = min(limit - fed, int(torch.randint(1, 3 * K, (1,), generator=rng)))
+        before = s.stats["refocuses"]
+        s.feed(stream(n, seed=fed))
+        blocks = (fed + n) // K - fed // K
+        fed += n
+        assert s.wc.start == 0, f"the oldest tokens left the WC at {fed} tokens"
+        if fed - n > 0 and n < w_max:  # (a first feed or one of w_max tokens restarts the WC: one refocus)
+            assert s.stats["refocuses"] - before == blocks

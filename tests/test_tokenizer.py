@@ -229,8 +229,18 @@ def test_get_token_bytes(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="token_bytes.pt"):
         get_token_bytes()
-    atomic_torch_save(compute_token_bytes(tok), str(tmp_path / "tokenizer" / "token_bytes.pt"))
+    path = tmp_path / "tokenizer" / "token_bytes.pt"
+    atomic_torch_save(compute_token_bytes(tok), str(path))
     assert torch.equal(get_token_bytes(), compute_token_bytes(tok))
+    for bad, message in [(torch.zeros(3, 4, dtype=torch.int32), "1-D integer tensor"), (torch.ones(5), "1-D integer tensor"),
+                         ({"a": 1}, "1-D integer tensor"), (torch.tensor([1, -3, 2]), "must be in 0..256")]:
+        torch.save(bad, path)
+        with pytest.raises(UserError, match=message):
+            get_token_bytes()
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(UserError, match="cannot read token_bytes file .*token_bytes.pt") as e:
+        get_token_bytes()
+    assert "\n" not in str(e.value)
 
 
 def test_missing_directory(tmp_path, monkeypatch):
@@ -362,3 +372,14 @@ def test_parse_assistant_inverts_the_rendering(tok):
     assert tok.parse_assistant(tok.encode("plain words")) == "plain words"  # no tool: a plain string
     cut = tok.parse_assistant(tok.encode("x") + [s("<|python_start|>")] + tok.encode("1+"))  # cut off mid-call
     assert cut == [{"type": "text", "text": "x"}, {"type": "python", "text": "1+"}]
+
+
+def test_a_token_bytes_pickle_that_runs_code_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    marker = tmp_path / "pwned"
+    (tmp_path / "tokenizer").mkdir()
+    with open(tmp_path / "tokenizer" / "token_bytes.pt", "wb") as f:
+        pickle.dump(_Evil(str(marker)), f)
+    with pytest.raises(UserError, match="cannot read token_bytes file .*: UnpicklingError") as e:
+        get_token_bytes()
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400 and not marker.exists()

@@ -16,7 +16,8 @@ import torch
 import nanochat.common
 from nanochat.common import UserError
 from nanochat.megacontext import BLOCK_SIZE as K
-from nanochat.megacontext.tree import MegaContextTree, DiskRows, HEADER, HEADER_BYTES
+from nanochat.megacontext.gistnet import GistNet
+from nanochat.megacontext.tree import MegaContextTree, DiskRows, HEADER, HEADER_BYTES, GIST_BATCH
 
 D = 16
 VOCAB = 1000
@@ -118,12 +119,42 @@ def test_many_blocks_at_once_gists_every_completed_node():
     tree.ingest(ids[:5 * K + 7])
     gistnet.calls = 0
     tree.ingest(ids[5 * K + 7:])  # 3000 blocks complete at once, and their LOD2/LOD3 parents
-    assert gistnet.calls == 3  # batched: one GistNet call per level here, not one per node
+    # one call per GIST_BATCH-aligned cell a level's new nodes touch: LOD1 nodes 5..3004, LOD2 0..92, LOD3 0..1
+    assert gistnet.calls == sum(len(range(a // GIST_BATCH, (b - 1) // GIST_BATCH + 1)) for a, b in [(5, 3005), (0, 93), (0, 2)])
     ref = reference_gists(ids, gistnet, embed, max_level=3)
     for L in (1, 2, 3):
         g = tree.gists(L, 0, tree.num_gists(L))
         assert len(g) == len(ids) // K ** L and torch.equal(g, ref[L])
         assert (g.abs().sum(1) > 0).all() and len(torch.unique(g, dim=0)) == len(g)
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_a_real_gistnet_gives_the_same_tree_bitwise_however_the_history_is_chunked(mode, tmp_path):
+    """A transformer GistNet's batched matmuls round differently with the batch's shape: the tree runs
+    it on one fixed cell shape, so the same history streamed block by block, in odd chunks, in random
+    chunks or in one ingest gives the same bits (on mixed batch sizes, dozens of rows differed)."""
+    dim = 128
+    torch.manual_seed(0)
+    gistnet = GistNet(dim, kind="transformer", pooling="query", n_layer=1, n_head=4, max_level=2).eval()
+    for p in gistnet.parameters():  # as if trained: the init's zero projections would make it a plain mean
+        p.data.normal_(0, 0.05)
+    embed = make_embed(dim)
+    ids = random_ids(70 * K + 11, seed=9)
+    rng = np.random.default_rng(0)
+    random_cuts = np.sort(rng.choice(np.arange(1, len(ids)), size=40, replace=False)).tolist()
+    chunkings = {"one": [len(ids)], "block": list(range(K, len(ids), K)), "odd": list(range(37, len(ids), 37)),
+                 "random": random_cuts}
+    trees = []
+    with torch.no_grad():
+        for name, cuts in chunkings.items():
+            path = None if mode == "ram" else str(tmp_path / name)
+            tree = MegaContextTree(dim, gistnet, embed, max_level=2, path=path)
+            for a, b in zip([0] + cuts, cuts + [len(ids)]):
+                tree.ingest(ids[a:b])
+            trees.append(tree)
+    assert (trees[0].num_gists(1), trees[0].num_gists(2)) == (70, 2)
+    for other in trees[1:]:
+        assert_same_tree(trees[0], other)
 
 
 def test_node_metadata():
@@ -438,3 +469,22 @@ def test_rewrite_edits_tokens_in_place_and_the_gists_over_them(tmp_path, mode):
         tree.rewrite(len(ids) - 2, [1, 2, 3])
     with pytest.raises(UserError, match="non-empty"):
         tree.rewrite(0, [])
+
+
+def test_the_writer_opening_a_tree_removes_what_a_killed_write_left(tmp_path, capsys):
+    gistnet, embed = ToyGistNet(), make_embed()
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(D, gistnet, embed, path=path)
+    tree.ingest(random_ids(3 * K + 5))
+    tree.flush()
+    tree.close()
+    stale = os.path.join(path, "meta.json.k3x_9q0z.tmp")  # the name atomic_path gives its temporary
+    open(stale, "w").write('{"half": ')
+    kept = os.path.join(path, "notes.tmp")  # not one of ours: left alone
+    open(kept, "w").write("mine")
+    MegaContextTree.load(path, gistnet, embed, in_ram=True).close()  # a reader: touches nothing
+    assert os.path.exists(stale)
+    again = MegaContextTree.load(path, gistnet, embed)  # the writer
+    assert not os.path.exists(stale) and os.path.exists(kept)
+    assert "removed 1 partial file(s) of an interrupted write" in capsys.readouterr().out
+    assert again.num_tokens == 3 * K + 5

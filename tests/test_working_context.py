@@ -261,3 +261,26 @@ def test_extend_keeps_every_slot_and_tiles_the_new_tokens_raw(n0, grow):
     assert out.cost == wc.cost + grow and out.end == n0 + grow
     check_working_context(out, big, out.cost, recent_tokens=8)
     assert wc.extend(small) == wc
+
+
+@pytest.mark.parametrize("max_level", [None, 1, 2])
+@pytest.mark.parametrize("recent", [0, 16, 32, 64])
+@pytest.mark.parametrize("w_max", [64, 96, 128, 160])
+def test_reachable_history_is_where_the_coarsest_view_first_overflows(w_max, recent, max_level):
+    """Brute force over every history length: the coarsest WC fits w_max up to reachable_history, not one token past."""
+    from nanochat.megacontext.working_context import reachable_history
+    reach = reachable_history(w_max, recent, max_level)
+
+    class Full(OneMemory):  # a tree with every complete node up to max_level
+        def __init__(self, n):
+            self.num_tokens = n
+
+        def num_gists(self, level):
+            return self.num_tokens // K ** level if max_level is None or level <= max_level else 0
+
+    limit = min(reach + 2, 6_000)
+    first_over = next((n for n in range(1, limit + 1) if WorkingContext.coarsest(Full(n), recent).cost > w_max), None)
+    if reach + 1 <= limit:
+        assert first_over == reach + 1, (reach, first_over)
+    else:
+        assert first_over is None  # (past the brute force's reach: 6k tokens)

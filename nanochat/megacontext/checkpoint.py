@@ -12,9 +12,7 @@ the config), so a step with a meta is complete. Vanilla code never looks for mc_
 
 import os
 
-import torch
-
-from nanochat.common import UserError, atomic_torch_save
+from nanochat.common import UserError, atomic_torch_save, check_state_dict, load_torch_file
 from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.gistnet import GistNet
 from nanochat.megacontext.lensnet import LensNet
@@ -55,12 +53,12 @@ def load_megacontext(checkpoint_dir, step, model_config, device):
     path = mc_path(checkpoint_dir, step)
     if not os.path.exists(path):
         raise UserError(f"no MegaContext weights at {path} (was this a --megacontext run?)")
+    data = load_torch_file(path, device, what="MegaContext weights")
     try:
-        data = torch.load(path, map_location=device, weights_only=True)
         mc_config = MegaContextConfig(**data["mc_config"]).validate()
         gistnet, lensnet = build_modules(mc_config, model_config, device)
-        gistnet.load_state_dict(data["gistnet"], strict=True)
-        lensnet.load_state_dict(data["lensnet"], strict=True)
+        gistnet.load_state_dict(check_state_dict(data["gistnet"], f"{path} gistnet"), strict=True)
+        lensnet.load_state_dict(check_state_dict(data["lensnet"], f"{path} lensnet"), strict=True)
     except UserError:
         raise
     except Exception as e:  # truncated file, foreign keys, shapes of another model
@@ -74,12 +72,12 @@ def load_predictor(checkpoint_dir, step, model_config, device):
     path = mc_path(checkpoint_dir, step)
     if not os.path.exists(path):
         raise UserError(f"no MegaContext weights at {path} (was this a --megacontext run?)")
+    data = load_torch_file(path, device, what="MegaContext weights")
     try:
-        data = torch.load(path, map_location=device, weights_only=True)
         if data.get("predictor") is None:
             return None
         predictor = build_predictor(MegaContextConfig(**data["mc_config"]).validate(), model_config, device)
-        predictor.load_state_dict(data["predictor"], strict=True)  # (None.load_state_dict: a config saying megaprediction off)
+        predictor.load_state_dict(check_state_dict(data["predictor"], f"{path} predictor"), strict=True)  # (None.load_state_dict: a config saying megaprediction off)
     except UserError:
         raise
     except Exception as e:  # truncated file, foreign keys, shapes of another model

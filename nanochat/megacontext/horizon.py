@@ -130,7 +130,6 @@ def lens_inputs(wcs, sources, assembled, n_tail):
     vecs, levels, masks, tails = [], [], [], []
     for wc, src, a in zip(wcs, sources, assembled):
         v = entry_vectors(a, len(wc)).detach()  # (E_wc, D)
-        D = v.size(1)
         vecs.append(F.pad(v, (0, 0, 0, E - len(wc))))
         levels.append(torch.tensor([e.level for e in wc.entries] + [0] * (E - len(wc)), device=v.device))
         masks.append(torch.arange(E, device=v.device) < len(wc))

@@ -24,9 +24,12 @@ between refocuses costs a one-slot forward; a refocus costs one forward from its
 most w_max slots, once per K tokens). Nothing here grows with the history except the tree, which
 lives on disk in disk mode, so the cost per token at 1M tokens is that at 1k
 (benchmarks/mc_inference.py measures it).
-When even the coarsest WC no longer fits w_max - K (a history far deeper than the budget allows;
-about 31 slots per level), the oldest entries are dropped from the WC (working_context.fit_budget); the
-tree keeps them, and `focus()` reports the tokens out of reach.
+A session's w_max must keep at least MIN_REACH (4) x w_max tokens of history whole
+(working_context.reachable_history: the longest history whose coarsest WC fits w_max - K); a smaller
+one is refused with the smallest w_max that does. The reach grows 32x per gist level (w_max 128,
+recent 32: 1,150 tokens at max_level 1, 4,126 at 2); past it (a history deeper than the GistNet's
+levels allow) the oldest entries leave the WC (working_context.fit_budget), the tree keeps them, and
+`focus()` reports the tokens out of reach.
 
 Gist-first decoding (gist_first=True, needs a MegaPredictor): when a generated token opens a new
 block, the predictor reads the hidden state at the last token (the end of the latest block) and
@@ -61,7 +64,7 @@ from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.slots import SlotCache, slot_items
 from nanochat.megacontext.tree import MegaContextTree
 from nanochat.megacontext.session_file import SESSION_FILE, read_session, restore_session, session_state
-from nanochat.megacontext.working_context import WorkingContext, check_working_context, ck_cap, fit_budget
+from nanochat.megacontext.working_context import WorkingContext, check_working_context, ck_cap, fit_budget, reach_problem, reachable_history
 
 K = BLOCK_SIZE
 
@@ -106,6 +109,10 @@ class Session:
         w_max = config.w_max if w_max is None else w_max
         if w_max < config.recent_tokens + 2 * K:
             raise UserError(f"w_max {w_max} leaves no room: it needs recent_tokens ({config.recent_tokens}) + {2 * K} slots")
+        problem = reach_problem(w_max, config.recent_tokens, config.max_level)
+        if problem:  # it would fall back to a sliding window a few hundred tokens in
+            raise UserError(problem)
+        self.reach = reachable_history(w_max - K, config.recent_tokens, config.max_level)  # tokens kept whole
         if gist_first and predictor is None:
             raise UserError("gist-first decoding needs MegaPrediction weights (a run trained with --megaprediction)")
         self.model, self.lensnet, self.config, self.tree, self.predictor = model, lensnet, config, tree, predictor
@@ -224,7 +231,7 @@ class Session:
             self._refocus(target)
         else:
             self.wc = self.wc.extend(self.source)
-            if n // K > before // K:  # a block completed
+            for _ in range(n // K - before // K):  # one refocus per block this feed completed
                 self._refocus(target)
         return self._sync()
 

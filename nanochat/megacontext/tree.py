@@ -6,12 +6,16 @@ K = BLOCK_SIZE = 32; its gist is `gistnet(children, L)` over its 32 children: to
 (L = 1) or the stored level-(L-1) gists (L >= 2). Only complete nodes get gists (the open tail
 stays LOD0), and every gist has a version: 0 when made, +1 each time `refresh` recomputes it.
 
-Ingest appends tokens, then bottom-up, in batches, computes the gist of *every* node completed
-since the last call (rows num_gists(L) .. num_tokens // K**L). Children are always read back from
-storage (already rounded to fp16/bf16), so the tree does not depend on the chunking: one big ingest
-or 1-token ingests give the same tree (bitwise for a row-wise GistNet; a real one's batched matmuls
-may differ in the last float32 bit, which the rounding nearly always hides). Without a GistNet the
-tree holds tokens only; the first ingest with one computes every missing gist.
+Ingest appends tokens, then bottom-up computes the gist of *every* node completed since the last
+call (rows num_gists(L) .. num_tokens // K**L). The tree is bitwise the same however the history
+was chunked (one big ingest, 1-token ingests, RAM or disk): children are always read back from
+storage (already rounded to fp16/bf16), and GistNet always runs on one shape, a cell of GIST_BATCH
+nodes aligned to multiples of GIST_BATCH with node i in row i % GIST_BATCH, the rows not asked for
+zero. A CPU matmul's result for a row depends on the batch's shape and the row's place in it (its
+kernels and blocking), not on the other rows' values, so a gist never depends on what completed
+beside it. The price: a streamed block runs GistNet on GIST_BATCH rows (~2x the time of one row at
+D 128, ~4x at 768 on a 2-core CPU), a bulk ingest ~1.1-1.6x the widest batches. Without a GistNet
+the tree holds tokens only; the first ingest with one computes every missing gist.
 
 Storage: per level a table of rows, uint32 token ids or D-wide gists as raw fp16/bf16 bits
 (uint16). RAM mode: growable numpy arrays. Disk mode (path=dir) and `save` use this layout, written
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanochat.common import UserError, atomic_path, atomic_write_json
+from nanochat.common import UserError, atomic_path, atomic_write_json, report_stale_temps
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.working_context import OneMemory
 
@@ -53,7 +57,7 @@ NAME_BYTES = HEADER_BYTES - HEADER.size
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}  # code 0 = uint32 tokens (LOD0)
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INGEST_BATCH = 1 << 20  # tokens appended per step of a long ingest (bounds the working memory)
-GIST_FLOATS = 1 << 22   # input floats per GistNet call: rows per call = GIST_FLOATS // (K * D)
+GIST_BATCH = 8          # nodes per GistNet call, always (a fixed shape keeps ingest bitwise chunking-invariant)
 COPY_ROWS = 1 << 16     # rows per step when copying a level (save, load into RAM)
 
 
@@ -322,19 +326,23 @@ class MegaContextTree(OneMemory):
         self.refresh(start, start + len(ids))
 
     def _batches(self, i0, i1):
-        step = max(1, GIST_FLOATS // (K * self.dim))
-        return [(a, min(a + step, i1)) for a in range(i0, i1, step)]
+        """Nodes i0..i1-1 split at the GIST_BATCH-aligned cell boundaries: [(a, b), ...]."""
+        B = GIST_BATCH
+        return [(a, min(a - a % B + B, i1)) for a in [i0] + list(range(i0 - i0 % B + B, i1, B)) if a < i1]
 
     def _compute(self, L, a, b):
-        """Gist bits of level-L nodes a..b-1 from their children as stored: uint16 (b - a, D)."""
+        """Gist bits of level-L nodes a..b-1 (within one cell) from their children as stored: uint16 (b - a, D)."""
         if L == 1:
             ids = torch.from_numpy(self.levels[0].read(a * K, b * K).astype(np.int64))
             x = self.embed_tokens(ids.to(self.device))  # (n * K, D)
         else:
             x = from_bits(self.levels[L - 1].read(a * K, b * K), self.dtype)  # (n * K, D)
-        g = self.gistnet(x.to(self.device, torch.float32).view(b - a, K, self.dim), L)  # (n, D): GistNets compute in float32
-        assert g.shape == (b - a, self.dim), f"gistnet returned {tuple(g.shape)}, expected {(b - a, self.dim)}"
-        return to_bits(g, self.dtype)
+        row = a % GIST_BATCH  # the nodes' place in their cell
+        cell = torch.zeros(GIST_BATCH, K, self.dim, device=self.device)  # (GIST_BATCH, K, D), rows not asked for zero
+        cell[row:row + b - a] = x.to(self.device, torch.float32).view(b - a, K, self.dim)
+        g = self.gistnet(cell, L)  # (GIST_BATCH, D): GistNets compute in float32
+        assert g.shape == (GIST_BATCH, self.dim), f"gistnet returned {tuple(g.shape)}, expected {(GIST_BATCH, self.dim)}"
+        return to_bits(g[row:row + b - a], self.dtype)
 
     # -------------------------------------------------------------------------
     # Persistence
@@ -395,6 +403,8 @@ class MegaContextTree(OneMemory):
         at a time), or a copy in RAM (only reads the files). Given model_name, a tree built for
         another model is refused. meta: the commit record to open it at instead of meta.json's (a
         session's, read from meta_path: runtime.Session.save commits the tree and the session in one file)."""
+        if not in_ram and os.path.isdir(path):
+            report_stale_temps(path)  # the writer opening: what a killed write left is removed
         if meta is None:
             meta_path = os.path.join(path, "meta.json")
             if not os.path.exists(meta_path):

@@ -380,6 +380,38 @@ class WorkingContext:
         )
 
 
+def reachable_history(w_max, recent_tokens, max_level=None):
+    """The longest history every length of which, up to it, has a coarsest WC (the blocks holding the
+    newest recent_tokens raw, everything older as the largest aligned gists up to max_level) within
+    w_max: past it the oldest tokens must leave the WC. The coarsest WC of n tokens costs its raw tail
+    (recent_tokens to recent_tokens + K - 1 tokens) plus one gist per unit of the digit sum of m, the
+    number of older blocks, in base 32 below the top level and unbounded at it. The first m whose digit
+    sum reaches s (the count that breaks the budget) fills q low digits with 31 and puts the rest, r,
+    above them: (r + 1) * 32**q - 1, and it breaks at its largest raw tail."""
+    s = w_max - (recent_tokens + K - 1) + 1  # the gist count that first breaks the budget
+    if s <= 0:
+        return min(w_max, recent_tokens + K - 1)
+    q = s // (K - 1) if max_level is None else min(s // (K - 1), max_level - 1)
+    r = s - q * (K - 1)
+    return ((r + 1) * K ** q - 1) * K + recent_tokens + K - 2
+
+
+MIN_REACH = 4  # an accepted config keeps at least this many times w_max of history whole
+
+
+def reach_problem(w_max, recent_tokens, max_level):
+    """None when a session's WC (refocused to w_max - K, leaving a block of room to grow) keeps at
+    least MIN_REACH x w_max of history whole; otherwise the one-line reason, with the smallest w_max
+    that does."""
+    reach = reachable_history(w_max - K, recent_tokens, max_level)
+    if reach >= MIN_REACH * w_max:
+        return None
+    need = next(w for w in range(w_max, 64 * w_max) if reachable_history(w - K, recent_tokens, max_level) >= MIN_REACH * w)
+    return (f"w_max {w_max} with recent_tokens {recent_tokens} keeps the whole history reachable only up to "
+            f"{reach:,} tokens ({reach / w_max:.1f}x w_max), then drops the oldest: use w_max >= {need} "
+            f"(or fewer recent tokens) for {MIN_REACH}x")
+
+
 def fit_budget(wc, w_max):
     """wc with its oldest entries dropped until its cost is <= w_max (the WC then starts later)."""
     entries = list(wc.entries)
