@@ -18,7 +18,8 @@ from nanochat.common import (UserError, get_base_dir, atomic_torch_save, atomic_
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-MAX_SEQUENCE_LEN = 1 << 16  # the rotary tables hold 10x this many positions: a larger one is a damaged meta
+# bounds no real model reaches; past them a meta is damaged (10^15 layers would hang building the model)
+MAX_SIZES = dict(sequence_len=1 << 16, vocab_size=1 << 24, n_layer=1 << 10, n_embd=1 << 16)  # rotary tables: 10x sequence_len
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
@@ -46,9 +47,10 @@ def model_config_from_meta(meta, meta_path):
         elif type(value) is not int or value < 1:
             raise UserError(f"{meta_path}: model_config.{key} must be a positive integer, got {value!r}")
     c = GPTConfig(**config)
-    if c.sequence_len > MAX_SEQUENCE_LEN:
-        raise UserError(f"{meta_path}: model_config.sequence_len {c.sequence_len:,} is above {MAX_SEQUENCE_LEN:,}")
-    if c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2 or c.n_head % c.n_kv_head:
+    for key, limit in MAX_SIZES.items():
+        if getattr(c, key) > limit:
+            raise UserError(f"{meta_path}: model_config.{key} {getattr(c, key):,} is above {limit:,}")
+    if c.n_head > c.n_embd or c.n_embd % c.n_head or (c.n_embd // c.n_head) % 2 or c.n_head % c.n_kv_head:
         raise UserError(f"{meta_path}: model_config n_embd {c.n_embd} / n_head {c.n_head} / n_kv_head {c.n_kv_head} "
                         "must give an even head_dim and n_head a multiple of n_kv_head")
     return c

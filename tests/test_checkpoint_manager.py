@@ -86,8 +86,10 @@ def test_incomplete_newest_step_is_skipped(base_dir):
     (lambda m: m.pop("model_config"), "model_config missing or not a JSON object"),
     (lambda m: m["model_config"].update(sequence_len=10 ** 12), "sequence_len 1,000,000,000,000 is above 65,536"),
     (lambda m: m["model_config"].update(n_kv_head=3), "n_head a multiple of n_kv_head"),
-    # a meta claiming a vocabulary of 10^12 tokens is refused before anything that size is allocated
-    (lambda m: m["model_config"].update(vocab_size=10 ** 12), r"does not match its model_config: lm_head.weight is \(512, 64\) in the weights, \(1000000000000, 64\)"),
+    (lambda m: m["model_config"].update(vocab_size=10 ** 12), "vocab_size 1,000,000,000,000 is above 16,777,216"),
+    (lambda m: m["model_config"].update(n_layer=10 ** 15), "n_layer 1,000,000,000,000,000 is above 1,024"),
+    # a meta claiming a 10M-token vocabulary is refused before anything that size is allocated
+    (lambda m: m["model_config"].update(vocab_size=10 ** 7), r"does not match its model_config: lm_head.weight is \(512, 64\) in the weights, \(10000000, 64\)"),
 ])
 def test_a_damaged_meta_is_one_line_naming_the_file_and_field(base_dir, edit, message):
     _, ckpt = save_tiny(base_dir, "meta")
@@ -133,3 +135,30 @@ def test_a_first_save_that_was_interrupted_says_so(tmp_path):
     (tmp_path / "model_000003.pt.a1b2c3d4.tmp").write_bytes(b"partial")
     with pytest.raises(UserError, match=r"no complete checkpoint .* \(a save was interrupted: model_000003.pt.a1b2c3d4.tmp; train again\)"):
         find_last_step(str(tmp_path))
+
+
+def test_fuzz_every_model_config_field_of_every_type_is_refused_in_one_line(base_dir):
+    """Each model_config field missing or replaced by a value of another type or range: a one-line
+    error naming the meta file or the mismatch, or (a missing field equal to its default) the same model."""
+    model, ckpt = save_tiny(base_dir, "fuzz")
+    path = ckpt / "meta_000005.json"
+    meta = json.loads(path.read_text())
+    ids = torch.randint(0, 512, (1, 12))
+    loaded_some = []
+    for field in meta["model_config"]:
+        for value in [None, True, 0, -3, 2.5, 10 ** 15, "8", "", [], {}, "SXL", "<missing>"]:
+            bad = json.loads(json.dumps(meta))
+            if value == "<missing>":
+                bad["model_config"].pop(field)
+            else:
+                bad["model_config"][field] = value
+            path.write_text(json.dumps(bad))
+            try:
+                loaded, _, _ = load_model("base", "cpu", phase="eval", model_tag="fuzz")
+            except UserError as e:
+                assert "\n" not in str(e) and ("meta_000005.json" in str(e) or "does not match" in str(e)), str(e)
+                continue
+            assert torch.equal(loaded(ids), model(ids)), (field, value)
+            loaded_some.append((field, value))
+    # defaults that compute the same here: SSSL (windows wider than these 12 tokens), a 2048 sequence_len
+    assert set(loaded_some) <= {("window_pattern", "<missing>"), ("sequence_len", "<missing>")}

@@ -472,3 +472,33 @@ def test_an_accepted_session_keeps_every_token_reachable_and_refocuses_per_block
         assert s.wc.start == 0, f"the oldest tokens left the WC at {fed} tokens"
         if fed - n > 0 and n < w_max:  # (a first feed or one of w_max tokens restarts the WC: one refocus)
             assert s.stats["refocuses"] - before == blocks
+
+
+def test_a_memory_or_session_damaged_on_disk_is_refused_at_open_naming_the_row(tmp_path):
+    """LOD0 ids past the vocabulary and NaN gists are found in one pass at open, not later deep in
+    gpt.embed_tokens or the allocator."""
+    import numpy as np
+    from nanochat.megacontext.tree import HEADER_BYTES
+    model, gistnet, lensnet, mc = parts()
+    ck = make_ck(tmp_path / "ck", model, gistnet, 40 * K, seed=3)
+    with open(os.path.join(ck, "lod0.bin"), "r+b") as f:
+        f.seek(HEADER_BYTES + 4 * 77)
+        f.write(np.uint32(0xFFFFFFFF).tobytes())
+    with pytest.raises(UserError, match=f"Core-Knowledge memory {ck}: token 77 has id 4294967295, outside the model's"):
+        Session.create(model, gistnet, lensnet, mc).attach(ck)
+    ck2 = make_ck(tmp_path / "ck2", model, gistnet, 40 * K, seed=3)
+    with open(os.path.join(ck2, "lod1.bin"), "r+b") as f:
+        f.seek(HEADER_BYTES + 2 * (model.config.n_embd * 5 + 3))
+        f.write(np.uint16(0x7E00).tobytes())  # fp16 NaN in gist row 5
+    with pytest.raises(UserError, match="a level-1 gist in rows 0..39 holds NaN or inf"):
+        Session.create(model, gistnet, lensnet, mc).attach(ck2)
+    path = str(tmp_path / "s")
+    s = Session.create(model, gistnet, lensnet, mc, path=path)
+    s.feed(stream(100))
+    s.save()
+    s.close()
+    with open(os.path.join(path, "lod0.bin"), "r+b") as f:
+        f.seek(HEADER_BYTES + 4 * 10)
+        f.write(np.uint32(model.config.vocab_size).tobytes())
+    with pytest.raises(UserError, match="token 10 has id"):
+        Session.open(path, model, gistnet, lensnet, mc)

@@ -488,3 +488,86 @@ def test_the_writer_opening_a_tree_removes_what_a_killed_write_left(tmp_path, ca
     assert not os.path.exists(stale) and os.path.exists(kept)
     assert "removed 1 partial file(s) of an interrupted write" in capsys.readouterr().out
     assert again.num_tokens == 3 * K + 5
+
+
+FUZZ_VALUES = [None, True, -1, 0, 1.5, 10 ** 18, "2", "", [], [1], {}, {"0": [[0, 1, 1]]}]
+
+
+def saved_tree(path):
+    tree = MegaContextTree(D, ToyGistNet(), make_embed(), max_level=2, path=str(path))
+    tree.ingest(random_ids(2 * K * K + 3 * K + 5, seed=11))
+    tree.flush()
+    tree.close()
+    return tree
+
+
+def open_or_refuse(path):
+    """The only outcomes allowed for a damaged tree: a one-line UserError, or a tree that reads back
+    exactly as saved (the damage was outside what meta.json commits) -> "refused" / "same"."""
+    try:
+        tree = MegaContextTree.load(str(path), ToyGistNet(), make_embed())
+    except UserError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        return "refused"
+    good = MegaContextTree.load(str(path) + "_good", ToyGistNet(), make_embed(), in_ram=True)
+    if tree.num_tokens < good.num_tokens or any(tree.num_gists(L) < good.num_gists(L) for L in (1, 2)):
+        outcome = "prefix"  # counts below the files': the state before a killed save, read as such
+        n = tree.num_tokens
+        assert torch.equal(tree.tokens(0, n), good.tokens(0, n))
+        for L in range(1, len(tree.levels)):
+            assert torch.equal(tree.gists(L, 0, tree.num_gists(L)), good.gists(L, 0, tree.num_gists(L)))
+    else:
+        outcome = "same"
+        assert_same_tree(tree, good)
+    tree.close()
+    return outcome
+
+
+def test_fuzz_tree_meta_every_field_of_every_type_is_refused_in_one_line_or_harmless(tmp_path):
+    import shutil
+    base = tmp_path / "t"
+    saved_tree(base)
+    shutil.copytree(base, str(base) + "_good")
+    meta = json.loads((base / "meta.json").read_text())
+    outcomes = {}
+    for field in list(meta):
+        for value in FUZZ_VALUES + ["<missing>"]:
+            bad = dict(meta)
+            if value == "<missing>":
+                bad.pop(field)
+            else:
+                bad[field] = value
+            if bad == meta:
+                continue
+            (base / "meta.json").write_text(json.dumps(bad))
+            outcomes[field, repr(value)] = open_or_refuse(base)
+    (base / "meta.json").write_text(json.dumps(meta))
+    # what may load: another model name, no depth limit, counts that only undercut what the files hold
+    accepted = {k for k, v in outcomes.items() if v != "refused"}
+    assert accepted - {("max_level", "None")} <= {(f, v) for f, v in accepted if f in ("model_name", "counts")}, sorted(accepted)
+    assert {f for (f, _), v in outcomes.items() if v == "prefix"} <= {"counts"}
+    for text in ["", "{", "[" * 50_000, "null", '"meta"', "\xff"]:
+        (base / "meta.json").write_text(text, encoding="latin-1")
+        assert open_or_refuse(base) == "refused"
+
+
+def test_fuzz_tree_level_files_truncated_or_with_flipped_header_bytes_are_refused(tmp_path):
+    import shutil
+    base = tmp_path / "t"
+    saved_tree(base)
+    shutil.copytree(base, str(base) + "_good")
+    rng = np.random.default_rng(0)
+    for L in range(3):
+        file = base / f"lod{L}.bin"
+        data = file.read_bytes()
+        cuts = sorted({0, 3, 4, 6, 8, 12, 16, 17, 25, HEADER.size, HEADER_BYTES - 1, HEADER_BYTES, len(data) - 1}
+                      | set(rng.integers(0, len(data), 12).tolist()))
+        for cut in cuts:
+            file.write_bytes(data[:cut])
+            assert open_or_refuse(base) == "refused", f"lod{L}.bin cut at {cut}"
+        for offset in range(HEADER.size):  # every header byte but the model name's padding
+            flipped = bytearray(data)
+            flipped[offset] ^= 0x5A
+            file.write_bytes(bytes(flipped))
+            assert open_or_refuse(base) in ("refused", "same"), f"lod{L}.bin byte {offset}"
+        file.write_bytes(data)

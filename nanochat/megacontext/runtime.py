@@ -151,6 +151,7 @@ class Session:
         state, entries = read_session(path)
         tree = MegaContextTree.load(path, AnyLevel(gistnet), model.embed_tokens, dim=model.config.n_embd, model_name=model_name,
                                     device=model.get_device(), meta=state.get("tree"), meta_path=os.path.join(path, SESSION_FILE))
+        tree.check_rows(model.config.vocab_size, path)
         tree.flush()  # meta.json agrees with the session's commit record again (a save killed after it: meta.json lagged)
         gist_first = state["gist_first"] if gist_first is None else gist_first
         session = cls(model, gistnet, lensnet, config, tree, predictor, state["w_max"], gist_first)
@@ -176,8 +177,9 @@ class Session:
         """A Core-Knowledge tree, read into RAM, checked against this session's model name."""
         if not os.path.isdir(path):
             raise UserError(f"Core-Knowledge memory {path}: no such directory")
-        return MegaContextTree.load(path, AnyLevel(self.gistnet), self.model.embed_tokens, dim=self.model.config.n_embd,
+        tree = MegaContextTree.load(path, AnyLevel(self.gistnet), self.model.embed_tokens, dim=self.model.config.n_embd,
                                     in_ram=True, model_name=self.tree.model_name or None, device=self.model.get_device())
+        return tree.check_rows(self.model.config.vocab_size, f"Core-Knowledge memory {path}")
 
     def _attach(self, path, name, tree=None):
         """path None: `tree` lives only in RAM (an eval's memory); the session then cannot be saved."""

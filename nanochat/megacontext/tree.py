@@ -258,6 +258,19 @@ class MegaContextTree(OneMemory):
     def gist(self, level, index):
         return self.gists(level, index, index + 1)[0]  # (D,)
 
+    def check_rows(self, vocab_size, where):
+        """One pass over every stored row (COPY_ROWS at a time): token ids below vocab_size, gists
+        finite. A memory damaged on disk is refused here, not deep in an embedding or the allocator."""
+        for L, rows in enumerate(self.levels):
+            for i in range(0, rows.n, COPY_ROWS):
+                chunk = rows.read(i, min(i + COPY_ROWS, rows.n))
+                if L == 0 and len(chunk) and int(chunk.max()) >= vocab_size:
+                    bad = i + int(np.argmax(chunk >= vocab_size))
+                    raise UserError(f"{where}: token {bad} has id {int(chunk[bad - i])}, outside the model's {vocab_size:,}-token vocabulary")
+                if L > 0 and not torch.isfinite(from_bits(chunk, self.dtype)).all():
+                    raise UserError(f"{where}: a level-{L} gist in rows {i}..{i + len(chunk) - 1} holds NaN or inf")
+        return self
+
     def node(self, level, index):
         if level < 1 or (self.max_level is not None and level > self.max_level):
             raise IndexError(f"no level {level} in this tree (levels 1..{self.max_level or 'any'})")
@@ -416,15 +429,17 @@ class MegaContextTree(OneMemory):
             version, block, d, counts = meta["format_version"], meta["block_size"], meta["dim"], meta["counts"]
             dtype = {name: t for t, name in DTYPE_NAMES.items()}[meta["dtype"]]
             max_level, stored_name, runs = meta["max_level"], meta["model_name"], meta["versions"]
+            if not isinstance(stored_name, str) or type(d) is not int or d < 1:
+                raise ValueError(f"model_name {stored_name!r} / dim {d!r} must be a string / a positive integer")
             if not isinstance(counts, list) or not counts or not all(type(c) is int and c >= 0 for c in counts):
                 raise ValueError(f"counts {counts!r} are not row counts")
-            if max_level is not None and (type(max_level) is not int or max_level < 0):
-                raise ValueError(f"max_level {max_level!r} is not a level")
+            if max_level is not None and (type(max_level) is not int or not 1 <= max_level < 64 or len(counts) > max_level + 1):
+                raise ValueError(f"max_level {max_level!r} is not a level of a tree with {len(counts)} levels")
             if not isinstance(runs, dict) or not all(isinstance(v, list) and all(
                     isinstance(r, list) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r) for r in v) for v in runs.values()):
                 raise ValueError(f"versions {str(runs)[:80]} are not runs [i0, i1, version]")
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{meta_path}: unreadable tree metadata ({type(e).__name__}: {e})")
+        except (ValueError, KeyError, TypeError, RecursionError) as e:  # (JSON and UTF-8 errors are ValueErrors)
+            raise UserError(f"{meta_path}: unreadable tree metadata ({type(e).__name__}: {str(e)[:200]})") from None
         if version != FORMAT_VERSION:
             raise UserError(f"{meta_path}: format version {version}, this code reads version {FORMAT_VERSION}")
         if block != K or (dim is not None and d != dim):
