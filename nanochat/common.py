@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import json
+import hashlib
 import logging
 import tempfile
 import contextlib
@@ -123,6 +124,13 @@ def check_state_dict(data, path):
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise UserError(f"{path}: {name} holds NaN or inf")
     return data
+
+
+def json_checksum(obj):
+    """sha256 of a JSON object's content, every field but "checksum" itself, keys sorted: the
+    checksum a commit record (session.json, a tree's meta.json) carries of itself."""
+    body = {k: v for k, v in obj.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def atomic_write_json(obj, path):

@@ -30,9 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, print0, atomic_write_json
-
-CK_FILE = "ck.json"
-CK_FORMAT = 1
+from nanochat.megacontext.composite import CK_FILE, CK_FORMAT
 
 
 def build_parser():

@@ -1,5 +1,7 @@
 """Composite memories (nanochat/megacontext/composite.py): CK memories and the session in one WC."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.megacontext import BLOCK_SIZE as K
 from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.allocator import FocusAllocator, refocus
-from nanochat.megacontext.composite import CompositeSource, attribution, starting_wc
+from nanochat.megacontext.composite import CK_FILE, CompositeSource, attribution, read_ck_manifest, starting_wc
 from nanochat.megacontext.config import MegaContextConfig
 from nanochat.megacontext.horizon import build_source, horizon_nll
 from nanochat.megacontext.working_context import (Entry, OneMemory, WorkingContext, WorkingContextError, check_working_context,
@@ -177,3 +179,28 @@ def test_the_plain_working_context_is_the_one_memory_case():
     assert cwc.expand(0).entries[0].memory == 0 and cwc.expand(len(ck)).entries[len(ck)].memory == 1
     # starting_wc of a lone memory is the recency-filled WC inference starts from
     assert starting_wc(source.session, 128, 32, 0.5) == WorkingContext.recency_filled(source.session, 128, 32)
+
+
+def test_a_ck_manifest_is_checked_against_its_tree(tmp_path):
+    from nanochat.common import UserError
+    from nanochat.megacontext.tree import MegaContextTree
+    tree = MegaContextTree(16, None, None, model_name="base/d4")
+    tree.ingest(list(range(3 * K)))
+    path = tmp_path / "ck"
+    tree.save(str(path))
+    assert read_ck_manifest(str(path), tree) is None  # a plain saved tree: no manifest, nothing to check
+    good = dict(format=1, model="base/d4", step=5, tokens=3 * K, levels=[3 * K], input="/docs",
+                files=[dict(path="a.txt", start=0, end=40), dict(path="b.txt", start=40, end=90)])
+    (path / CK_FILE).write_text(json.dumps(good))
+    assert read_ck_manifest(str(path), tree) == good
+    for field, value in [("format", 2), ("model", "sft/d4"), ("step", "5"), ("tokens", 3 * K + 1), ("levels", [3 * K, 3]),
+                         ("input", None), ("files", [dict(path="a.txt", start=0, end=40), dict(path="b.txt", start=41, end=90)]),
+                         ("files", [dict(path="a.txt", start=0, end=200)]), ("files", "all")]:
+        (path / CK_FILE).write_text(json.dumps({**good, field: value}))
+        with pytest.raises(UserError, match=f"ck.json: field {field} .* does not fit the memory's tree") as e:
+            read_ck_manifest(str(path), tree)
+        assert "\n" not in str(e.value)
+    for text in ["", "[1, 2]", "{" * 100_000, '"ck"']:
+        (path / CK_FILE).write_text(text)
+        with pytest.raises(UserError, match="ck.json: (unreadable|field format)"):
+            read_ck_manifest(str(path), tree)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.megacontext.positions import slot_rotary
-from nanochat.common import UserError
+from nanochat.common import UserError, json_checksum
 from nanochat.gpt import GPT, GPTConfig, norm
 from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import MegaContextConfig
@@ -361,8 +361,7 @@ def test_a_session_saved_before_its_first_token_keeps_its_memories(tmp_path):
         json.dump(state, f)
     with pytest.raises(UserError, match="does not match its checksum"):  # a changed byte is refused
         Session.open(path, model, gistnet, lensnet, mc)
-    from nanochat.megacontext.session_file import checksum
-    state["checksum"] = checksum(state)  # as a tool rewriting the file would: then the WC is checked against the trees
+    state["checksum"] = json_checksum(state)  # as a tool rewriting the file would: then the WC is checked against the trees
     with open(os.path.join(path, "session.json"), "w") as f:
         json.dump(state, f)
     again.close()
@@ -474,9 +473,24 @@ def test_an_accepted_session_keeps_every_token_reachable_and_refocuses_per_block
             assert s.stats["refocuses"] - before == blocks
 
 
+def unverified(path):
+    """Drop the page checksums from a tree's commit records (meta.json, and session.json's copy, its
+    checksum redone), as in a tree saved before they existed: its rows are then read unverified."""
+    for name in ("meta.json", "session.json"):
+        file = os.path.join(path, name)
+        if os.path.exists(file):
+            state = json.load(open(file))
+            meta = state["tree"] if name == "session.json" else state
+            meta.pop("page_crc32"), meta.pop("checksum")
+            if name == "session.json":
+                state["checksum"] = json_checksum(state)
+            json.dump(state, open(file, "w"))
+
+
 def test_a_memory_or_session_damaged_on_disk_is_refused_at_open_naming_the_row(tmp_path):
-    """LOD0 ids past the vocabulary and NaN gists are found in one pass at open, not later deep in
-    gpt.embed_tokens or the allocator."""
+    """A changed row fails its page checksum at open. Unverified (a tree saved before checksums),
+    LOD0 ids past the vocabulary and NaN gists are still found in one pass at open, not later deep
+    in gpt.embed_tokens or the allocator."""
     import numpy as np
     from nanochat.megacontext.tree import HEADER_BYTES
     model, gistnet, lensnet, mc = parts()
@@ -484,12 +498,18 @@ def test_a_memory_or_session_damaged_on_disk_is_refused_at_open_naming_the_row(t
     with open(os.path.join(ck, "lod0.bin"), "r+b") as f:
         f.seek(HEADER_BYTES + 4 * 77)
         f.write(np.uint32(0xFFFFFFFF).tobytes())
+    with pytest.raises(UserError, match=f"{ck}/lod0.bin: rows 0..1279 do not match their checksum"):
+        Session.create(model, gistnet, lensnet, mc).attach(ck)
+    unverified(ck)
     with pytest.raises(UserError, match=f"Core-Knowledge memory {ck}: token 77 has id 4294967295, outside the model's"):
         Session.create(model, gistnet, lensnet, mc).attach(ck)
     ck2 = make_ck(tmp_path / "ck2", model, gistnet, 40 * K, seed=3)
     with open(os.path.join(ck2, "lod1.bin"), "r+b") as f:
         f.seek(HEADER_BYTES + 2 * (model.config.n_embd * 5 + 3))
         f.write(np.uint16(0x7E00).tobytes())  # fp16 NaN in gist row 5
+    with pytest.raises(UserError, match="lod1.bin: rows 0..39 do not match their checksum"):
+        Session.create(model, gistnet, lensnet, mc).attach(ck2)
+    unverified(ck2)
     with pytest.raises(UserError, match="a level-1 gist in rows 0..39 holds NaN or inf"):
         Session.create(model, gistnet, lensnet, mc).attach(ck2)
     path = str(tmp_path / "s")
@@ -500,5 +520,8 @@ def test_a_memory_or_session_damaged_on_disk_is_refused_at_open_naming_the_row(t
     with open(os.path.join(path, "lod0.bin"), "r+b") as f:
         f.seek(HEADER_BYTES + 4 * 10)
         f.write(np.uint32(model.config.vocab_size).tobytes())
+    with pytest.raises(UserError, match="lod0.bin: rows 0..99 do not match their checksum"):
+        Session.open(path, model, gistnet, lensnet, mc)
+    unverified(path)
     with pytest.raises(UserError, match="token 10 has id"):
         Session.open(path, model, gistnet, lensnet, mc)

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from nanochat.common import UserError
-from nanochat.megacontext.session_file import SESSION_FILE, SESSION_FORMAT, checksum, read_session
+from nanochat.common import UserError, json_checksum as checksum
+from nanochat.megacontext.session_file import SESSION_FILE, SESSION_FORMAT, read_session
 from nanochat.megacontext.working_context import Entry
 
 

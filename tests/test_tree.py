@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import nanochat.common
-from nanochat.common import UserError
+from nanochat.common import UserError, json_checksum
 from nanochat.megacontext import BLOCK_SIZE as K
 from nanochat.megacontext.gistnet import GistNet
 from nanochat.megacontext.tree import MegaContextTree, DiskRows, HEADER, HEADER_BYTES, GIST_BATCH
@@ -296,10 +296,13 @@ def corrupt(path, file, offset=None, data=None, cut=None):
             f.write(data)
 
 
-def edit_meta(path, **changes):
+def edit_meta(path, checksum=True, **changes):
+    """Change meta.json's fields; checksum: recompute its checksum, as a tool rewriting it would."""
     p = os.path.join(path, "meta.json")
     meta = json.load(open(p))
     meta.update(changes)
+    if checksum:
+        meta["checksum"] = json_checksum(meta)
     json.dump(meta, open(p, "w"))
 
 
@@ -318,7 +321,12 @@ def edit_meta(path, **changes):
     (lambda p: corrupt(p, "meta.json", 0, b"}"), "unreadable"),
     (lambda p: edit_meta(p, format_version=2), "format version 2"),
     (lambda p: edit_meta(p, dtype="float32"), "unreadable"),
-    (lambda p: edit_meta(p, counts=[100, 50]), "inconsistent counts"),
+    (lambda p: edit_meta(p, counts=[100, 50, 0], page_crc32=[[0], [0], []]), "inconsistent counts"),
+    (lambda p: edit_meta(p, checksum=False, versions={"1": [[0, 1, 1]]}), "does not match its checksum"),
+    (lambda p: edit_meta(p, versions={"1": [[0, 99, 1]]}), "name levels or rows the tree does not have"),
+    (lambda p: edit_meta(p, page_crc32=[[0], [0]]), "page_crc32 is not"),
+    (lambda p: edit_meta(p, shards=2), "not a tree's metadata"),
+    (lambda p: corrupt(p, "lod1.bin", HEADER_BYTES + 5, b"\x01"), "rows 0..63 do not match their checksum"),
 ])
 def test_load_refuses_bad_files_with_one_line_error(tmp_path, damage, match):
     path = str(tmp_path / "t")
@@ -326,8 +334,8 @@ def test_load_refuses_bad_files_with_one_line_error(tmp_path, damage, match):
     tree.ingest(random_ids(2 * K * K + 5))
     tree.save(path)
     damage(path)
-    with pytest.raises(UserError, match=match) as e:
-        MegaContextTree.load(path, ToyGistNet(), make_embed())
+    with pytest.raises(UserError, match=match) as e:  # a disk tree's rows are checked as they are read: read them all
+        MegaContextTree.load(path, ToyGistNet(), make_embed()).check_rows(VOCAB, "the tree")
     assert "\n" not in str(e.value)
 
 
@@ -501,11 +509,12 @@ def saved_tree(path):
     return tree
 
 
-def open_or_refuse(path):
-    """The only outcomes allowed for a damaged tree: a one-line UserError, or a tree that reads back
-    exactly as saved (the damage was outside what meta.json commits) -> "refused" / "same"."""
+def open_or_refuse(path, in_ram=False):
+    """The only outcomes allowed for a damaged tree, opened and every row read: a one-line UserError,
+    or a tree that reads back exactly as saved (the damage was outside what meta.json commits) ->
+    "refused" / "same" / "prefix" (an older commit's rows)."""
     try:
-        tree = MegaContextTree.load(str(path), ToyGistNet(), make_embed())
+        tree = MegaContextTree.load(str(path), ToyGistNet(), make_embed(), in_ram=in_ram).check_rows(VOCAB, str(path))
     except UserError as e:
         assert "\n" not in str(e) and str(path) in str(e)
         return "refused"
@@ -540,12 +549,19 @@ def test_fuzz_tree_meta_every_field_of_every_type_is_refused_in_one_line_or_harm
             if bad == meta:
                 continue
             (base / "meta.json").write_text(json.dumps(bad))
+            assert open_or_refuse(base) == "refused", (field, value)  # the checksum no longer matches
+            if field == "checksum":
+                continue
+            bad["checksum"] = json_checksum(bad)  # as a tool rewriting meta.json would: then every field is checked
+            (base / "meta.json").write_text(json.dumps(bad))
             outcomes[field, repr(value)] = open_or_refuse(base)
     (base / "meta.json").write_text(json.dumps(meta))
-    # what may load: another model name, no depth limit, counts that only undercut what the files hold
+    # what may load: another model name, no depth limit, a meta.json without page checksums (as written
+    # before they existed: read unverified; the rows here are intact, so it reads the same), no version
+    # runs (this tree's versions are all 0: the same)
     accepted = {k for k, v in outcomes.items() if v != "refused"}
-    assert accepted - {("max_level", "None")} <= {(f, v) for f, v in accepted if f in ("model_name", "counts")}, sorted(accepted)
-    assert {f for (f, _), v in outcomes.items() if v == "prefix"} <= {"counts"}
+    assert accepted <= {("max_level", "None"), ("page_crc32", "'<missing>'"), ("versions", "{}")} | {(f, v) for f, v in accepted if f == "model_name"}, sorted(accepted)
+    assert ("counts", "[]") not in accepted and ("page_crc32", "[]") not in accepted
     for text in ["", "{", "[" * 50_000, "null", '"meta"', "\xff"]:
         (base / "meta.json").write_text(text, encoding="latin-1")
         assert open_or_refuse(base) == "refused"
@@ -565,9 +581,82 @@ def test_fuzz_tree_level_files_truncated_or_with_flipped_header_bytes_are_refuse
         for cut in cuts:
             file.write_bytes(data[:cut])
             assert open_or_refuse(base) == "refused", f"lod{L}.bin cut at {cut}"
-        for offset in range(HEADER.size):  # every header byte but the model name's padding
-            flipped = bytearray(data)
-            flipped[offset] ^= 0x5A
-            file.write_bytes(bytes(flipped))
-            assert open_or_refuse(base) in ("refused", "same"), f"lod{L}.bin byte {offset}"
         file.write_bytes(data)
+
+
+@pytest.mark.parametrize("in_ram", [False, True])
+def test_fuzz_a_flipped_byte_anywhere_in_a_level_file_is_refused(tmp_path, in_ram):
+    """Header bytes are checked against meta.json, rows against their page's crc32: every byte of the
+    headers and of LOD2, and 60 random bytes of each other body, flipped -> a one-line error."""
+    import shutil
+    base = tmp_path / "t"
+    saved_tree(base)
+    shutil.copytree(base, str(base) + "_good")
+    rng = np.random.default_rng(1)
+    for L in range(3):
+        file = base / f"lod{L}.bin"
+        data = file.read_bytes()
+        body = range(HEADER_BYTES, len(data)) if L == 2 else rng.integers(HEADER_BYTES, len(data), 60).tolist()
+        for offset in list(range(HEADER_BYTES)) + list(body):
+            flipped = bytearray(data)
+            flipped[offset] ^= 1 << int(rng.integers(8))
+            file.write_bytes(bytes(flipped))
+            assert open_or_refuse(base, in_ram) == "refused", f"lod{L}.bin byte {offset}"
+        file.write_bytes(data)
+    assert open_or_refuse(base, in_ram) == "same"
+
+
+def flip(path, file, offset):
+    with open(os.path.join(path, file), "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def test_disk_rows_are_checked_per_page_as_they_are_read_and_before_they_are_written(tmp_path, monkeypatch):
+    import nanochat.megacontext.tree as tree_module
+    monkeypatch.setattr(tree_module, "PAGE_BYTES", 64)  # 16 tokens or 2 gists (D 16, fp16) per page
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(D, ToyGistNet(), make_embed(), max_level=2, path=path)
+    ids = random_ids(3 * K * K + 7)
+    tree.ingest(ids)
+    tree.close()
+    assert [len(c) for c in json.load(open(os.path.join(path, "meta.json")))["page_crc32"]] == [-(-len(ids) // 16), 48, 2]
+    flip(path, "lod0.bin", HEADER_BYTES + 4 * 40)  # token 40: page 2 of LOD0
+    flip(path, "lod1.bin", HEADER_BYTES + 2 * D * 9)  # gist 9: page 4 of LOD1
+    disk = MegaContextTree.load(path, ToyGistNet(), make_embed())  # opening reads no row
+    assert torch.equal(disk.tokens(0, 32), ids[:32]) and torch.equal(disk.tokens(48, 100), ids[48:100])  # other pages
+    with pytest.raises(UserError, match=r"lod0.bin: rows 32..47 do not match their checksum"):
+        disk.tokens(47, 49)
+    assert disk.gists(1, 10, 48).shape == (38, D)
+    with pytest.raises(UserError, match=r"lod1.bin: rows 8..9 do not match their checksum"):
+        disk.gist(1, 9)
+    with pytest.raises(UserError, match=r"lod0.bin: rows 32..47"):  # a write never launders a damaged page
+        disk.rewrite(33, [5])
+    disk.close(flush=False)
+    with pytest.raises(UserError, match=r"lod0.bin: rows 32..47"):  # a RAM copy checks every page at load
+        MegaContextTree.load(path, ToyGistNet(), make_embed(), in_ram=True)
+
+
+@pytest.mark.parametrize("mode", ["ram", "disk"])
+def test_page_checksums_follow_appends_rewrites_and_refreshes(tmp_path, monkeypatch, mode):
+    import nanochat.megacontext.tree as tree_module
+    monkeypatch.setattr(tree_module, "PAGE_BYTES", 64)
+    path = str(tmp_path / "t")
+    tree = MegaContextTree(D, ToyGistNet(), make_embed(), max_level=2, path=path if mode == "disk" else None)
+    for n in [5, 100, 1, K * K, 2 * K + 3]:  # appends that end inside pages and across them
+        tree.ingest(random_ids(n, seed=n))
+        tree.save(str(tmp_path / "copy"))
+        again = MegaContextTree.load(str(tmp_path / "copy"), ToyGistNet(), make_embed(), in_ram=True)  # checks every page
+        assert_same_tree(again, tree)
+    tree.rewrite(40, random_ids(70, seed=3))  # rows in the middle of levels 0, 1 and 2
+    tree.refresh(0, 64)
+    tree.save(str(tmp_path / "copy"))
+    assert_same_tree(MegaContextTree.load(str(tmp_path / "copy"), ToyGistNet(), make_embed(), in_ram=True), tree)
+    if mode == "disk":
+        tree.close()
+        reopened = MegaContextTree.load(path, ToyGistNet(), make_embed()).check_rows(VOCAB, path)
+        reopened.ingest(random_ids(K + 1, seed=9))  # continues inside the last, partly filled pages
+        reopened.close()
+        MegaContextTree.load(path, ToyGistNet(), make_embed(), in_ram=True)

@@ -28,15 +28,21 @@ expansion in memory m scored s - diversity * cost_m / w_max (the diversity penal
 already holds much of the budget must be more useful to get more); an expansion that would pass
 w_max, or for a CK the CK cap, is not a candidate.
 
-Here: CompositeSource (the memories a WC reads), ingest_documents (building a CK), starting_wc
-(the WC a session or a training row starts from, of one memory or several) and attribution (what
-each memory holds of a WC).
+Here: CompositeSource (the memories a WC reads), ingest_documents (building a CK), read_ck_manifest
+(its ck.json, checked against the tree), starting_wc (the WC a session or a training row starts
+from, of one memory or several) and attribution (what each memory holds of a WC).
 """
 
+import os
+import json
+
+from nanochat.common import UserError
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.working_context import WorkingContext, ck_cap, fit_budget
 
 K = BLOCK_SIZE
+CK_FILE = "ck.json"  # a CK's manifest, beside its tree files (scripts/mc_build_ck.py writes it)
+CK_FORMAT = 1
 
 
 class CompositeSource:
@@ -81,6 +87,34 @@ def ingest_documents(tree, tokenizer, texts, progress=None):
             progress(k, tree)
     tree.ingest([bos] * (-tree.num_tokens % K))
     return spans
+
+
+def read_ck_manifest(path, tree):
+    """<path>/ck.json, checked against the CK's tree (its model, token and row counts, the files'
+    spans tiling its tokens): the manifest dict, None for a tree saved without one (a plain
+    MegaContextTree.save), or a one-line UserError naming the field that does not fit."""
+    file = os.path.join(path, CK_FILE)
+    if not os.path.exists(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{file}: unreadable Core-Knowledge manifest ({type(e).__name__}: {str(e)[:120]})") from None
+    get = manifest.get if isinstance(manifest, dict) else (lambda key: None)
+    files, counts = get("files"), [rows.n for rows in tree.levels]
+    spans_ok = isinstance(files, list) and all(
+        isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("start")) is int and type(f.get("end")) is int
+        for f in files) and [f["start"] for f in files] == [0] + [f["end"] for f in files[:-1]] and all(
+        f["start"] <= f["end"] for f in files) and (not files or files[-1]["end"] <= counts[0])
+    checks = [("format", get("format") == CK_FORMAT), ("model", get("model") == tree.model_name),
+              ("step", type(get("step")) is int), ("tokens", get("tokens") == counts[0]), ("levels", get("levels") == counts),
+              ("input", isinstance(get("input"), str)), ("files", spans_ok)]
+    bad = next((field for field, ok in checks if not ok), None)
+    if bad is not None:
+        raise UserError(f"{file}: field {bad} {str(get(bad))[:80]} does not fit the memory's tree "
+                        f"(model {tree.model_name!r}, rows per level {counts}): rebuild it with scripts/mc_build_ck")
+    return manifest
 
 
 def starting_wc(source, w_max, recent_tokens, min_session_share):

@@ -59,7 +59,7 @@ from nanochat.common import UserError, atomic_write_json
 from nanochat.engine import RowState, sample_next
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator, refocus
-from nanochat.megacontext.composite import CompositeSource, attribution, starting_wc
+from nanochat.megacontext.composite import CompositeSource, attribution, read_ck_manifest, starting_wc
 from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.slots import SlotCache, slot_items
 from nanochat.megacontext.tree import MegaContextTree
@@ -179,6 +179,7 @@ class Session:
             raise UserError(f"Core-Knowledge memory {path}: no such directory")
         tree = MegaContextTree.load(path, AnyLevel(self.gistnet), self.model.embed_tokens, dim=self.model.config.n_embd,
                                     in_ram=True, model_name=self.tree.model_name or None, device=self.model.get_device())
+        read_ck_manifest(path, tree)
         return tree.check_rows(self.model.config.vocab_size, f"Core-Knowledge memory {path}")
 
     def _attach(self, path, name, tree=None):

@@ -15,11 +15,10 @@ import os
 import json
 import math
 import base64
-import hashlib
 
 import torch
 
-from nanochat.common import UserError
+from nanochat.common import UserError, json_checksum
 from nanochat.megacontext.working_context import Entry, WorkingContext, WorkingContextError, check_working_context
 
 SESSION_FILE = "session.json"
@@ -36,12 +35,6 @@ def segment_entries(session, m):
     return [] if session.wc is None else [[e.level, e.start, e.end] for e in session.wc.segment(m).entries]
 
 
-def checksum(state):
-    """sha256 of a session state's content (every field but the checksum itself, keys sorted)."""
-    body = {k: v for k, v in state.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def session_state(session):
     """A session's state as session.json holds it (JSON-ready), with its checksum."""
     last = len(session.memories)  # the session's own memory
@@ -56,7 +49,7 @@ def session_state(session):
         stats=session.stats,
         tree=session.tree._meta(),  # the tree's commit record: Session.open reads the tree at these counts
     )
-    state["checksum"] = checksum(state)
+    state["checksum"] = json_checksum(state)
     return state
 
 
@@ -121,7 +114,7 @@ def read_session(path):
             state = json.load(f)
     except (ValueError, RecursionError) as e:
         raise UserError(f"{file}: unreadable session ({type(e).__name__}: {str(e)[:120]})") from None
-    if isinstance(state, dict) and "checksum" in state and state["checksum"] != checksum(state):
+    if isinstance(state, dict) and "checksum" in state and state["checksum"] != json_checksum(state):
         raise UserError(f"{file}: the session's content does not match its checksum (changed or damaged since it was saved)")
     bad = _check_fields(state)
     if bad is not None:

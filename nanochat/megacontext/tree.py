@@ -26,16 +26,24 @@ with pwrite and read through numpy.memmap, so a 10M-token history costs almost n
                     model name, utf-8, zero-padded to byte 64
                   then `count` rows: uint32 (LOD0) or dim x uint16 (gists), nothing else
   dir/meta.json   format version, block size, dim, dtype, max_level, model name, row count of
-                  every level, and gist versions as runs [i0, i1, version] (version-0 runs left out)
+                  every level, gist versions as runs [i0, i1, version] (version-0 runs left out),
+                  page_crc32 (per level, the crc32 of each page: PAGE_BYTES of rows, the last page
+                  its committed rows) and checksum (sha256 of the rest of meta.json)
 Durability: ingest writes rows past the committed end; `flush` fsyncs them, writes each header's
 count, then replaces meta.json atomically. meta.json is the commit record: load takes the counts
 from it and cuts off rows past them (an ingest never flushed). A file shorter than its count, a
 foreign file, another format version, or a dim / block size / dtype that disagrees with meta.json
 is refused with a one-line UserError.
+Integrity: a changed byte anywhere is refused, not used. The header's every byte is checked against
+meta.json, meta.json against its checksum, and each page of rows against its crc32: a RAM copy all
+at load (it reads every row anyway), a disk tree lazily, each page the first time a row of it is
+read or written (a 1 MiB crc32, ~0.5 ms). Pages written since are trusted and their crc32 redone at
+the next commit. A meta.json without checksums (written before they existed) is read unverified.
 """
 
 import os
 import json
+import zlib
 import fcntl
 import weakref
 import struct
@@ -44,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanochat.common import UserError, atomic_path, atomic_write_json, report_stale_temps
+from nanochat.common import UserError, atomic_path, atomic_write_json, json_checksum, report_stale_temps
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.working_context import OneMemory
 
@@ -59,6 +67,9 @@ DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 INGEST_BATCH = 1 << 20  # tokens appended per step of a long ingest (bounds the working memory)
 GIST_BATCH = 8          # nodes per GistNet call, always (a fixed shape keeps ingest bitwise chunking-invariant)
 COPY_ROWS = 1 << 16     # rows per step when copying a level (save, load into RAM)
+PAGE_BYTES = 1 << 20    # rows are checksummed (crc32) per page of this many bytes
+META_FIELDS = ("format_version", "block_size", "dim", "dtype", "max_level", "model_name", "counts", "versions",
+               "page_crc32", "checksum")
 
 
 @dataclass(frozen=True)
@@ -88,13 +99,61 @@ def from_bits(bits, dtype):
     return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(dtype).float()
 
 
-class RamRows:
-    """Rows of one level in a growable numpy array (capacity doubles)."""
+def page_rows(row_bytes):
+    return max(1, PAGE_BYTES // row_bytes)
 
-    def __init__(self, np_dtype, width):
-        self.shape = () if width is None else (width,)
-        self.buf = np.empty((0,) + self.shape, np_dtype)
+
+class Pages:
+    """The page checksums of one level's rows (shared by RamRows and DiskRows): crcs[p] is the crc32
+    of rows [p * page_rows, min((p + 1) * page_rows, n)) as last committed. A page is verified before
+    its first read or write here; once verified or written it is trusted, and a written page gets its
+    crc32 recomputed by the next page_crcs()."""
+
+    def init_pages(self, np_dtype, width, name):
+        self.np_dtype, self.shape, self.name = np.dtype(np_dtype), () if width is None else (width,), name
+        self.row_bytes = self.np_dtype.itemsize * (width or 1)
+        self.page_rows = page_rows(self.row_bytes)
+        self.set_pages([])
+
+    def num_pages(self):
+        return -(-self.n // self.page_rows)
+
+    def set_pages(self, crcs):
+        """The committed crc32s of the rows held now (None: unknown, an older file: trust every page)."""
+        self.crcs = [0] * self.num_pages() if crcs is None else list(crcs)
+        self.trusted = set(range(self.num_pages())) if crcs is None else set()
+        self.dirty = set(self.trusted)
+
+    def verify(self, i0, i1):
+        """Check every page holding rows in [i0, i1) (the page [i0 lands in, for an append) once."""
+        for p in range(i0 // self.page_rows, min(-(-max(i1, i0 + 1) // self.page_rows), self.num_pages())):
+            if p not in self.trusted:
+                a, b = p * self.page_rows, min((p + 1) * self.page_rows, self.n)
+                if zlib.crc32(self.raw(a, b)) != self.crcs[p]:
+                    raise UserError(f"{self.name}: rows {a}..{b - 1} do not match their checksum (changed or damaged since they were saved)")
+                self.trusted.add(p)
+
+    def written(self, i0, i1):
+        pages = range(i0 // self.page_rows, -(-i1 // self.page_rows))
+        self.trusted.update(pages)
+        self.dirty.update(pages)
+
+    def page_crcs(self):
+        """The crc32 of every page as the rows are now (recomputes the pages written since the last call)."""
+        self.crcs = self.crcs[:self.num_pages()] + [0] * (self.num_pages() - len(self.crcs))
+        for p in sorted(p for p in self.dirty if p < self.num_pages()):
+            self.crcs[p] = zlib.crc32(self.raw(p * self.page_rows, min((p + 1) * self.page_rows, self.n)))
+        self.dirty.clear()
+        return list(self.crcs)
+
+
+class RamRows(Pages):
+    """Rows of one level in a growable numpy array (capacity doubles). name: where errors point."""
+
+    def __init__(self, np_dtype, width, name="the tree in RAM"):
         self.n = 0
+        self.init_pages(np_dtype, width, name)
+        self.buf = np.empty((0,) + self.shape, np_dtype)
 
     def append(self, rows):
         need = self.n + len(rows)
@@ -102,47 +161,59 @@ class RamRows:
             buf = np.empty((max(need, 2 * len(self.buf), 256),) + self.shape, self.buf.dtype)
             buf[:self.n] = self.buf[:self.n]
             self.buf = buf
-        self.buf[self.n:need] = rows
-        self.n = need
+        self.write(self.n, rows)
 
     def write(self, i0, rows):
+        self.verify(i0, i0 + len(rows))
         self.buf[i0:i0 + len(rows)] = rows
+        self.n = max(self.n, i0 + len(rows))
+        self.written(i0, i0 + len(rows))
 
     def read(self, i0, i1):
+        self.verify(i0, i1)
         return self.buf[i0:i1].copy()
 
+    def raw(self, a, b):
+        return self.buf[a:b]  # contiguous: crc32 reads its buffer
 
-class DiskRows:
+
+class DiskRows(Pages):
     """Rows of one level in a lod{L}.bin file: pwrite to write, numpy.memmap (read-only) to read."""
 
-    def __init__(self, path, np_dtype, width, n):
-        self.path, self.np_dtype, self.n = path, np.dtype(np_dtype), n
-        self.shape = () if width is None else (width,)
-        self.row_bytes = self.np_dtype.itemsize * (width or 1)
+    def __init__(self, path, np_dtype, width, n, crcs=None):
+        self.path, self.n = path, n
+        self.init_pages(np_dtype, width, path)
         self.file = open(path, "r+b")  # closes itself when the tree goes away
         self.fd = self.file.fileno()
         self.mm = None  # remapped when rows were appended past its end
         if os.fstat(self.fd).st_size != HEADER_BYTES + n * self.row_bytes:  # drop rows never committed
             os.ftruncate(self.fd, HEADER_BYTES + n * self.row_bytes)
+        self.set_pages(crcs)
         self.flush()
 
     def write(self, i0, rows):
+        self.verify(i0, i0 + len(rows))
         data = memoryview(np.ascontiguousarray(rows, self.np_dtype)).cast("B")
         offset = HEADER_BYTES + i0 * self.row_bytes
         while len(data):  # pwrite may write less than asked
             done = os.pwrite(self.fd, data, offset)
             data, offset = data[done:], offset + done
+        self.n = max(self.n, i0 + len(rows))
+        self.written(i0, i0 + len(rows))
 
     def append(self, rows):
         self.write(self.n, rows)
-        self.n += len(rows)
 
     def read(self, i0, i1):
         if i1 <= i0:
             return np.empty((0,) + self.shape, self.np_dtype)
+        self.verify(i0, i1)
         if self.mm is None or len(self.mm) < i1:
             self.mm = np.memmap(self.path, self.np_dtype, "r", HEADER_BYTES, (self.n,) + self.shape)
         return np.array(self.mm[i0:i1])
+
+    def raw(self, a, b):
+        return os.pread(self.fd, (b - a) * self.row_bytes, HEADER_BYTES + a * self.row_bytes)  # short if truncated: no match
 
     def flush(self):
         """Data first, then the header count that exposes it."""
@@ -218,7 +289,7 @@ class MegaContextTree(OneMemory):
         self.levels = []    # [0]: token ids (n,) uint32; [L]: gist bits (n, D) uint16
         self.versions = []  # [L]: RamRows of uint32 gist versions, parallel to levels[L] ([0] unused)
 
-    def _add_level(self, count=0, versions=None):
+    def _add_level(self, count=0, versions=None, crcs=None):
         L = len(self.levels)
         np_dtype, width, code = (np.uint32, None, 0) if L == 0 else (np.uint16, self.dim, DTYPE_CODES[self.dtype])
         if self.path is None:
@@ -228,7 +299,7 @@ class MegaContextTree(OneMemory):
             if count == 0:  # new level: a fresh file (replaces a leftover that was never committed)
                 with open(file, "wb") as f:
                     f.write(header_bytes(L, self.dim, code, 0, self.model_name))
-            rows = DiskRows(file, np_dtype, width, count)
+            rows = DiskRows(file, np_dtype, width, count, crcs)
         self.levels.append(rows)
         self.versions.append(RamRows(np.uint32, None))  # level 0 has none: tokens are never recomputed
         self.versions[L].append(np.zeros(count if L else 0, np.uint32) if versions is None else versions)
@@ -361,12 +432,16 @@ class MegaContextTree(OneMemory):
     # Persistence
 
     def _meta(self):
-        return {
+        """The commit record of the rows as they are now (meta.json; a session's session.json holds it too)."""
+        meta = {
             "format_version": FORMAT_VERSION, "block_size": K, "dim": self.dim, "dtype": DTYPE_NAMES[self.dtype],
             "max_level": self.max_level, "model_name": self.model_name,
             "counts": [rows.n for rows in self.levels],
             "versions": {str(L): version_runs(v.read(0, v.n)) for L, v in enumerate(self.versions) if L >= 1},
+            "page_crc32": [rows.page_crcs() for rows in self.levels],
         }
+        meta["checksum"] = json_checksum(meta)
+        return meta
 
     def flush_rows(self):
         """Disk mode: make every row ingested so far durable (data, then headers), not yet committed:
@@ -426,6 +501,10 @@ class MegaContextTree(OneMemory):
             if meta is None:
                 with open(meta_path, encoding="utf-8") as f:
                     meta = json.load(f)
+            if not isinstance(meta, dict) or sorted(set(meta) - set(META_FIELDS)):
+                raise ValueError(f"not a tree's metadata (a JSON object of the fields {', '.join(META_FIELDS)})")
+            if ("checksum" in meta or "page_crc32" in meta) and meta.get("checksum") != json_checksum(meta):
+                raise UserError(f"{meta_path}: the tree's metadata does not match its checksum (changed or damaged since it was saved)")
             version, block, d, counts = meta["format_version"], meta["block_size"], meta["dim"], meta["counts"]
             dtype = {name: t for t, name in DTYPE_NAMES.items()}[meta["dtype"]]
             max_level, stored_name, runs = meta["max_level"], meta["model_name"], meta["versions"]
@@ -438,6 +517,14 @@ class MegaContextTree(OneMemory):
             if not isinstance(runs, dict) or not all(isinstance(v, list) and all(
                     isinstance(r, list) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r) for r in v) for v in runs.values()):
                 raise ValueError(f"versions {str(runs)[:80]} are not runs [i0, i1, version]")
+            if not set(runs) <= {str(L) for L in range(1, len(counts))} or any(
+                    not a < b <= counts[int(L)] for L, v in runs.items() for a, b, _ in v):
+                raise ValueError(f"versions {str(runs)[:80]} name levels or rows the tree does not have")
+            crcs = meta.get("page_crc32")  # absent: a tree saved before checksums, read unverified
+            if "page_crc32" in meta and not (isinstance(crcs, list) and len(crcs) == len(counts) and all(
+                    isinstance(c, list) and len(c) == -(-n // page_rows(4 if L == 0 else 2 * d))
+                    and all(type(x) is int and 0 <= x < 2 ** 32 for x in c) for L, (c, n) in enumerate(zip(crcs, counts)))):
+                raise ValueError("page_crc32 is not one list of crc32s per level, one per page of its rows")
         except (ValueError, KeyError, TypeError, RecursionError) as e:  # (JSON and UTF-8 errors are ValueErrors)
             raise UserError(f"{meta_path}: unreadable tree metadata ({type(e).__name__}: {str(e)[:200]})") from None
         if version != FORMAT_VERSION:
@@ -456,10 +543,14 @@ class MegaContextTree(OneMemory):
             versions = np.zeros(count if L else 0, np.uint32)
             for a, b, v in runs.get(str(L), []):
                 versions[a:b] = v
-            tree._add_level(count, versions)
+            level_crcs = None if crcs is None else crcs[L]
+            tree._add_level(count, versions, level_crcs)
             rows = tree.levels[L]
-            if in_ram and count > 0:  # copy the committed rows; the file is only read
+            if in_ram and count > 0:  # copy the committed rows (the file is only read), then check them all
                 mm = np.memmap(file, rows.buf.dtype, "r", HEADER_BYTES, (count,) + rows.shape)
                 for i in range(0, count, COPY_ROWS):
                     rows.append(mm[i:i + COPY_ROWS])
+                rows.name = file
+                rows.set_pages(level_crcs)
+                rows.verify(0, count)
         return tree
