@@ -95,7 +95,13 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
     k, epoch = 0, 1
     if resume_state_dict is not None:
         state = resume_state_dict
-        pq_idx, rg_idx, epoch = int(state["pq_idx"]), int(state["rg_idx"]), int(state.get("epoch", 1))
+        buffer = state.get("buffer", []) if isinstance(state, dict) else None
+        if not isinstance(state, dict) or not all(type(state.get(k, 1)) is int for k in ("pq_idx", "rg_idx", "epoch", "rank", "world_size")) \
+                or "pq_idx" not in state or "rg_idx" not in state or not isinstance(buffer, list) \
+                or not all(isinstance(r, (list, tuple)) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r) for r in buffer):
+            raise UserError(f"dataloader resume state is damaged (expected pq_idx, rg_idx, epoch integers and a buffer of "
+                            f"[shard, row group, row] triples, got {str(state)[:120]})")
+        pq_idx, rg_idx, epoch = state["pq_idx"], state["rg_idx"], state.get("epoch", 1)
         if not (0 <= pq_idx < len(paths) and 0 <= rg_idx < offsets[pq_idx + 1] - offsets[pq_idx]):
             raise UserError(f"dataloader resume state (pq_idx={pq_idx}, rg_idx={rg_idx}) does not match "
                             f"the {split} shards in {os.path.dirname(paths[0])}")

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from nanochat.common import orthogonalize_dtype
+from nanochat.common import UserError, orthogonalize_dtype
 
 # Polar Express per-step coefficients (a, b, c) of p(x) = a x + b x^3 + c x^5, degree 5,
 # designed for singular values in [1e-3, 1] (Amsel et al. 2025, "The Polar Express").
@@ -136,3 +136,21 @@ def set_lr_multiplier(optimizers, multiplier):
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
+
+
+LIKE_PARAM = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # state tensors shaped like their parameter
+
+
+def load_optimizer_state(optimizer, state, where):
+    """optimizer.load_state_dict(state) for a resume, with every state tensor checked: a damaged or
+    foreign state (wrong structure, shapes of another model, NaN moments) is one line naming `where`."""
+    try:
+        optimizer.load_state_dict(state)
+        for p, values in optimizer.state.items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                    raise ValueError(f"its {name} holds NaN or inf")
+                if name in LIKE_PARAM and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(f"its {name} has shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+        raise UserError(f"cannot resume the optimizer from {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -26,9 +26,9 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
 from nanochat.recall import recall_loader, recall_eval_docs, recall_accuracy
-from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, prepare_state_dict
+from nanochat.checkpoint_manager import MAX_SIZES, save_checkpoint, load_checkpoint, prepare_state_dict
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import set_lr_multiplier
+from nanochat.optim import load_optimizer_state, set_lr_multiplier
 from nanochat.dataset import get_data_dir
 from nanochat.runlog import RunLog, peak_flops
 
@@ -90,6 +90,23 @@ def build_parser():
     return p
 
 
+def check_preset(parser, preset, path):
+    """Each preset value must be of its flag's type (argparse takes a default as it is, unconverted):
+    true/false for a switch (store_true, or the mc_* switches' true/false type), else an integer, a
+    finite number or a string, one of the flag's choices if it has them."""
+    import math
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in preset.items():
+        action = actions[key]
+        kind = bool if action.nargs == 0 or action.type not in (None, int, float, str) else (action.type or str)
+        ok = {bool: type(value) is bool, int: type(value) is int, str: isinstance(value, str),
+              float: type(value) in (int, float) and math.isfinite(float(value))}[kind]
+        if not ok or (action.choices is not None and value not in action.choices):
+            want = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}[kind]
+            choices = f" (one of {', '.join(map(str, action.choices))})" if action.choices else ""
+            raise UserError(f"{path}: {key} must be {want}{choices}, got {value!r}")
+
+
 def parse_args(argv=None):
     """Flags, with defaults taken from --config's TOML preset when given."""
     import tomllib
@@ -105,6 +122,8 @@ def parse_args(argv=None):
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"bad TOML in {pre.config}: {e}") from None
         preset = {k.replace("-", "_"): v for k, v in preset.items()}
+    if type(preset.get("megacontext", False)) is not bool:
+        raise UserError(f"{pre.config}: megacontext must be true or false, got {preset['megacontext']!r}")
     if pre.megacontext or preset.get("megacontext"):  # only MegaContext runs import the package
         from nanochat.megacontext.config import add_args
         add_args(parser)
@@ -114,6 +133,7 @@ def parse_args(argv=None):
         if unknown:
             hint = " (mc_* keys need megacontext = true)" if any(k.startswith("mc_") for k in unknown) else ""
             raise UserError(f"{pre.config}: unknown key(s) {', '.join(unknown)}{hint}")
+        check_preset(parser, preset, pre.config)
         parser.set_defaults(**preset)
     args = parser.parse_args(argv)
     if args.megaprediction:
@@ -136,6 +156,10 @@ def model_config_from_args(args, vocab_size):
         raise UserError(f"--window-pattern must be made of S and L, got {args.window_pattern!r}")
     n_embd = math.ceil(args.depth * args.aspect_ratio / args.head_dim) * args.head_dim
     n_head = n_embd // args.head_dim
+    for what, value, key in [("--depth", args.depth, "n_layer"), ("--max-seq-len", args.max_seq_len, "sequence_len"),
+                             ("the model width (depth x aspect ratio)", n_embd, "n_embd")]:
+        if value > MAX_SIZES[key]:
+            raise UserError(f"{what} {value:,} is above {MAX_SIZES[key]:,}")
     return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
                      n_head=n_head, n_kv_head=n_head, n_embd=n_embd, window_pattern=args.window_pattern.upper())
 
@@ -288,9 +312,21 @@ def train(argv=None):
             raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: checkpoint lacks {', '.join(missing)}")
         if meta["model_config"] != config.to_dict():
             raise UserError(f"cannot resume: checkpoint model_config {meta['model_config']} differs from this run's {config.to_dict()}")
-        model.load_state_dict(prepare_state_dict(model_data, device), strict=True)
-        for opt, state in zip(optimizers, optim_data["optimizers"]):
-            opt.load_state_dict(state)
+        try:
+            model.load_state_dict(prepare_state_dict(model_data, device), strict=True)
+        except RuntimeError as e:  # missing / unexpected keys, shapes of another model
+            raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: its model file does not fit "
+                            f"this model ({str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()[:160]})") from None
+        optim_path = os.path.join(checkpoint_dir, f"optim_{args.resume_from_step:06d}_rank{rank:d}.pt")
+        states = optim_data["optimizers"]
+        if not isinstance(states, list) or len(states) != len(optimizers):
+            raise UserError(f"cannot resume the optimizer from {optim_path}: {len(states) if isinstance(states, list) else 'no list of'} "
+                            f"optimizer states for this run's {len(optimizers)} optimizers")
+        for opt, state in zip(optimizers, states):
+            load_optimizer_state(opt, state, optim_path)
+        if type(meta["step"]) is not int or not isinstance(meta["loop_state"], dict) or not all(
+                type(meta["loop_state"].get(k)) in (int, float) for k in ("min_val_bpb", "smooth_train_loss", "total_training_time")):
+            raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: its meta's step / loop_state is damaged")
         start_step = meta["step"]
         if trainer is not None:
             trainer.resume(checkpoint_dir, start_step, mc_optimizer)

@@ -31,7 +31,8 @@ from urllib.parse import urlsplit
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 import nanochat
 from nanochat.common import cli_main, compute_init, autodetect_device_type
@@ -190,6 +191,8 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
             body = await request.json()
         except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
             raise HTTPException(status_code=400, detail="request body is not valid JSON (or is nested too deeply)")
+        except ClientDisconnect:  # the client left before sending the whole body: no one to answer, nothing to log
+            return Response(status_code=400)
         try:
             messages, temperature, top_k, max_tokens = validate_request(body, defaults)
             prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})

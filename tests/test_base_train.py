@@ -1,5 +1,6 @@
 import os
 import sys
+import copy
 import json
 import math
 import subprocess
@@ -61,6 +62,50 @@ def test_config_toml_sets_defaults_and_flags_override(tmp_path):
         base_train.parse_args(["--config", str(cfg)])
     with pytest.raises(UserError, match="not found"):
         base_train.parse_args(["--config", str(tmp_path / "missing.toml")])
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else "inf"
+    return json.dumps(v) if not isinstance(v, dict) else "{}"
+
+
+def checked(argv):
+    """parse_args, then the settings' own checks (model size, MegaContext config) on what parsed:
+    "ok", or the one-line UserError's text. Anything else (a traceback) fails the test."""
+    try:
+        args = base_train.parse_args(argv)
+        base_train.model_config_from_args(args, 65536)
+        if args.megacontext:
+            from nanochat.megacontext.config import from_args
+            from_args(args)
+        return "ok"
+    except UserError as e:
+        assert "\n" not in str(e), str(e)
+        return str(e)
+
+
+@pytest.mark.parametrize("preset", sorted(os.listdir(os.path.join(REPO, "configs"))))
+def test_fuzz_every_key_of_a_shipped_preset_with_a_value_of_every_type(tmp_path, preset):
+    import tomllib
+    text = open(os.path.join(REPO, "configs", preset)).read()
+    values = tomllib.loads(text)
+    cfg = tmp_path / preset
+    for key, good in values.items():
+        for bad in [True, -1, 0, 1.5, 10 ** 18, "2", "", [1], {}, float("nan"), float("inf")]:
+            if type(bad) is type(good) and bad == good:
+                continue
+            lines = [line for line in text.splitlines() if not line.startswith(f"{key} =")]
+            cfg.write_text("\n".join(lines + [f"{key} = {toml_value(bad)}"]) + "\n")
+            outcome = checked(["--config", str(cfg)])
+            same_kind = type(bad) is type(good) or (type(good) is float and type(bad) is int)
+            if not same_kind:  # a value of another type: refused by name
+                assert outcome.startswith(f"{cfg}: {key} must be "), (key, bad, outcome)
+    for cut in sorted({1, 7, len(text) // 3, len(text) // 2, len(text) - 2} | set(range(0, len(text), max(1, len(text) // 25)))):
+        cfg.write_text(text[:cut])  # a truncated preset: bad TOML, or a shorter valid one
+        checked(["--config", str(cfg)])
 
 
 def test_impossible_sizes_are_user_errors(base_dir):
@@ -209,6 +254,54 @@ def test_resume_errors_are_user_errors(base_dir):
         base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "3"])
     with pytest.raises(UserError, match="must be positive"):
         base_train.main(TINY + ["--target-param-data-ratio", "0", "--model-tag", "resume_err"])
+
+
+def test_fuzz_damaged_optimizer_model_and_loader_state_refuse_the_resume_in_one_line(base_dir):
+    """Each part of a checkpoint a resume reads, damaged one way at a time: a one-line UserError
+    naming what (never a traceback at load or a few steps later)."""
+    common = TINY + ["--eval-every", "-1", "--model-tag", "fuzz_resume"]
+    base_train.main(common + ["--num-iterations", "2"])
+    ckpt = base_dir / "base_checkpoints" / "fuzz_resume"
+    optim_file, model_file = ckpt / "optim_000002_rank0.pt", ckpt / "model_000002.pt"
+    good_optim, good_model = torch.load(optim_file, weights_only=True), torch.load(model_file, weights_only=True)
+
+    def state_with(d, name):  # the first parameter state holding `name`
+        return next(st for opt in d["optimizers"] for st in opt["state"].values() if name in st)
+
+    def tensor_named(d, name):
+        return state_with(d, name)[name]
+
+    damages = [
+        ("optimizers", lambda d: d.update(optimizers=d["optimizers"][:1]), "optimizer states for this run's"),
+        ("optimizers", lambda d: d.update(optimizers="adam"), "optimizer states for this run's"),
+        ("param groups", lambda d: d["optimizers"][0].update(param_groups=[]), "cannot resume the optimizer from .*optim_000002_rank0.pt: ValueError"),
+        ("state", lambda d: d["optimizers"][0].update(state=[1, 2]), "cannot resume the optimizer"),
+        ("NaN moment", lambda d: tensor_named(d, "momentum_buffer").view(-1).__setitem__(0, float("nan")), "momentum_buffer holds NaN"),
+        ("inf adam", lambda d: tensor_named(d, "exp_avg_sq").view(-1).__setitem__(0, float("inf")), "exp_avg_sq holds NaN"),
+        ("shape", lambda d: state_with(d, "exp_avg").update(exp_avg=tensor_named(d, "exp_avg")[:1]), "exp_avg has shape"),
+        ("loader", lambda d: d.update(dataloader_state_dict=[0, 0]), "dataloader resume state is damaged"),
+        ("loader", lambda d: d["dataloader_state_dict"].update(pq_idx="0"), "dataloader resume state is damaged"),
+        ("loader", lambda d: d["dataloader_state_dict"].update(buffer=[[0, 0]]), "dataloader resume state is damaged"),
+        ("loader", lambda d: d["dataloader_state_dict"].update(rg_idx=10 ** 6), "does not match the train shards"),
+    ]
+    for what, damage, message in damages:
+        bad = copy.deepcopy(good_optim)
+        damage(bad)
+        torch.save(bad, optim_file)
+        with pytest.raises(UserError, match=message) as e:
+            base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "2"])
+        assert "\n" not in str(e.value), what
+    torch.save(good_optim, optim_file)
+    name = next(iter(good_model))
+    for damage in [lambda d: d.pop(name), lambda d: d.update({name: d[name][:1]}), lambda d: d.update(extra=torch.zeros(1))]:
+        bad = dict(good_model)
+        damage(bad)
+        torch.save(bad, model_file)
+        with pytest.raises(UserError, match="model_000002.pt|its model file does not fit") as e:
+            base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "2"])
+        assert "\n" not in str(e.value)
+    torch.save(good_model, model_file)
+    base_train.main(common + ["--num-iterations", "3", "--resume-from-step", "2"])  # intact again: resumes
 
 
 def test_stale_token_bytes_is_a_user_error(tiny_base_dir, tmp_path, monkeypatch):

@@ -239,6 +239,41 @@ def live_server(engine, tokenizer):
     sock.close()
 
 
+def test_clients_that_leave_mid_body_or_mid_stream_log_nothing_and_the_server_answers(live_server):
+    import struct
+    import logging
+    import urllib.request
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("uvicorn.error").addHandler(handler)  # where uvicorn logs an app's exceptions
+    host, port = live_server.removeprefix("http://").split(":")
+    body = json.dumps({"messages": HELLO, "max_tokens": 24}).encode()
+
+    def post(length):
+        c = socket.create_connection((host, int(port)), timeout=30)
+        c.sendall(f"POST /chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {length}\r\n\r\n".encode() + body)
+        return c
+
+    def reset(c):  # leave abruptly (RST), as a closed browser tab can
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+
+    for _ in range(3):
+        c = post(len(body))
+        assert c.recv(12) == b"HTTP/1.1 200"  # the stream has started
+        reset(c)
+    c = post(len(body) + 50)  # 50 body bytes never come
+    threading.Event().wait(0.5)
+    reset(c)
+    threading.Event().wait(1.0)
+    with urllib.request.urlopen(f"{live_server}/health", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert not records, [r.getMessage() + str(r.exc_info and r.exc_info[1].__class__) for r in records]
+
+
 def test_browser_streams_a_reply(live_server, engine, tokenizer, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

@@ -48,6 +48,13 @@ def test_missing_truncated_or_foreign_files_are_one_line_user_errors(tmp_path):
     torch.save(["not", "a", "dict"], mc_path(str(tmp_path), 4))
     with pytest.raises(UserError, match="cannot load MegaContext weights .*mc_000004.pt: TypeError"):
         load_megacontext(str(tmp_path), 4, MODEL, "cpu")
+    for field, value in [("w_max", "128"), ("horizon", 1.5), ("gist_shared", 1), ("lens_lr", float("nan")), ("n_diff", 10 ** 9)]:
+        data = torch.load(mc_path(str(tmp_path), 1), weights_only=True)
+        data["mc_config"][field] = value
+        torch.save(data, mc_path(str(tmp_path), 5))
+        with pytest.raises(UserError, match=rf"mc_000005.pt: mc_config: mc_{field} (must be|.* is above)") as e:
+            load_megacontext(str(tmp_path), 5, MODEL, "cpu")
+        assert "\n" not in str(e.value)
     other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     with pytest.raises(UserError, match="cannot load MegaContext weights"):
         load_megacontext(str(tmp_path), 1, other, "cpu")  # weights of a 64-wide model into a 128-wide one
@@ -71,6 +78,13 @@ def test_megapredictor_round_trips_beside_gistnet_and_lensnet_and_is_none_when_o
     with pytest.raises(UserError, match="cannot read MegaContext weights .*mc_000003.pt") as e:
         load_predictor(str(tmp_path), 3, MODEL, "cpu")
     assert "\n" not in str(e.value)
+    for field, value in [("w_max", "128"), ("horizon", 1.5), ("gist_shared", 1), ("lens_lr", float("nan")), ("n_diff", 10 ** 9)]:
+        data = torch.load(mc_path(str(tmp_path), 1), weights_only=True)
+        data["mc_config"][field] = value
+        torch.save(data, mc_path(str(tmp_path), 5))
+        with pytest.raises(UserError, match=rf"mc_000005.pt: mc_config: mc_{field} (must be|.* is above)") as e:
+            load_megacontext(str(tmp_path), 5, MODEL, "cpu")
+        assert "\n" not in str(e.value)
     other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     with pytest.raises(UserError, match="cannot load MegaPrediction weights"):
         load_predictor(str(tmp_path), 2, other, "cpu")

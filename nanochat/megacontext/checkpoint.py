@@ -48,6 +48,14 @@ def save_megacontext(checkpoint_dir, step, mc_config, gistnet, lensnet, optimize
                            predictor=None if predictor is None else predictor.state_dict()), mc_path(checkpoint_dir, step))
 
 
+def saved_config(data, path):
+    """The validated MegaContextConfig a weights file holds; a bad field is one line naming the file."""
+    try:
+        return MegaContextConfig(**data["mc_config"]).validate()
+    except UserError as e:
+        raise UserError(f"{path}: mc_config: {e}") from None
+
+
 def load_megacontext(checkpoint_dir, step, model_config, device):
     """-> (MegaContextConfig, GistNet, LensNet, optimizer state or None) saved at `step`."""
     path = mc_path(checkpoint_dir, step)
@@ -55,7 +63,7 @@ def load_megacontext(checkpoint_dir, step, model_config, device):
         raise UserError(f"no MegaContext weights at {path} (was this a --megacontext run?)")
     data = load_torch_file(path, device, what="MegaContext weights")
     try:
-        mc_config = MegaContextConfig(**data["mc_config"]).validate()
+        mc_config = saved_config(data, path)
         gistnet, lensnet = build_modules(mc_config, model_config, device)
         gistnet.load_state_dict(check_state_dict(data["gistnet"], f"{path} gistnet"), strict=True)
         lensnet.load_state_dict(check_state_dict(data["lensnet"], f"{path} lensnet"), strict=True)
@@ -76,7 +84,7 @@ def load_predictor(checkpoint_dir, step, model_config, device):
     try:
         if data.get("predictor") is None:
             return None
-        predictor = build_predictor(MegaContextConfig(**data["mc_config"]).validate(), model_config, device)
+        predictor = build_predictor(saved_config(data, path), model_config, device)
         predictor.load_state_dict(check_state_dict(data["predictor"], f"{path} predictor"), strict=True)  # (None.load_state_dict: a config saying megaprediction off)
     except UserError:
         raise

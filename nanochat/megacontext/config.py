@@ -6,11 +6,17 @@ Every field below is also a flag `--mc-<field>` and a preset key `mc_<field>`; f
 preset, which overrides these defaults. configs/*_mc.toml hold a preset per model size.
 """
 
+import math
 import argparse
 from dataclasses import dataclass, fields, asdict
 
 from nanochat.common import UserError
 from nanochat.megacontext import BLOCK_SIZE
+
+
+TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+MAX_SIZES = dict(w_max=1 << 16, horizon=1 << 16, num_variants=1 << 10, gist_layers=64, lens_layers=64,
+                 lens_hidden=1 << 16, lens_tail=1 << 16, n_diff=1 << 16)  # no real run comes near; past them a typo
 
 
 @dataclass
@@ -65,7 +71,16 @@ class MegaContextConfig:
     ck_weight: float = 0.1           # weight of the reliance margin loss
 
     def validate(self):
-        """Raise UserError (one line) for a setting that cannot work."""
+        """Raise UserError (one line) for a setting that cannot work: a value of the wrong type (a
+        preset's or a checkpoint's), not finite, past the sizes in MAX_SIZES, or out of its range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ok = {bool: type(value) is bool, int: type(value) is int, str: isinstance(value, str),
+                  float: type(value) in (int, float) and math.isfinite(value)}[f.type]
+            if not ok:
+                raise UserError(f"mc_{f.name} must be {TYPE_NAMES[f.type]}, got {value!r}")
+            if f.name in MAX_SIZES and value > MAX_SIZES[f.name]:
+                raise UserError(f"mc_{f.name} {value:,} is above {MAX_SIZES[f.name]:,}")
         checks = [
             (self.w_max >= 2 * BLOCK_SIZE, f"mc_w_max must be at least {2 * BLOCK_SIZE}, got {self.w_max}"),
             (1 <= self.max_level <= 6, f"mc_max_level must be in 1..6, got {self.max_level}"),

@@ -54,9 +54,10 @@ import torch.nn.functional as F
 
 from nanochat.common import UserError
 from nanochat.dataloader import bos_bestfit_loader
+from nanochat.optim import load_optimizer_state
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.allocator import FocusAllocator
-from nanochat.megacontext.checkpoint import (build_modules, build_predictor, load_megacontext, load_predictor,
+from nanochat.megacontext.checkpoint import (build_modules, build_predictor, load_megacontext, load_predictor, mc_path,
                                              save_megacontext)
 from nanochat.megacontext.horizon import build_sources, gist_loss, horizon_nll, score_entries, split_point
 from nanochat.megacontext.evaluation import validate
@@ -218,7 +219,7 @@ class MegaContextTrainer:
         self.lensnet.load_state_dict(lensnet.state_dict())
         if self.predictor is not None:
             self.predictor.load_state_dict(load_predictor(checkpoint_dir, step, self.model.config, self.model.get_device()).state_dict())
-        optimizer.load_state_dict(optimizer_state)
+        load_optimizer_state(optimizer, optimizer_state, mc_path(checkpoint_dir, step))
 
     def backward(self, x, y, step, num_iterations, grad_scale=1.0, stream=0, max_slots=None):
         """x, y: (B, T) one loader micro-batch. Backpropagates grad_scale x the MegaContext losses;
