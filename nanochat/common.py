@@ -76,9 +76,42 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def atomic_torch_save(obj, path):
+DIGEST_SUFFIX = ".sha256"  # <file>.sha256 beside a checkpoint / tokenizer file, in sha256sum's format
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def commit_with_digest(write, path):
+    """write(tmp) a file atomically onto path, with <path>.sha256 (`sha256sum -c` checks it) beside it.
+    An old digest goes before the new file takes the name, so a kill anywhere leaves a file that is
+    either checked by its own digest or has none (then it is read unchecked, as upstream's files)."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        write(tmp)
+        digest = file_sha256(tmp)
+        if os.path.exists(path + DIGEST_SUFFIX):
+            os.remove(path + DIGEST_SUFFIX)
+    with atomic_path(path + DIGEST_SUFFIX) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(f"{digest}  {os.path.basename(path)}\n")
+
+
+def check_digest(path, what):
+    """A file with a <path>.sha256 beside it must match it: a changed byte is refused in one line."""
+    digest_path = path + DIGEST_SUFFIX
+    if not os.path.exists(digest_path):
+        return
+    with open(digest_path, "rb") as f:
+        want = f.read(64).decode("ascii", "replace")
+    if file_sha256(path) != want:
+        raise UserError(f"{what} {path} does not match its checksum in {os.path.basename(digest_path)} "
+                        "(changed or damaged since it was saved)")
+
+
+def atomic_torch_save(obj, path):
+    commit_with_digest(lambda tmp: torch.save(obj, tmp), path)
 
 
 STALE_TEMP = re.compile(r".+\.[a-z0-9_]{8}\.tmp")  # atomic_path's <name>.<8 random chars>.tmp
@@ -109,6 +142,7 @@ def load_torch_file(path, device="cpu", what="checkpoint file"):
     nothing executed); any failure is one line naming the file."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
+    check_digest(path, what)
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # truncated / foreign file / a pickle of something else

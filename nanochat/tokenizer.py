@@ -15,7 +15,7 @@ import pickle
 import torch
 import tiktoken
 
-from nanochat.common import UserError, atomic_path, get_base_dir, load_torch_file
+from nanochat.common import UserError, check_digest, commit_with_digest, get_base_dir, load_torch_file
 
 # The 9 special tokens take the last 9 ids, in this order.
 SPECIAL_TOKENS = [
@@ -75,6 +75,7 @@ def load_encoding(path):
     """Read a tokenizer.pkl safely -> tiktoken.Encoding. UserError on anything unexpected."""
     if not os.path.isfile(path):
         raise UserError(f"no tokenizer at {path} (train one with: python -m scripts.tok_train)")
+    check_digest(path, "tokenizer")
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -119,9 +120,11 @@ class RustBPETokenizer:
 
     def save(self, tokenizer_dir):
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        with atomic_path(path) as tmp:
+
+        def write(tmp):
             with open(tmp, "wb") as f:
                 pickle.dump(self.enc, f)
+        commit_with_digest(write, path)
         return path
 
     # --- vocabulary -----------------------------------------------------------

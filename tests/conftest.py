@@ -51,6 +51,14 @@ def base_dir(tiny_base_dir, monkeypatch):
 
 # MegaContext checkpoints for the chat and CK tests
 
+def save_without_digest(obj, path):
+    """torch.save as another writer (upstream, a hand edit) would: no .sha256 beside the file, so
+    the loaders' own checks, not the digest, meet what it holds."""
+    torch.save(obj, path)
+    if os.path.exists(f"{path}.sha256"):
+        os.remove(f"{path}.sha256")
+
+
 def jitter(params, scale):
     """Add scale * N(0, 1) noise to every parameter: the inits' zero projections would make layers no-ops."""
     with torch.no_grad():

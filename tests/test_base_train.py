@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import torch
 
+from conftest import save_without_digest
 from nanochat.common import UserError
 from nanochat.checkpoint_manager import find_last_step
 from scripts import base_train
@@ -183,7 +184,8 @@ def test_a_kill_inside_a_checkpoint_save_resumes_exactly_and_its_partial_files_a
 def test_checkpoint_meta_and_metrics_log(base_dir):
     out = base_train.main(TINY + ["--num-iterations", "3", "--eval-every", "2", "--model-tag", "meta"])
     ckpt = base_dir / "base_checkpoints" / "meta"
-    assert sorted(os.listdir(ckpt)) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt", "train_log.jsonl"]
+    assert sorted(os.listdir(ckpt)) == ["meta_000003.json", "model_000003.pt", "model_000003.pt.sha256", "optim_000003_rank0.pt",
+                                        "optim_000003_rank0.pt.sha256", "train_log.jsonl"]
     meta = json.loads((ckpt / "meta_000003.json").read_text())
     for key in ("step", "val_bpb", "model_config", "user_config", "device_batch_size", "max_seq_len",
                 "total_batch_size", "dataloader_state_dict", "loop_state"):
@@ -249,7 +251,7 @@ def test_resume_errors_are_user_errors(base_dir):
     with pytest.raises(UserError, match="differs from this run"):
         base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "3", "--max-seq-len", "32"])
     ckpt = base_dir / "base_checkpoints" / "resume_err"
-    torch.save({"state": {}, "param_groups": []}, ckpt / "optim_000003_rank0.pt")  # an upstream-style optimizer file
+    save_without_digest({"state": {}, "param_groups": []}, ckpt / "optim_000003_rank0.pt")  # an upstream-style optimizer file
     with pytest.raises(UserError, match="lacks optimizers, dataloader_state_dict"):
         base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "3"])
     with pytest.raises(UserError, match="must be positive"):
@@ -264,6 +266,7 @@ def test_fuzz_damaged_optimizer_model_and_loader_state_refuse_the_resume_in_one_
     ckpt = base_dir / "base_checkpoints" / "fuzz_resume"
     optim_file, model_file = ckpt / "optim_000002_rank0.pt", ckpt / "model_000002.pt"
     good_optim, good_model = torch.load(optim_file, weights_only=True), torch.load(model_file, weights_only=True)
+    good_digest = (ckpt / "optim_000002_rank0.pt.sha256").read_text()
 
     def state_with(d, name):  # the first parameter state holding `name`
         return next(st for opt in d["optimizers"] for st in opt["state"].values() if name in st)
@@ -287,16 +290,20 @@ def test_fuzz_damaged_optimizer_model_and_loader_state_refuse_the_resume_in_one_
     for what, damage, message in damages:
         bad = copy.deepcopy(good_optim)
         damage(bad)
-        torch.save(bad, optim_file)
+        save_without_digest(bad, optim_file)
         with pytest.raises(UserError, match=message) as e:
             base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "2"])
         assert "\n" not in str(e.value), what
-    torch.save(good_optim, optim_file)
+    torch.save(bad, optim_file)
+    (ckpt / "optim_000002_rank0.pt.sha256").write_text(good_digest)  # the damage under the saved digest
+    with pytest.raises(UserError, match="optim_000002_rank0.pt does not match its checksum"):
+        base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "2"])
+    save_without_digest(good_optim, optim_file)
     name = next(iter(good_model))
     for damage in [lambda d: d.pop(name), lambda d: d.update({name: d[name][:1]}), lambda d: d.update(extra=torch.zeros(1))]:
         bad = dict(good_model)
         damage(bad)
-        torch.save(bad, model_file)
+        save_without_digest(bad, model_file)
         with pytest.raises(UserError, match="model_000002.pt|its model file does not fit") as e:
             base_train.main(common + ["--num-iterations", "4", "--resume-from-step", "2"])
         assert "\n" not in str(e.value)
@@ -308,7 +315,7 @@ def test_stale_token_bytes_is_a_user_error(tiny_base_dir, tmp_path, monkeypatch)
     import shutil
     shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
     shutil.copytree(tiny_base_dir / "base_data_climbmix", tmp_path / "base_data_climbmix")
-    torch.save(torch.ones(300, dtype=torch.int32), tmp_path / "tokenizer" / "token_bytes.pt")
+    save_without_digest(torch.ones(300, dtype=torch.int32), tmp_path / "tokenizer" / "token_bytes.pt")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     with pytest.raises(UserError, match="token_bytes.pt has 300 entries"):
         base_train.main(TINY + ["--num-iterations", "1"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError
+from conftest import save_without_digest
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, load_model, find_last_step
 
@@ -20,7 +21,8 @@ def save_tiny(base, tag, vocab_size=512, step=5):
 
 def test_round_trip_same_logits_and_no_temp_files(base_dir):
     model, ckpt = save_tiny(base_dir, "rt")
-    assert sorted(os.listdir(ckpt)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]
+    assert sorted(os.listdir(ckpt)) == ["meta_000005.json", "model_000005.pt", "model_000005.pt.sha256", "optim_000005_rank0.pt",
+                                        "optim_000005_rank0.pt.sha256"]
     loaded, tokenizer, meta = load_model("base", "cpu", phase="eval", model_tag="rt")
     ids = torch.randint(0, 512, (1, 20))
     assert torch.equal(model(ids), loaded(ids)) and not loaded.training
@@ -39,6 +41,9 @@ def test_corrupt_files_are_user_errors(base_dir):
     _, ckpt = save_tiny(base_dir, "corrupt")
     data = (ckpt / "model_000005.pt").read_bytes()
     (ckpt / "model_000005.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="does not match its checksum"):
+        load_model("base", "cpu", phase="eval", model_tag="corrupt")
+    os.remove(ckpt / "model_000005.pt.sha256")  # as an upstream checkpoint: torch.load finds the damage
     with pytest.raises(UserError, match="cannot read checkpoint"):
         load_model("base", "cpu", phase="eval", model_tag="corrupt")
     _, ckpt = save_tiny(base_dir, "badmeta")
@@ -103,15 +108,15 @@ def test_a_damaged_meta_is_one_line_naming_the_file_and_field(base_dir, edit, me
 
 def test_weights_that_are_not_a_state_dict_or_not_finite_are_refused(base_dir):
     model, ckpt = save_tiny(base_dir, "w")
-    torch.save([1, 2, 3], ckpt / "model_000005.pt")
+    save_without_digest([1, 2, 3], ckpt / "model_000005.pt")
     with pytest.raises(UserError, match="model_000005.pt: expected a state_dict of named tensors, got list"):
         load_model("base", "cpu", phase="eval", model_tag="w")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["transformer.h.1.attn.c_q.weight"][3, 5] = float("nan")
-    torch.save(state, ckpt / "model_000005.pt")
+    save_without_digest(state, ckpt / "model_000005.pt")
     with pytest.raises(UserError, match=r"model_000005.pt: transformer.h.1.attn.c_q.weight holds NaN or inf"):
         load_model("base", "cpu", phase="eval", model_tag="w")
-    torch.save(model.state_dict(), ckpt / "model_000005.pt")
+    save_without_digest(model.state_dict(), ckpt / "model_000005.pt")
     (ckpt / "meta_000005.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="meta_000005.json: expected a JSON object, got list"):
         load_model("base", "cpu", phase="eval", model_tag="w")
@@ -126,6 +131,9 @@ def test_a_pickle_that_is_not_plain_tensors_is_refused_in_one_line(base_dir):
             return (os.system, ("echo pwned > pwned.txt",))
     with open(ckpt / "model_000005.pt", "wb") as f:
         pickle.dump({"w": Evil()}, f)
+    from nanochat.common import file_sha256
+    with open(ckpt / "model_000005.pt.sha256", "w") as f:  # an attacker writes a digest that matches
+        f.write(f"{file_sha256(ckpt / 'model_000005.pt')}  model_000005.pt\n")
     with pytest.raises(UserError, match="cannot read checkpoint file .*model_000005.pt: UnpicklingError") as e:
         load_model("base", "cpu", phase="eval", model_tag="evil")
     assert "\n" not in str(e.value) and len(str(e.value)) < 400 and not os.path.exists("pwned.txt")
@@ -162,3 +170,25 @@ def test_fuzz_every_model_config_field_of_every_type_is_refused_in_one_line(base
             loaded_some.append((field, value))
     # defaults that compute the same here: SSSL (windows wider than these 12 tokens), a 2048 sequence_len
     assert set(loaded_some) <= {("window_pattern", "<missing>"), ("sequence_len", "<missing>")}
+
+
+def test_a_changed_byte_in_a_weights_file_is_refused_by_its_digest(base_dir):
+    """torch.load does not check its zip's CRCs: flipped bytes in tensor data load as other weights.
+    The .sha256 beside each file catches them; a file without one (upstream's) loads unchecked."""
+    import random
+    import subprocess
+    _, ckpt = save_tiny(base_dir, "flip")
+    model_file = ckpt / "model_000005.pt"
+    assert subprocess.run(["sha256sum", "-c", "model_000005.pt.sha256"], cwd=ckpt, capture_output=True).returncode == 0
+    good = model_file.read_bytes()
+    random.seed(0)
+    for offset in random.sample(range(len(good)), 40):
+        bad = bytearray(good)
+        bad[offset] ^= 0x10
+        model_file.write_bytes(bytes(bad))
+        with pytest.raises(UserError, match="model_000005.pt does not match its checksum in model_000005.pt.sha256") as e:
+            load_model("base", "cpu", phase="eval", model_tag="flip")
+        assert "\n" not in str(e.value)
+    model_file.write_bytes(good)
+    os.remove(str(model_file) + ".sha256")
+    load_model("base", "cpu", phase="eval", model_tag="flip")  # no digest: read unchecked

@@ -3,7 +3,8 @@ import stat
 
 import pytest
 
-from nanochat.common import atomic_path, atomic_write_json, cli_main, UserError, compute_dtype, orthogonalize_dtype
+from nanochat.common import (atomic_path, atomic_write_json, check_digest, cli_main, commit_with_digest, UserError, compute_dtype,
+                             orthogonalize_dtype)
 
 
 def test_atomic_path_replaces_on_success_and_keeps_old_on_failure(tmp_path):
@@ -18,6 +19,44 @@ def test_atomic_path_replaces_on_success_and_keeps_old_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert '"a": 1' in target.read_text()
     assert os.listdir(tmp_path) == ["f.json"]  # no temp file left behind
+
+
+def test_a_digest_is_never_left_describing_other_bytes(tmp_path):
+    """commit_with_digest over an existing file: at every point a kill can strike (the old digest
+    removed, the new file renamed, the new digest written) the file on disk is its digest's or has none."""
+    path = str(tmp_path / "w.pt")
+
+    def writer(text):
+        def write(tmp):
+            open(tmp, "w").write(text)
+        return write
+    commit_with_digest(writer("old"), path)
+    check_digest(path, "file")
+    open(path, "a").write("!")
+    with pytest.raises(UserError, match="w.pt does not match its checksum in w.pt.sha256"):
+        check_digest(path, "file")
+    commit_with_digest(writer("old"), path)
+    import nanochat.common as common
+    real_replace, seen = os.replace, []
+
+    def crash_after(n):
+        def replace(a, b):
+            if len(seen) == n:
+                raise KeyboardInterrupt  # a kill: nothing after it runs
+            seen.append(b)
+            real_replace(a, b)
+        return replace
+    for n in range(2):  # 0: before the new file takes the name, 1: before its digest does
+        seen.clear()
+        common.os.replace = crash_after(n)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                commit_with_digest(writer(f"new {n}"), path)
+        finally:
+            common.os.replace = real_replace
+        check_digest(path, "file")  # never a mismatch: the old file without its digest, or the new one without one
+        assert open(path).read() == ("old" if n == 0 else f"new {n}") and not os.path.exists(path + ".sha256")
+        commit_with_digest(writer("old"), path)
 
 
 def test_cli_main_turns_user_errors_into_one_line(capsys):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import tiktoken
 
+from conftest import save_without_digest
 from nanochat.common import UserError, atomic_torch_save
 from nanochat.tokenizer import (RustBPETokenizer, SPECIAL_TOKENS, SPLIT_PATTERN, compute_token_bytes,
                                 get_tokenizer, get_token_bytes)
@@ -207,7 +208,7 @@ def test_compute_token_bytes(tok):
 def test_save_load_round_trip(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     tok.save(str(tmp_path / "tokenizer"))
-    assert os.listdir(tmp_path / "tokenizer") == ["tokenizer.pkl"]  # no temp files left behind
+    assert sorted(os.listdir(tmp_path / "tokenizer")) == ["tokenizer.pkl", "tokenizer.pkl.sha256"]  # no temp files left behind
     text = "the cat sat on a mat 12345 Café"
     for loaded in (RustBPETokenizer.from_directory(str(tmp_path / "tokenizer")), get_tokenizer()):
         assert loaded.get_vocab_size() == VOCAB_SIZE
@@ -217,6 +218,26 @@ def test_save_load_round_trip(tok, tmp_path, monkeypatch):
     with open(tmp_path / "tokenizer" / "tokenizer.pkl", "rb") as f:
         enc = pickle.load(f)
     assert isinstance(enc, tiktoken.Encoding) and enc.encode_ordinary(text) == tok.encode(text)
+
+
+def test_a_flipped_byte_in_a_saved_tokenizer_is_refused_by_its_digest(tok, tmp_path):
+    """A flip inside a token's bytes still unpickles to a valid Encoding (other merges): only the
+    digest beside the file can tell. Without one (upstream's directories), it loads as before."""
+    import random
+    path = tmp_path / "tokenizer.pkl"
+    tok.save(str(tmp_path))
+    good = path.read_bytes()
+    random.seed(0)
+    for offset in random.sample(range(len(good)), 25):
+        bad = bytearray(good)
+        bad[offset] ^= 0x04
+        path.write_bytes(bytes(bad))
+        with pytest.raises(UserError, match="tokenizer .*tokenizer.pkl does not match its checksum") as e:
+            RustBPETokenizer.from_directory(str(tmp_path))
+        assert "\n" not in str(e.value)
+    path.write_bytes(good)
+    os.remove(str(path) + ".sha256")
+    assert RustBPETokenizer.from_directory(str(tmp_path)).encode("the cat") == tok.encode("the cat")
 
 
 @pytest.mark.parametrize("protocol", [3, 4, 5])
@@ -234,7 +255,7 @@ def test_get_token_bytes(tok, tmp_path, monkeypatch):
     assert torch.equal(get_token_bytes(), compute_token_bytes(tok))
     for bad, message in [(torch.zeros(3, 4, dtype=torch.int32), "1-D integer tensor"), (torch.ones(5), "1-D integer tensor"),
                          ({"a": 1}, "1-D integer tensor"), (torch.tensor([1, -3, 2]), "must be in 0..256")]:
-        torch.save(bad, path)
+        save_without_digest(bad, path)
         with pytest.raises(UserError, match=message):
             get_token_bytes()
     path.write_bytes(path.read_bytes()[:40])

@@ -183,7 +183,8 @@ def test_our_checkpoint_is_upstream_shaped(base_dir, name):
     ckpt_dir = os.path.join(base, "base_checkpoints", f"d{cfg['n_layer']}")
     save_checkpoint(ckpt_dir, 300, model.state_dict(), None, meta)
 
-    assert sorted(os.listdir(ckpt_dir)) == ["meta_000300.json", "model_000300.pt"]
+    # the digest beside the weights is invisible to upstream (its loader globs model_*.pt and meta_*.json)
+    assert sorted(os.listdir(ckpt_dir)) == ["meta_000300.json", "model_000300.pt", "model_000300.pt.sha256"]
     data = torch.load(os.path.join(ckpt_dir, "model_000300.pt"), map_location="cpu", weights_only=True)
     assert isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values())
     want = ref.expected_shapes(cfg)

@@ -39,6 +39,9 @@ meta.json, meta.json against its checksum, and each page of rows against its crc
 at load (it reads every row anyway), a disk tree lazily, each page the first time a row of it is
 read or written (a 1 MiB crc32, ~0.5 ms). Pages written since are trusted and their crc32 redone at
 the next commit. A meta.json without checksums (written before they existed) is read unverified.
+Appends are safe against a kill (rows past the commit are cut off); rewrite / refresh change rows
+in place, so a kill before their flush leaves pages that fail their crc32: such a tree is refused
+(rebuild it), never read half old and half new.
 """
 
 import os
