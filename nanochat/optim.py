@@ -12,13 +12,21 @@ orthogonalization runs as one batched matmul chain):
 with lr = group lr * sqrt(max(1, rows / cols)).
 
 group["momentum"], group["lr"] and group["weight_decay"] are read fresh every step, so the
-training loop may schedule them. Single-process only: under DDP the training loop
-all-reduces the gradients before step(), and every rank then takes the same step.
+training loop may schedule them.
+
+Under DDP (torch.distributed initialized, world size W > 1) the training loop all-reduces the
+gradients before step(), so every rank holds the same gradients; each bucket of K matrices is then
+split into W contiguous shares of ceil(K / W), each rank runs steps 1-4 on its share only (the
+Newton-Schulz / Polar Express chain is most of Muon's cost: each rank does 1/W of it) and keeps
+the momentum state of its share only, then an all_gather gives every rank every updated matrix.
+The result equals the unsharded step (tested with 2 gloo ranks). A rank's optimizer file holds its
+share's state, so a resume needs the same world size (load_state_dict refuses another).
 """
 
 import math
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import UserError, orthogonalize_dtype
 
@@ -63,7 +71,9 @@ class Muon(torch.optim.Optimizer):
     second_momentum_buffer ((rows, 1) if rows >= cols else (1, cols))."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=0.0):
-        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, beta2=beta2, weight_decay=weight_decay)
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        defaults = dict(lr=lr, momentum=momentum, ns_steps=ns_steps, beta2=beta2, weight_decay=weight_decay,
+                        shards=self.world_size)  # saved with the state: a resume must shard the same way
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -85,7 +95,29 @@ class Muon(torch.optim.Optimizer):
                 self._step_bucket(params, group)
         return loss
 
+    def load_state_dict(self, state_dict):
+        saved = {g.get("shards", 1) for g in state_dict.get("param_groups", [])} if isinstance(state_dict, dict) else set()
+        if saved and saved != {self.world_size}:
+            raise ValueError(f"Muon state sharded over {sorted(saved)[0]} ranks, this run has {self.world_size} (resume with as many)")
+        super().load_state_dict(state_dict)
+
     def _step_bucket(self, params, group):
+        """One step of a bucket; under DDP this rank steps its share, then every rank gets every matrix."""
+        if self.world_size == 1:
+            return self._step_share(params, group)
+        share = -(-len(params) // self.world_size)
+        mine = params[self.rank * share:(self.rank + 1) * share]
+        if mine:
+            self._step_share(mine, group)
+        out = torch.zeros((share,) + tuple(params[0].shape), dtype=params[0].dtype, device=params[0].device)  # (share, rows, cols)
+        if mine:
+            out[:len(mine)] = torch.stack(mine)
+        gathered = [torch.empty_like(out) for _ in range(self.world_size)]
+        dist.all_gather(gathered, out)
+        for i, p in enumerate(params):
+            p.copy_(gathered[i // share][i % share])
+
+    def _step_share(self, params, group):
         rows, cols = params[0].shape
         for p in params:
             state = self.state[p]

@@ -290,3 +290,49 @@ def test_zero_gradient_is_a_no_op():
     opt.step()
     assert torch.equal(p, before)  # no NaN from 0/0 in the normalization, no decay without an update
     assert all(torch.isfinite(t).all() for t in opt.state[p].values())
+
+
+# -----------------------------------------------------------------------------
+# sharded across DDP ranks
+
+def many_params(seed=0):
+    """Buckets of 5, 2 and 1 same-shape matrices: shares of 3 + 2, 1 + 1, and 1 + none on 2 ranks."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 32)] * 5 + [(40, 24)] * 2 + [(8, 8)]
+    return [torch.nn.Parameter(0.1 * torch.randn(*s, generator=g)) for s in shapes]
+
+
+def _sharded_worker(rank, world_size, port, out_dir):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        params = many_params()
+        opt = Muon([dict(params=params, lr=0.02, weight_decay=0.2)], momentum=0.85)
+        assert opt.world_size == 2
+        for step in range(4):
+            fake_step(params, opt, step)  # the same gradients on every rank, as after the all-reduce
+        torch.save({"params": [p.detach() for p in params], "owned": sorted(i for i, p in enumerate(params) if opt.state[p]),
+                    "optim": opt.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_newton_schulz_sharded_over_two_gloo_ranks_equals_the_unsharded_step(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sharded_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    params = many_params()
+    opt = Muon([dict(params=params, lr=0.02, weight_decay=0.2)], momentum=0.85)
+    for step in range(4):
+        fake_step(params, opt, step)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        for a, b in zip(r["params"], params):
+            assert torch.equal(a, b)  # bitwise: each matrix's chain is computed as in the full batch
+    assert ranks[0]["owned"] == [0, 1, 2, 5, 7] and ranks[1]["owned"] == [3, 4, 6]  # each rank keeps its share's state
+    with pytest.raises(ValueError, match="sharded over 2 ranks, this run has 1"):
+        Muon([dict(params=many_params(), lr=0.02)]).load_state_dict(ranks[0]["optim"])
