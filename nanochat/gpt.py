@@ -9,6 +9,7 @@ The GPT model, as upstream nanochat defines it (see shared/spec/nanochat-baselin
 No biases anywhere. Linear weights are fp32 masters cast to the activation dtype in forward.
 """
 
+import os
 import math
 import functools
 from dataclasses import dataclass, asdict
@@ -125,15 +126,44 @@ def window_mask(Tq, Tk, window, device):
     return (qpos >= kpos) & (qpos - kpos <= window)
 
 
+def use_flex(device):
+    """Windowed attention through flex_attention: on CUDA by default; NANOCHAT_FLEX=1 / 0 forces it
+    on / off (on a CPU flex_attention has no backward: tests use it for forward passes only)."""
+    flag = os.environ.get("NANOCHAT_FLEX", "")
+    return flag == "1" if flag in ("0", "1") else device.type == "cuda"
+
+
+@functools.lru_cache(maxsize=32)
+def window_block_mask(Tq, Tk, window, device):
+    """The flex_attention BlockMask of window_mask: blocks wholly outside the band are skipped, so a
+    short window costs O(T * window), with no (Tq, Tk) mask in memory."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    offset = Tk - Tq  # the queries are the last Tq positions
+
+    def visible(b, h, q_idx, kv_idx):
+        d = q_idx + offset - kv_idx
+        return (d >= 0) & (d <= window)
+    return create_block_mask(visible, None, None, Tq, Tk, device=device)
+
+
+@functools.cache
+def flex_kernel(device_type):
+    """flex_attention, compiled once on CUDA (its fused kernel); eager elsewhere (a reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
 def attend(q, k, v, window):
     """Causal attention where query i (at the end of the key sequence) sees key j iff
     0 <= i - j <= window. q: (B, H, Tq, D), k/v: (B, Hkv, Tk, D) with Tk >= Tq.
-    Warning: a window shorter than the sequence needs an explicit mask, which takes SDPA off
-    its FlashAttention kernel (the mask is cached, but the kernel is the slower one)."""
+    A window shorter than the keys: flex_attention with a block mask on CUDA (use_flex), else
+    SDPA with an explicit (cached) mask, which takes SDPA off its FlashAttention kernel."""
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
     if Tk - 1 <= window and Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if use_flex(q.device):
+        return flex_kernel(q.device.type)(q, k, v, block_mask=window_block_mask(Tq, Tk, window, str(q.device)), enable_gqa=gqa)
     mask = window_mask(Tq, Tk, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 

@@ -94,6 +94,52 @@ def test_attend_matches_explicit_window_softmax():
 
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+@pytest.mark.parametrize("Tq, Tk, window, heads", [(256, 256, 64, (4, 2)), (200, 200, 37, (2, 2)), (1, 300, 128, (4, 1)),
+                                                   (64, 320, 128, (4, 2)), (130, 130, 128, (2, 1))])
+def test_flex_window_path_equals_the_mask_path(monkeypatch, Tq, Tk, window, heads):
+    """The CUDA path (flex_attention with a block mask) against the SDPA mask path, forward, on a CPU
+    (flex_attention has no CPU backward: its gradients are checked on CUDA only, below). Full and
+    ragged blocks, decode (Tq 1), a query chunk at the end of a longer cache, GQA and MQA."""
+    torch.manual_seed(0)
+    H, Hkv = heads
+    q, k, v = torch.randn(2, H, Tq, 32), torch.randn(2, Hkv, Tk, 32), torch.randn(2, Hkv, Tk, 32)
+    monkeypatch.setenv("NANOCHAT_FLEX", "0")
+    want = attend(q, k, v, window)
+    monkeypatch.setenv("NANOCHAT_FLEX", "1")
+    import nanochat.gpt as gpt_module
+    calls, kernel = [], gpt_module.flex_kernel
+    monkeypatch.setattr(gpt_module, "flex_kernel", lambda device_type: calls.append(device_type) or kernel(device_type))
+    got = attend(q, k, v, window)
+    assert calls == ["cpu"]  # the flex path ran, not the mask path again
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_a_model_with_short_windows_gives_the_same_logits_through_flex(monkeypatch):
+    model = make_model(n_layer=4, window_pattern="SSSL")
+    x = torch.randint(0, 300, (2, 256))
+    with torch.no_grad():
+        monkeypatch.setenv("NANOCHAT_FLEX", "0")
+        want = model(x)
+        monkeypatch.setenv("NANOCHAT_FLEX", "1")
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA")
+def test_flex_window_path_gradients_equal_the_mask_path_on_cuda(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 512, 64, device="cuda", requires_grad=True) for h in (4, 2, 2))
+    grads = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("NANOCHAT_FLEX", flag)
+        y = attend(q, k, v, 128)
+        grads.append((y, *torch.autograd.grad(y.square().sum(), (q, k, v))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
 def test_value_embedding_layers_and_state_dict_keys():
     assert [has_value_embedding(i, 4) for i in range(4)] == [False, True, False, True]
     assert [has_value_embedding(i, 3) for i in range(3)] == [True, False, True]
