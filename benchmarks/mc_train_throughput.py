@@ -48,6 +48,8 @@ def main():
     optimizers.append(trainer.make_optimizer())
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     lm = torch.compile(model, dynamic=False) if use_compile else model
+    if use_compile:
+        trainer.compile()  # the variant forward too, as base_train does
     cuda = device_type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     B, T = args.device_batch_size, args.max_seq_len
@@ -97,7 +99,7 @@ def main():
     (vanilla, vanilla_mem), (mid, mid_mem), (target, target_mem) = measure([step(s) for s in modes.values()])
     flops = {name: count_flops(step(s)) for name, s in modes.items()}
     result = dict(benchmark="mc_train_throughput", device=torch.cuda.get_device_name(device) if cuda else device_type,
-                  dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled_lm=use_compile, depth=args.depth,
+                  dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled_lm=use_compile, compiled_mc=use_compile, depth=args.depth,
                   max_seq_len=T, device_batch_size=B, w_max=mc.w_max, horizon=mc.horizon, num_variants=mc.num_variants,
                   vanilla_tok_per_sec=vanilla, mc_tok_per_sec=target, mc_anneal_mid_tok_per_sec=mid,
                   ratio=round(target / vanilla, 3), ratio_anneal_mid=round(mid / vanilla, 3),

@@ -23,7 +23,7 @@ import torch
 from nanochat.common import cli_main, compute_init, compute_dtype, autodetect_device_type
 from nanochat.runlog import peak_flops, measured_matmul_flops
 from scripts.base_train import model_config_from_args
-from nanochat.gpt import GPT
+from nanochat.gpt import GPT, use_flex
 
 
 def fresh_model(args, vocab_size):
@@ -90,7 +90,8 @@ def main():
     cpu_peak = statistics.median(cpu_peaks) if cpu_peaks else None
     result = dict(benchmark="train_throughput", device=torch.cuda.get_device_name(device) if device_type == "cuda" else device_type,
                   dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled=use_compile, depth=args.depth,
-                  n_embd=config.n_embd, max_seq_len=T, device_batch_size=B, step_ms=round(1000 * dt, 2),
+                  n_embd=config.n_embd, max_seq_len=T, window_pattern=config.window_pattern, device_batch_size=B,
+                  windowed_attention="flex" if use_flex(device) else "sdpa_mask", step_ms=round(1000 * dt, 2),
                   tok_per_sec=round(tok_per_sec, 1), flops_per_token=flops_per_token,
                   mfu=round(flops_per_token * tok_per_sec / peak, 4) if peak else None,
                   cpu_capability=torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else None,

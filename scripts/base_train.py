@@ -342,6 +342,8 @@ def train(argv=None):
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     if use_compile:
         model = torch.compile(model, dynamic=False)
+        if trainer is not None:
+            trainer.compile()  # the MegaContext variant forward too
 
     # data ---------------------------------------------------------------------------------
     T, B = args.max_seq_len, args.device_batch_size

@@ -67,3 +67,17 @@ def test_mc_inference_prints_one_json_line_with_flat_cost_rows():
     assert rows[0]["vanilla_ms_per_token"] > 0 and rows[1]["vanilla_ms_per_token"] is None  # 5000 > the rotary table (2560)
     assert "rotary" in rows[1]["vanilla_note"]
     assert result["ratio_1m_1k"] == round(rows[1]["mc_ms_per_token"] / rows[0]["mc_ms_per_token"], 3)
+
+
+def test_gpu_check_runs_every_part_and_tags_each_json_line():
+    """benchmarks/gpu_check.sh --smoke: the GPU node's script at toy sizes on this CPU, every part."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert [x["check"] for x in lines] == ["vanilla", "vanilla_mask", "megacontext", "decode"]
+    assert all("error" not in x and x["wall_s"] > 0 for x in lines), lines
+    vanilla, mask, mc, decode = lines
+    assert vanilla["benchmark"] == mask["benchmark"] == "train_throughput" and mask["windowed_attention"] == "sdpa_mask"
+    assert vanilla["windowed_attention"] == "sdpa_mask"  # a CPU takes the mask path unless NANOCHAT_FLEX=1
+    assert mc["ratio"] > 0 and decode["ratio_1m_1k"] > 0 and len(decode["histories"]) == 2

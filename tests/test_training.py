@@ -203,3 +203,29 @@ def test_cognitive_core_training_step_adds_the_reliance_margin_and_trains_lensne
     stats = trainer.backward(x, y, step=10, num_iterations=10)
     assert lensnet.head.weight.grad.abs().sum() > 0 and gistnet.encoders[0].head.weight.grad.abs().sum() > 0
     assert stats["nll_drop"] == stats["nll_drop"] and stats["variants"] >= 4
+
+
+def grads_of_a_step(trainer, seed=0):
+    x, y = batch(seed=seed)
+    stats = trainer.backward(x, y, step=5, num_iterations=10)
+    return [p.grad.clone() for p in list(trainer.model.parameters()) + trainer.parameters() if p.grad is not None], stats
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_compiled_and_padded_variant_forward_gives_the_eager_loss_and_gradients(compiled):
+    """trainer.compile(): rows padded to COMPILE_PAD slots (after every real slot: causal attention
+    hides them) and the variant forward run by torch.compile -> the eager step's loss and gradients."""
+    model, gistnet, lensnet, mc = make()
+    want, want_stats = grads_of_a_step(MegaContextTrainer(model, gistnet, lensnet, mc))
+    model, gistnet, lensnet, mc = make()
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    if compiled:
+        trainer.compile()
+    else:
+        trainer.pad_multiple = 128  # the padding alone, eager
+    got, stats = grads_of_a_step(trainer)
+    assert trainer.pad_multiple == 128 and (trainer.forward is not model) == compiled
+    assert stats["horizon_loss"] == pytest.approx(want_stats["horizon_loss"], rel=1e-5)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

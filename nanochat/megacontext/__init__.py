@@ -30,6 +30,12 @@ One module per component, read in this order:
                       refocus every block, the KV cache over the WC, gist-first plans, save / open)
 - checkpoint.py       GistNet + LensNet (+ MegaPredictor) beside a base checkpoint (mc_<step>.pt), built in one place
 - config.py           MegaContextConfig: the --mc-* flags and mc_* preset keys
+Dtypes, at each boundary (tested: tests/test_runtime.py bf16 session, test_positions, test_tree):
+- tree storage: gists as fp16 (or bf16) bits, token ids uint32; read back as fp32 (tree.gists)
+- GistNet, LensNet, MegaPredictor: fp32 weights and compute (their inputs cast to fp32)
+- positions: float64 slot positions -> fp32 rotary angles, then cos / sin in the model's dtype
+- the model: fp32 master weights cast to the activation dtype (compute_dtype: bf16 on Ampere+ GPUs,
+  fp32 on CPUs); slot embeddings and the KV cache in that dtype; logits fp32
 Imports run one way (tests/test_imports.py fails on any cycle): the vanilla model never
 imports this package, and `GPT.forward(inputs_embeds=..., rotary=positions.slot_rotary(...), lod=...)`
 is the one hook into the base model; runtime, composite and checkpoint reach neither training nor

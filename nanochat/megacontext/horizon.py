@@ -68,13 +68,14 @@ def build_sources(model, gistnet, histories, max_level):
     return [SequenceSource(h, levels) for h, levels in zip(histories, build_gists_batch(list(embeds), gistnet, max_level))]
 
 
-def pack_horizon(model, wcs, sources, horizons, assembled=None):
+def pack_horizon(model, wcs, sources, horizons, assembled=None, pad_multiple=1):
     """R WCs and their horizons (each (H,) long, the same H) -> (model inputs dict, assembled WCs).
     assembled: WorkingContext.assemble of some WCs already made (None where not), reused as they are.
     sources: SequenceSources (or CompositeSources of them): token slots are their own embeddings.
     inputs: idx (R, L), inputs_embeds (R, L, D), positions (R, L) float64, lod (R, L), logits_at (R, H);
-    rows are right-padded to the longest (padding comes after every real slot, so causal attention
-    never lets a real slot see it). assembled: the WorkingContext.assemble dict of each row."""
+    rows are right-padded to the longest, rounded up to pad_multiple (padding comes after every real
+    slot, so causal attention never lets a real slot see it; a compiled forward sees few lengths).
+    assembled: the WorkingContext.assemble dict of each row."""
     H = horizons[0].numel()
     assembled = [None] * len(wcs) if assembled is None else list(assembled)
     rows = []
@@ -91,7 +92,7 @@ def pack_horizon(model, wcs, sources, horizons, assembled=None):
             positions=torch.cat([pos, offset + torch.arange(H - 1, dtype=pos.dtype, device=pos.device)]),
             logits_at=wc.cost - 1 + torch.arange(H, device=hz.device),
         ))
-    L = max(r["idx"].numel() for r in rows)
+    L = -(-max(r["idx"].numel() for r in rows) // pad_multiple) * pad_multiple
     batch = {}
     for key in ("inputs_embeds", "idx", "lod", "positions"):
         padded = []
@@ -104,11 +105,12 @@ def pack_horizon(model, wcs, sources, horizons, assembled=None):
     return batch, assembled
 
 
-def horizon_nll(model, wcs, sources, horizons, return_logits=False, assembled=None):
+def horizon_nll(model, wcs, sources, horizons, return_logits=False, assembled=None, forward=None, pad_multiple=1):
     """-> nll (R, H) float32 per horizon token (and the logits (R, H, V) and the assembled WCs when
-    asked), one forward. assembled: as pack_horizon takes it."""
-    batch, assembled = pack_horizon(model, wcs, sources, horizons, assembled)
-    logits = model(batch["idx"], inputs_embeds=batch["inputs_embeds"], rotary=slot_rotary(model, batch["positions"], batch["lod"]),
+    asked), one forward. assembled, pad_multiple: as pack_horizon takes them; forward: what runs the
+    model (a torch.compile of it; default the model itself)."""
+    batch, assembled = pack_horizon(model, wcs, sources, horizons, assembled, pad_multiple)
+    logits = (model if forward is None else forward)(batch["idx"], inputs_embeds=batch["inputs_embeds"], rotary=slot_rotary(model, batch["positions"], batch["lod"]),
                    lod=batch["lod"], logits_at=batch["logits_at"])  # (R, H, V)
     targets = torch.stack(list(horizons))  # (R, H)
     nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)

@@ -69,6 +69,8 @@ from nanochat.megacontext.slate import (Variant, allocator_edits, baseline, fact
                                         split_memories, variant_budget)
 
 K = BLOCK_SIZE
+COMPILE_PAD = 128  # compiled variant forwards pad rows to a multiple of this many slots
+
 
 class MegaContextTrainer:
     def __init__(self, model, gistnet, lensnet, config, seed=0, bos_id=None, predictor=None):
@@ -79,6 +81,16 @@ class MegaContextTrainer:
         self.mp_weights = level_weights(config) if predictor is not None else {}  # {level: alpha}
         self.flops_per_token = model.estimate_flops()  # the trunk's, per slot of a variant forward
         self.gist_flops = 6 * sum(p.numel() for p in gistnet.parameters())  # per history token gisted
+        self.forward, self.pad_multiple = model, 1  # the variant forward: eager until compile()
+
+    def compile(self):
+        """torch.compile the variant forward (the model over WC slots + horizon): rows padded to a
+        multiple of COMPILE_PAD slots, so a run sees few lengths (they vary with the variant budget's
+        anneal, then stay at w_max + H - 1 rounded up); the row count varies by chunk, so torch.compile
+        makes what changes dynamic after its first recompile. Eager numerics are untouched: only a
+        compiled run pads."""
+        self.forward, self.pad_multiple = torch.compile(self.model), COMPILE_PAD
+        return self
 
     @classmethod
     def build(cls, model, config, device, bos_id=None, seed=0):
@@ -334,7 +346,8 @@ class MegaContextTrainer:
 
         nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [v.source or sources[v.row] for v in variants],
                                      [horizons[v.row] for v in variants], return_logits=True,
-                                     assembled=[assembled_refs[v.row] if v.kind == "reference" else None for v in variants])  # (Rv, H), (Rv, H, V)
+                                     assembled=[assembled_refs[v.row] if v.kind == "reference" else None for v in variants],
+                                     forward=self.forward, pad_multiple=self.pad_multiple)  # (Rv, H), (Rv, H, V)
         if weights is None:
             item_nll = nll.mean(dim=1)  # (Rv,)
         else:  # only the scored horizon tokens count: horizon token i of row b is target c_b - 1 + i
