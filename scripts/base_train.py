@@ -94,7 +94,6 @@ def check_preset(parser, preset, path):
     """Each preset value must be of its flag's type (argparse takes a default as it is, unconverted):
     true/false for a switch (store_true, or the mc_* switches' true/false type), else an integer, a
     finite number or a string, one of the flag's choices if it has them."""
-    import math
     actions = {a.dest: a for a in parser._actions}
     for key, value in preset.items():
         action = actions[key]
