@@ -78,13 +78,6 @@ def test_megapredictor_round_trips_beside_gistnet_and_lensnet_and_is_none_when_o
     with pytest.raises(UserError, match="cannot read MegaContext weights .*mc_000003.pt") as e:
         load_predictor(str(tmp_path), 3, MODEL, "cpu")
     assert "\n" not in str(e.value)
-    for field, value in [("w_max", "128"), ("horizon", 1.5), ("gist_shared", 1), ("lens_lr", float("nan")), ("n_diff", 10 ** 9)]:
-        data = torch.load(mc_path(str(tmp_path), 1), weights_only=True)
-        data["mc_config"][field] = value
-        torch.save(data, mc_path(str(tmp_path), 5))
-        with pytest.raises(UserError, match=rf"mc_000005.pt: mc_config: mc_{field} (must be|.* is above)") as e:
-            load_megacontext(str(tmp_path), 5, MODEL, "cpu")
-        assert "\n" not in str(e.value)
     other = GPTConfig(sequence_len=256, vocab_size=97, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     with pytest.raises(UserError, match="cannot load MegaPrediction weights"):
         load_predictor(str(tmp_path), 2, other, "cpu")
