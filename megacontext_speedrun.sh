@@ -24,13 +24,23 @@ stage() {
     local name=$1 t0=$SECONDS
     shift
     "$@"
-    STAGES+=("$(printf '%-14s %6ds' "$name" $((SECONDS - t0)))")
+    STAGES+=("$(printf '%-26s %6ds' "$name" $((SECONDS - t0)))")
 }
 
 venv_install() {
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     .venv/bin/python -m pip install -q --no-compile -e .  # no .pyc pass over all of torch: ~25 s saved, imports compile what they use
 }
+# the recall testbed (CPU profile): a d2 MegaContext model trained on dense recall rows (configs/cpu_recall_mc.toml),
+# then exact pass-key recall with the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention.
+# Run in the background: its stage times go to $RECALL_LOG.stages (marked "beside", they overlap the others)
+recall_testbed() {
+    STAGES=()
+    stage "base_train_recall (beside)" $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --run "$RUN"
+    stage "mc_eval_recall (beside)" $PY -m scripts.mc_eval --model-tag cpu_recall_mc --task passkey --mults 8,16 --num-docs 16 --out "$RECALL_JSON"
+    printf '%s\n' "${STAGES[@]}" > "$RECALL_LOG.stages"
+}
+
 stage venv venv_install
 PY=.venv/bin/python
 
@@ -66,6 +76,19 @@ else
     if [ "${TWIN:-0}" = 1 ]; then
         stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d4 --run "$RUN"
     fi
+    # The recall testbed needs only the data and the tokenizer: it trains on half the cores while the main
+    # model's evaluation and chat stages run on the other half (~3 min saved on 2 cores: neither job scales
+    # to 2 threads). Its log goes to $RECALL_LOG and is printed when both are done.
+    BASE="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+    RECALL_LOG="$BASE/recall_testbed.log"
+    RECALL_JSON="$BASE/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
+    CORES=$(getconf _NPROCESSORS_ONLN)
+    HALF=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
+    OMP_NUM_THREADS=$HALF recall_testbed > "$RECALL_LOG" 2>&1 &
+    RECALL_PID=$!
+    trap 'kill "$RECALL_PID" 2>/dev/null || true' EXIT
+    echo "recall testbed training beside the next stages on $HALF thread(s): tail -f $RECALL_LOG"
+    export OMP_NUM_THREADS=$HALF
     stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
     stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 12
     stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
@@ -77,11 +100,11 @@ else
     stage mc_build_ck $PY -m scripts.mc_build_ck --input nanochat --ext py --out "$CK" --model-tag "$TAG"
     stage chat_ck $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
     stage chat_eval $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
-    # the recall testbed: a d2 MegaContext model trained on dense recall rows (configs/cpu_recall_mc.toml), then
-    # exact pass-key recall with the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention
-    stage base_train_recall $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --run "$RUN"
-    RECALL_JSON="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
-    stage mc_eval_recall $PY -m scripts.mc_eval --model-tag cpu_recall_mc --task passkey --mults 8,16 --num-docs 16 --out "$RECALL_JSON"
+    unset OMP_NUM_THREADS
+    wait "$RECALL_PID" || { cat "$RECALL_LOG"; echo "the recall testbed failed (log above: $RECALL_LOG)"; exit 1; }
+    trap - EXIT
+    cat "$RECALL_LOG"
+    while read -r line; do STAGES+=("$line"); done < "$RECALL_LOG.stages"
 fi
 stage report_md $PY -m nanochat.report generate
 echo

@@ -35,6 +35,7 @@ SECTION_ORDER = [
     "Tokenizer evaluation",
     "Base model training",
     "Base model evaluation",
+    "Recall testbed training",
     "Chat SFT",
     "Chat RL",
     "Chat evaluation sft",

@@ -473,7 +473,9 @@ def train(argv=None):
 
     print0(f"done: min val bpb {loop_state['min_val_bpb']:.4f} | training time {loop_state['total_training_time'] / 60:.2f}m")
     from nanochat.report import get_report
-    get_report().log(section="Base model training", data=[user_config, {
+    # the recall testbed is a second model beside the pipeline's: its own section, kept out of the summary table
+    section = "Recall testbed training" if args.recall_facts > 0 else "Base model training"
+    get_report().log(section=section, data=[user_config, {
         "model_tag": model_tag, "parameters (scaling)": num_params, "flops_per_token": f"{flops_per_token:.3e}",
         "iterations": num_iterations, "tokens": num_iterations * total_batch_size, "total_batch_size": total_batch_size,
         "val_bpb": val_bpb, "min_val_bpb": loop_state["min_val_bpb"], "wall_clock_s": round(loop_state["total_training_time"], 1)}])

@@ -49,6 +49,20 @@ def base_dir(tiny_base_dir, monkeypatch):
     return tiny_base_dir
 
 
+def each_flipped(path, offsets):
+    """For each offset, write path with one bit of that byte flipped (bit offset % 8) and yield the
+    offset; the file's own bytes are back afterwards. For the fuzz tests of saved formats."""
+    good = path.read_bytes()
+    try:
+        for offset in offsets:
+            bad = bytearray(good)
+            bad[offset] ^= 1 << (offset % 8)
+            path.write_bytes(bytes(bad))
+            yield offset
+    finally:
+        path.write_bytes(good)
+
+
 # MegaContext checkpoints for the chat and CK tests
 
 def save_without_digest(obj, path):

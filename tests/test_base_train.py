@@ -458,6 +458,11 @@ def test_recall_rows_train_log_recall_and_resume_exactly(base_dir, flags):
     assert [r["step"] for r in evals] == [0, 2, 4]
     methods = ("full", "truncation", "megacontext") if "--megacontext" in flags else ("full", "truncation")
     assert all(0 <= evals[-1][f"recall/{m}"] <= 1 for m in methods)
+    # the report keeps the testbed apart from the pipeline's base model (the main job trains both)
+    report = base_dir / "report"
+    assert f"- model_tag: {tag}\n" in (report / "recall-testbed-training.md").read_text()
+    base_section = report / "base-model-training.md"
+    assert not base_section.exists() or f"- model_tag: {tag}\n" not in base_section.read_text()
     if "--megacontext" in flags:
         train = [r for r in records if r["kind"] == "train"]
         assert all(k in train[-1] for k in ("mc/fact_raw_lens", "mc/fact_lens_top", "mc/gist_pair_cos"))

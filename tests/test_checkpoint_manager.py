@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from conftest import save_without_digest
+from conftest import each_flipped, save_without_digest
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, load_model, find_last_step
 
@@ -180,15 +180,10 @@ def test_a_changed_byte_in_a_weights_file_is_refused_by_its_digest(base_dir):
     _, ckpt = save_tiny(base_dir, "flip")
     model_file = ckpt / "model_000005.pt"
     assert subprocess.run(["sha256sum", "-c", "model_000005.pt.sha256"], cwd=ckpt, capture_output=True).returncode == 0
-    good = model_file.read_bytes()
     random.seed(0)
-    for offset in random.sample(range(len(good)), 40):
-        bad = bytearray(good)
-        bad[offset] ^= 0x10
-        model_file.write_bytes(bytes(bad))
+    for _ in each_flipped(model_file, random.sample(range(model_file.stat().st_size), 40)):
         with pytest.raises(UserError, match="model_000005.pt does not match its checksum in model_000005.pt.sha256") as e:
             load_model("base", "cpu", phase="eval", model_tag="flip")
         assert "\n" not in str(e.value)
-    model_file.write_bytes(good)
     os.remove(str(model_file) + ".sha256")
     load_model("base", "cpu", phase="eval", model_tag="flip")  # no digest: read unchecked

@@ -102,8 +102,13 @@ def from_bits(bits, dtype):
     return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(dtype).float()
 
 
-def page_rows(row_bytes):
-    return max(1, PAGE_BYTES // row_bytes)
+def row_bytes(level, dim):
+    """Bytes of one stored row: an int32 token id at LOD0, dim fp16/bf16 values for a gist."""
+    return 4 if level == 0 else 2 * dim
+
+
+def page_rows(nbytes):
+    return max(1, PAGE_BYTES // nbytes)
 
 
 class Pages:
@@ -242,9 +247,9 @@ def check_level_file(path, level, dim, code, model_name, count):
                             ("dim", d, dim), ("dtype code", c, code), ("model name", name, want_name)]:
         if got != want:
             raise UserError(f"{path}: {what} {got} does not match the expected {what} {want}")
-    row_bytes = 4 if code == 0 else 2 * dim
-    if n < count or size < HEADER_BYTES + n * row_bytes:
-        held = (size - HEADER_BYTES) // row_bytes
+    nbytes = row_bytes(level, dim)
+    if n < count or size < HEADER_BYTES + n * nbytes:
+        held = (size - HEADER_BYTES) // nbytes
         raise UserError(f"{path}: truncated (meta.json says {count} rows, its header {n}, it holds {held})")
 
 
@@ -525,7 +530,7 @@ class MegaContextTree(OneMemory):
                 raise ValueError(f"versions {str(runs)[:80]} name levels or rows the tree does not have")
             crcs = meta.get("page_crc32")  # absent: a tree saved before checksums, read unverified
             if "page_crc32" in meta and not (isinstance(crcs, list) and len(crcs) == len(counts) and all(
-                    isinstance(c, list) and len(c) == -(-n // page_rows(4 if L == 0 else 2 * d))
+                    isinstance(c, list) and len(c) == -(-n // page_rows(row_bytes(L, d)))
                     and all(type(x) is int and 0 <= x < 2 ** 32 for x in c) for L, (c, n) in enumerate(zip(crcs, counts)))):
                 raise ValueError("page_crc32 is not one list of crc32s per level, one per page of its rows")
         except (ValueError, KeyError, TypeError, RecursionError) as e:  # (JSON and UTF-8 errors are ValueErrors)
