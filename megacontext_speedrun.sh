@@ -95,7 +95,7 @@ else
     stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 200 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
     stage chat $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     stage chat_gist_first $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
-    CK="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}/ck/nanochat_src"
+    CK="$BASE/ck/nanochat_src"
     rm -rf "$CK"  # rebuilt from the code as it is now
     stage mc_build_ck $PY -m scripts.mc_build_ck --input nanochat --ext py --out "$CK" --model-tag "$TAG"
     stage chat_ck $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
