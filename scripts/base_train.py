@@ -81,6 +81,8 @@ def build_parser():
     p.add_argument("--sample-every", type=int, default=2000, help="-1 disables (samples are always printed at the end)")
     p.add_argument("--save-every", type=int, default=-1, help="-1: only at the end")
     p.add_argument("--resume-from-step", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=0, help="another draw of the initial weights, the recall rows and the "
+                   "MegaContext slates (0: the default draw; the pretraining shards' order is fixed)")
     p.add_argument("--model-tag", type=str, default=None, help="checkpoint dir name (default d<depth>)")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile the model (1/0; -1: on cuda only)")
     p.add_argument("--megacontext", action="store_true", help="MegaContext run: adds the --mc-* settings (see nanochat/megacontext/config.py)")
@@ -235,9 +237,13 @@ def train(argv=None):
         if args.max_seq_len + 1 - mc.horizon <= mc.w_max:
             raise UserError(f"--megacontext: the history (max_seq_len + 1 - mc_horizon = {args.max_seq_len + 1 - mc.horizon} tokens) "
                             f"must be longer than mc_w_max ({mc.w_max}), or there is nothing to compress")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
     user_config = vars(args).copy()
     device_type = args.device_type or autodetect_device_type()
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type)
+    if args.seed:  # 0 keeps compute_init's torch seed, so a run without --seed is the run it always was
+        torch.manual_seed(42 + args.seed)
     master = rank == 0
     synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
@@ -291,7 +297,7 @@ def train(argv=None):
     trainer = None
     if mc is not None:  # GistNet + LensNet (+ MegaPredictor) and their AdamW, scheduled with the model's optimizers
         from nanochat.megacontext.training import MegaContextTrainer
-        trainer = MegaContextTrainer.build(model, mc, device, bos_id=tokenizer.get_bos_token_id())
+        trainer = MegaContextTrainer.build(model, mc, device, bos_id=tokenizer.get_bos_token_id(), seed=args.seed)
         mc_optimizer = trainer.make_optimizer()
         for line in trainer.describe(history=args.max_seq_len + 1 - mc.horizon):
             print0(line)
@@ -309,6 +315,11 @@ def train(argv=None):
         missing += [k for k in ("optimizers", "dataloader_state_dict") if not isinstance(optim_data, dict) or k not in optim_data]
         if missing:
             raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: checkpoint lacks {', '.join(missing)}")
+        saved = meta.get("user_config")
+        saved_seed = saved.get("seed", 0) if isinstance(saved, dict) else 0
+        if saved_seed != args.seed:
+            raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: it was trained with --seed "
+                            f"{saved_seed}, this run has --seed {args.seed}")
         if meta["model_config"] != config.to_dict():
             raise UserError(f"cannot resume: checkpoint model_config {meta['model_config']} differs from this run's {config.to_dict()}")
         try:
@@ -348,7 +359,8 @@ def train(argv=None):
     T, B = args.max_seq_len, args.device_batch_size
     if args.recall_facts > 0:  # the recall testbed: dense recall rows, answer-only targets
         train_loader = recall_loader(tokenizer, B, T, "train", args.recall_facts, device=device, resume_state_dict=loader_state,
-                                     short_len=args.recall_short_len, short_batches=args.recall_short_steps * grad_accum_steps)
+                                     short_len=args.recall_short_len, short_batches=args.recall_short_steps * grad_accum_steps,
+                                     seed=args.seed)
         recall_docs = recall_eval_docs(tokenizer, T + 1, args.recall_eval_docs)
     else:
         train_loader = bos_bestfit_loader(tokenizer, B, T, "train", device=device, resume_state_dict=loader_state,

@@ -477,3 +477,33 @@ def test_recall_rows_train_log_recall_and_resume_exactly(base_dir, flags):
     assert resumed["final_loss"] == straight["final_loss"]
     again = torch.load(resumed_dir / "model_000004.pt")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_seed_draws_other_weights_rows_and_slates_reproducibly_and_resume_keeps_it(base_dir, monkeypatch):
+    """--seed 0 is the default run; --seed 1 is another one (initial weights, recall rows, slates), the same
+    twice; a checkpoint of one seed refuses to resume under another."""
+    from nanochat.megacontext.training import MegaContextTrainer
+    seeds = []  # (what, seed) as base_train hands them on
+    loader, build = base_train.recall_loader, MegaContextTrainer.build.__func__
+    monkeypatch.setattr(base_train, "recall_loader", lambda *a, seed=0, **k: seeds.append(("rows", seed)) or loader(*a, seed=seed, **k))
+    monkeypatch.setattr(MegaContextTrainer, "build", classmethod(lambda cls, *a, seed=0, **k: seeds.append(("slates", seed)) or build(cls, *a, seed=seed, **k)))
+    flags = RECALL_MC + ["--num-iterations", "2", "--eval-every", "-1"]
+    default = base_train.main(flags + ["--model-tag", "seed_default"])
+    zero = base_train.main(flags + ["--model-tag", "seed_zero", "--seed", "0"])
+    one = base_train.main(flags + ["--model-tag", "seed_one", "--seed", "1"])
+    again = base_train.main(flags + ["--model-tag", "seed_one_again", "--seed", "1"])
+    assert seeds == [("slates", 0), ("rows", 0)] * 2 + [("slates", 1), ("rows", 1)] * 2
+    assert zero["final_loss"] == default["final_loss"]
+    assert one["final_loss"] == again["final_loss"] != default["final_loss"]
+    ckpt = base_dir / "base_checkpoints"
+    w0, w1 = (torch.load(ckpt / tag / "model_000002.pt") for tag in ("seed_default", "seed_one"))
+    assert not torch.equal(w0["transformer.wte.weight"], w1["transformer.wte.weight"])
+    # the recall rows themselves differ (not only the weights that read them)
+    from nanochat.recall import recall_loader
+    from nanochat.tokenizer import get_tokenizer
+    rows = [next(recall_loader(get_tokenizer(), 1, 256, "train", 2, seed=s))[0] for s in (0, 1)]
+    assert not torch.equal(*rows)
+    with pytest.raises(UserError, match="trained with --seed 1, this run has --seed 0"):
+        base_train.main(flags + ["--model-tag", "seed_one", "--resume-from-step", "2"])
+    with pytest.raises(UserError, match="--seed must be 0 or more"):
+        base_train.main(flags + ["--seed", "-1"])
