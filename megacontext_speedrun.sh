@@ -66,14 +66,14 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     stage chat_eval $TRAIN scripts/chat_eval.py -i sft --model-tag "d${DEPTH}_mc"
 else
     export NANOCHAT_DATASET=pystdlib  # the embedded offline corpus
-    TAG=cpu_d4_mc
+    TAG=cpu_d3_mc
     stage report $PY -m nanochat.report reset
     stage data $PY -m nanochat.dataset --offline
     stage tokenizer $PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
     stage tok_eval $PY -m scripts.tok_eval --no-compare
     stage base_train_mc $PY -m scripts.base_train --config configs/cpu_tiny_mc.toml --model-tag "$TAG" --run "$RUN"
     if [ "${TWIN:-0}" = 1 ]; then
-        stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d4 --run "$RUN"
+        stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --run "$RUN"
     fi
     # The recall testbed needs only the data and the tokenizer: it trains on half the cores while the main
     # model's evaluation and chat stages run on the other half (neither job scales well to 2 threads). Its
