@@ -91,7 +91,9 @@ else
     stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
     stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 12
     stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
-    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 200 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
+    # 400 SFT steps: Spelling 27% / 30% / 40% at 200 / 300 / 400 on the d3 trunk (the answer 437 at each); they
+    # still end before the recall testbed beside them does, so they cost no wall time
+    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 400 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
     stage chat $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     stage chat_gist_first $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     CK="$BASE/ck/nanochat_src"
