@@ -31,7 +31,7 @@ from nanochat.dataset import split_paths, row_group_offsets, locate_row_group, r
 from nanochat.longrange import SEP, random_word
 
 PASS_WORD_P = 0.25  # how often a fact's key is "pass", the word mc_eval --task passkey asks about
-CACHE_GROUPS = 64   # tokenized row groups kept for filler (pystdlib has 56; a climbmix one is ~1M tokens)
+CACHE_TOKENS = 1 << 26  # filler kept tokenized, int32: 256 MiB (all of pystdlib's 72 row groups, ~64 of climbmix's)
 
 
 def recall_facts(rng, n_facts):
@@ -98,17 +98,17 @@ def recall_loader(tokenizer, B, T, split, n_facts, device="cpu", resume_state_di
     bos = tokenizer.get_bos_token_id()
     sep = tokenizer.encode(SEP)
     device = torch.device(device)
-    cache = {}  # row group index -> its texts' token ids joined by SEP, (N,) int32; the oldest dropped past CACHE_GROUPS
+    cache = {}  # row group index -> its texts' token ids joined by SEP, (N,) int32; the oldest dropped past CACHE_TOKENS
 
     def row_group_tokens(g):
         if g not in cache:
-            if len(cache) >= CACHE_GROUPS:
-                cache.pop(next(iter(cache)))
             pq_idx, rg_idx = locate_row_group(offsets, g)
             ids = [t for doc in tokenizer.encode(read_row_group(paths[pq_idx], rg_idx)) for t in doc + sep]
             if not ids:
                 raise UserError(f"row group {rg_idx} of {paths[pq_idx]} holds no text to use as filler")
             cache[g] = torch.tensor(ids, dtype=torch.int32)
+            while len(cache) > 1 and sum(map(len, cache.values())) > CACHE_TOKENS:
+                cache.pop(next(iter(cache)))
         return cache[g]
 
     i = 0

@@ -46,16 +46,17 @@ def test_loss_matches_cross_entropy_and_ignore_index():
     assert torch.allclose(per_token.sum() / (targets >= 0).sum(), expected, atol=1e-5)
 
 
-def test_scored_only_gives_the_same_loss_and_gradients_from_the_scored_targets_alone():
+@pytest.mark.parametrize("reduction", ["mean", "sum"])  # base_train's recall rows / chat_sft
+def test_scored_only_gives_the_same_loss_and_gradients_from_the_scored_targets_alone(reduction):
     model = make_model()
     idx = torch.randint(0, 300, (2, 30))
     targets = torch.full((2, 30), -1)
     targets[0, 3:6], targets[1, 20:22] = torch.randint(0, 300, (3,)), torch.randint(0, 300, (2,))
-    full = model(idx, targets)
+    full = model(idx, targets, loss_reduction=reduction)
     full.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    sparse = model(idx, targets, scored_only=True)
+    sparse = model(idx, targets, loss_reduction=reduction, scored_only=True)
     sparse.backward()
     assert sparse.item() == pytest.approx(full.item(), rel=1e-6)
     for g, p in zip(grads, model.parameters()):

@@ -79,6 +79,25 @@ def test_loader_is_deterministic_and_resumes_exactly(base_dir):
         next(make({"pq_idx": 0, "rg_idx": 0}))
 
 
+def test_filler_row_groups_are_tokenized_once_while_they_fit_the_cache(base_dir, monkeypatch):
+    # the recall testbed draws filler from random row groups: a corpus that fits the cache is read and
+    # tokenized once per group (pystdlib's 72 groups outnumbered a 64-group cache: ~18% of a training core)
+    import nanochat.recall as recall
+    tok = get_tokenizer()
+    reads = []
+    read = recall.read_row_group
+    monkeypatch.setattr(recall, "read_row_group", lambda path, i: reads.append((path, i)) or read(path, i))
+    rows_of(recall_loader(tok, 8, 256, "train", 2), 10)  # 80 rows' filler from the 6 train row groups
+    assert len(reads) == len(set(reads)) == 6
+    monkeypatch.setattr(recall, "CACHE_TOKENS", 1)  # room for one group: a draw of another reads it again
+    reads.clear()
+    again = rows_of(recall_loader(tok, 8, 256, "train", 2), 10)
+    assert len(reads) > 6
+    monkeypatch.setattr(recall, "CACHE_TOKENS", 1 << 26)
+    for (x, y, _), (x2, y2, _) in zip(again, rows_of(recall_loader(tok, 8, 256, "train", 2), 10)):
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # the cache changes no row
+
+
 def test_eval_docs_end_in_the_question_and_recall_accuracy_scores_the_answer(base_dir):
     tok = get_tokenizer()
     docs = recall_eval_docs(tok, 200, 3)

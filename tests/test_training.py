@@ -116,6 +116,36 @@ def test_while_the_budget_covers_the_history_only_the_raw_baseline_is_scored():
     assert 128 < stats["budget"] < 384 and stats["variants"] > 1
 
 
+def test_no_annealing_step_costs_more_variant_slots_than_one_after_it():
+    model, gistnet, lensnet, mc = make(anneal_frac=1.0)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    x, y = batch(B=4)
+    after = 4 * 4 * (128 + 32 - 1)  # B rows x 4 variants x (w_max + H - 1) slots
+    for step in (0, 3, 6, 10):
+        stats = trainer.backward(x, y, step=step, num_iterations=10)
+        assert 1 <= stats["rows"] <= 4 and stats["rows"] * stats["slots"] <= after, (step, stats)
+    assert stats["budget"] == 128 and stats["rows"] == 4  # annealed: every row is scored
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_scored_subset_of_an_annealing_batch_stands_for_every_row(masked):
+    # B copies of one row, the deterministic baseline only: a micro-batch that scores 2 of its 4 rows must
+    # give the gradient of the whole batch, which is the single row's (the LM loss is a mean over rows)
+    grads = []
+    for B in (1, 4):
+        model, gistnet, lensnet, mc = make(num_variants=1, anneal_frac=1.0)
+        trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+        x, y = batch(B=1)
+        if masked:  # recall rows: only a few targets count, three of them in the horizon
+            y = torch.where(torch.isin(torch.arange(T), torch.tensor([40, 200, T - 20, T - 10, T - 1])), y, -1)
+        stats = trainer.backward(x.repeat(B, 1), y.repeat(B, 1), step=5, num_iterations=10)  # C2 256: 2 of 4 rows fit
+        assert stats["rows"] == (1 if B == 1 else 2)
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_the_horizon_loss_is_the_mean_nll_of_the_variants():
     model, gistnet, lensnet, mc = make(num_variants=1, alpha_lod1=0.0)  # the baseline only: a truncated window of 128 tokens
     trainer = MegaContextTrainer(model, gistnet, lensnet, mc)

@@ -39,8 +39,11 @@ Masked targets (recall rows, nanochat/recall.py: y is -1 off the answers): only 
 count, in the horizon loss (their NLL sum over the micro-batch's scored targets, as the LM loss is a
 mean over them), in each variant's NLL and so in DeltaNLL; fact_stats then logs where each asked fact
 sits (raw in which variants, LensNet's top gist or not), the probes of issue 15.
-Memory: rows go through in chunks whose variant slots fit in the vanilla micro-batch's B * T slots,
-each chunk backpropagated on its own, so peak memory stays near the vanilla run's.
+Compute and memory: a micro-batch's variant slots never exceed their count after annealing (while C2
+anneals, a random subset of the rows is scored, weighted up to stand for all of them), so no step costs
+more than one after annealing; rows go through in chunks, each backpropagated on its own, so peak memory
+stays near the vanilla run's. (Not the rows: on the recall curriculum's short rows, scoring 3 of 16
+left a d2 trunk that never learned to copy in 500 steps; all 16 learn it by step 200.)
 Randomness: each row's slate RNG is seeded from (seed, step, stream, row), so a resumed run draws the
 same slates, and so does any chunking.
 """
@@ -149,7 +152,7 @@ class MegaContextTrainer:
             ((cfg.lm_weight * loss + mp_loss) / grad_accum_steps).backward()
             flops += B * T * (self.gist_flops / 3 + 6 * self.predictor.dim ** 2 / 32)  # per token: the targets' GistNet forward, 1/32 readout
         stats = self.backward(x, y, step, num_iterations, grad_scale=1 / grad_accum_steps, stream=stream)
-        flops += B * (stats.get("slots", 0.0) * self.flops_per_token + (T + 1 - cfg.horizon) * self.gist_flops)
+        flops += stats["rows"] * (stats.get("slots", 0.0) * self.flops_per_token + (T + 1 - cfg.horizon) * self.gist_flops)
         stats.update({f"mp_cos_lod{L}": c for L, c in mp_cos.items()})
         return loss.detach(), stats, flops
 
@@ -235,33 +238,39 @@ class MegaContextTrainer:
 
     def backward(self, x, y, step, num_iterations, grad_scale=1.0, stream=0, max_slots=None):
         """x, y: (B, T) one loader micro-batch. Backpropagates grad_scale x the MegaContext losses;
-        -> stats: dict of floats (row-weighted means over the chunks). Rows go in chunks of at most
-        max_slots variant slots (default B * T, the vanilla micro-batch)."""
+        -> stats: dict of floats (row-weighted means over the chunks; "rows": how many were scored).
+        While C2 anneals, the variant slots of a micro-batch are capped at their level after annealing:
+        only as many rows as fit are scored (one at least, drawn at random), each weighing B / scored,
+        so that the loss is an unbiased estimate of every row's. Rows go in chunks of at most max_slots
+        variant slots (default B * T)."""
         masked = bool((y < 0).any())  # targets -1 off the answers (recall rows): the horizon is scored where y is
         rows = torch.cat([x, y[:, -1:].clamp(min=0)], dim=1)  # (B, T + 1): the packed rows (a masked last token reads 0)
         weights = (y >= 0).float() if masked else None  # (B, T): target j, row token j + 1, counts or not
         B, n = rows.shape
         H = self.config.horizon
         budget = variant_budget(step, num_iterations, n - H, self.config)
+        row_slots = (self.config.num_variants + self.config.cognitive_core) * (budget + H)  # a row's variant slots at most (+ the drop variant)
+        scored = min(B, max(1, B * (self.config.w_max + H) // (budget + H)))
+        picked = list(range(B)) if scored == B else sorted(random.Random(f"{self.seed}:{step}:{stream}:rows").sample(range(B), scored))
         max_slots = B * (n - 1) if max_slots is None else max_slots
-        chunk = max(1, max_slots // ((self.config.num_variants + self.config.cognitive_core) * (budget + H)))  # + the drop variant
-        cuts = [split_point(row, self.bos_id, H, self.config.w_max) for row in rows.tolist()]
+        chunk = max(1, max_slots // row_slots)
+        cuts = [split_point(rows[b].tolist(), self.bos_id, H, self.config.w_max) for b in picked]
         totals = {}
-        for r0 in range(0, B, chunk):
-            part = rows[r0:r0 + chunk]
-            rngs = [random.Random(f"{self.seed}:{step}:{stream}:{r0 + i}") for i in range(part.size(0))]  # one per row
+        for c0 in range(0, scored, chunk):
+            ids = picked[c0:c0 + chunk]
+            part = rows[ids]  # (R, T + 1)
+            rngs = [random.Random(f"{self.seed}:{step}:{stream}:{b}") for b in ids]  # one per row
             # the caller's LM loss is a mean over its scored targets; each chunk's horizon sum is divided by
-            # its share of them, so that the chunks' losses, scaled by part.size(0) / B below, add up right
-            lm_tokens = None if weights is None else weights.sum().clamp(min=1) * part.size(0) / B
-            loss, stats = self.loss(part, budget, rngs, cuts[r0:r0 + chunk],
-                                    None if weights is None else weights[r0:r0 + chunk], lm_tokens)
-            (loss * grad_scale * part.size(0) / B).backward()
+            # its share of them, so that the chunks' losses, scaled by R / scored below, add up right
+            lm_tokens = None if weights is None else weights.sum().clamp(min=1) * len(ids) / B
+            loss, stats = self.loss(part, budget, rngs, cuts[c0:c0 + chunk], None if weights is None else weights[ids], lm_tokens)
+            (loss * grad_scale * len(ids) / scored).backward()
             for k, v in stats.items():
-                w = part.size(0) if v == v else 0  # a NaN (nothing measured in this chunk) counts for nothing
+                w = len(ids) if v == v else 0  # a NaN (nothing measured in this chunk) counts for nothing
                 s, ws = totals.get(k, (0.0, 0))
                 totals[k] = (s + (v * w if w else 0.0), ws + w)
         out = {k: s / w if w else float("nan") for k, (s, w) in totals.items()}
-        out["budget"] = budget
+        out.update(budget=budget, rows=scored)
         return out
 
     def slate(self, sources, budget, rngs):
