@@ -31,14 +31,12 @@ venv_install() {
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     .venv/bin/python -m pip install -q --no-compile -e .  # no .pyc pass over all of torch: ~25 s saved, imports compile what they use
 }
-# the recall testbed (CPU profile), on half the cores beside the main model's evaluation and chat stages: a d2
-# MegaContext model trained on dense recall rows (configs/cpu_recall_mc.toml), then exact pass-key recall with
-# the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention. Its output goes to $RECALL_LOG,
-# its stage times to $RECALL_LOG.stages (marked "beside": they overlap the others)
-recall_testbed() {
+# the recall testbed (CPU profile): a d2 MegaContext model trained on dense recall rows (configs/cpu_recall_mc.toml),
+# then exact pass-key recall with the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention.
+# Its training runs in the background: the stage time goes to $RECALL_LOG.stages (marked "beside", it overlaps others)
+recall_train() {
     STAGES=()
     stage "base_train_recall (beside)" $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --run "$RUN"
-    stage "mc_eval_recall (beside)" $PY -m scripts.mc_eval --model-tag cpu_recall_mc --task passkey --mults 8,16 --num-docs 16 --out "$RECALL_JSON"
     printf '%s\n' "${STAGES[@]}" > "$RECALL_LOG.stages"
 }
 
@@ -77,18 +75,18 @@ else
     if [ "${TWIN:-0}" = 1 ]; then
         stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --run "$RUN"
     fi
-    # The recall testbed needs only the data and the tokenizer: it runs on half the cores while the main
+    # The recall testbed needs only the data and the tokenizer: it trains on half the cores while the main
     # model's evaluation and chat stages run on the other half (neither job scales well to 2 threads). Its
-    # log goes to $RECALL_LOG and is printed when both are done.
+    # log goes to $RECALL_LOG and is printed when both are done; its evaluation then runs on all the cores.
     BASE="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     RECALL_LOG="$BASE/recall_testbed.log"
     RECALL_JSON="$BASE/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
     CORES=$(getconf _NPROCESSORS_ONLN)
     HALF=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
-    OMP_NUM_THREADS=$HALF recall_testbed > "$RECALL_LOG" 2>&1 &
+    OMP_NUM_THREADS=$HALF recall_train > "$RECALL_LOG" 2>&1 &
     RECALL_PID=$!
     trap 'kill "$RECALL_PID" 2>/dev/null || true' EXIT
-    echo "recall testbed beside the next stages on $HALF thread(s): tail -f $RECALL_LOG"
+    echo "recall testbed training beside the next stages on $HALF thread(s): tail -f $RECALL_LOG"
     export OMP_NUM_THREADS=$HALF
     stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
     stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 12
@@ -107,6 +105,7 @@ else
     trap - EXIT
     cat "$RECALL_LOG"
     while read -r line; do STAGES+=("$line"); done < "$RECALL_LOG.stages"
+    stage mc_eval_recall $PY -m scripts.mc_eval --model-tag cpu_recall_mc --task passkey --mults 8,16 --num-docs 16 --out "$RECALL_JSON"
 fi
 stage report_md $PY -m nanochat.report generate
 echo
