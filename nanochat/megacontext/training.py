@@ -44,8 +44,8 @@ anneals, a random subset of the rows is scored, weighted up to stand for all of 
 more than one after annealing; rows go through in chunks, each backpropagated on its own, so peak memory
 stays near the vanilla run's. (Not the rows: on the recall curriculum's short rows, scoring 3 of 16
 left a d2 trunk that never learned to copy in 500 steps; all 16 learn it by step 200.)
-Randomness: each row's slate RNG is seeded from (seed, step, stream, row), so a resumed run draws the
-same slates, and so does any chunking.
+Randomness: each row's slate RNG is seeded from (seed, step, stream, row), and the rows scored while C2
+anneals from (seed, step, stream), so a resumed run draws the same slates, and so does any chunking.
 """
 
 import json
