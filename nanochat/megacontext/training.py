@@ -42,8 +42,8 @@ sits (raw in which variants, LensNet's top gist or not), the probes of issue 15.
 Compute and memory: a micro-batch's variant slots never exceed their count after annealing (while C2
 anneals, a random subset of the rows is scored, weighted up to stand for all of them), so no step costs
 more than one after annealing; rows go through in chunks, each backpropagated on its own, so peak memory
-stays near the vanilla run's. (Not the rows: on the recall curriculum's short rows, scoring 3 of 16
-left a d2 trunk that never learned to copy in 500 steps; all 16 learn it by step 200.)
+stays near the vanilla run's. The cap follows C2 alone, never the row length: on the recall curriculum's
+short rows, scoring 3 of 16 left a d2 trunk that never learned to copy in 500 steps (all 16: by step 200).
 Randomness: each row's slate RNG is seeded from (seed, step, stream, row), and the rows scored while C2
 anneals from (seed, step, stream), so a resumed run draws the same slates, and so does any chunking.
 """
