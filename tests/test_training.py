@@ -162,6 +162,28 @@ def test_the_horizon_loss_is_the_mean_nll_of_the_variants():
     assert loss.item() == pytest.approx(expected.item() * 32 / T, rel=1e-5)
 
 
+def test_a_baseline_beside_other_variants_is_scored_without_a_gradient():
+    """The truncated window is the reference point of a slate: its NLL is measured (in variant order,
+    where the stats read it), its forward runs without autograd, and every other variant trains."""
+    model, gistnet, lensnet, mc = make(num_variants=4, alpha_lod1=0.0)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(std=0.5)  # confident logits: each variant's NLL its own, not ~log V for all
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    calls = []  # (rows, grad enabled) of each variant forward: the LM head runs on the H scored slots alone
+    model.lm_head.register_forward_hook(lambda m, inp, out: calls.append((out.size(0), torch.is_grad_enabled())))
+    x, y = batch(B=2)
+    rows = torch.cat([x, y[:, -1:]], 1)
+    loss, stats = trainer.loss(rows, 128, [random.Random(0), random.Random(1)])
+    assert stats["variants"] == 4 and stats["frozen_slots"] == 97 + 32 - 1  # recent(128): 97 slots, + H - 1
+    assert sorted(calls) == [(2, False), (6, True)]  # 2 baselines without autograd, 2 x 3 variants with it
+    c = T + 1 - 32
+    # the baselines' NLLs, back in their places among the variants, are what nll_baseline averages
+    expected = torch.stack([torch.nn.functional.cross_entropy(model(rows[b:b + 1, 256:-1])[0, -32:], rows[b, c:]) for b in range(2)])
+    assert stats["nll_baseline"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.transformer.h.parameters())
+
+
 def test_masked_targets_score_only_their_tokens_in_the_horizon():
     """Recall rows (targets -1 off the answers): the horizon NLL counts the scored tokens alone, and the
     loss divides their sum by the rows' scored targets, as the LM loss does."""

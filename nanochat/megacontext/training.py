@@ -25,7 +25,9 @@ whose next tokens no distant history could help predict).
      lens       (num_variants >= 4, the last slot) LensNet + allocator's own refocus of the reference
    While C2 covers the whole history every variant would be the raw baseline, so only it is scored.
 3. one forward of every variant of every row (horizon.horizon_nll): [WC || S[c : c+H-1]], logits only at
-   the H slots that predict S[c : c+H].
+   the H slots that predict S[c : c+H]. A baseline beside other variants is the slate's reference point
+   (its NLL is the truncation figure): it runs in a forward without autograd, a third of its training
+   cost (MC step 77.0 -> 73.0 GFLOP at cpu_tiny_mc); a lone baseline (C2 holds the history) trains.
 4. gist losses: 1 - cos(GistNet(soft predicted horizon blocks), GistNet(true horizon blocks)), where
    soft = softmax(logits) @ norm(wte), the embedding the model expects next, in the space gists live
    in. The loss trains the base model only: GistNet is held fixed in it (no gradient to its weights),
@@ -152,7 +154,8 @@ class MegaContextTrainer:
             ((cfg.lm_weight * loss + mp_loss) / grad_accum_steps).backward()
             flops += B * T * (self.gist_flops / 3 + 6 * self.predictor.dim ** 2 / 32)  # per token: the targets' GistNet forward, 1/32 readout
         stats = self.backward(x, y, step, num_iterations, grad_scale=1 / grad_accum_steps, stream=stream)
-        flops += stats["rows"] * (stats.get("slots", 0.0) * self.flops_per_token + (T + 1 - cfg.horizon) * self.gist_flops)
+        slots = stats.get("slots", 0.0) - 2 / 3 * stats.get("frozen_slots", 0.0)  # a frozen slot: its forward, 1/3 of the cost
+        flops += stats["rows"] * (slots * self.flops_per_token + (T + 1 - cfg.horizon) * self.gist_flops)
         stats.update({f"mp_cos_lod{L}": c for L, c in mp_cos.items()})
         return loss.detach(), stats, flops
 
@@ -353,10 +356,10 @@ class MegaContextTrainer:
         variants, refs, lens_rows, scores, swaps, assembled_refs = self.slate(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
 
-        nll, logits, _ = horizon_nll(model, [v.wc for v in variants], [v.source or sources[v.row] for v in variants],
-                                     [horizons[v.row] for v in variants], return_logits=True,
-                                     assembled=[assembled_refs[v.row] if v.kind == "reference" else None for v in variants],
-                                     forward=self.forward, pad_multiple=self.pad_multiple)  # (Rv, H), (Rv, H, V)
+        # a baseline beside other variants is a reference point (DeltaNLL vs truncation), scored without a
+        # gradient: its forward only, a third of its cost; a lone baseline (C2 holds the whole history) trains
+        frozen = [v.kind == "baseline" and refs[v.row] is not None for v in variants]
+        nll, logits = self.score(variants, sources, horizons, assembled_refs, frozen)  # (Rv, H), (Rv, H, V)
         if weights is None:
             item_nll = nll.mean(dim=1)  # (Rv,)
         else:  # only the scored horizon tokens count: horizon token i of row b is target c_b - 1 + i
@@ -396,6 +399,7 @@ class MegaContextTrainer:
 
         stats.update(lens_loss=nan, lens_agree=nan, swap_rate=sum(swaps) / len(swaps) if swaps else nan,
                      variants=len(variants) / len(rows), slots=sum(v.wc.cost + H - 1 for v in variants) / len(rows),
+                     frozen_slots=sum(v.wc.cost + H - 1 for v, f in zip(variants, frozen) if f) / len(rows),
                      budget_util=sum(v.wc.cost for v in variants) / len(variants) / budget,
                      controller_ms=1000 * controller_s)
         if weights is not None and not cfg.cognitive_core:
@@ -405,6 +409,25 @@ class MegaContextTrainer:
             stats.update(lens_stats)
             loss = loss + cfg.lens_weight * lens_loss
         return loss, stats
+
+    def score(self, variants, sources, horizons, assembled_refs, frozen):
+        """Every variant's horizon NLL (Rv, H) and logits (Rv, H, V), in variant order: the frozen ones
+        (a list of bools) in a forward without autograd, the others in one that backpropagates."""
+        out = []
+        for grad, idx in ((True, [i for i, f in enumerate(frozen) if not f]), (False, [i for i, f in enumerate(frozen) if f])):
+            if not idx:
+                continue
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                vs = [variants[i] for i in idx]
+                nll, logits, _ = horizon_nll(self.model, [v.wc for v in vs], [v.source or sources[v.row] for v in vs],
+                                             [horizons[v.row] for v in vs], return_logits=True,
+                                             assembled=[assembled_refs[v.row] if v.kind == "reference" else None for v in vs],
+                                             forward=self.forward, pad_multiple=self.pad_multiple)
+            out.append((idx, nll, logits))
+        if len(out) == 1:
+            return out[0][1], out[0][2]
+        order = torch.tensor([i for idx, _, _ in out for i in idx], device=out[0][1].device).argsort()
+        return torch.cat([o[1] for o in out])[order], torch.cat([o[2] for o in out])[order]
 
     def lens_loss(self, variants, refs, lens_rows, scores, item_nll, sources):
         """The LensNet loss over the rows that have a reference, and its stats."""
