@@ -356,8 +356,7 @@ class MegaContextTrainer:
         variants, refs, lens_rows, scores, swaps, assembled_refs = self.slate(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
 
-        # a baseline beside other variants is a reference point (DeltaNLL vs truncation), scored without a
-        # gradient: its forward only, a third of its cost; a lone baseline (C2 holds the whole history) trains
+        # a lone baseline (C2 holds the whole history) trains; beside other variants it is only scored (step 3)
         frozen = [v.kind == "baseline" and refs[v.row] is not None for v in variants]
         nll, logits = self.score(variants, sources, horizons, assembled_refs, frozen)  # (Rv, H), (Rv, H, V)
         if weights is None:
@@ -397,9 +396,10 @@ class MegaContextTrainer:
             if g is not None and alpha > 0:
                 loss = loss + alpha * g[0]
 
+        slots = [v.wc.cost + H - 1 for v in variants]  # each variant's forward slots
         stats.update(lens_loss=nan, lens_agree=nan, swap_rate=sum(swaps) / len(swaps) if swaps else nan,
-                     variants=len(variants) / len(rows), slots=sum(v.wc.cost + H - 1 for v in variants) / len(rows),
-                     frozen_slots=sum(v.wc.cost + H - 1 for v, f in zip(variants, frozen) if f) / len(rows),
+                     variants=len(variants) / len(rows), slots=sum(slots) / len(rows),
+                     frozen_slots=sum(n for n, f in zip(slots, frozen) if f) / len(rows),
                      budget_util=sum(v.wc.cost for v in variants) / len(variants) / budget,
                      controller_ms=1000 * controller_s)
         if weights is not None and not cfg.cognitive_core:
@@ -414,7 +414,8 @@ class MegaContextTrainer:
         """Every variant's horizon NLL (Rv, H) and logits (Rv, H, V), in variant order: the frozen ones
         (a list of bools) in a forward without autograd, the others in one that backpropagates."""
         out = []
-        for grad, idx in ((True, [i for i, f in enumerate(frozen) if not f]), (False, [i for i, f in enumerate(frozen) if f])):
+        for grad in (True, False):
+            idx = [i for i, f in enumerate(frozen) if f != grad]
             if not idx:
                 continue
             with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
