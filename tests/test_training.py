@@ -184,6 +184,43 @@ def test_a_baseline_beside_other_variants_is_scored_without_a_gradient():
     assert all(p.grad is not None for p in model.transformer.h.parameters())
 
 
+def test_one_row_of_a_micro_batch_measures_its_baseline_and_the_gradient_is_that_of_all():
+    """A baseline beside other variants trains nothing, so backward() runs one row's (the first scored)
+    and leaves the others out: every gradient, the gist losses' included, is the one of the whole slate."""
+    x, y = batch(B=3)
+    rows = torch.cat([x, y[:, -1:]], 1)
+    runs = []
+    for measured, alpha in ((None, 0.5), ([True, False, False], 0.5), ([True, False, False], 0.0)):
+        model, gistnet, lensnet, mc = make(num_variants=4, alpha_lod1=alpha)
+        with torch.no_grad():
+            model.lm_head.weight.normal_(std=0.5)
+        trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+        calls = []
+        hook = model.lm_head.register_forward_hook(lambda m, inp, out: calls.append((out.size(0), torch.is_grad_enabled())))
+        loss, stats = trainer.loss(rows, 128, [random.Random(b) for b in range(3)], measured=measured)
+        loss.backward()
+        hook.remove()
+        stats["loss"] = loss.item()
+        runs.append(([p.grad for p in list(model.parameters()) + trainer.parameters() if p.grad is not None], stats, calls))
+    (g_all, s_all, c_all), (g_one, s_one, c_one), (_, s_no_gist, _) = runs
+    # the gist loss: a sum over the 9 variants that train (its cosine their mean), divided by the slate's 12
+    assert s_one["loss"] - s_no_gist["loss"] == pytest.approx(0.5 * 9 * (1 - s_one["gist_cos_lod1"]) / 12, rel=1e-4)
+    assert sorted(c_all) == [(3, False), (9, True)] and sorted(c_one) == [(1, False), (9, True)]
+    assert s_all["variants"] == 4 and s_one["variants"] == 4 - 2 / 3
+    assert len(g_all) == len(g_one) > 0
+    for a, b in zip(g_all, g_one):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    c = T + 1 - 32
+    with torch.no_grad():  # row 0's truncated window (recent(128): 97 slots) is what nll_baseline now reads
+        expected = torch.nn.functional.cross_entropy(model(rows[:1, 256:-1])[0, -32:], rows[0, c:])
+    assert s_one["nll_baseline"] == pytest.approx(expected.item(), rel=1e-5)
+    # backward() measures the first row's baseline alone
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, inp, out: calls.append((out.size(0), torch.is_grad_enabled())))
+    trainer.backward(x, y, step=5, num_iterations=10)
+    assert [n for n, grad in calls if not grad] == [1]
+
+
 def test_masked_targets_score_only_their_tokens_in_the_horizon():
     """Recall rows (targets -1 off the answers): the horizon NLL counts the scored tokens alone, and the
     loss divides their sum by the rows' scored targets, as the LM loss does."""

@@ -25,12 +25,15 @@ whose next tokens no distant history could help predict).
      lens       (num_variants >= 4, the last slot) LensNet + allocator's own refocus of the reference
    While C2 covers the whole history every variant would be the raw baseline, so only it is scored.
 3. one forward of every variant of every row (horizon.horizon_nll): [WC || S[c : c+H-1]], logits only at
-   the H slots that predict S[c : c+H]. A baseline beside other variants is the slate's reference point
-   (its NLL is the truncation figure): it runs in a forward without autograd, a third of its training
-   cost (MC step 77.0 -> 73.0 GFLOP at cpu_tiny_mc); a lone baseline (C2 holds the history) trains.
+   the H slots that predict S[c : c+H]. A baseline beside other variants trains nothing (it feeds no
+   LensNet pair): its NLL is the truncation figure, a stat (nll_baseline), so backward() measures it on
+   one row per micro-batch, in a forward without autograd; the other rows' baselines are not run (MC
+   step 77.0 -> 73.0 GFLOP at cpu_tiny_mc without autograd, -> 71.6 measuring one row in four). A lone
+   baseline (C2 holds the whole history) trains.
 4. gist losses: 1 - cos(GistNet(soft predicted horizon blocks), GistNet(true horizon blocks)), where
    soft = softmax(logits) @ norm(wte), the embedding the model expects next, in the space gists live
-   in. The loss trains the base model only: GistNet is held fixed in it (no gradient to its weights),
+   in, over the variants that train, each weighing 1 / (the slate's variants, baselines included). The
+   loss trains the base model only: GistNet is held fixed in it (no gradient to its weights),
    since a constant GistNet would satisfy it trivially (cos = 1) by collapsing every gist to one vector.
 5. LensNet scores the reference's entries. The reference and its perturbed / lens variants are the
    reference plus per-entry edits (expanded +1; each member of a collapsed group -1/len(group), so the
@@ -244,8 +247,9 @@ class MegaContextTrainer:
         -> stats: dict of floats (row-weighted means over the chunks; "rows": how many were scored).
         While C2 anneals, the variant slots of a micro-batch are capped at their level after annealing:
         only as many rows as fit are scored (one at least, drawn at random), each weighing B / scored,
-        so that the loss is an unbiased estimate of every row's. Rows go in chunks of at most max_slots
-        variant slots (default B * T)."""
+        so that the loss is an unbiased estimate of every row's. Beside other variants, the first scored
+        row's baseline alone is run (nll_baseline). Rows go in chunks of at most max_slots variant slots
+        (default B * T)."""
         masked = bool((y < 0).any())  # targets -1 off the answers (recall rows): the horizon is scored where y is
         rows = torch.cat([x, y[:, -1:].clamp(min=0)], dim=1)  # (B, T + 1): the packed rows (a masked last token reads 0)
         weights = (y >= 0).float() if masked else None  # (B, T): target j, row token j + 1, counts or not
@@ -266,7 +270,9 @@ class MegaContextTrainer:
             # the caller's LM loss is a mean over its scored targets; each chunk's horizon sum is divided by
             # its share of them, so that the chunks' losses, scaled by R / scored below, add up right
             lm_tokens = None if weights is None else weights.sum().clamp(min=1) * len(ids) / B
-            loss, stats = self.loss(part, budget, rngs, cuts[c0:c0 + chunk], None if weights is None else weights[ids], lm_tokens)
+            measured = [b == picked[0] for b in ids]  # the truncation baseline, a stat: one row's a micro-batch
+            loss, stats = self.loss(part, budget, rngs, cuts[c0:c0 + chunk], None if weights is None else weights[ids], lm_tokens,
+                                    measured)
             (loss * grad_scale * len(ids) / scored).backward()
             for k, v in stats.items():
                 w = len(ids) if v == v else 0  # a NaN (nothing measured in this chunk) counts for nothing
@@ -339,10 +345,11 @@ class MegaContextTrainer:
                 out.append(Variant(b, kind, wc, edits))
         return out
 
-    def loss(self, rows, budget, rngs, cuts=None, weights=None, lm_tokens=None):
+    def loss(self, rows, budget, rngs, cuts=None, weights=None, lm_tokens=None, measured=None):
         """rows (R, T + 1), rngs: one random.Random per row, cuts: each row's split point (default: the
         row's last H tokens are the horizon), weights (R, T): 1 where row token j + 1 is a scored target
-        (None: all are), lm_tokens: the LM tokens the horizon sum is divided by (default R * T)
+        (None: all are), lm_tokens: the LM tokens the horizon sum is divided by (default R * T), measured:
+        R bools, the rows whose baseline is run beside their other variants (default: every row)
         -> (scalar loss to backpropagate, stats dict of floats, NaN = nothing measured)."""
         cfg, model = self.config, self.model
         H = cfg.horizon
@@ -356,8 +363,13 @@ class MegaContextTrainer:
         variants, refs, lens_rows, scores, swaps, assembled_refs = self.slate(sources, budget, rngs)
         controller_s = time.perf_counter() - t0
 
-        # a lone baseline (C2 holds the whole history) trains; beside other variants it is only scored (step 3)
-        frozen = [v.kind == "baseline" and refs[v.row] is not None for v in variants]
+        # a lone baseline (C2 holds the whole history) trains; beside other variants it is a stat, measured
+        # without autograd where asked (step 3)
+        in_slate = len(variants)
+        beside = lambda v: v.kind == "baseline" and refs[v.row] is not None
+        if measured is not None:
+            variants = [v for v in variants if not beside(v) or measured[v.row]]
+        frozen = [beside(v) for v in variants]
         nll, logits = self.score(variants, sources, horizons, assembled_refs, frozen)  # (Rv, H), (Rv, H, V)
         if weights is None:
             item_nll = nll.mean(dim=1)  # (Rv,)
@@ -389,12 +401,15 @@ class MegaContextTrainer:
                 mean_full, mean_drop = l_full.mean().item(), l_drop.mean().item()
                 stats.update(ck_margin_loss=margin_loss.item(), ckri=(mean_drop - mean_full) / mean_full)  # as mc_eval --task ck
 
-        targets = torch.stack([horizons[v.row] for v in variants])  # (Rv, H)
+        # the gist losses of the variants that train, each weighing 1 / in_slate: their scale does not depend
+        # on how many baselines were measured
+        trained = [i for i, f in enumerate(frozen) if not f]
+        targets = torch.stack([horizons[variants[i].row] for i in trained])  # (Rt, H)
         for level, alpha in ((1, cfg.alpha_lod1), (2, cfg.alpha_lod2)):
-            g = gist_loss(model, self.gistnet, logits, targets, level) if level <= cfg.max_level else None
+            g = gist_loss(model, self.gistnet, logits[trained], targets, level) if level <= cfg.max_level else None
             stats[f"gist_cos_lod{level}"] = g[1].item() if g is not None else nan
             if g is not None and alpha > 0:
-                loss = loss + alpha * g[0]
+                loss = loss + alpha * g[0] * len(trained) / in_slate
 
         slots = [v.wc.cost + H - 1 for v in variants]  # each variant's forward slots
         stats.update(lens_loss=nan, lens_agree=nan, swap_rate=sum(swaps) / len(swaps) if swaps else nan,
