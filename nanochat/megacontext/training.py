@@ -28,7 +28,7 @@ whose next tokens no distant history could help predict).
    the H slots that predict S[c : c+H]. A baseline beside other variants trains nothing (it feeds no
    LensNet pair): its NLL is the truncation figure, a stat (nll_baseline), so backward() measures it on
    one row per micro-batch, in a forward without autograd; the other rows' baselines are not run (MC
-   step 77.0 -> 73.0 GFLOP at cpu_tiny_mc without autograd, -> 71.6 measuring one row in four). A lone
+   step 77.0 -> 73.0 GFLOP at cpu_tiny_mc without autograd, -> 71.2 measuring one row in four). A lone
    baseline (C2 holds the whole history) trains.
 4. gist losses: 1 - cos(GistNet(soft predicted horizon blocks), GistNet(true horizon blocks)), where
    soft = softmax(logits) @ norm(wte), the embedding the model expects next, in the space gists live
