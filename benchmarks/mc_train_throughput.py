@@ -99,6 +99,7 @@ def main():
     (vanilla, vanilla_mem), (mid, mid_mem), (target, target_mem) = measure([step(s) for s in modes.values()])
     flops = {name: count_flops(step(s)) for name, s in modes.items()}
     result = dict(benchmark="mc_train_throughput", device=torch.cuda.get_device_name(device) if cuda else device_type,
+                  cpu_capability=None if cuda else torch.backends.cpu.get_cpu_capability(),  # AVX2 under ATEN_CPU_CAPABILITY=avx2
                   dtype=str(compute_dtype(device_type)).replace("torch.", ""), compiled_lm=use_compile, compiled_mc=use_compile, depth=args.depth,
                   max_seq_len=T, device_batch_size=B, w_max=mc.w_max, horizon=mc.horizon, num_variants=mc.num_variants,
                   vanilla_tok_per_sec=vanilla, mc_tok_per_sec=target, mc_anneal_mid_tok_per_sec=mid,

@@ -46,7 +46,7 @@ def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
     assert len(lines) == 1
     result = lines[0]
     assert result["benchmark"] == "mc_train_throughput" and result["w_max"] == 64 and result["max_seq_len"] == 160
-    assert result["vanilla_tok_per_sec"] > 0 and result["mc_tok_per_sec"] > 0
+    assert result["vanilla_tok_per_sec"] > 0 and result["mc_tok_per_sec"] > 0 and result["cpu_capability"]  # the ISA the kernels ran
     assert result["ratio"] == round(result["mc_tok_per_sec"] / result["vanilla_tok_per_sec"], 3)
     # the MegaContext step does more matmul work than the vanilla one; the bound is their FLOP ratio
     assert result["mc_step_gflop"] > result["vanilla_step_gflop"] > 0
