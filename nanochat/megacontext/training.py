@@ -370,7 +370,7 @@ class MegaContextTrainer:
         if measured is not None:
             variants = [v for v in variants if not beside(v) or measured[v.row]]
         frozen = [beside(v) for v in variants]
-        nll, logits = self.score(variants, sources, horizons, assembled_refs, frozen)  # (Rv, H), (Rv, H, V)
+        nll, logits = self.score(variants, sources, horizons, assembled_refs, frozen)  # (Rv, H), (Rt, H, V)
         if weights is None:
             item_nll = nll.mean(dim=1)  # (Rv,)
         else:  # only the scored horizon tokens count: horizon token i of row b is target c_b - 1 + i
@@ -406,7 +406,7 @@ class MegaContextTrainer:
         trained = [i for i, f in enumerate(frozen) if not f]
         targets = torch.stack([horizons[variants[i].row] for i in trained])  # (Rt, H)
         for level, alpha in ((1, cfg.alpha_lod1), (2, cfg.alpha_lod2)):
-            g = gist_loss(model, self.gistnet, logits[trained], targets, level) if level <= cfg.max_level else None
+            g = gist_loss(model, self.gistnet, logits, targets, level) if level <= cfg.max_level else None
             stats[f"gist_cos_lod{level}"] = g[1].item() if g is not None else nan
             if g is not None and alpha > 0:
                 loss = loss + alpha * g[0] * len(trained) / in_slate
@@ -426,8 +426,9 @@ class MegaContextTrainer:
         return loss, stats
 
     def score(self, variants, sources, horizons, assembled_refs, frozen):
-        """Every variant's horizon NLL (Rv, H) and logits (Rv, H, V), in variant order: the frozen ones
-        (a list of bools) in a forward without autograd, the others in one that backpropagates."""
+        """-> (every variant's horizon NLL (Rv, H), in variant order; the logits (Rt, H, V) of the variants
+        that train, in variant order). The frozen ones (a list of bools) run in a forward without
+        autograd, the others in one that backpropagates; only the latter's logits feed a loss."""
         out = []
         for grad in (True, False):
             idx = [i for i, f in enumerate(frozen) if f != grad]
@@ -440,10 +441,11 @@ class MegaContextTrainer:
                                              assembled=[assembled_refs[v.row] if v.kind == "reference" else None for v in vs],
                                              forward=self.forward, pad_multiple=self.pad_multiple)
             out.append((idx, nll, logits))
+        trained_logits = out[0][2]  # every slate has a variant that trains: a lone baseline, or the reference
         if len(out) == 1:
-            return out[0][1], out[0][2]
+            return out[0][1], trained_logits
         order = torch.tensor([i for idx, _, _ in out for i in idx], device=out[0][1].device).argsort()
-        return torch.cat([o[1] for o in out])[order], torch.cat([o[2] for o in out])[order]
+        return torch.cat([o[1] for o in out])[order], trained_logits
 
     def lens_loss(self, variants, refs, lens_rows, scores, item_nll, sources):
         """The LensNet loss over the rows that have a reference, and its stats."""
