@@ -96,14 +96,14 @@ model.init_weights()
 optimizers = model.setup_optimizers()
 x = torch.randint(0, 8192, (8, 256))  # the (B*T, V) fp32 logits: 64 MiB, over glibc's 32 MiB mmap ceiling
 faults = []
-for _ in range(4):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     model(x, x).backward()
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[1:]))
+print(sorted(faults[1:])[3])  # the median step after the first: a step may still grow the heap by a buffer
 """
 
 
@@ -116,5 +116,6 @@ def test_a_cpu_training_step_reuses_freed_memory_instead_of_faulting_it_in_again
         r = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, on], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         faults[on] = int(r.stdout.strip())
-    # each 64 MiB logits-sized buffer is 16k pages: by default every step faults them all in again
+    # each 64 MiB logits-sized buffer is 16k pages: by default every step faults them all in again;
+    # kept, a typical step faults none (now and then one grows the heap by a buffer while it settles)
     assert faults["0"] > 50000 and faults["1"] < 5000, faults
