@@ -84,6 +84,18 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose default N(0, 1) init is skipped on the meta device, where models are
+    built before to_empty(): a meta normal_ runs through torch._refs, whose first call imports
+    torch._dynamo (~2 s of a script's start on a CPU; imported after init_process_group, it also
+    keeps the process group alive past destroy_process_group). init_weights() or a checkpoint
+    sets the values."""
+
+    def reset_parameters(self):
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -199,7 +211,7 @@ class GPT(nn.Module):
         kv_dim = config.n_kv_head * head_dim
         self.window_sizes = window_sizes(config)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(self.padded_vocab_size, config.n_embd),
+            wte=Embedding(self.padded_vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = Linear(config.n_embd, self.padded_vocab_size)
@@ -209,12 +221,17 @@ class GPT(nn.Module):
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+            str(i): Embedding(self.padded_vocab_size, kv_dim)
             for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
         })
-        # rotary tables are derived, never saved (non-persistent); 10x headroom over sequence_len
+        # rotary tables are derived, never saved (non-persistent); 10x headroom over sequence_len.
+        # A meta-device build only shapes them (a meta arange would import torch._dynamo, as above);
+        # init_rotary() fills them once the model has storage.
         self.rotary_seq_len = config.sequence_len * 10
-        cos, sin = self._rotary_tables(self.rotary_seq_len, head_dim)
+        if torch.get_default_device().type == "meta":
+            cos, sin = (torch.empty(1, self.rotary_seq_len, 1, head_dim // 2) for _ in range(2))
+        else:
+            cos, sin = self._rotary_tables(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

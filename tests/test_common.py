@@ -1,10 +1,11 @@
 import os
 import stat
+import contextlib
 
 import pytest
 
-from nanochat.common import (atomic_path, atomic_write_json, check_digest, cli_main, commit_with_digest, UserError, compute_dtype,
-                             orthogonalize_dtype)
+from nanochat.common import (atomic_path, atomic_write_json, check_digest, cli_main, commit_with_digest, UserError, compute_cleanup,
+                             compute_dtype, orthogonalize_dtype)
 
 
 def test_atomic_path_replaces_on_success_and_keeps_old_on_failure(tmp_path):
@@ -66,6 +67,26 @@ def test_cli_main_turns_user_errors_into_one_line(capsys):
         cli_main(main)
     assert e.value.code == 1
     assert capsys.readouterr().err == "error: no tokenizer at /x (run tok_train first)\n"
+
+
+def test_compute_cleanup_meets_at_a_barrier_on_a_normal_exit_only(monkeypatch, tmp_path):
+    # a normal exit waits at a barrier (so gloo's worker threads drop their last tensor references
+    # before interpreter shutdown); an exception skips it (a dead peer would never arrive)
+    import torch.distributed as dist
+    calls = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), real_barrier(*a, **k)))
+    for failing in (False, True):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store_{failing}", rank=0, world_size=1)
+        calls.clear()
+        with pytest.raises(RuntimeError) if failing else contextlib.nullcontext():
+            try:
+                if failing:
+                    raise RuntimeError("this rank failed")
+            finally:
+                compute_cleanup()
+        assert calls == ([] if failing else ["barrier"])
+        assert not dist.is_initialized()
 
 
 def test_compute_dtype_env_override(monkeypatch):

@@ -181,6 +181,31 @@ def test_meta_device_build_then_init_equals_direct():
     assert torch.equal(direct(idx), meta(idx))
 
 
+def test_a_direct_build_draws_the_same_random_numbers_as_before():
+    # the meta-skipping Embedding must leave a real-device build's default init (and so the RNG
+    # stream every later draw sees) exactly as nn.Embedding's
+    from nanochat.gpt import Embedding
+    torch.manual_seed(3)
+    ours, after_ours = Embedding(50, 8).weight, torch.rand(4)
+    torch.manual_seed(3)
+    theirs, after_theirs = torch.nn.Embedding(50, 8).weight, torch.rand(4)
+    assert torch.equal(ours, theirs) and torch.equal(after_ours, after_theirs)
+
+
+def test_a_meta_device_build_never_imports_torch_dynamo():
+    # a meta normal_ / arange runs through torch._refs, whose first call imports torch._dynamo
+    # (~2 s of a script's start on a CPU, and it pins a process group past destroy)
+    code = ("import sys, torch\nfrom nanochat.gpt import GPT, GPTConfig\n"
+            "with torch.device('meta'):\n"
+            "    m = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))\n"
+            "m.to_empty(device='cpu'); m.init_weights(); m(torch.zeros(1, 8, dtype=torch.long))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'imported'\n")
+    import subprocess, sys, os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
 def test_estimate_flops_formula():
     model = make_model(perturb=False)
     c = model.config
