@@ -4,8 +4,10 @@ trained tokenizer), made once per test session.
 """
 
 import os
+import sys
 import glob
 import sysconfig
+import subprocess
 
 import pytest
 import torch
@@ -13,6 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def run_fresh_python(code):
+    """Run code in a new interpreter at the repository root (to see what its imports pull in);
+    -> CompletedProcess with text output."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
 
 
 def stdlib_texts(n_docs=90):

@@ -1,14 +1,13 @@
 """MegaContext settings (nanochat/megacontext/config.py) and the one switch in base_train."""
 
 import os
-import sys
 import glob
 import tomllib
-import subprocess
 
 import pytest
 
 from nanochat.common import UserError
+from conftest import run_fresh_python
 from nanochat.megacontext.config import MegaContextConfig, from_args
 from scripts import base_train
 
@@ -61,7 +60,7 @@ def test_vanilla_parsing_never_imports_megacontext():
             "assert not any(k.startswith('nanochat.megacontext') for k in sys.modules)\n"
             "base_train.parse_args(['--config', 'configs/d12_mc.toml'])\n"
             "assert 'nanochat.megacontext.config' in sys.modules\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    r = run_fresh_python(code)
     assert r.returncode == 0, r.stderr
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from nanochat.megacontext.positions import slot_rotary
 from nanochat.gpt import GPT, GPTConfig, attend, window_sizes, has_value_embedding
-from conftest import jitter
+from conftest import jitter, run_fresh_python
 
 
 def tiny_config(**kw):
@@ -200,9 +200,7 @@ def test_a_meta_device_build_never_imports_torch_dynamo():
             "    m = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))\n"
             "m.to_empty(device='cpu'); m.init_weights(); m(torch.zeros(1, 8, dtype=torch.long))\n"
             "assert 'torch._dynamo' not in sys.modules, 'imported'\n")
-    import subprocess, sys, os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    r = run_fresh_python(code)
     assert r.returncode == 0, r.stderr
 
 
@@ -293,9 +291,7 @@ def test_vanilla_path_never_imports_megacontext():
             "m = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)); m.init_weights()\n"
             "m(torch.zeros(1, 8, dtype=torch.long))\n"
             "assert not any(k.startswith('nanochat.megacontext') for k in sys.modules), 'imported'\n")
-    import subprocess, sys, os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    r = run_fresh_python(code)
     assert r.returncode == 0, r.stderr
 
 
