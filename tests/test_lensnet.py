@@ -180,6 +180,23 @@ def test_lens_targets_distance_regularized_argmin():
     assert torch.allclose(lens_targets(edits, delta_nll, lam=0.0, temperature=1e-4)[0], edits[:, 1])
 
 
+def test_lens_targets_mark_each_member_of_a_collapsed_group_minus_one():
+    """slate.perturb marks a collapse of n siblings -1/n on each member; the targets must be -1 there, or
+    scores fitted to them (-1/32 for a group of 32) would never pass the allocator's -tau_collapse."""
+    edits = torch.zeros(1, 3, 6)
+    edits[0, 1, :4] = -0.25  # variant 1: collapse a group of 4 siblings
+    edits[0, 2, 5] = 1.0  # variant 2: expand entry 5
+    delta_nll = torch.tensor([[0.0, -0.30, -0.29]])
+    targets, mask = lens_targets(edits, delta_nll, lam=0.0)
+    assert targets[0].tolist() == [-1.0, -1.0, -1.0, -1.0, 0.0, 0.0] and mask[0].tolist() == [True] * 4 + [False, True]
+    # the distance counts the whole collapse as one edit, like the expansion: at lam 0.02 the collapse still
+    # wins (-0.28 vs -0.27); counted per member (4 edits) it would lose (-0.22)
+    targets, _ = lens_targets(edits, delta_nll, lam=0.02)
+    assert targets[0, :4].eq(-1).all() and targets[0, 5] == 0
+    soft, _ = lens_targets(edits, delta_nll, lam=0.0, temperature=0.01)
+    assert (soft[0, :4] < -0.5).all() and (soft.abs() <= 1).all()
+
+
 def test_lens_losses_train_every_lensnet_parameter():
     lens = make()
     embeds, levels, tail = wc(B=1, E=6)

@@ -11,15 +11,17 @@ causal: the first entry's score sees every later entry and the tail (failure mod
 
 Training signal: a slate of V working-context variants, each a set of edits applied to the WC that
 LensNet scored, evaluated by the base model (DeltaNLL, lower is better). A variant is described
-by per-entry edit indicators edits[v, e] in {-1, 0, +1}: +1 = entry e expanded, -1 = entry e
-collapsed (a collapse of 32 siblings marks all 32), 0 = untouched. The predicted benefit of a
-variant is additive: utility[v] = sum_e edits[v, e] * scores[e]. Losses:
+by per-entry edits[v, e]: +1 = entry e expanded, -1/n = entry e collapsed with its group of n
+siblings (each of the n marked), 0 = untouched. The predicted benefit of a variant is additive:
+utility[v] = sum_e edits[v, e] * scores[e], so a collapse counts its group's mean score, as the
+allocator does (it collapses a group whose mean score is below -tau_collapse). Losses:
 - pairwise_lens_loss: Bradley-Terry over every pair of variants whose edits differ, the variant
   with the lower DeltaNLL preferred; all pairs at once as a (B, V, V) tensor, no Python loop.
 - regression_lens_loss: masked MSE to target scores; lens_targets makes the targets from the
   slate: WC* = argmin_v DeltaNLL[v] + lam * D(v), D(v) = sum_e |edits[v, e]| (edits away from the
-  current WC), and the target of entry e is WC*'s edit of e (+1 / -1 / 0), supervised only where
-  some variant edited e. temperature > 0 replaces the argmin by a softmin (targets in [-1, 1]).
+  current WC: one collapse counts 1, whatever its group's size), and the target of entry e is the
+  sign of WC*'s edit of e (+1 / -1 / 0: each member of a collapsed group -1, so scores fitted to
+  the targets pass the allocator's -tau_collapse), supervised only where some variant edited e. temperature > 0 replaces the argmin by a softmin (targets in [-1, 1]).
 - lens_regularizer: legality (no expanding an LOD0 block, no collapsing what cannot collapse), a
   zero-sum budget term (each WC's mean score near 0: expansions paid for by collapses) and
   hysteresis (entries no evaluated variant edited are pulled to 0, so only evidence moves a score
@@ -140,10 +142,11 @@ def regression_lens_loss(scores, targets, mask):
 def lens_targets(edits, delta_nll, lam=0.01, valid=None, temperature=0.0):
     """Regression targets from an evaluated slate via the distance-regularized argmin
     WC* = argmin_v delta_nll[v] + lam * sum_e |edits[v, e]|.
-    edits (B, V, E) in {-1, 0, +1}; delta_nll (B, V); valid (B, V) bool or None.
-    Include the current WC itself (an all-zero edit row) in the slate so "change nothing" can win.
-    -> targets (B, E) = WC*'s edit of each entry (softmin-weighted mean of the variants' edits when
-    temperature > 0), mask (B, E) bool = entries that some valid variant edited."""
+    edits (B, V, E): +1 expanded, -1/n collapsed in a group of n, 0 untouched; delta_nll (B, V);
+    valid (B, V) bool or None. Include the current WC itself (an all-zero edit row) in the slate so
+    "change nothing" can win.
+    -> targets (B, E) = the sign of WC*'s edit of each entry (softmin-weighted mean of the variants'
+    signs when temperature > 0), mask (B, E) bool = entries that some valid variant edited."""
     edits = edits.float()
     cost = delta_nll.float() + lam * edits.abs().sum(dim=-1)  # (B, V)
     if valid is not None:
@@ -153,7 +156,7 @@ def lens_targets(edits, delta_nll, lam=0.01, valid=None, temperature=0.0):
         weights = torch.softmax(-cost / temperature, dim=-1)  # (B, V)
     else:
         weights = F.one_hot(cost.argmin(dim=-1), cost.size(-1)).float()  # (B, V)
-    targets = torch.einsum("bv,bve->be", weights, edits)  # (B, E)
+    targets = torch.einsum("bv,bve->be", weights, edits.sign())  # (B, E): a collapsed member's -1/n -> -1
     mask = (edits != 0).any(dim=1)  # (B, E)
     return targets, mask
 
