@@ -1,5 +1,6 @@
 """MegaContext runtime (nanochat/megacontext/runtime.py): streaming decode over a WC with a reused KV cache."""
 
+import base64
 import json
 import numpy as np
 import os
@@ -175,6 +176,30 @@ def test_save_and_reopen_continues_exactly(tmp_path, temperature):
     assert torch.allclose(again.logits, logits, atol=1e-4)
     tail = [t for t, _ in again.generate(35, temperature=temperature)]
     assert head + tail == expected
+    again.close()
+
+
+def test_a_session_saved_on_another_kind_of_device_opens_and_samples_from_its_seed(tmp_path):
+    """A CUDA generator's state is 16 bytes, a CPU one's 5056: a session saved on a GPU opens on a CPU (and
+    the other way round) with its history and WC as saved; only the sampling starts again from the seed."""
+    model, gistnet, lensnet, mc = parts()
+    path = str(tmp_path / "session")
+    s = Session.create(model, gistnet, lensnet, mc, path=path)
+    s.feed(stream(150))
+    s.save()
+    wc = s.wc
+    s.close()
+    file = os.path.join(path, "session.json")
+    with open(file) as f:
+        state = json.load(f)
+    state["rng"] = base64.b64encode(bytes(range(16))).decode("ascii")  # as torch.Generator("cuda").get_state() saves
+    state["checksum"] = json_checksum(state)
+    with open(file, "w") as f:
+        json.dump(state, f)
+    again = Session.open(path, model, gistnet, lensnet, mc)
+    fresh = Session.create(model, gistnet, lensnet, mc)
+    assert again.wc == wc and again.tree.num_tokens == 150
+    assert torch.equal(again.generator.get_state(), fresh.generator.get_state())
     again.close()
 
 
