@@ -107,7 +107,7 @@ def open_session(args, model, tokenizer, device, model_tag, step):
               + "".join(f", memory {n} ({t.num_tokens:,} tokens)" for n, t, _ in session.memories))
         return session, False
     session = Session.create(model, gistnet, lensnet, mc, path=args.session or None, predictor=predictor, w_max=args.w_max,
-                             gist_first=args.gist_first, seed=args.seed, model_name=name)
+                             gist_first=bool(args.gist_first), seed=args.seed, model_name=name)
     for path in args.ck:
         session.attach(path)
         print(f"attached the Core-Knowledge memory {path} ({session.memories[-1][1].num_tokens:,} tokens)")
@@ -166,7 +166,8 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", type=str, default="")
     p.add_argument("--megacontext", action="store_true", help="keep the conversation in a MegaContext (no length limit)")
-    p.add_argument("--gist-first", action="store_true", help="MegaContext with gist-first decoding (needs a --megaprediction run)")
+    p.add_argument("--gist-first", action="store_true", default=None,  # None: a resumed --session decodes as it was saved
+                   help="MegaContext with gist-first decoding (needs a --megaprediction run)")
     p.add_argument("--w-max", type=int, default=None, help="MegaContext working-context budget (default: the run's mc_w_max)")
     p.add_argument("--session", type=str, default="", help="MegaContext: keep the session in this directory (resumed if it exists)")
     p.add_argument("--context-file", type=str, default="", help="MegaContext: feed this text file into the history first")

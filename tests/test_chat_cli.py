@@ -54,6 +54,17 @@ def test_gist_first_needs_megaprediction_weights_and_runs_with_them(base_dir, mo
     assert "gist-first" in out and "MegaPrediction on" in out
 
 
+def test_a_gist_first_session_resumes_gist_first_without_the_flag(base_dir, tmp_path, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_mp", megaprediction=True)
+    session = str(tmp_path / "session")
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_mp", "--gist-first", "--session", session, "--max-tokens", "4"],
+                  stdin="hello\nquit\n")
+    assert "gist-first" in out
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_mp", "--megacontext", "--session", session, "--max-tokens", "4"],
+                  stdin="again\nquit\n")
+    assert "resumed the session" in out and "gist-first" in out  # as it was saved
+
+
 def test_megacontext_flags_without_megacontext_are_refused(base_dir, monkeypatch, capsys):
     save_mc_checkpoint(base_dir, "mc_flags")
     with pytest.raises(SystemExit):
