@@ -158,3 +158,23 @@ def test_gist_loss_is_zero_for_a_perfect_prediction_and_none_below_a_block():
     gist_loss(model, gistnet, logits, targets, 1)[0].backward()
     assert logits.grad.abs().sum() > 0 and model.transformer.wte.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in gistnet.parameters()) and all(p.requires_grad for p in gistnet.parameters())
+
+
+def test_training_gists_match_the_trees_to_the_embeddings_rounding():
+    """Training builds gists from the model's embeddings in their dtype (build_source); the tree casts them to
+    fp32 first and stores fp16 bits (tree.py). fp32 embeddings: the same gists up to fp16 storage; bf16 ones
+    (as on an Ampere+ GPU): GistNet then computes in bf16 in training, a difference of bf16 rounding, no more."""
+    from nanochat.megacontext.tree import MegaContextTree
+    for dtype, tol in ((torch.float32, 2 ** -10), (torch.bfloat16, 2 ** -6)):
+        model, gistnet, seq, _ = setup(n=256)
+        model.cast_embeddings(dtype)
+        with torch.no_grad():
+            trained = build_source(model, gistnet, seq[:256], max_level=2).levels
+        tree = MegaContextTree(64, gistnet, model.embed_tokens, max_level=2)
+        tree.ingest(seq[:256].tolist())
+        for level, n in ((1, 8), (2, 0)):
+            assert trained[level].shape == (n, 64)
+        stored = tree.gists(1, 0, 8)
+        assert trained[1].dtype == dtype and stored.dtype == torch.float32
+        torch.testing.assert_close(trained[1].float(), stored, rtol=tol, atol=tol)
+        assert (trained[1].float() - stored).abs().max() > 0  # rounding, not two copies of one tensor

@@ -32,7 +32,10 @@ One module per component, read in this order:
 - config.py           MegaContextConfig: the --mc-* flags and mc_* preset keys
 Dtypes, at each boundary (tested: tests/test_runtime.py bf16 session, test_positions, test_tree):
 - tree storage: gists as fp16 (or bf16) bits, token ids uint32; read back as fp32 (tree.gists)
-- GistNet, LensNet, MegaPredictor: fp32 weights and compute (their inputs cast to fp32)
+- GistNet, LensNet, MegaPredictor: fp32 weights. At inference (tree, runtime) all three compute in fp32
+  (inputs cast); in training LensNet does too, while GistNet and MegaPredictor run on the model's
+  activations in their dtype: with bf16 embeddings a training gist differs from the tree's by bf16
+  rounding (test_horizon), below the bf16 slot embeddings the model reads either way
 - positions: float64 slot positions -> fp32 rotary angles, then cos / sin in the model's dtype
 - the model: fp32 master weights cast to the activation dtype (compute_dtype: bf16 on Ampere+ GPUs,
   fp32 on CPUs); slot embeddings and the KV cache in that dtype; logits fp32
