@@ -193,6 +193,9 @@ def download(num_files, base_url=DEFAULT_BASE_URL, num_workers=4, data_dir=None)
     if num_workers < 1:
         raise UserError(f"-w/--num-workers must be at least 1, got {num_workers}")
     data_dir = data_dir or get_data_dir()
+    if os.path.basename(os.path.normpath(data_dir)) == f"base_data_{OFFLINE_NAME}":  # its shard names would mix in
+        raise UserError(f"{data_dir} holds the embedded offline corpus (NANOCHAT_DATASET={OFFLINE_NAME}): "
+                        "`--offline` exports it; unset NANOCHAT_DATASET to download the ClimbMix shards")
     os.makedirs(data_dir, exist_ok=True)
     num_train = MAX_SHARD if num_files < 0 else min(num_files, MAX_SHARD)
     indices = list(range(num_train)) + [MAX_SHARD]

@@ -130,6 +130,8 @@ def main(argv=None):
         raise UserError(f"--eval takes a comma list of {', '.join(EVALS)}; got {args.eval!r}")
     if args.split_tokens <= 0 or args.device_batch_size <= 0:
         raise UserError("--split-tokens and --device-batch-size must be positive")
+    if args.recall_docs < 1 or args.recall_window < 1:
+        raise UserError("--recall-docs and --recall-window must be at least 1")
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     try:

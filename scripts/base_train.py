@@ -47,7 +47,7 @@ def build_parser():
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--window-pattern", type=str, default="SSSL")
     # training horizon (first one set wins: iterations, flops, data:param ratio)
-    p.add_argument("--num-iterations", type=int, default=-1)
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from --target-flops, else --target-param-data-ratio)")
     p.add_argument("--target-flops", type=float, default=-1.0)
     p.add_argument("--target-param-data-ratio", type=float, default=12.0)
     # batch
@@ -239,6 +239,8 @@ def train(argv=None):
                             f"must be longer than mc_w_max ({mc.w_max}), or there is nothing to compress")
     if args.seed < 0:
         raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        raise UserError(f"--num-iterations must be at least 1 (or -1: derived), got {args.num_iterations}")
     user_config = vars(args).copy()
     device_type = args.device_type or autodetect_device_type()
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type, atomic_write_json
 from nanochat.checkpoint_manager import load_model
-from nanochat.engine import Engine
+from nanochat.engine import Engine, temperature_problem
 
 OFFLINE_TASKS = ["Arithmetic", "Spelling"]
 ONLINE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
@@ -109,6 +109,12 @@ def main():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", type=str, default="")
     args = p.parse_args()
+    if args.max_problems == 0 or args.max_problems < -1:
+        p.error(f"--max-problems must be at least 1 (-1: all), got {args.max_problems}")
+    if args.num_samples < 1 or args.max_new_tokens < 1 or args.top_k < 1:
+        p.error("--num-samples, --max-new-tokens and --top-k must be at least 1")
+    if temperature_problem(args.temperature):
+        p.error(temperature_problem(args.temperature))
 
     _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
     try:

@@ -208,6 +208,8 @@ def main(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.refocus_iters < 0 or args.audit_edits < 0:
         raise UserError("--refocus-iters and --audit-edits must be >= 0")
+    if args.out and os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a directory: give the JSON file's path")
 
     _, rank, _, _, device = compute_init(args.device_type)
     try:

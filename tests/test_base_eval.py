@@ -135,6 +135,7 @@ def test_torchrun_two_ranks_agree_with_one(base_dir):
     (["--model-tag", "d99"], "d99"),
     (["--step", "123"], "model_000123.pt"),
     (["--eval", "core,vibes"], "--eval"),
+    (["--eval", "recall", "--recall-docs", "0"], "--recall-docs"),
 ])
 def test_user_errors_are_one_line(base_dir, args, needle):
     proc = run_script(base_dir, args + ["--device-type", "cpu"], launcher=[sys.executable, "scripts/base_eval.py"])

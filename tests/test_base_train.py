@@ -114,6 +114,9 @@ def test_impossible_sizes_are_user_errors(base_dir):
         base_train.main(TINY + ["--total-batch-size", "100", "--num-iterations", "1", "--model-tag", "bad"])
     with pytest.raises(UserError, match="impossible model size"):
         base_train.main(TINY + ["--depth", "0", "--num-iterations", "1", "--model-tag", "bad"])
+    for n in ("0", "-3"):  # not "derived" (-1): these fell back to the data-ratio length (a 7-hour run)
+        with pytest.raises(UserError, match="--num-iterations must be at least 1"):
+            base_train.main(TINY + ["--num-iterations", n, "--model-tag", "bad"])
 
 
 def test_resume_continues_exactly(base_dir):

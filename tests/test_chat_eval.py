@@ -1,3 +1,6 @@
+import sys
+
+import pytest
 import torch
 
 from nanochat.tokenizer import RustBPETokenizer
@@ -48,3 +51,16 @@ def test_accuracy_and_random_baseline():
     assert evaluate_task(model, tok, None, task, -1, None) == 0.25  # gold is B for 2 of 8
     assert evaluate_task(model, tok, None, task, 4, None) == 0.25   # --max-problems 4: golds A, B, C, D
     assert random_baseline(task) == 0.25
+
+
+@pytest.mark.parametrize("flags, needle", [(["-x", "0"], "--max-problems"), (["-x", "-2"], "--max-problems"),
+                                           (["-n", "0"], "--num-samples"), (["-m", "0"], "--max-new-tokens"),
+                                           (["-t", "5"], "temperature")])
+def test_bad_flags_stop_before_anything_is_evaluated_or_written(monkeypatch, capsys, flags, needle):
+    """-x 0 used to score nothing and overwrite the results JSON with 0%; -n -1 and -t 5 ended in tracebacks."""
+    from scripts import chat_eval
+    monkeypatch.setattr(sys, "argv", ["chat_eval", "-a", "Arithmetic"] + flags)
+    monkeypatch.setattr(chat_eval, "compute_init", lambda *a: pytest.fail("ran past the flag checks"))
+    with pytest.raises(SystemExit) as e:
+        chat_eval.main()
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -155,6 +155,16 @@ def test_download_reports_failed_shards(server, sleeps):
     assert sorted(os.listdir(get_data_dir())) == [shard_filename(0), shard_filename(dataset.MAX_SHARD)]
 
 
+def test_download_refuses_the_offline_corpus_directory(server, sleeps, monkeypatch):
+    """NANOCHAT_DATASET=pystdlib (as the README exports for the CPU runs) + a download: ClimbMix shards would
+    land beside the offline ones and the last of them (the val split) would be a foreign shard."""
+    monkeypatch.setenv("NANOCHAT_DATASET", dataset.OFFLINE_NAME)
+    server.files[shard_filename(0)] = parquet_bytes(["a"])
+    with pytest.raises(UserError, match="offline corpus.*--offline"):
+        download(1, server.url, num_workers=1)
+    assert not os.path.exists(get_data_dir()) and not server.requests
+
+
 def run_cli(args, extra_env=None):
     env = {**os.environ, **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "nanochat.dataset", *args], cwd=REPO_ROOT, env=env,

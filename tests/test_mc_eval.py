@@ -111,6 +111,13 @@ def test_retrieval_bad_flags(flags, message):
     assert "\n" not in str(e.value)
 
 
+def test_an_out_path_that_is_a_directory_is_refused_before_the_work(tmp_path):
+    from scripts import mc_eval
+    with pytest.raises(UserError, match="is a directory") as e:
+        mc_eval.main(["--out", str(tmp_path)])
+    assert "\n" not in str(e.value)
+
+
 def test_ck_task_end_to_end(base_dir):
     """--task ck: the fact memory is attached and read (its answers' NLL differ from the dropped run's),
     every asked fact gets a poison verdict, and edited facts are asked again with their new value."""
