@@ -33,6 +33,10 @@ def stream_reply(engine, tokenizer, conversation, args, out=None):
     message content (text, or parts when it called the calculator) for the history."""
     out = out or sys.stdout
     tokens = tokenizer.render_for_completion({"messages": conversation["messages"] + [{"role": "assistant", "content": ""}]})
+    limit = engine.model.cos.size(1)  # the rotary table: the most positions the model can read
+    if len(tokens) >= limit:
+        raise UserError(f"the conversation is {len(tokens):,} tokens and this model reads at most {limit:,}: "
+                        "`clear` starts over, or chat with --megacontext (no length limit)")
     generated = []
     printed = ""
     for column, _ in engine.generate(tokens, num_samples=1, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -98,7 +102,12 @@ def open_session(args, model, tokenizer, device, model_tag, step):
     mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
     name = f"{args.source}/{model_tag}"
     if args.session and os.path.exists(os.path.join(args.session, SESSION_FILE)):
+        if args.context_file:
+            raise UserError(f"--context-file reads a file into a new session; the one at {args.session} is resumed "
+                            "(paste the text as a message, or start another --session)")
         session = Session.open(args.session, model, gistnet, lensnet, mc, predictor, gist_first=args.gist_first, model_name=name)
+        if args.w_max is not None and args.w_max != session.w_max:
+            raise UserError(f"the session at {args.session} was saved with --w-max {session.w_max}: give that or none")
         saved = [path for _, _, path in session.memories]
         if args.ck and [os.path.abspath(p) for p in args.ck] != saved:
             raise UserError(f"the session at {args.session} was saved with Core-Knowledge memories {saved or 'none'}: "
@@ -112,8 +121,12 @@ def open_session(args, model, tokenizer, device, model_tag, step):
         session.attach(path)
         print(f"attached the Core-Knowledge memory {path} ({session.memories[-1][1].num_tokens:,} tokens)")
     if args.context_file:
-        with open(args.context_file, encoding="utf-8") as f:
-            ids = tokenizer.encode(f.read(), prepend=tokenizer.get_bos_token_id())
+        try:
+            with open(args.context_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise UserError(f"--context-file {args.context_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        ids = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
         print(f"reading {args.context_file} into the history ({len(ids):,} tokens) ...", flush=True)
         session.feed(ids)
     return session, not args.context_file
@@ -181,6 +194,10 @@ def main():
         p.error("--session, --context-file and --w-max need --megacontext")
     if args.context_file and not os.path.isfile(args.context_file):
         p.error(f"--context-file {args.context_file}: no such file")
+    if args.session and os.path.exists(args.session) and not os.path.isdir(args.session):
+        p.error(f"--session {args.session}: a file, not a directory")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be at least 1, got {args.max_tokens}")
 
     from nanochat.checkpoint_manager import resolve_checkpoint
     _, _, _, _, device = compute_init(args.device_type or autodetect_device_type())
@@ -202,10 +219,13 @@ def main():
             messages = []
             print("(new conversation)")
             continue
-        messages.append({"role": "user", "content": line})
         print("\nAssistant: ", end="", flush=True)
-        reply = stream_reply(engine, tokenizer, {"messages": messages}, args)
-        messages.append({"role": "assistant", "content": reply})
+        try:
+            reply = stream_reply(engine, tokenizer, {"messages": messages + [{"role": "user", "content": line}]}, args)
+        except UserError as e:  # the context is full: say so and keep the conversation as it was
+            print(f"({e})")
+            continue
+        messages += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 if __name__ == "__main__":
     cli_main(main)

@@ -110,3 +110,35 @@ def test_a_memory_built_for_another_model_is_refused(base_dir, tmp_path, monkeyp
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="no such directory"):
         run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--ck", str(tmp_path / "missing"), "-p", "hi"])
+
+
+def test_a_plain_chat_past_the_models_reach_says_so_instead_of_answering_nothing(base_dir, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "plain_full")  # sequence_len 128: the rotary table reads 1,280 positions
+    long = " ".join(["the cat sat on the mat"] * 300)
+    with pytest.raises(UserError, match="reads at most 1,280.*--megacontext"):
+        run_cli(monkeypatch, capsys, ["-g", "plain_full", "-p", long, "--max-tokens", "4"])
+    out = run_cli(monkeypatch, capsys, ["-g", "plain_full", "--max-tokens", "4"], stdin=f"{long}\nhello\nquit\n")
+    assert out.count("reads at most 1,280") == 1 and out.count("Assistant:") == 2  # the long turn was dropped, not kept
+
+
+def test_bad_chat_inputs_are_one_line_errors(base_dir, tmp_path, monkeypatch, capsys):
+    save_mc_checkpoint(base_dir, "mc_bad")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"caf\xe9 au lait\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_bad", "--megacontext", "--context-file", str(latin), "-p", "hi"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for flags in (["--megacontext", "--session", str(a_file)], ["--max-tokens", "0"]):
+        with pytest.raises(SystemExit):
+            run_cli(monkeypatch, capsys, ["-g", "mc_bad", "-p", "hi", *flags])
+    # a resumed session refuses the flags it would otherwise ignore
+    session = str(tmp_path / "session")
+    run_cli(monkeypatch, capsys, ["-g", "mc_bad", "--megacontext", "--session", session, "--max-tokens", "2", "-p", "hi"])
+    with pytest.raises(UserError, match="saved with --w-max 96"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_bad", "--megacontext", "--session", session, "--w-max", "256", "-p", "hi"])
+    with pytest.raises(UserError, match="--context-file reads a file into a new session"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_bad", "--megacontext", "--session", session, "--context-file", str(a_file), "-p", "hi"])
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_bad", "--megacontext", "--session", session, "--w-max", "96",
+                                        "--max-tokens", "2", "-p", "again"])
+    assert "resumed the session" in out
