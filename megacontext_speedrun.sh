@@ -12,6 +12,7 @@
 #   TWIN=1 bash megacontext_speedrun.sh    # CPU: also train the vanilla twin (configs/cpu_tiny.toml)
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); curves: base_checkpoints/<tag>/train_log.jsonl
 # (tokens_seen, flops_seen, wall_s in every line, so the twins overlay by tokens, FLOPs or time).
+# A re-run replaces the previous run's checkpoints under the same tags (--overwrite; without it a trainer refuses).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -41,7 +42,7 @@ venv_install() {
 # Its training runs in the background: the stage time goes to $RECALL_LOG.stages (marked "beside", it overlaps others)
 recall_train() {
     STAGES=()
-    stage "base_train_recall (beside)" $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --run "$RUN"
+    stage "base_train_recall (beside)" $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --overwrite --run "$RUN"
     printf '%s\n' "${STAGES[@]}" > "$RECALL_LOG.stages"
 }
 
@@ -61,13 +62,13 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     stage tokenizer $PY -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
     stage tok_eval $PY -m scripts.tok_eval
     wait $DOWNLOAD_PID
-    stage base_train_mc $TRAIN scripts/base_train.py --config "configs/d${DEPTH}_mc.toml" --model-tag "d${DEPTH}_mc" --run "${RUN}_mc"
-    stage base_train $TRAIN scripts/base_train.py --config "configs/d${DEPTH}.toml" --model-tag "d${DEPTH}" --run "$RUN"
+    stage base_train_mc $TRAIN scripts/base_train.py --config "configs/d${DEPTH}_mc.toml" --model-tag "d${DEPTH}_mc" --overwrite --run "${RUN}_mc"
+    stage base_train $TRAIN scripts/base_train.py --config "configs/d${DEPTH}.toml" --model-tag "d${DEPTH}" --overwrite --run "$RUN"
     stage base_eval_mc $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}_mc"
     stage base_eval $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}"
     stage mc_eval $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc"
     stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "d${DEPTH}_mc" --task ck --num-docs 48
-    stage chat_sft $TRAIN scripts/chat_sft.py --model-tag "d${DEPTH}_mc" --mixture full --num-iterations 1000 --run "$RUN"
+    stage chat_sft $TRAIN scripts/chat_sft.py --model-tag "d${DEPTH}_mc" --overwrite --mixture full --num-iterations 1000 --run "$RUN"
     stage chat_eval $TRAIN scripts/chat_eval.py -i sft --model-tag "d${DEPTH}_mc"
 else
     export NANOCHAT_DATASET=pystdlib  # the embedded offline corpus
@@ -76,9 +77,9 @@ else
     stage data $PY -m nanochat.dataset --offline
     stage tokenizer $PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
     stage tok_eval $PY -m scripts.tok_eval --no-compare
-    stage base_train_mc $PY -m scripts.base_train --config configs/cpu_tiny_mc.toml --model-tag "$TAG" --run "$RUN"
+    stage base_train_mc $PY -m scripts.base_train --config configs/cpu_tiny_mc.toml --model-tag "$TAG" --overwrite --run "$RUN"
     if [ "${TWIN:-0}" = 1 ]; then
-        stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --run "$RUN"
+        stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --overwrite --run "$RUN"
     fi
     # The recall testbed needs only the data and the tokenizer: it trains on half the cores while the main
     # model's evaluation and chat stages run on the other half (neither job scales well to 2 threads). Its
@@ -97,7 +98,7 @@ else
     stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 12
     stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
     # 400 SFT steps: Spelling 27% / 30% / 40% at 200 / 300 / 400 on the d3 trunk (the answer 437 at each)
-    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --num-iterations 400 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
+    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --overwrite --num-iterations 400 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 --device-batch-size 2
     stage chat $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     stage chat_gist_first $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     CK="$BASE/ck/nanochat_src"

@@ -28,9 +28,9 @@ python -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
 python -m scripts.tok_eval
 wait $DOWNLOAD_PID
 
-torchrun --standalone --nproc_per_node="$NPROC" scripts/base_train.py --depth "$DEPTH" --run "$RUN"
+torchrun --standalone --nproc_per_node="$NPROC" scripts/base_train.py --depth "$DEPTH" --overwrite --run "$RUN"
 torchrun --standalone --nproc_per_node="$NPROC" scripts/base_eval.py --model-tag "d$DEPTH"
 
-torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_sft.py --model-tag "d$DEPTH" --mixture full --num-iterations 1000 --run "$RUN"
+torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_sft.py --model-tag "d$DEPTH" --overwrite --mixture full --num-iterations 1000 --run "$RUN"
 torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_eval.py -i sft --model-tag "d$DEPTH"
 python -m nanochat.report generate

@@ -142,6 +142,29 @@ def find_last_step(checkpoint_dir):
     return max(steps)
 
 
+CHECKPOINT_FILE = re.compile(r"(model|meta|optim|mc)_(\d{6})(_rank\d+)?\.(pt|json)")  # a step's files (mc_: MegaContext)
+RUN_LOG = "train_log.jsonl"
+
+
+def claim_checkpoint_dir(checkpoint_dir, overwrite, rank=0, resumable=False):
+    """Before a fresh (not resumed) run's first save: a dir holding an earlier run's checkpoints is refused in
+    one line unless `overwrite`, which removes them and their train_log.jsonl (rank 0). Left beside the new
+    run, an older run's later step would stay the last one that every loader picks, and its log would run
+    on into the new one's."""
+    files = sorted(f for f in os.listdir(checkpoint_dir) if CHECKPOINT_FILE.fullmatch(f)) if os.path.isdir(checkpoint_dir) else []
+    if not files:
+        return
+    steps = ", ".join(str(s) for s in sorted({int(CHECKPOINT_FILE.fullmatch(f).group(2)) for f in files}))
+    if not overwrite:
+        resume = ", --resume-from-step <step> continues that run" if resumable else ""
+        raise UserError(f"{checkpoint_dir} already holds a run's checkpoints (steps {steps}): --overwrite replaces them{resume}, "
+                        "or train under another --model-tag")
+    if rank == 0:
+        for f in files + ([RUN_LOG] if os.path.exists(os.path.join(checkpoint_dir, RUN_LOG)) else []):
+            os.remove(os.path.join(checkpoint_dir, f))
+        print0(f"--overwrite: removed the previous run's checkpoints (steps {steps}) and its log from {checkpoint_dir}")
+
+
 def resolve_checkpoint(source, model_tag=None, step=None):
     """-> (checkpoint_dir, model_tag, step) for source in {"base", "sft", "rl"}: the tag defaults to
     the largest d<N>, the step to the last complete one (for scripts that name outputs after them)."""

@@ -10,16 +10,39 @@ import time
 
 import torch
 
+from nanochat.common import atomic_path
+
 
 class RunLog:
-    def __init__(self, path, run="dummy", user_config=None, enabled=True, project="nanochat"):
+    def __init__(self, path, run="dummy", user_config=None, enabled=True, project="nanochat", resume_step=None):
+        """resume_step: a run resumed from that step's checkpoint keeps what led up to it (train records through
+        it, evaluations before it: the resumed run evaluates that step again) and drops what a run that went
+        past it wrote, so the log reads as one run."""
         self.path, self.enabled, self.wandb = path, enabled, None
         if not enabled:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if resume_step is not None and os.path.exists(path):
+            self._truncate(resume_step)
         if run != "dummy":
             import wandb
             self.wandb = wandb.init(project=project, name=run, config=user_config)
+
+    def _truncate(self, step):
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            at = r.get("step") if isinstance(r, dict) else None
+            if isinstance(at, int) and (at < step or (at == step and r.get("kind") == "train")):
+                kept.append(line)
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in kept)
 
     def write(self, **metrics):
         if not self.enabled:

@@ -26,7 +26,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
 from nanochat.recall import recall_loader, recall_eval_docs, recall_accuracy
-from nanochat.checkpoint_manager import MAX_SIZES, save_checkpoint, load_checkpoint, prepare_state_dict
+from nanochat.checkpoint_manager import MAX_SIZES, claim_checkpoint_dir, save_checkpoint, load_checkpoint, prepare_state_dict
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import load_optimizer_state, set_lr_multiplier
 from nanochat.dataset import get_data_dir
@@ -81,6 +81,7 @@ def build_parser():
     p.add_argument("--sample-every", type=int, default=2000, help="-1 disables (samples are always printed at the end)")
     p.add_argument("--save-every", type=int, default=-1, help="-1: only at the end")
     p.add_argument("--resume-from-step", type=int, default=-1)
+    p.add_argument("--overwrite", action="store_true", help="a fresh run replaces the checkpoints already under --model-tag (else it refuses)")
     p.add_argument("--seed", type=int, default=0, help="another draw of the initial weights, the recall rows and the "
                    "MegaContext slates (0: the default draw; the pretraining shards' order is fixed)")
     p.add_argument("--model-tag", type=str, default=None, help="checkpoint dir name (default d<depth>)")
@@ -309,6 +310,8 @@ def train(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     if master:
         report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
+    if args.resume_from_step < 0:
+        claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank, resumable=True)
     start_step, loader_state = 0, None
     loop_state = dict(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0, flops_seen=0.0)
     if args.resume_from_step >= 0:
@@ -375,7 +378,8 @@ def train(argv=None):
         from nanochat.core_eval import get_eval_bundle, evaluate_core
         core_bundle = get_eval_bundle()
 
-    log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=master)
+    log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=master,
+                 resume_step=start_step if args.resume_from_step >= 0 else None)
     peak = peak_flops(device)
     dtype = compute_dtype(device_type)
     print0(f"device: {device} | dtype: {dtype} | world size: {world_size} | data: {get_data_dir()} | compile: {use_compile}")

@@ -23,7 +23,7 @@ import torch
 
 from nanochat.common import (require_at_least_one, UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
                              all_reduce_mean, report_stale_temps)
-from nanochat.checkpoint_manager import load_model, save_checkpoint
+from nanochat.checkpoint_manager import claim_checkpoint_dir, load_model, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.runlog import RunLog
 from nanochat.optim import set_lr_multiplier
@@ -91,6 +91,7 @@ def main():
     p.add_argument("--device-type", type=str, default="")
     p.add_argument("--source", type=str, default="sft", choices=["sft", "rl"])
     p.add_argument("--model-tag", type=str, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace the RL checkpoints already under this model tag (else it refuses)")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--task", type=str, default="Arithmetic", help="Arithmetic (offline) | GSM8K")
     p.add_argument("--num-iterations", type=int, default=100)
@@ -117,6 +118,7 @@ def main():
         checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", model_tag)
         if rank == 0:
             report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
+        claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
         pad_id = tokenizer.get_bos_token_id()
         n_eval = min(args.eval_problems, len(test_task))

@@ -119,6 +119,27 @@ def test_impossible_sizes_are_user_errors(base_dir):
             base_train.main(TINY + ["--num-iterations", n, "--model-tag", "bad"])
 
 
+def test_a_used_model_tag_is_refused_or_replaced_and_a_resumed_run_keeps_one_log(base_dir):
+    """A fresh run beside an older one left the older's later step as the last (the one loaders pick) and
+    appended to its log; a resumed run's log held the steps past its checkpoint twice."""
+    common = TINY + ["--model-tag", "reuse", "--eval-every", "2"]
+    ckpt = base_dir / "base_checkpoints" / "reuse"
+
+    def log():
+        rows = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
+        return [r["step"] for r in rows if r["kind"] == "train"], [r["step"] for r in rows if r["kind"] == "eval"]
+
+    base_train.main(common + ["--num-iterations", "4", "--save-every", "2"])
+    assert log() == ([1, 2, 3, 4], [0, 2, 4])
+    with pytest.raises(UserError, match=r"already holds a run's checkpoints \(steps 2, 4\): --overwrite replaces them, --resume-from-step"):
+        base_train.main(common + ["--num-iterations", "2"])
+    base_train.main(common + ["--num-iterations", "4", "--save-every", "2", "--resume-from-step", "2"])
+    assert log() == ([1, 2, 3, 4], [0, 2, 4])
+    base_train.main(common + ["--num-iterations", "2", "--overwrite"])
+    assert find_last_step(str(ckpt)) == 2 and not any(f.endswith("000004.pt") for f in os.listdir(ckpt))
+    assert log() == ([1, 2], [0, 2])
+
+
 def test_resume_continues_exactly(base_dir):
     """6 steps straight == 3 steps, stop, resume from the step-3 checkpoint, 3 more steps."""
     common = TINY + ["--num-iterations", "6", "--eval-every", "3"]
@@ -146,7 +167,7 @@ def test_a_kill_inside_a_checkpoint_save_resumes_exactly_and_its_partial_files_a
     """Killed at a point of the step-6 save (each fsync / chmod / rename of its three files counts):
     the last complete checkpoint is step 3 (the meta of 6 never landed), the next run removes the partial files, resumes from it and ends bitwise where an unbroken run ends."""
     common = TINY + ["--num-iterations", "6", "--eval-every", "-1", "--save-every", "3"]
-    base_train.main(common + ["--model-tag", "straight"])
+    base_train.main(common + ["--model-tag", "straight", "--overwrite"])  # one run per parameter, one tag
     straight = torch.load(base_dir / "base_checkpoints" / "straight" / "model_000006.pt")
     state = dict(armed=False, calls=0, dead=False)
 

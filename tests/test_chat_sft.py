@@ -49,7 +49,7 @@ def test_packing_rows_are_whole_conversations_then_bos_padding(base_dir):
 def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     """A saved base model -> chat_sft (offline mixture) -> chat_cli answer -> chat_eval offline tasks -> chat_rl."""
     from nanochat.gpt import GPT, GPTConfig
-    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.checkpoint_manager import find_last_step, save_checkpoint
     config = GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     model = GPT(config)
     model.init_weights()
@@ -81,6 +81,15 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
         "--problems-per-step", "1", "--num-samples", "2", "--max-new-tokens", "8", "--device-type", "cpu")
     rl_meta = json.loads((base_dir / "chatrl_checkpoints" / "chat" / "meta_000002.json").read_text())
     assert rl_meta["task"] == "Arithmetic" and 0.0 <= rl_meta["pass_at_1"] <= 1.0
+    # a second, shorter SFT run under the same tag: refused (its step 2 would sit below the old run's step 4, the
+    # one every loader picks), or with --overwrite the only checkpoint there
+    again = ["scripts.chat_sft", "--model-tag", "chat", "--num-iterations", "2", "--eval-every", "-1", "--eval-steps", "1",
+             "--device-batch-size", "2", "--device-type", "cpu"]
+    r = subprocess.run([sys.executable, "-m", *again], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "(steps 4): --overwrite replaces them" in lines[0], r.stderr
+    run(*again, "--overwrite")
+    assert find_last_step(str(ckpt)) == 2
 
 
 def test_sft_loss_is_per_assistant_token_and_zero_when_none():

@@ -26,6 +26,23 @@ def test_dummy_run_has_no_wandb_and_disabled_rank_writes_nothing(tmp_path):
     assert not (tmp_path / "off.jsonl").exists()
 
 
+def test_a_resumed_log_keeps_what_led_up_to_its_step_and_nothing_after(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = RunLog(str(path))
+    log.write(step=0, kind="eval", val_bpb=3.0)
+    for step in range(1, 7):  # a run that went on to step 6 after saving step 4
+        log.write(step=step, kind="train", loss=float(step))
+        if step % 2 == 0:
+            log.write(step=step, kind="eval", val_bpb=1.0 / step)
+    with open(path, "a") as f:
+        f.write('{"step": 7, "kind": "tr')  # a line cut by a crash
+    RunLog(str(path), resume_step=4)  # resumed from step 4: the resumed run evaluates step 4 again
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["kind"]) for r in rows] == [(0, "eval"), (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train")]
+    RunLog(str(path), resume_step=None)  # a fresh log object without a resume leaves the file as it is
+    assert len(path.read_text().splitlines()) == 6
+
+
 def test_peak_flops_unknown_off_gpu():
     assert peak_flops(torch.device("cpu")) is None
 
