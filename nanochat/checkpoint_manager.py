@@ -114,6 +114,10 @@ def build_model(checkpoint_dir, step, device, phase):
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise UserError(f"vocab mismatch: tokenizer has {tokenizer.get_vocab_size()} tokens, checkpoint expects {config.vocab_size}")
+    trained_with = meta.get("tokenizer_fingerprint")  # absent in upstream's checkpoints and older ones: not checked
+    if trained_with is not None and trained_with != tokenizer.fingerprint():
+        raise UserError(f"{checkpoint_dir} step {step} was trained with another tokenizer (fingerprint {trained_with}; the one in "
+                        f"{os.path.join(get_base_dir(), 'tokenizer')} is {tokenizer.fingerprint()}): restore that tokenizer or train again")
     return model, tokenizer, meta
 
 
@@ -142,7 +146,7 @@ def find_last_step(checkpoint_dir):
     return max(steps)
 
 
-CHECKPOINT_FILE = re.compile(r"(model|meta|optim|mc)_(\d{6})(_rank\d+)?\.(pt|json)")  # a step's files (mc_: MegaContext)
+CHECKPOINT_FILE = re.compile(r"(model|meta|optim|mc)_(\d{6})(_rank\d+)?\.(pt|json)(\.sha256)?")  # a step's files and digests
 RUN_LOG = "train_log.jsonl"
 
 

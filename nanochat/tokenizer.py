@@ -9,6 +9,7 @@ The pickle is untrusted input: it is read by a restricted unpickler that runs no
 
 import io
 import os
+import hashlib
 import copy
 import pickle
 
@@ -131,6 +132,18 @@ class RustBPETokenizer:
 
     def get_vocab_size(self):
         return self.enc.n_vocab
+
+    def fingerprint(self):
+        """sha256 (16 hex digits) of what the ids mean: every token's bytes in id order, the special tokens and the
+        split pattern. Checkpoints record it (meta "tokenizer_fingerprint"), so a tokenizer retrained at the same
+        vocab size is refused at load instead of turning the model's ids into other text."""
+        enc, h = self.enc, hashlib.sha256()
+        special = {enc.encode_single_token(name): name for name in enc.special_tokens_set}
+        for i in range(enc.n_vocab):
+            token = special[i].encode("utf-8") if i in special else enc.decode_single_token_bytes(i)
+            h.update(len(token).to_bytes(4, "little") + token)
+        h.update(enc._pat_str.encode("utf-8"))
+        return h.hexdigest()[:16]
 
     def get_special_tokens(self):
         return self.enc.special_tokens_set

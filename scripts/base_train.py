@@ -385,7 +385,7 @@ def train(argv=None):
     print0(f"device: {device} | dtype: {dtype} | world size: {world_size} | data: {get_data_dir()} | compile: {use_compile}")
 
     def checkpoint(step, val_bpb):
-        meta = dict(step=step, val_bpb=val_bpb, model_config=config.to_dict(), user_config=user_config,
+        meta = dict(step=step, val_bpb=val_bpb, model_config=config.to_dict(), user_config=user_config, tokenizer_fingerprint=tokenizer.fingerprint(),
                     device_batch_size=B, max_seq_len=T, total_batch_size=total_batch_size,
                     dataloader_state_dict=loader_state, loop_state=loop_state, dataset=os.path.basename(get_data_dir()))
         optim_data = dict(optimizers=[opt.state_dict() for opt in optimizers], dataloader_state_dict=loader_state)

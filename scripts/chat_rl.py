@@ -164,7 +164,8 @@ def main():
             log.write(step=step + 1, kind="train", mean_reward=mean_reward, lr_mult=lrm)
 
         meta_out = dict(step=args.num_iterations, pass_at_1=accuracy, task=args.task, model_config=model.config.to_dict(),
-                        user_config=user_config, model_tag=model_tag, source=dict(kind=args.source, step=meta.get("step")))
+                        user_config=user_config, model_tag=model_tag, source=dict(kind=args.source, step=meta.get("step")),
+                        tokenizer_fingerprint=tokenizer.fingerprint())
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(), None, meta_out, rank=rank)
         print0(f"saved RL checkpoint to {checkpoint_dir}")
         from nanochat.report import get_report

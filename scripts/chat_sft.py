@@ -182,7 +182,8 @@ def main():
             log.write(step=step + 1, kind="train", loss=loss, lr_mult=lrm)
 
         meta_out = dict(step=args.num_iterations, val_loss=val_loss, model_config=config.to_dict(), user_config=user_config,
-                        source=dict(kind=args.source, model_tag=model_tag, step=meta.get("step")), model_tag=model_tag)
+                        source=dict(kind=args.source, model_tag=model_tag, step=meta.get("step")), model_tag=model_tag,
+                        tokenizer_fingerprint=tokenizer.fingerprint())
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(), None, meta_out, rank=rank)
         print0(f"saved SFT checkpoint to {checkpoint_dir} (val loss {val_loss:.4f})")
         from nanochat.report import get_report

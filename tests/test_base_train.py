@@ -136,8 +136,10 @@ def test_a_used_model_tag_is_refused_or_replaced_and_a_resumed_run_keeps_one_log
     base_train.main(common + ["--num-iterations", "4", "--save-every", "2", "--resume-from-step", "2"])
     assert log() == ([1, 2, 3, 4], [0, 2, 4])
     base_train.main(common + ["--num-iterations", "2", "--overwrite"])
-    assert find_last_step(str(ckpt)) == 2 and not any(f.endswith("000004.pt") for f in os.listdir(ckpt))
+    assert find_last_step(str(ckpt)) == 2 and not any("000004" in f for f in os.listdir(ckpt))  # digests included
     assert log() == ([1, 2], [0, 2])
+    from nanochat.tokenizer import get_tokenizer  # the meta names the tokenizer its ids mean (load_model checks it)
+    assert json.loads((ckpt / "meta_000002.json").read_text())["tokenizer_fingerprint"] == get_tokenizer().fingerprint()
 
 
 def test_resume_continues_exactly(base_dir):

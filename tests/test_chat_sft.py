@@ -66,7 +66,7 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
         "--device-batch-size", "2", "--device-type", "cpu")
     ckpt = base_dir / "chatsft_checkpoints" / "chat"
     meta = json.loads((ckpt / "meta_000004.json").read_text())
-    assert meta["model_config"] == config.to_dict() and meta["val_loss"] > 0
+    assert meta["model_config"] == config.to_dict() and meta["val_loss"] > 0 and len(meta["tokenizer_fingerprint"]) == 16
     sft = torch.load(ckpt / "model_000004.pt")
     assert not torch.equal(sft["lm_head.weight"], model.state_dict()["lm_head.weight"])  # it trained
     out = run("scripts.chat_cli", "-g", "chat", "-p", "What is 2 plus 2?", "-t", "0", "--max-tokens", "8", "--device-type", "cpu")

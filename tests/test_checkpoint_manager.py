@@ -5,17 +5,17 @@ import pytest
 import torch
 
 from nanochat.common import UserError
-from conftest import each_flipped, save_without_digest
+from conftest import each_flipped, save_without_digest, stdlib_texts
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.checkpoint_manager import save_checkpoint, load_checkpoint, load_model, find_last_step
 
 
-def save_tiny(base, tag, vocab_size=512, step=5):
+def save_tiny(base, tag, vocab_size=512, step=5, **meta):
     config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     model = GPT(config)
     model.init_weights()
     ckpt = base / "base_checkpoints" / tag
-    save_checkpoint(str(ckpt), step, model.state_dict(), {"optimizers": []}, {"step": step, "model_config": config.to_dict()})
+    save_checkpoint(str(ckpt), step, model.state_dict(), {"optimizers": []}, {"step": step, "model_config": config.to_dict(), **meta})
     return model, ckpt
 
 
@@ -35,6 +35,28 @@ def test_vocab_mismatch_is_a_user_error(base_dir):
     save_tiny(base_dir, "vocab", vocab_size=300)
     with pytest.raises(UserError, match="vocab mismatch"):
         load_model("base", "cpu", phase="eval", model_tag="vocab")
+
+
+def test_a_tokenizer_retrained_at_the_same_vocab_size_is_refused(base_dir, tmp_path, monkeypatch):
+    """Only the vocab size was checked: a tokenizer retrained on other text (same size) turned the model's ids
+    into other text, silently. Checkpoints record the tokenizer's fingerprint; upstream's (none) load as before."""
+    import shutil
+    from nanochat.tokenizer import RustBPETokenizer, get_tokenizer
+    tokenizer = get_tokenizer()
+    save_tiny(base_dir, "fp", tokenizer_fingerprint=tokenizer.fingerprint())
+    save_tiny(base_dir, "fp_upstream")
+    assert load_model("base", "cpu", phase="eval", model_tag="fp")[2]["tokenizer_fingerprint"] == tokenizer.fingerprint()
+    other = tmp_path / "other"
+    shutil.copytree(base_dir / "base_checkpoints", other / "base_checkpoints")
+    texts = stdlib_texts()
+    retrained = RustBPETokenizer.train_from_iterator(iter(texts[:len(texts) // 4]), 512)  # other text, same size
+    assert retrained.get_vocab_size() == 512 and retrained.fingerprint() != tokenizer.fingerprint()
+    retrained.save(str(other / "tokenizer"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(other))
+    with pytest.raises(UserError, match="trained with another tokenizer") as e:
+        load_model("base", "cpu", phase="eval", model_tag="fp")
+    assert "\n" not in str(e.value)
+    load_model("base", "cpu", phase="eval", model_tag="fp_upstream")  # no fingerprint: not checked
 
 
 def test_corrupt_files_are_user_errors(base_dir):
