@@ -59,7 +59,7 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
     stage data $PY -m nanochat.dataset -n 8
     $PY -m nanochat.dataset -n "$SHARDS" &
     DOWNLOAD_PID=$!
-    stage tokenizer $PY -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
+    stage tokenizer $PY -m scripts.tok_train --overwrite --max-chars 2000000000 --vocab-size 32768
     stage tok_eval $PY -m scripts.tok_eval
     wait $DOWNLOAD_PID
     stage base_train_mc $TRAIN scripts/base_train.py --config "configs/d${DEPTH}_mc.toml" --model-tag "d${DEPTH}_mc" --overwrite --run "${RUN}_mc"
@@ -75,7 +75,7 @@ else
     TAG=cpu_d3_mc
     stage report $PY -m nanochat.report reset
     stage data $PY -m nanochat.dataset --offline
-    stage tokenizer $PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
+    stage tokenizer $PY -m scripts.tok_train --overwrite --vocab-size 4096 --max-chars 50000000
     stage tok_eval $PY -m scripts.tok_eval --no-compare
     stage base_train_mc $PY -m scripts.base_train --config configs/cpu_tiny_mc.toml --model-tag "$TAG" --overwrite --run "$RUN"
     if [ "${TWIN:-0}" = 1 ]; then

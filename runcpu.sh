@@ -14,7 +14,7 @@ PY=.venv/bin/python
 
 $PY -m nanochat.report reset
 $PY -m nanochat.dataset --offline
-$PY -m scripts.tok_train --vocab-size 4096 --max-chars 50000000
+$PY -m scripts.tok_train --overwrite --vocab-size 4096 --max-chars 50000000
 $PY -m scripts.tok_eval --no-compare
 $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --overwrite
 $PY -m scripts.base_eval --eval bpb,sample --model-tag cpu_d3 --split-tokens 131072 --device-batch-size 4

@@ -24,7 +24,7 @@ python -m nanochat.report reset
 python -m nanochat.dataset -n 8
 python -m nanochat.dataset -n "$SHARDS" &
 DOWNLOAD_PID=$!
-python -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
+python -m scripts.tok_train --overwrite --max-chars 2000000000 --vocab-size 32768
 python -m scripts.tok_eval
 wait $DOWNLOAD_PID
 

@@ -24,7 +24,7 @@ import torch
 from nanochat.common import (require_at_least_one, UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
                              all_reduce_mean, report_stale_temps)
 from nanochat.checkpoint_manager import claim_checkpoint_dir, load_model, save_checkpoint
-from nanochat.engine import Engine
+from nanochat.engine import Engine, temperature_problem
 from nanochat.runlog import RunLog
 from nanochat.optim import set_lr_multiplier
 
@@ -104,8 +104,10 @@ def main():
     p.add_argument("--eval-problems", type=int, default=100)
     args = p.parse_args()
     require_at_least_one(p, args, "num_iterations", "problems_per_step", "num_samples", "max_new_tokens", "eval_problems")
-    if args.init_lr_frac <= 0 or args.temperature <= 0:
-        p.error("--init-lr-frac and --temperature must be positive")
+    if args.init_lr_frac <= 0:
+        p.error("--init-lr-frac must be positive")
+    if args.temperature <= 0 or temperature_problem(args.temperature):  # rollouts sample: greedy (0) would give one answer
+        p.error(temperature_problem(args.temperature) if args.temperature > 0 else "--temperature must be positive (rollouts sample)")
     user_config = vars(args).copy()
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())

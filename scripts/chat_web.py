@@ -279,6 +279,10 @@ def main():
         p.error(f"top-k must be in {list(TOP_K_RANGE)}")
     if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
         p.error(f"max-tokens must be in {list(MAX_TOKENS_RANGE)}")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port must be in [0, 65535], got {args.port}")
+    if args.w_max is not None and not (args.megacontext or args.gist_first or args.ck):
+        p.error("--w-max needs --megacontext")
 
     import uvicorn
     from nanochat.engine import Engine

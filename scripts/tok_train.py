@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanochat.common import UserError, cli_main, get_base_dir, atomic_torch_save
 from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, compute_token_bytes
+from nanochat.checkpoint_manager import MAX_SIZES
 
 
 def main():
@@ -24,14 +25,20 @@ def main():
     parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters of each document")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size, special tokens included")
+    parser.add_argument("--overwrite", action="store_true", help="replace the tokenizer already in <base>/tokenizer (else it refuses)")
     args = parser.parse_args()
     min_vocab = 256 + len(SPECIAL_TOKENS)
-    if args.vocab_size < min_vocab:
-        raise UserError(f"--vocab-size must be at least {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {args.vocab_size}")
+    if not min_vocab <= args.vocab_size <= MAX_SIZES["vocab_size"]:
+        raise UserError(f"--vocab-size must be {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens) to "
+                        f"{MAX_SIZES['vocab_size']:,}, got {args.vocab_size}")
     if args.max_chars <= 0:
         raise UserError(f"--max-chars must be positive, got {args.max_chars}")
     if args.doc_cap <= 0:
         raise UserError(f"--doc-cap must be positive, got {args.doc_cap}")
+    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+    if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.pkl")) and not args.overwrite:
+        raise UserError(f"{tokenizer_dir} already holds a tokenizer, and the checkpoints trained with it load only with it "
+                        "(their metas name its fingerprint): --overwrite replaces it")
     print(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}", flush=True)
 
     from nanochat.dataset import parquets_iter_batched  # imported here: only this script needs the shards
@@ -70,7 +77,6 @@ def main():
     if tokenizer.decode(tokenizer.encode(sample)) != sample:
         raise RuntimeError("tokenizer does not round-trip the sample text")
 
-    tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
     path = tokenizer.save(tokenizer_dir)
     print(f"saved {path}", flush=True)
     token_bytes = compute_token_bytes(tokenizer)  # (vocab,) int32

@@ -1,3 +1,6 @@
+import sys
+
+import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
@@ -45,3 +48,15 @@ def test_masked_tokens_get_no_gradient_and_padding_is_ignored():
     model.zero_grad()
     zero = policy_loss(model, [seq], [[0, 0, 1, 1]], [0.0], pad_id=0)
     assert zero.item() == 0.0
+
+
+@pytest.mark.parametrize("temperature", ["3", "0.001", "0"])
+def test_a_temperature_the_sampler_refuses_stops_at_the_command_line(monkeypatch, capsys, temperature):
+    """-t 3 or 0.001 passed the old check (> 0), then the first rollout raised a traceback after the model had
+    loaded (and, with --overwrite, after the previous RL checkpoints were removed)."""
+    from scripts import chat_rl
+    monkeypatch.setattr(sys, "argv", ["chat_rl", "--temperature", temperature])
+    monkeypatch.setattr(chat_rl, "compute_init", lambda *a: pytest.fail("ran past the flag checks"))
+    with pytest.raises(SystemExit) as e:
+        chat_rl.main()
+    assert e.value.code == 2 and "temperature" in capsys.readouterr().err

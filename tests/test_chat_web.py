@@ -6,6 +6,7 @@ keeps every reply deterministic.
 """
 
 import json
+import sys
 import shutil
 import socket
 import threading
@@ -384,3 +385,14 @@ def test_ck_memories_are_attached_to_every_request(base_dir, tmp_path):
         focus = sse_events(r.text)[-2]["focus"]
         assert focus["memories"]["ck"]["slots"] > 0 and focus["memories"]["ck"]["tokens"] > 400
         assert focus["wc_cost"] <= focus["w_max"]
+
+
+@pytest.mark.parametrize("flags, needle", [(["-p", "99999"], "--port"), (["-p", "-1"], "--port"), (["--w-max", "64"], "--w-max needs --megacontext")])
+def test_bad_server_flags_stop_before_the_model_loads(monkeypatch, capsys, flags, needle):
+    """A bad port was a 25-frame traceback after the model loaded; --w-max without --megacontext was ignored."""
+    from scripts import chat_web
+    monkeypatch.setattr(sys, "argv", ["chat_web", *flags])
+    monkeypatch.setattr(chat_web, "compute_init", lambda *a: pytest.fail("ran past the flag checks"))
+    with pytest.raises(SystemExit) as e:
+        chat_web.main()
+    assert e.value.code == 2 and needle in capsys.readouterr().err

@@ -343,7 +343,9 @@ def run_script(module, args, base_dir):
 def test_tok_train_rejects_small_vocab(tmp_path):
     result = run_script("scripts.tok_train", ["--vocab-size", "100"], tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --vocab-size must be at least 265")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --vocab-size must be 265")
+    result = run_script("scripts.tok_train", ["--vocab-size", "99999999999"], tmp_path)  # was an OverflowError traceback
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and "--vocab-size" in result.stderr
 
 
 def test_tok_train_end_to_end(tmp_path):
@@ -371,6 +373,16 @@ def test_tok_train_end_to_end(tmp_path):
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert "ours" in rows["text"] and "gpt2" not in rows["text"]
     assert {"news", "code", "train-shard", "val-shard"} <= set(rows)
+
+    # a second training refuses to replace it (checkpoints name the tokenizer they were trained with) unless --overwrite
+    before = (tok_dir / "tokenizer.pkl").read_bytes()
+    again = ["--vocab-size", "280", "--max-chars", "20000", "--doc-cap", "500"]
+    result = run_script("scripts.tok_train", again, tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "--overwrite replaces it" in lines[0], result.stderr
+    assert (tok_dir / "tokenizer.pkl").read_bytes() == before
+    result = run_script("scripts.tok_train", again + ["--overwrite"], tmp_path)
+    assert result.returncode == 0 and RustBPETokenizer.from_directory(str(tok_dir)).get_vocab_size() == 280
 
 
 def test_parse_assistant_inverts_the_rendering(tok):
