@@ -74,13 +74,21 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--chunk", type=int, default=65536, help="tokens per ingest call")
     args = p.parse_args()
-    histories = [int(x) for x in args.histories.split(",")]
-    budgets = [int(x) for x in args.w_max.split(",")]
+    try:
+        histories = [int(x) for x in args.histories.split(",")]
+        budgets = [int(x) for x in args.w_max.split(",")]
+    except ValueError:
+        p.error(f"--histories and --w-max are comma-separated integers, got {args.histories!r} and {args.w_max!r}")
     if min(histories) < BLOCK_SIZE or min(budgets) < 2 * BLOCK_SIZE or args.repeats < 1:
         p.error(f"histories must be >= {BLOCK_SIZE} tokens, budgets >= {2 * BLOCK_SIZE}, repeats >= 1")
+    if args.dim < 2 or args.vocab_size < 2 or args.max_level < 1 or args.recent_tokens < 0 or args.chunk < 1:
+        p.error("need --dim >= 2, --vocab-size >= 2, --max-level >= 1, --recent-tokens >= 0 and --chunk >= 1")
+    if args.dir and not os.path.isdir(args.dir):
+        p.error(f"--dir {args.dir}: no such directory")
 
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # the caller's thread setting wins
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     wte = torch.nn.Embedding(args.vocab_size, args.dim)
     embed_tokens = lambda ids: norm(wte(ids))
     gistnet = GistNet(args.dim, kind=args.gist_kind, max_level=args.max_level).eval()

@@ -148,8 +148,10 @@ def main():
         histories = [int(h) for h in own.histories.split(",")]
     except ValueError:
         raise UserError(f"--histories must be comma-separated integers, got {own.histories!r}")
-    if min(histories) < 1 or own.decode < BLOCK_SIZE or own.decode % BLOCK_SIZE:
-        raise UserError(f"histories must be >= 1 and --decode a positive multiple of {BLOCK_SIZE}")
+    if min(histories) < 1 or own.decode < BLOCK_SIZE or own.decode % BLOCK_SIZE or own.warmup < 0:
+        raise UserError(f"histories must be >= 1, --decode a positive multiple of {BLOCK_SIZE} and --warmup >= 0")
+    if own.workdir and not os.path.isdir(own.workdir):
+        raise UserError(f"--workdir {own.workdir}: no such directory")
     torch.set_grad_enabled(False)
     device_type, device, config, model, _ = fresh_model(args, own.vocab_size)
     model.eval()

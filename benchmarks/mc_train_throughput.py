@@ -29,11 +29,13 @@ from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import from_args
 from nanochat.megacontext.training import MegaContextTrainer
 from scripts.base_train import parse_args
-from benchmarks.train_throughput import fresh_model
+from benchmarks.train_throughput import check_run_flags, fresh_model
 
 
 def main():
-    p = argparse.ArgumentParser(allow_abbrev=False)
+    p = argparse.ArgumentParser(allow_abbrev=False, description="The MegaContext training step beside its vanilla twin; "
+                                "every other flag is base_train's: a MegaContext preset (--config configs/cpu_tiny_mc.toml) "
+                                "or --megacontext with --mc-* flags, and the model's shape")
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (interleaved rounds; the median counts)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=32768)
@@ -42,6 +44,7 @@ def main():
     mc = from_args(args)
     if mc is None:
         raise UserError("give a MegaContext preset or --megacontext (the vanilla twin is measured on the same settings)")
+    check_run_flags(args, own.steps, own.warmup)
     device_type, device, config, model, optimizers = fresh_model(args, own.vocab_size)
     gistnet, lensnet = build_modules(mc, config, device)
     trainer = MegaContextTrainer(model, gistnet, lensnet, mc)

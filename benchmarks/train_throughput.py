@@ -20,14 +20,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from nanochat.common import cli_main, compute_init, compute_dtype, autodetect_device_type
+from nanochat.common import UserError, cli_main, compute_init, compute_dtype, autodetect_device_type
 from nanochat.runlog import peak_flops, measured_matmul_flops
 from scripts.base_train import model_config_from_args
 from nanochat.gpt import GPT, use_flex
 
 
+def check_run_flags(args, steps, warmup):
+    """One-line refusals for the flags the training benchmarks share (a batch of 0 timed 0 tok/s as a result)."""
+    if steps < 1 or warmup < 0 or args.device_batch_size < 1 or args.compile not in (-1, 0, 1):
+        raise UserError(f"need --steps >= 1, --warmup >= 0, --device-batch-size >= 1 and --compile -1, 0 or 1; got "
+                        f"{steps}, {warmup}, {args.device_batch_size}, {args.compile}")
+
+
 def fresh_model(args, vocab_size):
     """base_train-style args -> (device_type, device, GPTConfig, initialized GPT, its optimizers)."""
+    if vocab_size < 2:
+        raise UserError(f"--vocab-size must be at least 2, got {vocab_size}")
     device_type = args.device_type or autodetect_device_type()
     _, _, _, _, device = compute_init(device_type)
     config = model_config_from_args(args, vocab_size)
@@ -52,6 +61,7 @@ def main():
     p.add_argument("--compile", type=int, default=-1, help="1/0; -1: on cuda only")
     p.add_argument("--device-type", type=str, default="")
     args = p.parse_args()
+    check_run_flags(args, args.steps, args.warmup)
 
     device_type, device, config, model, optimizers = fresh_model(args, args.vocab_size)
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")

@@ -81,3 +81,20 @@ def test_gpu_check_runs_every_part_and_tags_each_json_line():
     assert vanilla["benchmark"] == mask["benchmark"] == "train_throughput" and mask["windowed_attention"] == "sdpa_mask"
     assert vanilla["windowed_attention"] == "sdpa_mask"  # a CPU takes the mask path unless NANOCHAT_FLEX=1
     assert mc["ratio"] > 0 and decode["ratio_1m_1k"] > 0 and len(decode["histories"]) == 2
+
+
+def test_bad_flags_are_one_line_errors_before_anything_is_timed():
+    """A batch of 0 printed a result of 0 tok/s; --steps 0, --vocab-size 0, --dim 0, --chunk 0 and the like ended
+    in tracebacks after building the model; --compile 5 was ignored."""
+    cases = [("train_throughput", "--steps", "0"), ("train_throughput", "--device-batch-size", "0"),
+             ("train_throughput", "--vocab-size", "0"), ("train_throughput", "--compile", "5"),
+             ("mc_train_throughput", "--config", "configs/cpu_tiny_mc.toml", "--steps", "0"),
+             ("mc_core", "--histories", "abc"), ("mc_core", "--dim", "0"), ("mc_core", "--chunk", "0"),
+             ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--warmup", "-5"),
+             ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--workdir", "/no/such/dir")]
+    for module, *args in cases:
+        r = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, *(["--device-type", "cpu"] if module != "mc_core" else [])],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "error: " in lines[-1], (module, args, r.stderr[-500:])
+        assert r.stdout.strip() == "", (module, args)  # no result line
