@@ -150,23 +150,45 @@ CHECKPOINT_FILE = re.compile(r"(model|meta|optim|mc)_(\d{6})(_rank\d+)?\.(pt|jso
 RUN_LOG = "train_log.jsonl"
 
 
+def checkpoint_steps(checkpoint_dir, after=-1):
+    """The steps above `after` that have any file (model, meta, optimizer, MegaContext, digest) in checkpoint_dir."""
+    files = os.listdir(checkpoint_dir) if os.path.isdir(checkpoint_dir) else []
+    return sorted({int(m.group(2)) for f in files if (m := CHECKPOINT_FILE.fullmatch(f)) and int(m.group(2)) > after})
+
+
 def claim_checkpoint_dir(checkpoint_dir, overwrite, rank=0, resumable=False):
-    """Before a fresh (not resumed) run's first save: a dir holding an earlier run's checkpoints is refused in
-    one line unless `overwrite`, which removes them and their train_log.jsonl (rank 0). Left beside the new
-    run, an older run's later step would stay the last one that every loader picks, and its log would run
-    on into the new one's."""
-    files = sorted(f for f in os.listdir(checkpoint_dir) if CHECKPOINT_FILE.fullmatch(f)) if os.path.isdir(checkpoint_dir) else []
-    if not files:
-        return
-    steps = ", ".join(str(s) for s in sorted({int(CHECKPOINT_FILE.fullmatch(f).group(2)) for f in files}))
+    """Before a fresh (not resumed) run: a dir holding an earlier run's checkpoints is refused in one line
+    unless `overwrite`. Left beside the new run, an older run's later step would stay the last one that
+    every loader picks, and its log would run on into the new one's. -> the steps the new run replaces:
+    its log goes now, the steps once the new run has saved its own (retire_checkpoints), so a run stopped
+    before its first save leaves the old model in place (it may be the very one this run started from)."""
+    steps = checkpoint_steps(checkpoint_dir)
+    if not steps:
+        return []
     if not overwrite:
         resume = ", --resume-from-step <step> continues that run" if resumable else ""
-        raise UserError(f"{checkpoint_dir} already holds a run's checkpoints (steps {steps}): --overwrite replaces them{resume}, "
-                        "or train under another --model-tag")
-    if rank == 0:
-        for f in files + ([RUN_LOG] if os.path.exists(os.path.join(checkpoint_dir, RUN_LOG)) else []):
-            os.remove(os.path.join(checkpoint_dir, f))
-        print0(f"--overwrite: removed the previous run's checkpoints (steps {steps}) and its log from {checkpoint_dir}")
+        raise UserError(f"{checkpoint_dir} already holds a run's checkpoints (steps {', '.join(map(str, steps))}): "
+                        f"--overwrite replaces them{resume}, or train under another --model-tag")
+    log = os.path.join(checkpoint_dir, RUN_LOG)
+    if rank == 0 and os.path.exists(log):
+        os.remove(log)
+    print0(f"--overwrite: this run replaces the checkpoints in {checkpoint_dir} (steps {', '.join(map(str, steps))}; "
+           "they are removed once it has saved its own)")
+    return steps
+
+
+def retire_checkpoints(checkpoint_dir, steps, saved_step, rank=0):
+    """After a run's first save (at saved_step): remove the files of `steps`, the earlier run's that it
+    replaces (claim_checkpoint_dir) or, when resumed, the abandoned steps past its start; rank 0 only.
+    A step the run has just saved over is kept. -> [] (nothing left to retire)"""
+    gone = [s for s in steps if s != saved_step]
+    if rank == 0 and gone:
+        for f in os.listdir(checkpoint_dir):
+            m = CHECKPOINT_FILE.fullmatch(f)
+            if m and int(m.group(2)) in gone:
+                os.remove(os.path.join(checkpoint_dir, f))
+        print0(f"removed the replaced checkpoints (steps {', '.join(map(str, gone))}) from {checkpoint_dir}")
+    return []
 
 
 def resolve_checkpoint(source, model_tag=None, step=None):

@@ -42,7 +42,7 @@ import torch
 
 from nanochat.common import UserError, get_dist_info, print0
 from nanochat.dataset import split_paths, row_group_offsets, locate_row_group, read_row_group
-from nanochat.longrange import mix_documents
+from nanochat.longrange import TooShort, mix_documents
 
 
 def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=None, buffer_size=1000, data_dir=None,
@@ -70,8 +70,12 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
         texts = read_row_group(paths[pq_idx], rg_idx)
         if long_range_frac > 0:
             seed = pq_idx * 1_000_003 + rg_idx  # not rank, world size or epoch: a resume regenerates them
-            texts = texts + mix_documents(texts, long_range_frac, seed, long_range_tokens - 1,  # - 1: the BOS
-                                          lambda text: len(tokenizer.encode(text)))
+            try:
+                texts = texts + mix_documents(texts, long_range_frac, seed, long_range_tokens - 1,  # - 1: the BOS
+                                              lambda text: len(tokenizer.encode(text)))
+            except TooShort as e:  # in the flag's count, BOS included
+                raise UserError(f"long-range documents of {long_range_tokens} tokens (BOS included): a {e.kind} document "
+                                f"needs at least {e.needed + 1}") from None
         return texts
 
     # The buffer, sorted by length (equal lengths in insertion order), as parallel lists:

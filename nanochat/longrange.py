@@ -37,6 +37,13 @@ CODE_WORDS = ("max", "min", "num", "total", "buffer", "retry", "limit", "count",
 NEEDLE_THINGS = ("city", "number", "animal", "color", "fruit", "river", "planet", "instrument", "word", "stone")
 
 
+class TooShort(UserError):
+    """A document of `kind` needs `needed` tokens (its fact, question and answer without filler), more than `n_tokens`."""
+    def __init__(self, kind, needed, n_tokens):
+        super().__init__(f"a {kind} long-range document needs at least {needed} tokens, more than the {n_tokens} asked for")
+        self.kind, self.needed = kind, needed
+
+
 @dataclass
 class LongRangeDoc:
     text: str    # == prompt + answer
@@ -133,8 +140,7 @@ def make_document(kind, rng, filler, n_tokens, count_tokens, depth=None):
 
     bare = count_tokens(assemble("")[0] + answer)
     if bare > n_tokens:
-        raise UserError(f"a {kind} long-range document needs at least {bare} tokens, "
-                        f"more than the {n_tokens} asked for")
+        raise TooShort(kind, bare, n_tokens)
     pool, i = "", start  # the filler texts from sources[start] on, cycled, joined by SEP
 
     def filler_of(chars, floor):

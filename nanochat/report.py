@@ -40,12 +40,16 @@ SECTION_ORDER = [
     "Chat RL",
     "Chat evaluation sft",
     "Chat evaluation rl",
+    "Base model evaluation sft",
+    "Base model evaluation rl",
 ]
 # which column of the summary table a section's metrics land in; a later section overrides an
 # earlier one within a stage (the evaluation's val bpb wins over the training's)
 SECTION_STAGE = {
     "Base model training": "BASE",
     "Base model evaluation": "BASE",
+    "Base model evaluation sft": "SFT",  # base_eval --source sft / rl
+    "Base model evaluation rl": "RL",
     "Chat SFT": "SFT",
     "Chat evaluation sft": "SFT",
     "Chat RL": "RL",
@@ -384,6 +388,8 @@ def main():
     p.add_argument("command", choices=["generate", "reset"])
     p.add_argument("-o", "--output", type=str, default="report.md", help="generate: where to write the copy of report.md")
     args = p.parse_args()
+    if args.command == "generate" and os.path.isdir(args.output):
+        p.error(f"-o {args.output} is a directory: give the report's file name (e.g. {os.path.join(args.output, 'report.md')})")
     report = get_report()
     if args.command == "reset":
         report.reset()

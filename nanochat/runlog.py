@@ -15,9 +15,9 @@ from nanochat.common import atomic_path
 
 class RunLog:
     def __init__(self, path, run="dummy", user_config=None, enabled=True, project="nanochat", resume_step=None):
-        """resume_step: a run resumed from that step's checkpoint keeps what led up to it (train records through
-        it, evaluations before it: the resumed run evaluates that step again) and drops what a run that went
-        past it wrote, so the log reads as one run."""
+        """resume_step: a run resumed from that step's checkpoint keeps what led up to it (train and CORE records
+        through it, evaluations before it: base_train evaluates its start step again, CORE only past it) and
+        drops what a run that went past it wrote, so the log reads as one run."""
         self.path, self.enabled, self.wandb = path, enabled, None
         if not enabled:
             return
@@ -38,7 +38,7 @@ class RunLog:
             except ValueError:
                 continue  # a line cut by a crash
             at = r.get("step") if isinstance(r, dict) else None
-            if isinstance(at, int) and (at < step or (at == step and r.get("kind") == "train")):
+            if isinstance(at, int) and (at < step or (at == step and r.get("kind") in ("train", "core"))):
                 kept.append(line)
         with atomic_path(self.path) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -165,7 +165,8 @@ def main(argv=None):
             for band, r in results.get("recall", {}).items():
                 summary[f"recall {band} back (full / truncation)"] = f"{r['full']:.3f} / {r['truncation']:.3f}"
             samples = ["Samples:\n" + "\n".join(f"- {s!r}" for s in results["samples"])] if "samples" in results else []
-            get_report().log(section="Base model evaluation", data=[summary, *samples])
+            section = "Base model evaluation" + ("" if args.source == "base" else f" {args.source}")  # one per source
+            get_report().log(section=section, data=[summary, *samples])
             print0(f"wrote {out_path}")
         return results
     finally:

@@ -26,7 +26,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
 from nanochat.recall import recall_loader, recall_eval_docs, recall_accuracy
-from nanochat.checkpoint_manager import MAX_SIZES, claim_checkpoint_dir, save_checkpoint, load_checkpoint, prepare_state_dict
+from nanochat.checkpoint_manager import (MAX_SIZES, checkpoint_steps, claim_checkpoint_dir, retire_checkpoints, save_checkpoint,
+                                         load_checkpoint, prepare_state_dict)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import load_optimizer_state, set_lr_multiplier
 from nanochat.dataset import get_data_dir
@@ -310,8 +311,12 @@ def train(argv=None):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     if master:
         report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
+    # the steps this run replaces, removed after its first save: an earlier run's (--overwrite), or when resumed the
+    # abandoned steps past the start (left, the last of them would stay the step every loader picks)
     if args.resume_from_step < 0:
-        claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank, resumable=True)
+        replaced = claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank, resumable=True)
+    else:
+        replaced = checkpoint_steps(checkpoint_dir, after=args.resume_from_step)
     start_step, loader_state = 0, None
     loop_state = dict(min_val_bpb=float("inf"), smooth_train_loss=0.0, total_training_time=0.0, flops_seen=0.0)
     if args.resume_from_step >= 0:
@@ -325,6 +330,10 @@ def train(argv=None):
         if saved_seed != args.seed:
             raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: it was trained with --seed "
                             f"{saved_seed}, this run has --seed {args.seed}")
+        if ("megacontext" in meta) != (mc is not None):  # resumed the other way, its MegaContext weights would be dropped or made up
+            kind = "a MegaContext run: resume it with its --megacontext settings (its preset)" if "megacontext" in meta else "a vanilla run"
+            raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: it is {kind}, "
+                            f"this run is {'MegaContext' if mc is not None else 'vanilla'}")
         if meta["model_config"] != config.to_dict():
             raise UserError(f"cannot resume: checkpoint model_config {meta['model_config']} differs from this run's {config.to_dict()}")
         try:
@@ -395,6 +404,8 @@ def train(argv=None):
                 trainer.save(checkpoint_dir, step, mc_optimizer)
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_data, meta, rank=rank)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+        nonlocal replaced
+        replaced = retire_checkpoints(checkpoint_dir, replaced, step, rank)
 
     # training loop ----------------------------------------------------------------------------
     val_bpb = None

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type, atomic_write_json
-from nanochat.checkpoint_manager import load_model
+from nanochat.checkpoint_manager import load_model, resolve_checkpoint
 from nanochat.engine import Engine, temperature_problem
 
 OFFLINE_TASKS = ["Arithmetic", "Spelling"]
@@ -120,7 +120,8 @@ def main():
     try:
         names = [n.strip() for n in args.tasks.split(",") if n.strip()]
         tasks = {name: make_task(name) for name in names}
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        _, tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)  # the tag loaded names the results
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=tag, step=step)
         engine = Engine(model, tokenizer)
         results, centered = {}, {}
         for name, task in tasks.items():
@@ -131,7 +132,6 @@ def main():
         chatcore = sum(centered.values()) / len(centered) if centered else float("nan")
         print0(f"ChatCORE: {chatcore:.4f}")
         if rank == 0:
-            tag = args.model_tag or meta.get("model_tag") or f"d{model.config.n_layer}"
             out = os.path.join(get_base_dir(), "chat_eval", f"{args.source}_{tag}_{meta.get('step')}.json")
             atomic_write_json(dict(source=args.source, model_tag=tag, step=meta.get("step"), results=results,
                                    centered=centered, chatcore=chatcore, user_config=vars(args)), out)

@@ -23,7 +23,7 @@ import torch
 
 from nanochat.common import (require_at_least_one, UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
                              all_reduce_mean, report_stale_temps)
-from nanochat.checkpoint_manager import claim_checkpoint_dir, load_model, save_checkpoint
+from nanochat.checkpoint_manager import claim_checkpoint_dir, load_model, resolve_checkpoint, retire_checkpoints, save_checkpoint
 from nanochat.engine import Engine, temperature_problem
 from nanochat.runlog import RunLog
 from nanochat.optim import set_lr_multiplier
@@ -112,15 +112,15 @@ def main():
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
-        model_tag = args.model_tag or meta.get("model_tag") or f"d{model.config.n_layer}"
+        _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)  # the tag loaded names the output
+        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=step)
         engine = Engine(model, tokenizer)
         train_task, test_task = make_task(args.task, "train"), make_task(args.task, "test")
         optimizers = model.setup_optimizers(weight_decay=0.0, lr_multiplier=args.init_lr_frac)
         checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", model_tag)
         if rank == 0:
             report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
-        claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)
+        replaced = claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)  # removed once this run has saved
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
         pad_id = tokenizer.get_bos_token_id()
         n_eval = min(args.eval_problems, len(test_task))
@@ -169,6 +169,7 @@ def main():
                         user_config=user_config, model_tag=model_tag, source=dict(kind=args.source, step=meta.get("step")),
                         tokenizer_fingerprint=tokenizer.fingerprint())
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(), None, meta_out, rank=rank)
+        retire_checkpoints(checkpoint_dir, replaced, args.num_iterations, rank)
         print0(f"saved RL checkpoint to {checkpoint_dir}")
         from nanochat.report import get_report
         get_report().log(section="Chat RL", data=[user_config, {"model_tag": model_tag, f"{args.task} pass@1": accuracy,

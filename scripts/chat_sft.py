@@ -21,7 +21,7 @@ import torch
 
 from nanochat.common import (require_at_least_one, UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0, autodetect_device_type,
                              all_reduce_mean, report_stale_temps)
-from nanochat.checkpoint_manager import claim_checkpoint_dir, load_model, save_checkpoint
+from nanochat.checkpoint_manager import claim_checkpoint_dir, load_model, resolve_checkpoint, retire_checkpoints, save_checkpoint
 from nanochat.runlog import RunLog
 from nanochat.optim import set_lr_multiplier
 
@@ -136,10 +136,10 @@ def main():
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=args.model_tag, step=args.step)
+        _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)  # the tag loaded names the output
+        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=step)
         config = model.config
         T, B = config.sequence_len, args.device_batch_size
-        model_tag = args.model_tag or meta.get("model_tag") or f"d{config.n_layer}"
         optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
                                             weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, lr_multiplier=args.init_lr_frac)
 
@@ -150,7 +150,7 @@ def main():
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
         if rank == 0:
             report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
-        claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)
+        replaced = claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)  # removed once this run has saved
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
 
         val_loss, t_start = None, time.time()
@@ -185,6 +185,7 @@ def main():
                         source=dict(kind=args.source, model_tag=model_tag, step=meta.get("step")), model_tag=model_tag,
                         tokenizer_fingerprint=tokenizer.fingerprint())
         save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(), None, meta_out, rank=rank)
+        retire_checkpoints(checkpoint_dir, replaced, args.num_iterations, rank)
         print0(f"saved SFT checkpoint to {checkpoint_dir} (val loss {val_loss:.4f})")
         from nanochat.report import get_report
         get_report().log(section="Chat SFT", data=[user_config, {"model_tag": model_tag, "train_conversations": len(train_set),

@@ -112,6 +112,18 @@ def test_end_to_end(base_dir, monkeypatch):
     assert proc.returncode == 0, proc.stderr
     again = json.loads(out_path.read_text())
     assert again["core"] == core and "bpb" not in again and "samples" not in again
+    # the same weights as an SFT checkpoint (--source sft): its own report section, the base model's kept
+    sft_dir = base_dir / "chatsft_checkpoints" / "evalsft"
+    shutil.copytree(base_dir / "base_checkpoints" / TAG, sft_dir)
+    try:
+        proc = run_script(base_dir, ["--source", "sft", "--model-tag", "evalsft", "--eval", "bpb", "--split-tokens", "256",
+                                     "--device-batch-size", "2"])
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        shutil.rmtree(sft_dir)
+    sections = base_dir / "report"
+    assert "CORE" in (sections / "base-model-evaluation.md").read_text()
+    assert "val_bpb" in (sections / "base-model-evaluation-sft.md").read_text()
 
 
 def test_torchrun_two_ranks_agree_with_one(base_dir):

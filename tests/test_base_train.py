@@ -135,8 +135,25 @@ def test_a_used_model_tag_is_refused_or_replaced_and_a_resumed_run_keeps_one_log
         base_train.main(common + ["--num-iterations", "2"])
     base_train.main(common + ["--num-iterations", "4", "--save-every", "2", "--resume-from-step", "2"])
     assert log() == ([1, 2, 3, 4], [0, 2, 4])
-    base_train.main(common + ["--num-iterations", "2", "--overwrite"])
-    assert find_last_step(str(ckpt)) == 2 and not any("000004" in f for f in os.listdir(ckpt))  # digests included
+    # resumed from 2 into a shorter schedule: the abandoned step 4 would stay the last one loaders pick
+    base_train.main(common + ["--num-iterations", "3", "--resume-from-step", "2"])
+    assert find_last_step(str(ckpt)) == 3 and not any("000004" in f for f in os.listdir(ckpt))  # digests included
+    assert log() == ([1, 2, 3], [0, 2, 3])
+    # --overwrite keeps the old steps until the new run has saved its own: stopped before that, the model is still there
+    real_save = base_train.save_checkpoint
+
+    def killed(*args, **kwargs):
+        raise Killed()
+    base_train.save_checkpoint = killed
+    try:
+        with pytest.raises(Killed):
+            base_train.main(common + ["--num-iterations", "2", "--overwrite"])
+    finally:
+        base_train.save_checkpoint = real_save
+    assert find_last_step(str(ckpt)) == 3 and any("000002" in f for f in os.listdir(ckpt))
+    base_train.main(common + ["--num-iterations", "2", "--overwrite"])  # saves its step 2 over the old one, then removes 3
+    assert find_last_step(str(ckpt)) == 2 and not any("000003" in f for f in os.listdir(ckpt))
+    assert json.loads((ckpt / "meta_000002.json").read_text())["user_config"]["num_iterations"] == 2
     assert log() == ([1, 2], [0, 2])
     from nanochat.tokenizer import get_tokenizer  # the meta names the tokenizer its ids mean (load_model checks it)
     assert json.loads((ckpt / "meta_000002.json").read_text())["tokenizer_fingerprint"] == get_tokenizer().fingerprint()
@@ -375,6 +392,9 @@ def test_megacontext_resume_continues_exactly_and_checkpoints_round_trip(base_di
     resumed_dir = base_dir / "base_checkpoints" / "mc_resumed"
     for f in ("model_000004.pt", "meta_000004.json", "optim_000004_rank0.pt", "mc_000004.pt"):
         os.remove(resumed_dir / f)
+    # resumed without --megacontext it went on as a vanilla run, its GistNet and LensNet dropped
+    with pytest.raises(UserError, match="step 2 .*: it is a MegaContext run: resume it with its --megacontext settings"):
+        base_train.main(TINY + ["--max-seq-len", "128", "--num-iterations", "4", "--model-tag", "mc_resumed", "--resume-from-step", "2"])
     resumed = base_train.main(common + ["--model-tag", "mc_resumed", "--resume-from-step", "2"])
     assert resumed["final_loss"] == straight["final_loss"] and resumed["val_bpb"] == straight["val_bpb"]
     for name in ("model_000004.pt", "mc_000004.pt"):
@@ -433,6 +453,10 @@ def test_megacontext_settings_that_cannot_work_are_user_errors(base_dir):
 def test_long_range_documents_reach_the_training_loader(base_dir):
     with pytest.raises(UserError, match="long-range documents of 100000 tokens do not fit"):
         base_train.main(TINY + ["--num-iterations", "1", "--long-range-frac", "0.5", "--long-range-tokens", "100000"])
+    # too short: counted as the flag counts (BOS included; it said "more than the 39 asked for" of --long-range-tokens 40)
+    with pytest.raises(UserError, match=r"long-range documents of 40 tokens \(BOS included\): a \w+ document needs at least \d+$") as e:
+        base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--long-range-frac", "0.5", "--long-range-tokens", "40"])
+    assert int(str(e.value).split()[-1]) > 40
     out = base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--long-range-frac", "0.5", "--model-tag", "lr_mix"])
     plain = base_train.main(TINY + ["--num-iterations", "1", "--eval-every", "-1", "--model-tag", "lr_plain"])
     assert out["final_loss"] != plain["final_loss"]  # other documents in the first batch

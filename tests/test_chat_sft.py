@@ -1,6 +1,7 @@
 import os
 import sys
 import json
+import shutil
 import subprocess
 
 import torch
@@ -53,8 +54,10 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     config = GPTConfig(sequence_len=256, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     model = GPT(config)
     model.init_weights()
-    save_checkpoint(str(base_dir / "base_checkpoints" / "chat"), 3, model.state_dict(), None, {"step": 3, "model_config": config.to_dict()})
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "WANDB_MODE": "disabled"}
+    base = tmp_path / "base"  # its own base dir: the one base model tag there is the one the scripts find without -g
+    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    save_checkpoint(str(base / "base_checkpoints" / "chat"), 3, model.state_dict(), None, {"step": 3, "model_config": config.to_dict()})
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
     def run(*args, stdin=None):
         r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -62,9 +65,11 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout
 
-    run("scripts.chat_sft", "--model-tag", "chat", "--num-iterations", "4", "--eval-every", "2", "--eval-steps", "1",
+    # no -g: the tag found ("chat", not a d<N>) names the output (it went to chatsft_checkpoints/d2, away from the
+    # MegaContext weights of its base tag)
+    run("scripts.chat_sft", "--num-iterations", "4", "--eval-every", "2", "--eval-steps", "1",
         "--device-batch-size", "2", "--device-type", "cpu")
-    ckpt = base_dir / "chatsft_checkpoints" / "chat"
+    ckpt = base / "chatsft_checkpoints" / "chat"
     meta = json.loads((ckpt / "meta_000004.json").read_text())
     assert meta["model_config"] == config.to_dict() and meta["val_loss"] > 0 and len(meta["tokenizer_fingerprint"]) == 16
     sft = torch.load(ckpt / "model_000004.pt")
@@ -75,11 +80,11 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     assert out.count("Assistant:") == 2 and "(new conversation)" in out
     out = run("scripts.chat_eval", "-i", "sft", "-g", "chat", "-a", "Arithmetic,Spelling", "-x", "2", "-m", "8", "--device-type", "cpu")
     assert "Arithmetic:" in out and "ChatCORE:" in out
-    result = json.loads((base_dir / "chat_eval" / "sft_chat_4.json").read_text())
+    result = json.loads((base / "chat_eval" / "sft_chat_4.json").read_text())
     assert set(result["results"]) == {"Arithmetic", "Spelling"}
     run("scripts.chat_rl", "--model-tag", "chat", "--num-iterations", "2", "--eval-every", "-1", "--eval-problems", "2",
         "--problems-per-step", "1", "--num-samples", "2", "--max-new-tokens", "8", "--device-type", "cpu")
-    rl_meta = json.loads((base_dir / "chatrl_checkpoints" / "chat" / "meta_000002.json").read_text())
+    rl_meta = json.loads((base / "chatrl_checkpoints" / "chat" / "meta_000002.json").read_text())
     assert rl_meta["task"] == "Arithmetic" and 0.0 <= rl_meta["pass_at_1"] <= 1.0
     # a second, shorter SFT run under the same tag: refused (its step 2 would sit below the old run's step 4, the
     # one every loader picks), or with --overwrite the only checkpoint there
@@ -90,6 +95,23 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and "(steps 4): --overwrite replaces them" in lines[0], r.stderr
     run(*again, "--overwrite")
     assert find_last_step(str(ckpt)) == 2
+    # SFT continued from its own checkpoint (--source sft, the same tag): the step it starts from stays until the new
+    # one is saved (it was removed before training: a run stopped early left no model at all)
+    more = ["scripts.chat_sft", "--source", "sft", "--overwrite", "--eval-every", "-1", "--eval-steps", "1",
+            "--device-batch-size", "2", "--device-type", "cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", *more, "--num-iterations", "500"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 00001/"):
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert find_last_step(str(ckpt)) == 2 and (ckpt / "model_000002.pt").exists()
+    run(*more, "--num-iterations", "3")
+    assert find_last_step(str(ckpt)) == 3 and not any("000002" in f for f in os.listdir(ckpt))
+    assert json.loads((ckpt / "meta_000003.json").read_text())["source"] == {"kind": "sft", "model_tag": "chat", "step": 2}
 
 
 def test_sft_loss_is_per_assistant_token_and_zero_when_none():

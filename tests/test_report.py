@@ -175,6 +175,21 @@ def test_cli(base):
     r = run("generate")
     assert r.returncode == 0, r.stderr
     assert "| val bpb | - | 0.5000 | - |" in open("report.md").read()
+    os.makedirs("outdir")  # a directory for -o was a traceback after report.md had been written
+    r = subprocess.run([sys.executable, "-m", "nanochat.report", "generate", "-o", "outdir"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "-o outdir is a directory" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+
+
+def test_an_sft_models_base_evaluation_has_its_own_section_and_column(base):
+    """base_eval --source sft logged under the base model's section: the SFT model's val bpb replaced the base's,
+    in the BASE column."""
+    report = get_report()
+    report.log(section="Base model evaluation", data=[{"val_bpb": 0.95}])
+    report.log(section="Base model evaluation sft", data=[{"val_bpb": 1.10}])
+    report.generate()
+    text = open("report.md").read()
+    assert summary_rows(text)["val bpb"] == ["0.9500", "1.1000", "-"]
+    assert "## Base model evaluation" in text and "## Base model evaluation sft" in text
 
 
 def test_recall_curves_are_plotted_from_the_training_logs(base):

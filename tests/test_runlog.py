@@ -34,13 +34,16 @@ def test_a_resumed_log_keeps_what_led_up_to_its_step_and_nothing_after(tmp_path)
         log.write(step=step, kind="train", loss=float(step))
         if step % 2 == 0:
             log.write(step=step, kind="eval", val_bpb=1.0 / step)
+        if step % 4 == 0:
+            log.write(step=step, kind="core", core_metric=0.1 * step)
     with open(path, "a") as f:
         f.write('{"step": 7, "kind": "tr')  # a line cut by a crash
-    RunLog(str(path), resume_step=4)  # resumed from step 4: the resumed run evaluates step 4 again
+    RunLog(str(path), resume_step=4)  # resumed from step 4: it evaluates step 4 again, its CORE only past its start
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [(r["step"], r["kind"]) for r in rows] == [(0, "eval"), (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train")]
+    assert [(r["step"], r["kind"]) for r in rows] == [(0, "eval"), (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"),
+                                                      (4, "core")]
     RunLog(str(path), resume_step=None)  # a fresh log object without a resume leaves the file as it is
-    assert len(path.read_text().splitlines()) == 6
+    assert len(path.read_text().splitlines()) == 7
 
 
 def test_peak_flops_unknown_off_gpu():
