@@ -28,7 +28,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
         self.smear_prev = torch.zeros(batch_size, 1, n_embd, device=device, dtype=dtype)  # (B, 1, C)
         self._pos = None  # (B, T) positions of the tokens in the current forward
-        self._tk, self._dist, self._masks = 0, None, {}  # key range, distances, masks per window
+        self._tk, self._kpos, self._masks = 0, None, {}  # key range, key positions, masks per window
 
     @classmethod
     def for_model(cls, model, batch_size, seq_len):
@@ -47,13 +47,12 @@ class KVCache:
 
     def positions(self, T):
         """Absolute positions of T new tokens per row; called once at the start of a forward.
-        Also fixes the key range and the distance table every layer's mask is cut from."""
+        Also fixes the key range and the key positions every layer's mask is cut from."""
         self._pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
         self._tk = int(self._pos.max()) + 1  # one host sync per forward, not per layer
         if self._tk > self.k.size(2):
             raise RuntimeError(f"KV cache full ({self.k.size(2)} tokens)")
-        kpos = torch.arange(self._tk, device=self._pos.device)
-        self._dist = self._pos[:, :, None] - kpos[None, None, :]  # (B, T, Tk)
+        self._kpos = torch.arange(self._tk, device=self._pos.device)  # (Tk,)
         self._masks = {}  # window -> (B, 1, T, Tk) bool
         return self._pos
 
@@ -66,8 +65,9 @@ class KVCache:
         self.v[layer][rows, pos] = v.transpose(1, 2).to(self.v.dtype)
         keys = self.k[layer, :, :Tk].transpose(1, 2)    # (B, Hkv, Tk, D)
         values = self.v[layer, :, :Tk].transpose(1, 2)
-        if window not in self._masks:
-            self._masks[window] = ((self._dist >= 0) & (self._dist <= window))[:, None]
+        if window not in self._masks:  # straight from bool comparisons: no (B, T, Tk) int64 table (~8x the mask)
+            p = pos[:, :, None]  # (B, T, 1)
+            self._masks[window] = ((self._kpos <= p) & (self._kpos >= p - window))[:, None]
         mask = self._masks[window]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != keys.size(1))
 

@@ -96,11 +96,11 @@ def stream_session_reply(session, tokenizer, tools, args, out=None):
 
 def open_session(args, model, tokenizer, device, model_tag, step):
     """A new MegaContext session (in RAM, or on disk at --session), or the one saved at --session."""
-    from nanochat.megacontext.checkpoint import load_for_chat
+    from nanochat.megacontext.checkpoint import chat_model_name, load_for_chat
     from nanochat.megacontext.runtime import Session
     from nanochat.megacontext.session_file import SESSION_FILE
     mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
-    name = f"{args.source}/{model_tag}"
+    name = chat_model_name(args.source, model_tag, step)
     if args.session and os.path.exists(os.path.join(args.session, SESSION_FILE)):
         if args.context_file:
             raise UserError(f"--context-file reads a file into a new session; the one at {args.session} is resumed "
@@ -114,7 +114,7 @@ def open_session(args, model, tokenizer, device, model_tag, step):
                             "give the same --ck paths or none")
         print(f"resumed the session at {args.session}: {session.tree.num_tokens:,} tokens of history"
               + "".join(f", memory {n} ({t.num_tokens:,} tokens)" for n, t, _ in session.memories))
-        return session, False
+        return session, session.tree.num_tokens == 0  # saved before its first turn: that turn still opens with BOS
     session = Session.create(model, gistnet, lensnet, mc, path=args.session or None, predictor=predictor, w_max=args.w_max,
                              gist_first=bool(args.gist_first), seed=args.seed, model_name=name)
     for path in args.ck:

@@ -236,10 +236,10 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
 def megacontext_sessions(args, model, model_tag, step, device):
     """--megacontext / --gist-first / --ck: new_session(seed) for create_app, a fresh runtime Session per
     request with the --ck memories attached (read once here and shared; they are only read)."""
-    from nanochat.megacontext.checkpoint import load_for_chat
+    from nanochat.megacontext.checkpoint import chat_model_name, load_for_chat
     from nanochat.megacontext.runtime import Session
     mc, gistnet, lensnet, predictor = load_for_chat(args.source, model_tag, step, model, device)
-    name = f"{args.source}/{model_tag}"  # the model name Core-Knowledge trees are built for (mc_build_ck)
+    name = chat_model_name(args.source, model_tag, step)  # the model Core-Knowledge trees are built for (mc_build_ck)
 
     def new_session(seed):
         session = Session.create(model, gistnet, lensnet, mc, predictor=predictor, w_max=args.w_max,

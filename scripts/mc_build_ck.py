@@ -11,7 +11,7 @@ document: <|bos|> + its text; <|bos|> tokens after the last one fill its last bl
 of the memory has an LOD1 gist (a working context can hold all of it as gists). The gists are made with the GistNet of the model it will be used with
 (the same --source / --model-tag as the chat: a tree holds that model's embeddings, and a tree built
 for another model is refused on load). Out: the tree files (tree.py's disk layout) and ck.json:
-    {"format": 1, "model": "<source>/<tag>", "step", "tokens", "levels": [rows per level],
+    {"format": 1, "model": "<source>/<tag> step <step>", "step", "tokens", "levels": [rows per level],
      "files": [{"path": relative path, "start": first token, "end": token after the last}], "input"}
 The build writes to <out>.partial and renames it to <out> when complete, so <out> is never half
 written; an existing <out> is refused (remove it first), and a .partial left by a killed build is
@@ -84,15 +84,15 @@ def main(argv=None):
     _, _, _, _, device = compute_init(args.device_type)
     try:
         from nanochat.checkpoint_manager import load_model, resolve_checkpoint
-        from nanochat.megacontext.checkpoint import load_for_chat
+        from nanochat.megacontext.checkpoint import chat_model_name, load_for_chat
         from nanochat.megacontext.composite import ingest_documents
         from nanochat.megacontext.gistnet import AnyLevel
         from nanochat.megacontext.tree import MegaContextTree
         _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
         _, gistnet, _, _ = load_for_chat(args.source, model_tag, step, model, device)
-        name = f"{args.source}/{model_tag}"  # what chat_cli names its trees: the CK is checked against it on attach
-        print0(f"building a Core-Knowledge MegaContext of {len(files)} files from {args.input} for {name} step {step}")
+        name = chat_model_name(args.source, model_tag, step)  # what chat_cli names its trees: the CK is checked against it on attach
+        print0(f"building a Core-Knowledge MegaContext of {len(files)} files from {args.input} for {name}")
         tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=partial, model_name=name,
                                device=model.get_device())
         t0, last = time.time(), [0.0]

@@ -3,7 +3,9 @@
 import io
 import os
 import sys
+import shutil
 
+import numpy as np
 import pytest
 
 from conftest import save_mc_checkpoint
@@ -34,6 +36,17 @@ def test_megacontext_chat_focus_and_a_resumed_session(base_dir, tmp_path, monkey
     assert "resumed the session" in out
     after = int(out.split("history ")[-1].split(" tokens")[0].replace(",", ""))
     assert after > before + 3  # the previous turns are still there, the new one added
+
+
+def test_a_resumed_session_that_never_had_a_turn_opens_its_history_with_bos(base_dir, tmp_path, monkeypatch, capsys):
+    from nanochat.tokenizer import get_tokenizer
+    from nanochat.megacontext.tree import HEADER_BYTES
+    save_mc_checkpoint(base_dir, "mc_chat")
+    session = str(tmp_path / "session")
+    run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", session], stdin="quit\n")  # saved, empty
+    run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", session, "-p", "hi", "--max-tokens", "2"])
+    ids = np.fromfile(os.path.join(session, "lod0.bin"), dtype=np.uint32, offset=HEADER_BYTES)
+    assert ids[0] == get_tokenizer().get_bos_token_id()  # it opened with <|user_start|>
 
 
 def test_context_file_is_read_into_the_history(base_dir, tmp_path, monkeypatch, capsys):
@@ -105,11 +118,24 @@ def test_a_memory_built_for_another_model_is_refused(base_dir, tmp_path, monkeyp
     save_mc_checkpoint(base_dir, "mc_chat")
     save_mc_checkpoint(base_dir, "mc_other")
     ck = build_ck(tmp_path, "theirs", tag="mc_other")
-    with pytest.raises(UserError, match="built for model 'base/mc_other'") as e:
+    with pytest.raises(UserError, match="built for model 'base/mc_other step 5', not 'base/mc_chat step 5'") as e:
         run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--ck", ck, "-p", "hi"])
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="no such directory"):
         run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--ck", str(tmp_path / "missing"), "-p", "hi"])
+
+
+def test_a_memory_built_for_another_step_of_the_same_tag_is_refused(base_dir, tmp_path, monkeypatch, capsys):
+    """Its gists are that step's GistNet's: a later step of the tag (an SFT continued) attached it silently."""
+    save_mc_checkpoint(base_dir, "mc_step")
+    ck = build_ck(tmp_path, "steps", tag="mc_step")
+    directory = base_dir / "base_checkpoints" / "mc_step"
+    for name in ("model_000005.pt", "meta_000005.json", "mc_000005.pt"):  # the same weights saved again as step 6
+        shutil.copy(directory / name, directory / name.replace("5", "6"))
+    with pytest.raises(UserError, match="built for model 'base/mc_step step 5', not 'base/mc_step step 6'"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_step", "--ck", ck, "-p", "hi", "--max-tokens", "2"])
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_step", "-s", "5", "--ck", ck, "-p", "hi", "--max-tokens", "2"])
+    assert "attached the Core-Knowledge memory" in out
 
 
 def test_a_plain_chat_past_the_models_reach_says_so_instead_of_answering_nothing(base_dir, monkeypatch, capsys):

@@ -32,7 +32,7 @@ def test_build_a_ck_tree_with_a_manifest(base_dir, tmp_path):
 
     assert not os.path.exists(str(out) + ".partial")
     data = json.loads((out / "ck.json").read_text())
-    assert data == manifest and data["model"] == "base/ck_model" and data["step"] == 5
+    assert data == manifest and data["model"] == "base/ck_model step 5" and data["step"] == 5
     paths = [f["path"] for f in data["files"]]
     assert paths == sorted(paths) and "skip.bin" not in paths and len(paths) == 42
     assert data["files"][0]["start"] == 0 and all(a["end"] == b["start"] for a, b in zip(data["files"], data["files"][1:]))
@@ -42,7 +42,7 @@ def test_build_a_ck_tree_with_a_manifest(base_dir, tmp_path):
 
     model, tokenizer, _ = load_model("base", "cpu", phase="eval", model_tag="ck_model")
     _, gistnet, _, _ = load_for_chat("base", "ck_model", 5, model, "cpu")
-    tree = MegaContextTree.load(str(out), AnyLevel(gistnet), model.embed_tokens, in_ram=True, model_name="base/ck_model")
+    tree = MegaContextTree.load(str(out), AnyLevel(gistnet), model.embed_tokens, in_ram=True, model_name="base/ck_model step 5")
     first = data["files"][0]
     ids = tokenizer.encode((corpus / first["path"]).read_text(), prepend=tokenizer.get_bos_token_id())
     assert tree.tokens(first["start"], first["end"]).tolist() == ids  # each file: <|bos|> + its text

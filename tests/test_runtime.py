@@ -25,16 +25,17 @@ K = 32
 VOCAB = 256
 
 
-def parts(seed=0, lens_tau=0.0, w_max=128, recent=16):
+def parts(seed=0, lens_tau=0.0, w_max=128, recent=16, allocator="greedy"):
     """A tiny GPT with every term active, and a random GistNet / LensNet (LensNet thresholds at 0, so
     its random scores make real edits at every refocus)."""
     torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=128, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
+    config = GPTConfig(sequence_len=512, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
     model = GPT(config)
     model.init_weights()
     jitter(model.parameters(), 0.02)
     mc = MegaContextConfig(w_max=w_max, max_level=1, recent_tokens=recent, gist_kind="mlp", gist_pooling="mean",
-                           lens_layers=1, lens_hidden=32, tau_expand=lens_tau, tau_collapse=lens_tau, cooldown=1).validate()
+                           lens_layers=1, lens_hidden=32, tau_expand=lens_tau, tau_collapse=lens_tau, cooldown=1,
+                           allocator=allocator).validate()
     gistnet, lensnet = build_modules(mc, config)
     jitter(list(gistnet.parameters()) + list(lensnet.parameters()), 0.05)
     return model.eval(), gistnet, lensnet, mc
@@ -177,6 +178,46 @@ def test_save_and_reopen_continues_exactly(tmp_path, temperature):
     tail = [t for t, _ in again.generate(35, temperature=temperature)]
     assert head + tail == expected
     again.close()
+
+
+def test_a_stochastic_allocator_draws_from_the_session_seed_and_a_reopened_session_continues_it(tmp_path):
+    """Its draws came from torch's global RNG: two sessions of one seed focused differently, and a reopened one
+    went on differently from the session it was saved from."""
+    model, gistnet, lensnet, mc = parts(allocator="stochastic", w_max=512)
+    prompt = stream(1200)
+    torch.manual_seed(1)
+    a = Session.create(model, gistnet, lensnet, mc, seed=3)
+    a.feed(prompt[:700])
+    a.feed(prompt[700:])
+    torch.manual_seed(2)  # the global RNG does not steer it
+    b = Session.create(model, gistnet, lensnet, mc, seed=3)
+    b.feed(prompt[:700])
+    b.feed(prompt[700:])
+    assert a.wc == b.wc and a.stats["edits"] > 0
+    path = str(tmp_path / "session")
+    s = Session.create(model, gistnet, lensnet, mc, path=path, seed=3)
+    s.feed(prompt[:700])
+    s.save()
+    s.close()
+    torch.manual_seed(4)
+    again = Session.open(path, model, gistnet, lensnet, mc)
+    again.feed(prompt[700:])
+    assert again.wc == a.wc
+    again.close()
+
+
+def test_the_session_refuses_a_wc_the_model_cannot_see_whole_and_ids_outside_its_vocabulary():
+    model, gistnet, lensnet, mc = parts()  # sequence_len 512
+    with pytest.raises(UserError, match="w_max 544 is more than the model attends to"):  # its oldest slots fell out of sight
+        Session.create(model, gistnet, lensnet, mc, w_max=544)
+    s = Session.create(model, gistnet, lensnet, mc)
+    s.feed(stream(40))
+    for bad in ([VOCAB], [5, -1]):  # an id past the vocabulary broke the session for good (the tree had taken it)
+        with pytest.raises(UserError, match="not in the model's vocabulary"):
+            s.feed(bad)
+    assert s.tree.num_tokens == 40
+    s.feed([1])
+    assert s.tree.num_tokens == 41
 
 
 def test_a_session_saved_on_another_kind_of_device_opens_and_samples_from_its_seed(tmp_path):

@@ -493,6 +493,13 @@ def test_the_writer_opening_a_tree_removes_what_a_killed_write_left(tmp_path, ca
     open(kept, "w").write("mine")
     MegaContextTree.load(path, gistnet, embed, in_ram=True).close()  # a reader: touches nothing
     assert os.path.exists(stale)
+    writer = MegaContextTree.load(path, gistnet, embed)  # a live writer, its save in flight: the temp is its own
+    open(stale, "w").write('{"half": ')
+    with pytest.raises(UserError, match="open for writing"):  # a second opener is refused before it touches anything
+        MegaContextTree.load(path, gistnet, embed)
+    assert os.path.exists(stale)  # it was removed before the refusal, and the writer's save then failed
+    writer.close()
+    open(stale, "w").write('{"half": ')  # as a killed writer leaves it
     again = MegaContextTree.load(path, gistnet, embed)  # the writer
     assert not os.path.exists(stale) and os.path.exists(kept)
     assert "removed 1 partial file(s) of an interrupted write" in capsys.readouterr().out

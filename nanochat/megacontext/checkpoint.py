@@ -124,6 +124,13 @@ def find_megacontext(source, model_tag, step):
                     f"train the base model with --megacontext")
 
 
+def chat_model_name(source, model_tag, step):
+    """The model a chat session's tree or a Core-Knowledge memory is built for (recorded in its files, checked on
+    load): its tokens are embedded and its gists made by this checkpoint's weights, so another step of the same
+    tag (a later save, an SFT continued) is another model."""
+    return f"{source}/{model_tag} step {step}"
+
+
 def load_for_chat(source, model_tag, step, model, device):
     """-> (MegaContextConfig, GistNet, LensNet, MegaPredictor or None) for a chat model loaded from
     `source`/`model_tag`/`step`, in eval mode; prints where the weights came from."""

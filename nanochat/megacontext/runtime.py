@@ -112,6 +112,8 @@ class Session:
         problem = reach_problem(w_max, config.recent_tokens, config.max_level)
         if problem:  # it would fall back to a sliding window a few hundred tokens in
             raise UserError(problem)
+        if w_max > model.config.sequence_len:  # the WC's oldest slots would sit outside every layer's attention window
+            raise UserError(f"w_max {w_max} is more than the model attends to (its sequence_len, {model.config.sequence_len} slots)")
         self.reach = reachable_history(w_max - K, config.recent_tokens, config.max_level)  # tokens kept whole
         if gist_first and predictor is None:
             raise UserError("gist-first decoding needs MegaPrediction weights (a run trained with --megaprediction)")
@@ -120,6 +122,7 @@ class Session:
         self.w_max, self.gist_first = w_max, gist_first
         self.allocator = FocusAllocator.from_config(config, w_max=w_max - K)
         self.generator = torch.Generator(device=model.get_device()).manual_seed(seed)
+        self.focus_generator = torch.Generator().manual_seed(seed)  # the stochastic allocator's draws (CPU), saved too
         self.source = tree              # what the WC reads: the tree, or a CompositeSource once memories are attached
         self.wc = None                  # the WorkingContext (over every memory), None before the first token
         self.plan = None                # (start, (D,) vector) of the live gist-first plan, or None
@@ -218,6 +221,9 @@ class Session:
     def feed(self, tokens):
         """Append tokens (list of ints) to the history -> the next-token logits (V,) float32."""
         tokens = [int(t) for t in tokens]
+        vocab = self.model.config.vocab_size
+        if tokens and not 0 <= min(tokens) <= max(tokens) < vocab:  # checked before the tree takes any of them
+            raise UserError(f"token id {next(t for t in tokens if not 0 <= t < vocab)} is not in the model's vocabulary (0..{vocab - 1})")
         if not tokens:
             if self.logits is None:
                 raise UserError("the session is empty: feed it at least one token")
@@ -245,7 +251,7 @@ class Session:
         wc = make_room(self.wc, self.source, target, recent, share)
         edits = []
         if self.lensnet is not None:
-            wc, steps = refocus(self.model, self.lensnet, self.allocator, wc, self.source, iterations=1)
+            wc, steps = refocus(self.model, self.lensnet, self.allocator, wc, self.source, iterations=1, generator=self.focus_generator)
             edits = [e for step in steps for e in step]
         self.wc = check_working_context(wc, self.source, self.w_max, recent, share)
         if self.memories:

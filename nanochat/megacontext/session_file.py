@@ -6,7 +6,8 @@ session.json (format SESSION_FORMAT): w_max, gist_first, wc (the session WC's en
 start, end]), plan (the live gist-first plan: [start, vector] or null), allocator (the FocusAllocator's
 cooldowns of the session's nodes: steps, last_toggled), memories (each attached Core-Knowledge memory:
 name, path, allocator (its nodes' cooldowns), wc: its WC segment's entries), rng (the sampling
-generator's state, base64), stats, tree (the session tree's meta.json as of this save: the one
+generator's state, base64), focus_rng (the stochastic allocator's CPU generator's state, base64; absent in
+older files: it starts from the seed), stats, tree (the session tree's meta.json as of this save: the one
 commit point of a save, tree.load reads the tree at its counts; absent in older files), checksum
 (sha256 of the rest: a changed byte is refused, not used; absent in older files).
 """
@@ -46,6 +47,7 @@ def session_state(session):
         memories=[dict(name=name, path=path, allocator=allocator_state(session.allocator, m), wc=segment_entries(session, m))
                   for m, (name, _, path) in enumerate(session.memories)],
         rng=base64.b64encode(session.generator.get_state().numpy().tobytes()).decode("ascii"),
+        focus_rng=base64.b64encode(session.focus_generator.get_state().numpy().tobytes()).decode("ascii"),
         stats=session.stats,
         tree=session.tree._meta(),  # the tree's commit record: Session.open reads the tree at these counts
     )
@@ -65,7 +67,7 @@ def _is_allocator(x):
     return isinstance(x, dict) and _is_int(x.get("steps")) and _is_entries(x.get("last_toggled"))
 
 
-FIELDS = ("format", "w_max", "gist_first", "wc", "plan", "allocator", "memories", "rng", "stats", "tree", "checksum")
+FIELDS = ("format", "w_max", "gist_first", "wc", "plan", "allocator", "memories", "rng", "focus_rng", "stats", "tree", "checksum")
 
 
 def _check_fields(state):
@@ -94,6 +96,7 @@ def _check_fields(state):
             isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("path"), str)
             and _is_allocator(m.get("allocator")) and _is_entries(m.get("wc")) for m in state["memories"])),
         ("rng", isinstance(rng, str) and len(rng) > 0),
+        ("focus_rng", "focus_rng" not in state or (isinstance(state["focus_rng"], str) and len(state["focus_rng"]) > 0)),
         ("stats", isinstance(state.get("stats"), dict) and all(
             isinstance(k, str) and (_is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)))
             for k, v in state["stats"].items())),
@@ -118,10 +121,12 @@ def read_session(path):
     bad = _check_fields(state)
     if bad is not None:
         raise UserError(f"{file}: unreadable session (field {bad[0]}: {bad[1]})")
-    try:
-        base64.b64decode(state["rng"], validate=True)  # the sampling generator's state, any device's (restore_session)
-    except ValueError as e:
-        raise UserError(f"{file}: unreadable session (field rng: {e})") from None
+    for field in ("rng", "focus_rng"):  # generators' states (the sampling one: any device's, restore_session)
+        try:
+            if field in state:
+                base64.b64decode(state[field], validate=True)
+        except ValueError as e:
+            raise UserError(f"{file}: unreadable session (field {field}: {e})") from None
     return state, [Entry(*e) for e in state["wc"]]
 
 
@@ -152,4 +157,10 @@ def restore_session(session, state, entries):
         session.generator.set_state(rng)
     # else it was saved on another kind of device (a CPU generator's state is 5056 bytes, a CUDA one's 16):
     # the session reads on as saved, only its sampling starts again from the seed
+    if "focus_rng" in state:  # a CPU generator on every device
+        focus = torch.frombuffer(bytearray(base64.b64decode(state["focus_rng"])), dtype=torch.uint8)
+        if focus.numel() != session.focus_generator.get_state().numel():
+            raise UserError(f"{os.path.join(session.tree.path, SESSION_FILE)}: unreadable session (field focus_rng: "
+                            f"{focus.numel()} bytes, not a CPU generator's state)")
+        session.focus_generator.set_state(focus)
     session.stats.update(state["stats"])

@@ -499,8 +499,6 @@ class MegaContextTree(OneMemory):
         at a time), or a copy in RAM (only reads the files). Given model_name, a tree built for
         another model is refused. meta: the commit record to open it at instead of meta.json's (a
         session's, read from meta_path: runtime.Session.save commits the tree and the session in one file)."""
-        if not in_ram and os.path.isdir(path):
-            report_stale_temps(path)  # the writer opening: what a killed write left is removed
         if meta is None:
             meta_path = os.path.join(path, "meta.json")
             if not os.path.exists(meta_path):
@@ -545,6 +543,8 @@ class MegaContextTree(OneMemory):
             raise UserError(f"{meta_path}: inconsistent counts {counts} (more gists than complete nodes)")
         tree = cls.__new__(cls)
         tree._setup(d, gistnet, embed_tokens, max_level, None if in_ram else path, dtype, stored_name, device)
+        if not in_ram:  # the writer, now that it holds the lock: what a killed write left is removed (not a live writer's)
+            report_stale_temps(path)
         for L, count in enumerate(counts):
             file = os.path.join(path, f"lod{L}.bin")
             check_level_file(file, L, d, 0 if L == 0 else DTYPE_CODES[dtype], tree.model_name, count)
