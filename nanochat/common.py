@@ -43,7 +43,10 @@ def cli_main(main):
 def get_base_dir():
     """$NANOCHAT_BASE_DIR, default ~/.cache/nanochat; created if missing."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise UserError(f"cannot use {base} as the base directory (NANOCHAT_BASE_DIR): {e.strerror}") from None
     return base
 
 

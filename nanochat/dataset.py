@@ -17,17 +17,17 @@ import random
 import argparse
 import platform
 import sysconfig
-import time
+import threading
 import http.client
 import urllib.error
 import urllib.request
 from bisect import bisect_right
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import UserError, cli_main, get_base_dir, atomic_path, atomic_write_json
+from nanochat.common import UserError, cli_main, get_base_dir, atomic_path, atomic_write_json, report_stale_temps
 
 # -----------------------------------------------------------------------------
 # The hosted pretraining data (upstream nanochat's ClimbMix-400B, reshuffled and resharded)
@@ -80,16 +80,21 @@ def open_shard(path):
         raise UserError(f"corrupt parquet shard {path} ({first_line}); delete it and fetch it again") from e
     if "text" not in pf.schema_arrow.names:
         raise UserError(f"parquet shard {path} has no `text` column")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"parquet shard {path}: its `text` column holds {kind}, not strings")
     return pf
 
 
 def read_row_group(path, rg_idx):
-    """The `text` column of one row group, as a list of str."""
+    """The `text` column of one row group, as a list of str (null cells skipped, as tok_train skips them)."""
     pf = open_shard(path)
     try:
-        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+        column = pf.read_row_group(rg_idx, columns=["text"]).column("text")
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"corrupt parquet shard {path}: cannot read row group {rg_idx} ({e})") from e
+    texts = column.to_pylist()
+    return texts if column.null_count == 0 else [t for t in texts if t is not None]
 
 
 def split_paths(split, data_dir=None):
@@ -139,14 +144,21 @@ def is_valid_shard(path):
         return False
 
 
-def fetch_url(url, dst, timeout=60):
+class Stopped(Exception):
+    """The download was stopped (Ctrl-C, or every first try failed): a worker leaves its shard."""
+
+
+def fetch_url(url, dst, timeout=60, stop=None):
     """Stream url into the file dst; returns the byte count. Raises if the body is shorter than
-    its Content-Length (urllib itself silently returns a short body when the connection drops)."""
+    its Content-Length (urllib itself silently returns a short body when the connection drops),
+    and Stopped between chunks once the event `stop` is set."""
     request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(dst, "wb") as f:
         expected = response.headers.get("Content-Length")
         nbytes = 0
         while chunk := response.read(CHUNK_BYTES):
+            if stop is not None and stop.is_set():
+                raise Stopped()
             f.write(chunk)
             nbytes += len(chunk)
     if expected is not None and nbytes != int(expected):
@@ -154,9 +166,15 @@ def fetch_url(url, dst, timeout=60):
     return nbytes
 
 
-def download_shard(index, base_url, data_dir, attempts=DOWNLOAD_ATTEMPTS):
+def backoff_wait(seconds, stop=None):
+    """The wait between a shard's attempts; a set `stop` ends it at once."""
+    (stop or threading.Event()).wait(seconds)
+
+
+def download_shard(index, base_url, data_dir, attempts=DOWNLOAD_ATTEMPTS, stop=None):
     """Download one shard into data_dir. Returns True if downloaded, False if a valid copy was
-    already there. Retries with exponential backoff; UserError once the attempts run out."""
+    already there. Retries with exponential backoff; UserError once the attempts run out, Stopped
+    once the event `stop` is set (its partial file removed)."""
     filename = shard_filename(index)
     path = os.path.join(data_dir, filename)
     if os.path.exists(path):
@@ -167,9 +185,11 @@ def download_shard(index, base_url, data_dir, attempts=DOWNLOAD_ATTEMPTS):
     url = f"{base_url.rstrip('/')}/{filename}"
     error = None
     for attempt in range(1, attempts + 1):
+        if stop is not None and stop.is_set():
+            raise Stopped()
         try:
             with atomic_path(path) as tmp:  # the temp file is removed on any failure
-                nbytes = fetch_url(url, tmp)
+                nbytes = fetch_url(url, tmp, stop=stop)
                 if not is_valid_shard(tmp):
                     raise OSError("the downloaded file is not a readable parquet shard with a `text` column")
             print(f"{filename}: downloaded {nbytes / 1e6:.1f} MB", flush=True)
@@ -184,31 +204,45 @@ def download_shard(index, base_url, data_dir, attempts=DOWNLOAD_ATTEMPTS):
             error = str(e) or type(e).__name__
         print(f"{filename}: attempt {attempt}/{attempts} failed: {error}", flush=True)
         if attempt < attempts:
-            time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+            backoff_wait(BACKOFF_SECONDS * 2 ** (attempt - 1), stop)
     raise UserError(f"could not download {url}: {error}")
 
 
 def download(num_files, base_url=DEFAULT_BASE_URL, num_workers=4, data_dir=None):
-    """Download train shards 0..num_files-1 (-1 = all) plus the validation shard."""
+    """Download train shards 0..num_files-1 (-1 = all) plus the validation shard. Stops early, with the
+    first error, when the first shards to finish (one per worker) all failed and none has arrived (no
+    connection: hours of retries otherwise); Ctrl-C stops the workers within a chunk."""
     if num_workers < 1:
         raise UserError(f"-w/--num-workers must be at least 1, got {num_workers}")
+    if num_files < -1:
+        raise UserError(f"-n/--num-files must be -1 (all) or a count, got {num_files}")
     data_dir = data_dir or get_data_dir()
     if os.path.basename(os.path.normpath(data_dir)) == f"base_data_{OFFLINE_NAME}":  # its shard names would mix in
         raise UserError(f"{data_dir} holds the embedded offline corpus (NANOCHAT_DATASET={OFFLINE_NAME}): "
                         "`--offline` exports it; unset NANOCHAT_DATASET to download the ClimbMix shards")
     os.makedirs(data_dir, exist_ok=True)
+    report_stale_temps(data_dir)  # what a killed download left
     num_train = MAX_SHARD if num_files < 0 else min(num_files, MAX_SHARD)
     indices = list(range(num_train)) + [MAX_SHARD]
     print(f"Downloading {num_train} train shards + the validation shard from {base_url}")
     print(f"into {data_dir} with {num_workers} workers", flush=True)
-    with ThreadPoolExecutor(num_workers) as pool:
-        futures = [pool.submit(download_shard, index, base_url, data_dir) for index in indices]
-    downloaded, failures = 0, []
-    for future in futures:
-        try:
-            downloaded += future.result()
-        except UserError as e:
-            failures.append(str(e))
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(num_workers)
+    downloaded, arrived, failures = 0, 0, []
+    try:
+        futures = [pool.submit(download_shard, index, base_url, data_dir, stop=stop) for index in indices]
+        for future in as_completed(futures):
+            try:
+                downloaded += future.result()
+                arrived += 1
+            except UserError as e:
+                failures.append(str(e))
+                if arrived == 0 and len(failures) >= min(num_workers, len(indices)) and len(failures) < len(indices):
+                    raise UserError(f"the first {len(failures)} shards all failed and none arrived, so the other "
+                                    f"{len(indices) - len(failures)} were not tried (no connection?); first: {failures[0]}")
+    finally:  # an error above or Ctrl-C: queued shards are dropped, running ones stop at their next chunk
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
     if failures:
         raise UserError(f"{len(failures)} of {len(indices)} shards failed (re-run to resume); first: {failures[0]}")
     print(f"Done: {downloaded} downloaded, {len(indices) - downloaded} already present, in {data_dir}")

@@ -22,7 +22,7 @@ from nanochat.checkpoint_manager import MAX_SIZES
 
 def main():
     parser = argparse.ArgumentParser(description="Train a BPE tokenizer on the training shards")
-    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
+    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="stop reading once this many characters are in (the document that crosses it is kept whole)")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="use at most this many characters of each document")
     parser.add_argument("--vocab-size", type=int, default=32768, help="vocab size, special tokens included")
     parser.add_argument("--overwrite", action="store_true", help="replace the tokenizer already in <base>/tokenizer (else it refuses)")

@@ -140,3 +140,12 @@ def test_a_cpu_training_step_reuses_freed_memory_instead_of_faulting_it_in_again
     # each 64 MiB logits-sized buffer is 16k pages: by default every step faults them all in again;
     # kept, a typical step faults none (now and then one grows the heap by a buffer while it settles)
     assert faults["0"] > 50000 and faults["1"] < 5000, faults
+
+
+def test_an_unusable_base_dir_is_a_one_line_error(tmp_path, monkeypatch):
+    """A file where NANOCHAT_BASE_DIR's parent should be: a NotADirectoryError traceback from every script."""
+    from nanochat.common import get_base_dir
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "afile" / "base"))
+    with pytest.raises(UserError, match=r"cannot use .*afile/base as the base directory \(NANOCHAT_BASE_DIR\): Not a directory$"):
+        get_base_dir()

@@ -1,7 +1,8 @@
 import io
 import os
 import sys
-import types
+import time
+import signal
 import threading
 import subprocess
 import collections
@@ -39,7 +40,7 @@ class ShardServer:
     Content-Length (a bad mirror: only the parquet check can catch it)."""
 
     def __init__(self):
-        self.files, self.truncate_next, self.always_short = {}, {}, set()
+        self.files, self.truncate_next, self.always_short, self.delay = {}, {}, set(), 0.0
         self.requests = collections.Counter()
         self.lock = threading.Lock()
         server = self
@@ -53,6 +54,7 @@ class ShardServer:
                     cut = data is not None and server.truncate_next.get(name, 0) > 0
                     if cut:
                         server.truncate_next[name] -= 1
+                time.sleep(server.delay)
                 if data is None:
                     self.send_error(404)
                     return
@@ -91,9 +93,9 @@ def env(tmp_path, monkeypatch):
 
 @pytest.fixture
 def sleeps(monkeypatch):
-    """Record the backoff waits instead of sleeping (only dataset's view of `time` is replaced)."""
+    """Record the backoff waits instead of waiting."""
     waits = []
-    monkeypatch.setattr(dataset, "time", types.SimpleNamespace(sleep=waits.append))
+    monkeypatch.setattr(dataset, "backoff_wait", lambda seconds, stop=None: waits.append(seconds))
     return waits
 
 # -----------------------------------------------------------------------------
@@ -165,6 +167,42 @@ def test_download_refuses_the_offline_corpus_directory(server, sleeps, monkeypat
     assert not os.path.exists(get_data_dir()) and not server.requests
 
 
+def test_download_stops_early_when_the_first_shards_all_fail(server, sleeps):
+    """Every shard failing (no connection, a wrong URL) went through all of them: ~30 s of retries each, hours for -n -1."""
+    with pytest.raises(UserError, match=r"the first 2 shards all failed and none arrived, so the other \d+ were not tried"):
+        download(40, server.url, num_workers=2)
+    assert len(server.requests) < 10  # of 41
+
+
+def test_download_removes_what_a_killed_one_left_and_refuses_a_negative_count(server, sleeps):
+    data_dir = get_data_dir()
+    os.makedirs(data_dir)
+    stale = os.path.join(data_dir, shard_filename(0) + ".k3x_9q0z.tmp")  # atomic_path's temp of a killed download
+    open(stale, "wb").write(b"PAR1 half a shard")
+    server.files[shard_filename(0)] = parquet_bytes(["a"])
+    server.files[shard_filename(dataset.MAX_SHARD)] = parquet_bytes(["b"])
+    download(1, server.url, num_workers=1)
+    assert sorted(os.listdir(data_dir)) == [shard_filename(0), shard_filename(dataset.MAX_SHARD)]
+    with pytest.raises(UserError, match="-n/--num-files must be -1 \\(all\\) or a count, got -8"):  # it meant all 6,542
+        download(-8, server.url)
+
+
+def test_ctrl_c_stops_the_download_within_a_shard(server):
+    """Ctrl-C printed nothing and went on fetching every queued shard (all 6,543 of them with the default -n -1)."""
+    for i in list(range(40)) + [dataset.MAX_SHARD]:
+        server.files[shard_filename(i)] = parquet_bytes([f"shard {i}"])
+    server.delay = 0.3
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "40", "-w", "2", "--base-url", server.url],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while sum(server.requests.values()) < 2 and time.time() < deadline:  # downloading (its imports are done)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert sum(server.requests.values()) < 20  # of 41: it stopped, it did not drain the queue
+
+
 def run_cli(args, extra_env=None):
     env = {**os.environ, **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "nanochat.dataset", *args], cwd=REPO_ROOT, env=env,
@@ -218,6 +256,12 @@ def test_corrupt_shards_give_user_errors(tmp_path):
     (tmp_path / shard_filename(1)).write_bytes(parquet_bytes(["a"], column="content"))
     with pytest.raises(UserError, match="has no `text` column"):
         list(parquets_iter_batched("train", data_dir=str(tmp_path)))
+    pq.write_table(pa.table({"text": pa.array([b"a", b"b"], type=pa.binary())}), str(tmp_path / shard_filename(1)))
+    with pytest.raises(UserError, match="its `text` column holds binary, not strings"):  # a traceback from the tokenizer
+        list(parquets_iter_batched("train", data_dir=str(tmp_path)))
+    assert not dataset.is_valid_shard(str(tmp_path / shard_filename(1)))  # a download would have kept it
+    write_parquet(str(tmp_path / shard_filename(1)), [["a", None, "b"]])  # a null cell: skipped, as tok_train skips it
+    assert list(parquets_iter_batched("train", data_dir=str(tmp_path))) == [["fine"], ["a", "b"]]
     os.remove(tmp_path / shard_filename(1))
     os.remove(tmp_path / shard_filename(2))
     with pytest.raises(UserError, match="at least 2 shards"):
