@@ -3,7 +3,7 @@ Talk to a model in the browser: a FastAPI app that serves a one-file page (nanoc
 and a streaming completion endpoint.
 
     python -m scripts.chat_web                      # the latest SFT model on http://127.0.0.1:8000
-    python -m scripts.chat_web -i base -p 8080 --host 0.0.0.0
+    python -m scripts.chat_web -i base -p 8080 --host 0.0.0.0 --allow-host mybox.lan   # other machines: http://mybox.lan:8080
     python -m scripts.chat_web --megacontext        # conversations of any length, through a MegaContext
     python -m scripts.chat_web --gist-first         # MegaContext with gist-first decoding
     python -m scripts.chat_web --ck ~/ck/docs       # a Core-Knowledge memory attached (scripts/mc_build_ck.py)
@@ -12,8 +12,11 @@ Endpoints:
     GET  /                  the chat page
     GET  /health            {"status": "ok"}
     POST /chat/completions  {"messages": [{"role", "content"}, ...], "temperature"?, "top_k"?, "max_tokens"?}
-                            -> text/event-stream: `data: {"token": "..."}` per decoded piece, then
-                               `data: {"done": true}`. A bad request gets HTTP 400 {"detail": "..."}.
+                            -> text/event-stream: `data: {"token": "..."}` per decoded piece (a calculator
+                               call shows as "[calc: 12*3 = 36]"), `data: {"message": content}` (the reply as
+                               the history should send it back: a string, or text / python / python_output
+                               parts when it used the calculator), then `data: {"done": true}`. A bad request
+                               gets HTTP 400 {"detail": "..."}, a body over MAX_BODY_BYTES 413.
 With --megacontext each request's conversation is fed into a fresh runtime Session
 (nanochat/megacontext/runtime.py): no context-length limit (only the character limits below), and
 before "done" one `data: {"focus": {...}}` event reports the working context (LOD mix, budget use).
@@ -42,6 +45,8 @@ from nanochat.engine import TEMPERATURE_MAX, temperature_problem
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
+MAX_BODY_BYTES = 16 * MAX_TOTAL_CHARS + 65536  # a body past this is refused before it is read whole (JSON escapes: <= 12 bytes a char)
+ASSISTANT_PARTS = ("text", "python", "python_output")  # an assistant message's content parts (tokenizer.parse_assistant)
 TEMPERATURE_RANGE = (0.0, TEMPERATURE_MAX)  # and 0 or at least engine.TEMPERATURE_MIN
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host / Origin a request may name, unless --allow-host widens it
 TOP_K_RANGE = (1, 200)
@@ -63,6 +68,13 @@ def _number(body, name, default, lo, hi, integer):
     return value
 
 
+def is_parts(content):
+    """An assistant reply that used the calculator, as the "message" event gives it back: a non-empty list of parts."""
+    return isinstance(content, list) and 0 < len(content) <= MAX_MESSAGES and all(
+        isinstance(part, dict) and set(part) == {"type", "text"} and part["type"] in ASSISTANT_PARTS
+        and isinstance(part["text"], str) for part in content)
+
+
 def validate_request(body, defaults):
     """JSON body -> (messages, temperature, top_k, max_tokens); ValueError with a message a user
     can act on. Roles: an optional system message first, then user/assistant alternating,
@@ -78,11 +90,14 @@ def validate_request(body, defaults):
         raise ValueError(f"too many messages: {len(messages)} > {MAX_MESSAGES}")
     total = 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} must be an object with string role and content")
-        if len(m["content"]) > MAX_MESSAGE_CHARS:
-            raise ValueError(f"message {i} is too long: {len(m['content'])} > {MAX_MESSAGE_CHARS} characters")
-        total += len(m["content"])
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or (m["role"] == "assistant" and is_parts(m.get("content")))):
+            raise ValueError(f"message {i} must be an object with string role and content (an assistant's content may be "
+                             f"a list of {{type: {' / '.join(ASSISTANT_PARTS)}, text}} parts)")
+        chars = len(m["content"]) if isinstance(m["content"], str) else sum(len(part["text"]) for part in m["content"])
+        if chars > MAX_MESSAGE_CHARS:
+            raise ValueError(f"message {i} is too long: {chars} > {MAX_MESSAGE_CHARS} characters")
+        total += chars
     if total > MAX_TOTAL_CHARS:
         raise ValueError(f"conversation is too long: {total} > {MAX_TOTAL_CHARS} characters in all")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
@@ -148,11 +163,18 @@ def request_refusal(headers, allowed_hosts):
     the local server. allowed_hosts: hostnames; "*" allows any."""
     if "*" in allowed_hosts:
         return None
-    host = urlsplit("//" + headers.get("host", "")).hostname
+    try:
+        host = urlsplit("//" + headers.get("host", "")).hostname
+    except ValueError:  # e.g. "[" (an unclosed IPv6 bracket)
+        return f"host {headers.get('host', '')!r} is not a host name"
     if host not in allowed_hosts:
         return f"host {headers.get('host', '')!r} is not served here (start with --allow-host to serve it)"
     origin = headers.get("origin")
-    if origin is not None and urlsplit(origin).hostname not in allowed_hosts:
+    try:
+        origin_host = None if origin is None else urlsplit(origin).hostname
+    except ValueError:
+        return f"origin {origin!r} is not a URL"
+    if origin is not None and origin_host not in allowed_hosts:
         return f"requests from origin {origin!r} are not accepted (start with --allow-host to accept them)"
     return None
 
@@ -187,8 +209,17 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
     async def chat_completions(request: Request):
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             raise HTTPException(status_code=415, detail="send the request as application/json")
+        too_big = HTTPException(status_code=413, detail=f"request body over {MAX_BODY_BYTES:,} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
         try:
-            body = await request.json()
+            raw = bytearray()
+            async for chunk in request.stream():  # counted as it comes: a chunked body has no length to check first
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise too_big
+            body = json.loads(bytes(raw))
         except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
             raise HTTPException(status_code=400, detail="request body is not valid JSON (or is nested too deeply)")
         except ClientDisconnect:  # the client left before sending the whole body: no one to answer, nothing to log
@@ -202,7 +233,7 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
             raise HTTPException(status_code=400, detail=f"conversation is too long: {len(prompt)} tokens, "
                                                         f"the model's context is {context}; start a new chat")
         seed = random.randrange(2**31)  # a different reply each time, like the CLI with a fresh seed
-        session = None
+        session, generated = None, []
 
         def reply_tokens():
             nonlocal session
@@ -216,12 +247,14 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
             for token, _ in stream:
                 if token in engine.stop_tokens:  # <|assistant_end|> (or <|bos|>)
                     return
+                generated.append(token)
                 yield token
 
         def events():
             try:
                 for piece in stream_text(reply_tokens(), tokenizer):
                     yield sse({"token": piece})
+                yield sse({"message": tokenizer.parse_assistant(generated)})  # what the next request's history holds
                 if session is not None:
                     yield sse({"focus": session.focus()})
             except Exception as e:  # the status line is already sent: report in the stream
@@ -260,7 +293,8 @@ def main():
     p.add_argument("-g", "--model-tag", type=str, default=None)
     p.add_argument("-s", "--step", type=int, default=None)
     p.add_argument("-p", "--port", type=int, default=8000)
-    p.add_argument("--host", type=str, default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--host", type=str, default="127.0.0.1", help="the address to listen on: 0.0.0.0 listens on every "
+                   "interface, and other machines' requests then need --allow-host with the name they use (or '*')")
     p.add_argument("-t", "--temperature", type=float, default=0.8, help="default when a request gives none")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default when a request gives none")
     p.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
@@ -292,9 +326,13 @@ def main():
     model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     new_session = megacontext_sessions(args, model, model_tag, step, device) if args.megacontext or args.gist_first or args.ck else None
-    allowed = LOCAL_HOSTS + tuple(args.allow_host) + ((args.host,) if args.host not in ("0.0.0.0", "::") else ())
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    allowed = LOCAL_HOSTS + tuple(args.allow_host) + (() if wildcard else (args.host,))
     app = create_app(Engine(model, tokenizer), tokenizer, defaults, new_session, allowed_hosts=allowed)
-    print(f"nanochat web chat on http://{args.host}:{args.port}/")
+    print(f"nanochat web chat on http://{'127.0.0.1' if wildcard else args.host}:{args.port}/")
+    if wildcard and not args.allow_host:
+        print(f"listening on every interface ({args.host}), but requests naming another host are refused: "
+              "add --allow-host <the name or address they use> (or '*')")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

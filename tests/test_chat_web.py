@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.engine import Engine
 from nanochat.tokenizer import RustBPETokenizer
-from scripts.chat_web import create_app, stream_text, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS
+from scripts.chat_web import create_app, stream_text, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS, MAX_BODY_BYTES
 
 LOCAL = "http://127.0.0.1:8000"  # what a browser on this machine sends as Host
 
@@ -83,9 +83,10 @@ def test_streaming_completion_matches_engine(client, engine, tokenizer):
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
     assert events[-1] == {"done": True}
-    pieces = [e["token"] for e in events[:-1]]
+    pieces = [e["token"] for e in events[:-2]]
     assert pieces and all(isinstance(p, str) and p for p in pieces)
     assert "".join(pieces) == greedy_reply(engine, tokenizer, messages, max_tokens=16)
+    assert events[-2] == {"message": "".join(pieces)}  # no calculator call: the history holds the text as shown
 
 
 def test_request_defaults_and_system_message(client, engine, tokenizer):
@@ -93,7 +94,7 @@ def test_request_defaults_and_system_message(client, engine, tokenizer):
     messages = [{"role": "system", "content": "be brief"}] + HELLO
     events = sse_events(client.post("/chat/completions", json={"messages": messages}).text)
     assert events[-1] == {"done": True}
-    assert "".join(e["token"] for e in events[:-1]) == greedy_reply(engine, tokenizer, messages, max_tokens=24)
+    assert "".join(e["token"] for e in events[:-2]) == greedy_reply(engine, tokenizer, messages, max_tokens=24)
 
 
 def test_stream_text_emits_only_complete_characters(tokenizer):
@@ -324,6 +325,43 @@ def test_stream_text_shows_calculator_calls_readably(tokenizer):
     ids = (tokenizer.encode("so ") + [sp("<|python_start|>")] + tokenizer.encode("12*3") + [sp("<|python_end|>")]
            + [sp("<|output_start|>")] + tokenizer.encode("36") + [sp("<|output_end|>")] + tokenizer.encode(" done"))
     assert "".join(stream_text(iter(ids), tokenizer)) == "so [calc: 12*3 = 36] done"
+
+
+def test_a_reply_that_used_the_calculator_goes_back_into_the_history_as_its_tokens(tokenizer):
+    """The page stored the shown text, "[calc: 12*3 = 36]36", as the assistant turn, so the next prompt held that
+    literal text instead of the tool tokens the model wrote (and the server refused content as parts)."""
+    sp = tokenizer.encode_special
+    reply = (tokenizer.encode("so ") + [sp("<|python_start|>")] + tokenizer.encode("12*3") + [sp("<|python_end|>")]
+             + [sp("<|output_start|>")] + tokenizer.encode("36") + [sp("<|output_end|>")] + tokenizer.encode(" done"))
+
+    class Scripted:  # an engine whose one reply is the calculator call above
+        model, stop_tokens, tools = type("M", (), {"config": GPTConfig(sequence_len=256)})(), {sp("<|assistant_end|>")}, None
+
+        def generate(self, prompt, **kwargs):
+            for t in reply + [sp("<|assistant_end|>")]:
+                yield [t], [1]
+    client = TestClient(create_app(Scripted(), tokenizer, DEFAULTS), base_url=LOCAL)
+    events = sse_events(client.post("/chat/completions", json={"messages": HELLO}).text)
+    assert "".join(e["token"] for e in events if "token" in e) == "so [calc: 12*3 = 36] done"
+    message = events[-2]["message"]
+    assert [p["type"] for p in message] == ["text", "python", "python_output", "text"]
+    history = HELLO + [{"role": "assistant", "content": message}, {"role": "user", "content": "and 4*4?"}]
+    r = client.post("/chat/completions", json={"messages": history})
+    assert r.status_code == 200, r.text
+    ids, _ = tokenizer.render_conversation({"messages": history[:2]})
+    assert ids[-len(reply) - 1:-1] == reply  # it renders back to the very tokens the model wrote
+    bad = HELLO + [{"role": "assistant", "content": [{"type": "shell", "text": "ls"}]}, {"role": "user", "content": "hi"}]
+    assert client.post("/chat/completions", json={"messages": bad}).status_code == 400
+
+
+def test_malformed_hosts_and_oversized_bodies_are_refused_not_a_500(client):
+    for headers in ({"host": "["}, {"host": "[::1"}, {"origin": "http://["}):  # urlsplit raised: a 500 on every route
+        assert client.get("/health", headers=headers).status_code == 403
+    big = b'{"messages": [{"role": "user", "content": "hi"}], "pad": "' + b"x" * (MAX_BODY_BYTES + 1) + b'"}'
+    r = client.post("/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413  # it was read and parsed whole, whatever its size
+    chunked = client.post("/chat/completions", content=iter([big[:100_000], big[100_000:]]), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413
 
 
 def test_megacontext_switch_streams_past_the_context_and_reports_focus(engine, tokenizer):
