@@ -198,7 +198,11 @@ import linecache
 linecache.cache["program.py"] = (len(source), None, source.splitlines(True), "program.py")  # source lines in tracebacks
 try:
     code = compile(source, "program.py", "exec")
-    exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    import types
+    _bootstrap, program = sys.modules["__main__"], types.ModuleType("__main__")  # the program is __main__ itself
+    program.__builtins__ = builtins  # (pickle, doctest.testmod and get_type_hints look it up in sys.modules)
+    sys.modules["__main__"] = program
+    exec(code, program.__dict__)
 except SystemExit as e:
     _report(end="exit", code=str(e.code)[:100])
     raise
@@ -265,7 +269,8 @@ def execute_code(program, timeout=5.0, memory_limit_mb=256, max_output_bytes=1 <
             "fsize_bytes": int(max_file_mb * 1024 * 1024),
         }
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": workdir, "TMPDIR": workdir,
-               "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+               "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+               "MALLOC_ARENA_MAX": "2"}  # glibc reserves 64 MB of address space per thread's arena: 8 threads passed the limit
         proc = subprocess.Popen(
             [sys.executable, "-I", "-c", SUPERVISOR, json.dumps(cfg)],
             cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

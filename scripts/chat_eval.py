@@ -115,10 +115,12 @@ def main():
         p.error("--num-samples, --max-new-tokens and --top-k must be at least 1")
     if temperature_problem(args.temperature):
         p.error(temperature_problem(args.temperature))
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if not names:  # it scored nothing and wrote ChatCORE NaN over the last results
+        p.error(f"--tasks names no task, got {args.tasks!r}")
 
     _, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
     try:
-        names = [n.strip() for n in args.tasks.split(",") if n.strip()]
         tasks = {name: make_task(name) for name in names}
         _, tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)  # the tag loaded names the results
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=tag, step=step)

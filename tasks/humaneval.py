@@ -11,13 +11,16 @@ import re
 
 from tasks.common import Task, load_rows
 
-CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # a reply cut off before its closing fence still counts
 
 
 def extract_program(response):
-    """The code in a model response: the first ```python fenced block if there is one, else all of it."""
+    """The code in a model response: the first ```python fenced block (closed or running to the end) if
+    there is one, else all of it."""
     match = CODE_BLOCK_RE.search(response)
-    return match.group(1) if match else response
+    if match is None:
+        return response
+    return match.group(1) if match.group(0).endswith("```") else re.sub(r"`{1,2}\Z", "", match.group(1))  # cut mid-fence
 
 
 def build_program(conversation, completion):

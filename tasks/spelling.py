@@ -11,6 +11,7 @@ of the word (1 in 5 go to "test"), so train and test never ask about the same wo
 Item i of a split is a pure function of (seed, split, i).
 """
 
+import re
 import random
 
 from tasks.common import Task, stable_hash, in_split, evaluate_final_number
@@ -110,9 +111,11 @@ class Spelling(Task):
         return count_conversation(word, letter, rng.choice(COUNT_TEMPLATES))
 
     def evaluate(self, conversation, assistant_response):
-        """count: the number after '####' is right; spell: the dashed spelling appears in the response."""
+        """count: the number after '####' is right; spell: the dashed spelling appears in the response as a
+        whole (not inside a longer one: p-i-n-e-a-p-p-l-e or a-p-p-l-e-s is not apple)."""
         if conversation["kind"] == "spell":
-            return "-".join(conversation["word"]) in assistant_response.lower()
+            spelled = re.escape("-".join(conversation["word"]))
+            return re.search(rf"(?<![a-z-]){spelled}(?!-?[a-z])", assistant_response.lower()) is not None
         return evaluate_final_number(conversation, assistant_response)
 
     def reward(self, conversation, assistant_response):

@@ -55,7 +55,7 @@ def test_accuracy_and_random_baseline():
 
 @pytest.mark.parametrize("flags, needle", [(["-x", "0"], "--max-problems"), (["-x", "-2"], "--max-problems"),
                                            (["-n", "0"], "--num-samples"), (["-m", "0"], "--max-new-tokens"),
-                                           (["-t", "5"], "temperature")])
+                                           (["-t", "5"], "temperature"), (["-a", ","], "--tasks names no task")])
 def test_bad_flags_stop_before_anything_is_evaluated_or_written(monkeypatch, capsys, flags, needle):
     """-x 0 used to score nothing and overwrite the results JSON with 0%; -n -1 and -t 5 ended in tracebacks."""
     from scripts import chat_eval

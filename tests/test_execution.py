@@ -235,3 +235,33 @@ def test_humaneval_task_uses_execution():
     conv = {"prompt": HUMANEVAL_PROMPT, "test": HUMANEVAL_TEST, "entry_point": "has_close_elements"}
     assert execute_code(build_program(conv, GOOD_COMPLETION)).success
     assert not execute_code(build_program(conv, WRONG_COMPLETION)).success
+
+
+def test_the_program_is_main_for_pickle_doctest_and_type_hints():
+    """It ran in a bare dict while sys.modules["__main__"] stayed the sandbox's bootstrap."""
+    program = '''
+import pickle, doctest, typing
+
+def twice(x: "int") -> "int":
+    """
+    >>> twice(2)
+    4
+    """
+    return 2 * x
+
+assert pickle.loads(pickle.dumps(twice))(3) == 6
+assert typing.get_type_hints(twice) == {"x": int, "return": int}
+assert doctest.testmod().attempted == 1
+'''
+    result = execute_code(program, timeout=10.0)
+    assert result.success, (result.error, result.stderr)
+
+
+def test_a_thread_pool_runs_under_the_default_memory_limit():
+    """glibc's per-thread malloc arenas (64 MB of address space each) ran 8 threads past the 256 MB limit."""
+    program = ("from concurrent.futures import ThreadPoolExecutor\n"
+               "with ThreadPoolExecutor(8) as ex:\n"
+               "    r = list(ex.map(lambda x: [x] * 1000, range(64)))\n"
+               "assert len(r) == 64\n")
+    result = execute_code(program, timeout=10.0)
+    assert result.success, (result.error, result.stderr)

@@ -289,6 +289,26 @@ def test_offline_tasks_deterministic_and_splits_disjoint():
     assert in_split("x", "train") != in_split("x", "test")
 
 
+def test_a_spelling_is_scored_whole_not_inside_a_longer_one():
+    """A substring test passed p-i-n-e-a-p-p-l-e and a-p-p-l-e-s for apple."""
+    from tasks.spelling import spell_conversation, SPELL_TEMPLATES
+    conv = spell_conversation("apple", SPELL_TEMPLATES[0])
+    task = Spelling("test", size=1)
+    assert task.evaluate(conv, conv["messages"][-1]["content"])  # its own answer
+    for right in ("a-p-p-l-e", "It is A-P-P-L-E.", "apple: a-p-p-l-e (5 letters)"):
+        assert task.evaluate(conv, right), right
+    for wrong in ("p-i-n-e-a-p-p-l-e", "a-p-p-l-e-s", "a-p-p-l-es", "a-p-p-l", "apple"):
+        assert not task.evaluate(conv, wrong), wrong
+
+
+def test_a_humaneval_reply_cut_before_its_closing_fence_still_runs_its_code():
+    """The whole reply, its ```python line included, was run: a SyntaxError for a correct function."""
+    code = "def add(a, b):\n    return a + b\n"
+    assert extract_program("```python\n" + code) == code
+    assert extract_program("Here:\n```python\n" + code + "``") == code  # cut inside the closing fence
+    assert extract_program("```python\n" + code + "```\nmore text") == code
+
+
 def test_spelling_counts_correct(tokenizer):
     task = Spelling("train", size=300)
     kinds = {"count": 0, "spell": 0}
