@@ -23,10 +23,14 @@ MAX_SIZES = dict(sequence_len=1 << 16, vocab_size=1 << 24, n_layer=1 << 10, n_em
 
 
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
-    """Each file atomically; the meta last, so a step with a meta is a complete checkpoint."""
+    """Each file atomically; the meta last, so a step with a meta is a complete checkpoint. With per-rank
+    optimizer files every rank calls this: they all wait until each has written its own, then rank 0 writes
+    the model and the meta (else a rank killed mid-save would leave a complete-looking step it cannot resume)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     if optimizer_data is not None:
         atomic_torch_save(optimizer_data, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
     if rank == 0:
         atomic_torch_save(model_data, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
         atomic_write_json(meta_data, os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))

@@ -209,3 +209,18 @@ def test_a_changed_byte_in_a_weights_file_is_refused_by_its_digest(base_dir):
         assert "\n" not in str(e.value)
     os.remove(str(model_file) + ".sha256")
     load_model("base", "cpu", phase="eval", model_tag="flip")  # no digest: read unchecked
+
+
+def test_under_ddp_the_meta_waits_for_every_ranks_optimizer_file(tmp_path, monkeypatch):
+    """Rank 0 wrote the meta (the mark of a complete step) while other ranks could still be writing theirs."""
+    import nanochat.checkpoint_manager as cm
+    order = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: order.append("barrier"))
+    monkeypatch.setattr(cm, "atomic_torch_save", lambda obj, path: order.append(os.path.basename(path)))
+    monkeypatch.setattr(cm, "atomic_write_json", lambda obj, path: order.append(os.path.basename(path)))
+    save_checkpoint(str(tmp_path), 3, {}, {"optimizers": []}, {"step": 3}, rank=0)
+    assert order == ["optim_000003_rank0.pt", "barrier", "model_000003.pt", "meta_000003.json"]
+    order.clear()
+    save_checkpoint(str(tmp_path), 3, {}, {"optimizers": []}, {"step": 3}, rank=1)
+    assert order == ["optim_000003_rank1.pt", "barrier"]
