@@ -91,7 +91,7 @@ def test_passkey_verdict_and_probes(base_dir, capsys):
     cells = data["results"]["passkey"]
     acc = {m: sum(c["acc"] for c in cells[m]["8"].values()) / 2 for m in ("megacontext", "truncation", "full")}
     pct = lambda a: f"{100 * a:.0f}%"
-    verdict = (f"MegaContext recalls {pct(acc['megacontext'])} at 8x W_max on passkey "
+    verdict = (f"MegaContext recalls {pct(acc['megacontext'])} over histories of 8x W_max on passkey, facts at depths 0.25-0.75 "
                f"(truncation {pct(acc['truncation'])}, full {pct(acc['full'])})")
     assert data["verdicts"] == [verdict] and verdict in capsys.readouterr().out
     assert all(0 <= c["fact_raw"] <= 1 for c in cells["megacontext"]["8"].values())

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny
-from nanochat.megacontext.retrieval import cell_mean, measure_retrieval, receptive_field, recall_verdict, retrieval_summary
+from nanochat.megacontext.evaluation import full_windows
+from nanochat.megacontext.retrieval import cell_mean, measure_retrieval, recall_verdict, retrieval_summary
 
 V = 256
 
@@ -20,19 +21,26 @@ def greedy(model, ids, n):
 
 
 def test_retrieval_accuracy_on_known_answers():
-    """Answers the model predicts greedily are retrieved, one wrong token is not; full reads only the
-    receptive field of a 600-token history and still matches the vanilla forward of the whole of it."""
+    """Answers the model predicts greedily are retrieved, one wrong token is not; full reads the whole
+    600-token history, past the model's windows (S=128, L=256), and matches a forward of all of it with
+    the windows widened: its first token reaches the answer (it read only the newest 386, a sliding window)."""
     model, gistnet, lensnet, cfg = tiny(w_max=128)
-    assert receptive_field(model) == 128 + 256 + 2 < 600  # windows S=128, L=256, the smear, the last token
+    assert model.window_sizes == [128, 256]
     history = torch.randint(0, V, (600,))
-    right3, right1 = greedy(model, history, 3), greedy(model, history, 1)
+    with full_windows(model, 700):  # what the model reading all of it predicts
+        right3, right1 = greedy(model, history, 3), greedy(model, history, 1)
     wrong3 = right3.clone()
     wrong3[-1] = (wrong3[-1] + 1) % V
     records, levels = measure_retrieval(model, gistnet, lensnet, cfg, [history] * 3, [right3, wrong3, right1], refocus_iters=2)
     assert [r["correct"] for r in records["full"]] == [True, False, True] and levels == [1, 1, 1]
-    with torch.no_grad():
+    with torch.no_grad(), full_windows(model, 603):
         logits = model(torch.cat([history, wrong3])[None, :-1])[0, -3:]  # (3, V): the slots that predict the answer
+    assert model.window_sizes == [128, 256]  # put back
     assert records["full"][1]["nll"] == pytest.approx(F.cross_entropy(logits, wrong3).item(), abs=1e-4)
+    edited = history.clone()
+    edited[0] = (edited[0] + 1) % V
+    again, _ = measure_retrieval(model, gistnet, lensnet, cfg, [edited], [wrong3], refocus_iters=0)
+    assert abs(again["full"][0]["nll"] - records["full"][1]["nll"]) > 1e-6
     assert all(set(r) == {"correct", "nll"} for r in records["truncation"])
     assert all(set(r) == {"correct", "nll", "fact_raw", "fact_raw_start", "swaps"} for r in records["megacontext"])
     assert retrieval_summary(records["full"]) == dict(acc=pytest.approx(2 / 3), n=3, nll=pytest.approx(
@@ -96,4 +104,5 @@ def test_the_verdict_and_cell_means_average_over_depths():
     cells = {"0.1": dict(acc=1.0, nll=0.5), "0.9": dict(acc=0.5, nll=1.5)}
     results = {"megacontext": {"8": cells}, "truncation": {"8": {"0.1": dict(acc=0.0, nll=3.0)}}, "full": {"8": None}}
     assert cell_mean([cells], "acc") == 0.75 and cell_mean([cells, None], "nll") == 1.0 and cell_mean([None], "acc") is None
-    assert recall_verdict(results, "passkey", 8) == "MegaContext recalls 75% at 8x W_max on passkey (truncation 0%, full n/a)"
+    assert recall_verdict(results, "passkey", 8) == ("MegaContext recalls 75% over histories of 8x W_max on passkey, facts at "
+                                                     "depths 0.1-0.9 (truncation 0%, full n/a)")

@@ -47,6 +47,7 @@ the end) asks a different question: is a fact far back in a long-range document 
 import math
 import random
 import time
+import contextlib
 
 import torch
 
@@ -146,6 +147,20 @@ def spread(items, n):
 # measuring and summarizing
 
 
+@contextlib.contextmanager
+def full_windows(model, n):
+    """The long (L) layers' attention windows widened to at least n tokens while the block runs, so the
+    full-history baseline reads all of it: at their own window (sequence_len) they would make it a sliding
+    window past that length, unable to copy a fact older than one window in a single hop. Short (S) layers
+    keep their window (local by design); within sequence_len nothing changes."""
+    saved = model.window_sizes
+    model.window_sizes = [max(w, n) if w == max(saved) else w for w in saved]
+    try:
+        yield model
+    finally:
+        model.window_sizes = saved
+
+
 @torch.no_grad()
 def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=None, refocus_iters=8, audit_edits=8,
                       answer_tokens=None, max_slots=MAX_SLOTS, seed=0):
@@ -178,7 +193,8 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
     # the full history (and the gist cosine on its logits), then everything else in one batch of forwards
     levels = [L for L in (1, 2) if L <= cfg.max_level and H >= K ** L]
     full = [WorkingContext.recent(src, src.num_tokens + K) for src in sources]
-    nll_full, cos = horizon_nlls(model, full, sources, horizons, max_slots, gistnet, levels)
+    with full_windows(model, max(src.num_tokens for src in sources) + H):
+        nll_full, cos = horizon_nlls(model, full, sources, horizons, max_slots, gistnet, levels)
     for b in range(R):
         record(b, "nll_full", nll_full[b])
         records[b].update({f"gist_cos_lod{L}": cos[L][b] for L in levels})

@@ -11,12 +11,11 @@ document is retrieved when greedy argmax predicts every answer token; its nll is
                fitted_source), WorkingContext.recency_filled, then LensNet + FocusAllocator refocus
                it, as measure_sequences does
   truncation   the newest w_max tokens raw (WorkingContext.recent)
-  full         the whole history raw, only when history + answer fit the model's rotary table
-               (model.cos.size(1), what a vanilla forward may read), else None. Only its newest
-               receptive_field(model) tokens (whole blocks) are fed: nothing older can reach the answer
-               through the windowed layers (the logits are the same), and the forward's cost stops
-               growing with the history there. Note that a history longer than that field is "full"
-               in name only: the model itself cannot recall a fact older than it.
+  full         the whole history raw, the long layers' attention windows widened to cover it
+               (evaluation.full_windows: the model's own windows, sequence_len, would make it a
+               sliding window that cannot copy a fact more than one window back), only when history +
+               answer fit the model's rotary table (model.cos.size(1)), else None. Past sequence_len it
+               reads positions it never trained on: the ceiling a model with no memory limit would reach.
 
 run_retrieval builds each cell's documents (evaluation.retrieval_documents), measures them and
 returns the report mc_eval writes; recall_verdict is its one-line verdict. run_ck does the same for
@@ -31,7 +30,8 @@ import torch
 from nanochat.common import UserError, print0
 from nanochat.gpt import norm
 from nanochat.megacontext import BLOCK_SIZE
-from nanochat.megacontext.evaluation import mc_working_contexts, retrieval_documents, start_working_contexts, val_texts
+from nanochat.megacontext.evaluation import (full_windows, mc_working_contexts, retrieval_documents, start_working_contexts,
+                                             val_texts)
 from nanochat.megacontext.gistnet import AnyLevel
 from nanochat.megacontext.horizon import MAX_SLOTS, SequenceSource, build_source, horizon_nll, length_chunks
 from nanochat.megacontext.probes import digit_probe, fact_block, raw_blocks
@@ -40,12 +40,6 @@ from nanochat.megacontext.working_context import WorkingContext
 K = BLOCK_SIZE
 RETRIEVAL_TASKS = ("passkey", "kv-recall", "needle")  # the long-range kinds --task measures (needle: never trained on)
 METHODS = ("megacontext", "truncation", "full")
-
-
-def receptive_field(model):
-    """How many of the newest history tokens the logits after it can depend on: each layer reads
-    `window` slots back (gpt.attend: 0 <= i - j <= window), the smear one more, plus the last itself."""
-    return sum(model.window_sizes) + 2
 
 
 def fitted_source(model, gistnet, history, w_max, recent_tokens, min_level):
@@ -91,15 +85,16 @@ def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, re
     sources = [src for src, _ in fitted]
     mc, edits = mc_working_contexts(model, lensnet, cfg, sources, [L for _, L in fitted], refocus_iters, seed)
     start = start_working_contexts(cfg, sources, [L for _, L in fitted])  # before any refocus (WCs are values: still as built)
-    field = receptive_field(model)
     jobs = []  # (sequence index, method, WC)
     for b, src in enumerate(sources):
         jobs += [(b, "megacontext", mc[b]), (b, "truncation", WorkingContext.recent(src, cfg.w_max))]
-        if src.num_tokens + answers[b].numel() <= model.cos.size(1):
-            jobs.append((b, "full", WorkingContext.recent(src, min(src.num_tokens, field) + K)))  # covers > field tokens
-    scores = answer_scores(model, [j[2] for j in jobs], [sources[j[0]] for j in jobs], [answers[j[0]] for j in jobs], max_slots)
+    budgeted = answer_scores(model, [j[2] for j in jobs], [sources[j[0]] for j in jobs], [answers[j[0]] for j in jobs], max_slots)
+    full = [(b, "full", WorkingContext.recent(src, src.num_tokens + K)) for b, src in enumerate(sources)
+            if src.num_tokens + answers[b].numel() <= model.cos.size(1)]
+    with full_windows(model, max((sources[b].num_tokens + answers[b].numel() for b, _, _ in full), default=0)):
+        unbounded = answer_scores(model, [j[2] for j in full], [sources[j[0]] for j in full], [answers[j[0]] for j in full], max_slots)
     records = {method: [None] * R for method in METHODS}
-    for (b, method, wc), (correct, nll) in zip(jobs, scores):
+    for (b, method, wc), (correct, nll) in zip(jobs + full, budgeted + unbounded):
         records[method][b] = dict(correct=correct, nll=nll)
         if method == "megacontext":  # the probes: is the fact raw in the refocused WC, was it before, how many edits
             block = fact_block(histories[b], answers[b])
@@ -147,10 +142,13 @@ def gist_digit_probe(model, gistnet, histories, answers, values):
 
 
 def recall_verdict(task_results, task, mult):
-    """The one-line verdict at one history multiple, each method's accuracy averaged over the depths."""
+    """The one-line verdict at one history multiple, each method's accuracy averaged over the depths. The
+    multiple is the history's length: a fact at depth d sits about (1 - d) x mult x W_max tokens back."""
     acc = {m: cell_mean([task_results[m][str(mult)]], "acc") for m in ("megacontext", "truncation", "full")}
     pct = {m: "n/a" if a is None else f"{100 * a:.0f}%" for m, a in acc.items()}
-    return (f"MegaContext recalls {pct['megacontext']} at {mult}x W_max on {task} "
+    depths = sorted(task_results["megacontext"][str(mult)], key=float)
+    where = f"depth {depths[0]}" if len(depths) == 1 else f"depths {depths[0]}-{depths[-1]}"
+    return (f"MegaContext recalls {pct['megacontext']} over histories of {mult}x W_max on {task}, facts at {where} "
             f"(truncation {pct['truncation']}, full {pct['full']})")
 
 
@@ -270,9 +268,9 @@ def run_retrieval(model, tokenizer, mc, gistnet, lensnet, tasks, mults, depths, 
     chance, mc_levels, full_skipped, probes and the settings."""
     from nanochat.longrange import num_answers
     from nanochat.recall import recall_eval_docs
-    table, field = model.cos.size(1), receptive_field(model)
+    table = model.cos.size(1)
     print0(f"mc_eval --task {'/'.join(tasks)}: w_max {mc.w_max} | mults {mults} | depths {depths} | "
-           f"{num_docs} documents per cell | full attention reads up to {field} tokens, rotary table {table}")
+           f"{num_docs} documents per cell | full attention reads the whole history (windows widened) up to the rotary table, {table}")
     texts = val_texts()
     results = {task: {method: {} for method in METHODS} for task in tasks}
     full_skipped, mc_levels = {}, {}
@@ -320,7 +318,7 @@ def run_retrieval(model, tokenizer, mc, gistnet, lensnet, tasks, mults, depths, 
     return dict(tasks=list(tasks), methods=list(METHODS), mults=mults, depths=depths, num_docs=num_docs, w_max=mc.w_max,
                 history_tokens={str(m): m * mc.w_max for m in mults}, refocus_iters=refocus_iters, seed=seed,
                 mc_config=mc.to_dict(), mc_levels=mc_levels, sequence_len=model.config.sequence_len, rotary_table=table,
-                full_receptive_field=field, chance={task: 1 / num_answers(task) for task in tasks}, results=results,
+                chance={task: 1 / num_answers(task) for task in tasks}, results=results,
                 full_skipped=full_skipped, probes=probes,
                 verdicts=[recall_verdict(results[task], task, m) for task in tasks for m in mults if m in (8, 16)])
 
