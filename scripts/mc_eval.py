@@ -243,7 +243,8 @@ def main(argv=None):
             o = results["overall"]
             summary = dict(model_tag=model_tag, step=step, history_tokens=history, docs=o["n"],
                            **{k: o.get(k) for k in ("nll_trunc", "nll_mc", "nll_full", "gap_closed", "dnll_lod1", "gist_cos_lod1",
-                                                     "budget_violations", "wc_util", "audit_sign_agree", "audit_spearman")})
+                                                     "budget_violations", "wc_util", "audit_sign_agree", "audit_sign_base",
+                                                     "audit_spearman", "audit_spearman_within")})
             summary.update({f"{s}_gap_closed": r["gap_closed"] for s, r in results.items() if s != "overall"})
             if "longrange" in results:
                 summary["longrange_ans_gap_closed"] = results["longrange"].get("ans_gap_closed")

@@ -117,25 +117,25 @@ def mc_working_contexts(model, lensnet, cfg, sources, levels, iterations, seed):
 
 
 def audit_candidates(wc, scores, source, recent_tokens):
-    """Every single legal edit of wc: [(predicted utility, edited WC)]; scores (E,) floats."""
+    """Every single legal edit of wc: [(predicted utility, edited WC, "expand" or "collapse")]; scores (E,) floats."""
     protect_from = source.num_tokens - recent_tokens
     out, seen = [], set()
     for i, e in enumerate(wc.entries):
         if e.level > 0:
-            out.append((scores[i], wc.expand(i)))
+            out.append((scores[i], wc.expand(i), "expand"))
         if e.parent in seen:
             continue
         seen.add(e.parent)
         r = wc.collapse_range(i, source)
         if r is not None and r[2].end <= protect_from:
             j0, j1, _ = r
-            out.append((-sum(scores[j0:j1]) / (j1 - j0), wc.collapse(i, source)))
+            out.append((-sum(scores[j0:j1]) / (j1 - j0), wc.collapse(i, source), "collapse"))
     return out
 
 
 def spread(items, n):
     """Up to n of items, sorted by their first field, evenly spaced (both ends included)."""
-    items = sorted(items, key=lambda t: t[0])
+    items = sorted(items, key=lambda t: t[0])  # stable: equal utilities keep their order
     if len(items) <= n:
         return items
     if n == 1:
@@ -222,15 +222,17 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
         jobs.append((b, "nll_mc", wc))
 
     utilities = [[] for _ in range(R)]  # per sequence, the audited edits' predicted utilities in job order
+    kinds = [[] for _ in range(R)]      # and their kinds, expand / collapse
     if audit_edits > 0:
         device, dtype = model.get_device(), model.transformer.wte.weight.dtype
         assembled = [wc.assemble(src, model.embed_tokens, device, dtype) for wc, src in zip(mc, sources)]
         scores, _ = score_entries(lensnet, mc, sources, assembled)  # (R, E)
         for b, (wc, src) in enumerate(zip(mc, sources)):
             candidates = audit_candidates(wc, scores[b, :len(wc)].tolist(), src, cfg.recent_tokens)
-            for utility, edited in spread(candidates, audit_edits):
+            for utility, edited, kind in spread(candidates, audit_edits):
                 check_working_context(edited, src, cfg.w_max + K - 1, cfg.recent_tokens)
                 utilities[b].append(utility)
+                kinds[b].append(kind)
                 jobs.append((b, "audit", edited))
 
     nll, _ = horizon_nlls(model, [j[2] for j in jobs], [sources[j[0]] for j in jobs], [horizons[j[0]] for j in jobs], max_slots)
@@ -246,6 +248,7 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
                 rec[f"dnll_lod{L}"] = rec.pop(f"nll_lod{L}") - rec["nll_full"]
         delta = [v - rec["nll_mc"] for v in audited[b]]  # DeltaNLL of each audited edit
         rec["audit"] = list(zip(utilities[b], delta))
+        rec["audit_kinds"] = kinds[b]
         rec["audit_agree"], rec["audit_pairs"] = 0, 0
         if len(delta) >= 2:
             u, d = torch.tensor([utilities[b]]), torch.tensor([delta])
@@ -259,7 +262,10 @@ def summarize(records):
     measured it), gist_cos_lod{L}, budget_violations (a count), wc_util, mc_coverage, lod{L}_frac,
     swap_rate (edits per refocus iteration), refocus_iters (iterations per sequence); with answers:
     n_answer, ans_nll_trunc, ans_nll_full, ans_nll_mc, ans_gap_closed; when audited: audit_edits,
-    audit_sign_agree, audit_spearman, audit_pair_agree (None when undefined)."""
+    audit_sign_agree, audit_spearman, audit_pair_agree (None when undefined), and what tells LensNet from a
+    constant scorer (expands and collapses pooled, "expand helps, collapse hurts" alone scores well on the
+    two above): audit_sign_base, the sign agreement of a constant score (every expand +, every collapse -), and
+    audit_spearman_within, the mean of the Spearman correlations within each kind (a constant scorer: None)."""
     n = len(records)
     mean = lambda key, rs=records: sum(r[key] for r in rs) / len(rs)
     out = dict(n=n, nll_trunc=mean("nll_trunc"), nll_full=mean("nll_full"), nll_mc=mean("nll_mc"))
@@ -290,6 +296,14 @@ def summarize(records):
         out["audit_sign_agree"] = sum((u > 0) == (d < 0) for u, d in signed) / len(signed) if signed else None
         out["audit_spearman"] = spearman([u for u, _ in audit], [-d for _, d in audit])
         out["audit_pair_agree"] = sum(r["audit_agree"] for r in records) / pairs if pairs else None
+        kinds = [k for r in records for k in r.get("audit_kinds", [None] * len(r["audit"]))]  # parallel to audit
+        signed_kinds = [(d, k) for (u, d), k in zip(audit, kinds) if abs(d) > 1e-6 and u != 0 and k is not None]
+        out["audit_sign_base"] = (sum((k == "expand") == (d < 0) for d, k in signed_kinds) / len(signed_kinds)
+                                  if signed_kinds else None)
+        within = [spearman([u for (u, _), kk in zip(audit, kinds) if kk == k], [-d for (_, d), kk in zip(audit, kinds) if kk == k])
+                  for k in ("expand", "collapse")]
+        within = [c for c in within if c is not None]
+        out["audit_spearman_within"] = sum(within) / len(within) if within else None
     return out
 
 
