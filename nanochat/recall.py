@@ -84,15 +84,16 @@ def recall_row(rng, n, n_facts, encode, bos, filler, back=None):
 
 
 def recall_loader(tokenizer, B, T, split, n_facts, device="cpu", resume_state_dict=None, short_len=0, short_batches=0,
-                  seed=0, back=None, data_dir=None):
+                  seed=0, back=None, data_dir=None, shard=None):
     """Infinite generator of (inputs (B', T') int64, targets (B', T') int64 with -1 off the answers,
-    state_dict); B', T' = B * T // short_len, short_len for the first short_batches micro-batches, else B, T."""
+    state_dict); B', T' = B * T // short_len, short_len for the first short_batches micro-batches, else B, T.
+    shard: (rank, world_size) whose rows to draw (default this process's)."""
     if n_facts < 1:
         raise UserError(f"recall rows need at least one fact, got --recall-facts {n_facts}")
     if short_batches > 0 and not (0 < short_len <= T and (B * T) % short_len == 0):
         raise UserError(f"the recall curriculum's short rows ({short_len} tokens) must divide the micro-batch "
                         f"of {B} x {T} tokens and be at most {T} long")
-    _, rank, _, world_size = get_dist_info()
+    rank, world_size = shard if shard is not None else get_dist_info()[1::2]
     paths = split_paths(split, data_dir)
     offsets = row_group_offsets(paths)
     bos = tokenizer.get_bos_token_id()
@@ -143,8 +144,8 @@ def recall_loader(tokenizer, B, T, split, n_facts, device="cpu", resume_state_di
 def recall_eval_docs(tokenizer, n, num_docs, split="val", seed=0, back=None, data_dir=None):
     """num_docs (history ids, answer ids): recall rows of n tokens with one fact each (the training
     format, the split's filler; back as recall_row takes it), cut before their answer; the same
-    documents for every call."""
-    loader = recall_loader(tokenizer, num_docs, n - 1, split, 1, seed=seed, back=back, data_dir=data_dir)
+    documents for every call, on every rank and under any number of ranks."""
+    loader = recall_loader(tokenizer, num_docs, n - 1, split, 1, seed=seed, back=back, data_dir=data_dir, shard=(0, 1))
     x, y, _ = next(loader)  # (num_docs, n - 1): inputs and masked targets
     docs = []
     for xs, ys in zip(x.tolist(), y.tolist()):

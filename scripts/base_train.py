@@ -423,7 +423,7 @@ def train(argv=None):
                 mc_val, line = trainer.validate(tokenizer, B, T, device)
                 print0(f"step {step:05d} | {line}")
             recall = {}
-            if args.recall_facts > 0:  # recall of one fact ~T tokens back: full attention, truncation, the WC
+            if args.recall_facts > 0:  # recall of one fact anywhere in a T-token row: full attention, truncation, the WC (rank 0's view)
                 recall = recall_metrics(orig_model, recall_docs, trainer, args.recall_window, device)
                 print0(f"step {step:05d} | recall " + " | ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in recall.items()))
             log.write(step=step, kind="eval", val_bpb=val_bpb, **recall, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],

@@ -102,6 +102,10 @@ def test_eval_docs_end_in_the_question_and_recall_accuracy_scores_the_answer(bas
     tok = get_tokenizer()
     docs = recall_eval_docs(tok, 200, 3)
     assert len(docs) == 3 and docs == recall_eval_docs(tok, 200, 3)
+    for rank, world in ((0, 8), (1, 2)):  # each rank scored its own draw of documents, another one per layout
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("nanochat.recall.get_dist_info", lambda: (True, rank, rank, world))
+            assert recall_eval_docs(tok, 200, 3) == docs
     for history, answer in docs:
         assert len(history) + len(answer) == 200
         assert tok.decode(history).endswith(" key is")
