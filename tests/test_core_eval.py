@@ -483,8 +483,9 @@ def _ddp_worker(rank, world_size, port, tasks, out_dir):
         acc = evaluate_task(model, CharTokenizer(), data, "cpu", meta)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(acc, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    finally:  # the ranks meet at a barrier first: a bare destroy let gloo's worker abort the rank at exit (SIGABRT)
+        from nanochat.common import compute_cleanup
+        compute_cleanup()
 
 
 def test_ddp_ranks_split_examples_and_agree(tasks, tmp_path):
