@@ -199,7 +199,7 @@ linecache.cache["program.py"] = (len(source), None, source.splitlines(True), "pr
 try:
     code = compile(source, "program.py", "exec")
     import types
-    _bootstrap, program = sys.modules["__main__"], types.ModuleType("__main__")  # the program is __main__ itself
+    program = types.ModuleType("__main__")  # the program is __main__ itself (this code runs on: its frame holds its globals)
     program.__builtins__ = builtins  # (pickle, doctest.testmod and get_type_hints look it up in sys.modules)
     sys.modules["__main__"] = program
     exec(code, program.__dict__)

@@ -290,20 +290,18 @@ def summarize(records):
         out["ans_gap_closed"] = gap_closed(out["ans_nll_trunc"], out["ans_nll_full"], out["ans_nll_mc"])
     audit = [a for r in records for a in r["audit"]]
     if audit:
-        signed = [(u, d) for u, d in audit if abs(d) > 1e-6 and u != 0]  # a measured change, a predicted sign
+        kinds = [k for r in records for k in r.get("audit_kinds", [None] * len(r["audit"]))]  # parallel to audit
+        signed = [(u, d, k) for (u, d), k in zip(audit, kinds) if abs(d) > 1e-6 and u != 0]  # a measured change, a predicted sign
+        known = [(d, k) for _, d, k in signed if k is not None]
         pairs = sum(r["audit_pairs"] for r in records)
         out["audit_edits"] = len(audit)
-        out["audit_sign_agree"] = sum((u > 0) == (d < 0) for u, d in signed) / len(signed) if signed else None
+        out["audit_sign_agree"] = sum((u > 0) == (d < 0) for u, d, _ in signed) / len(signed) if signed else None
+        out["audit_sign_base"] = sum((k == "expand") == (d < 0) for d, k in known) / len(known) if known else None
         out["audit_spearman"] = spearman([u for u, _ in audit], [-d for _, d in audit])
-        out["audit_pair_agree"] = sum(r["audit_agree"] for r in records) / pairs if pairs else None
-        kinds = [k for r in records for k in r.get("audit_kinds", [None] * len(r["audit"]))]  # parallel to audit
-        signed_kinds = [(d, k) for (u, d), k in zip(audit, kinds) if abs(d) > 1e-6 and u != 0 and k is not None]
-        out["audit_sign_base"] = (sum((k == "expand") == (d < 0) for d, k in signed_kinds) / len(signed_kinds)
-                                  if signed_kinds else None)
-        within = [spearman([u for (u, _), kk in zip(audit, kinds) if kk == k], [-d for (_, d), kk in zip(audit, kinds) if kk == k])
-                  for k in ("expand", "collapse")]
-        within = [c for c in within if c is not None]
+        by_kind = [[(u, d) for (u, d), kk in zip(audit, kinds) if kk == k] for k in ("expand", "collapse")]
+        within = [c for c in (spearman([u for u, _ in edits], [-d for _, d in edits]) for edits in by_kind) if c is not None]
         out["audit_spearman_within"] = sum(within) / len(within) if within else None
+        out["audit_pair_agree"] = sum(r["audit_agree"] for r in records) / pairs if pairs else None
     return out
 
 

@@ -36,6 +36,16 @@ def segment_entries(session, m):
     return [] if session.wc is None else [[e.level, e.start, e.end] for e in session.wc.segment(m).entries]
 
 
+def encode_generator(generator):
+    """A torch.Generator's state as base64 text (session.json's rng fields)."""
+    return base64.b64encode(generator.get_state().numpy().tobytes()).decode("ascii")
+
+
+def decode_generator(text):
+    """The inverse of encode_generator: a uint8 state tensor (its size tells the generator's device type)."""
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def session_state(session):
     """A session's state as session.json holds it (JSON-ready), with its checksum."""
     last = len(session.memories)  # the session's own memory
@@ -46,8 +56,8 @@ def session_state(session):
         allocator=allocator_state(session.allocator, last),
         memories=[dict(name=name, path=path, allocator=allocator_state(session.allocator, m), wc=segment_entries(session, m))
                   for m, (name, _, path) in enumerate(session.memories)],
-        rng=base64.b64encode(session.generator.get_state().numpy().tobytes()).decode("ascii"),
-        focus_rng=base64.b64encode(session.focus_generator.get_state().numpy().tobytes()).decode("ascii"),
+        rng=encode_generator(session.generator),
+        focus_rng=encode_generator(session.focus_generator),
         stats=session.stats,
         tree=session.tree._meta(),  # the tree's commit record: Session.open reads the tree at these counts
     )
@@ -152,13 +162,13 @@ def restore_session(session, state, entries):
             raise UserError(f"{os.path.join(session.tree.path, SESSION_FILE)}: unreadable session (field plan: a "
                             f"{len(state['plan'][1])}-wide gist, the model's are {session.model.config.n_embd})")
         session.plan = (state["plan"][0], torch.tensor(state["plan"][1], dtype=torch.float32))
-    rng = torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8)
+    rng = decode_generator(state["rng"])
     if rng.numel() == session.generator.get_state().numel():
         session.generator.set_state(rng)
     # else it was saved on another kind of device (a CPU generator's state is 5056 bytes, a CUDA one's 16):
     # the session reads on as saved, only its sampling starts again from the seed
     if "focus_rng" in state:  # a CPU generator on every device
-        focus = torch.frombuffer(bytearray(base64.b64decode(state["focus_rng"])), dtype=torch.uint8)
+        focus = decode_generator(state["focus_rng"])
         if focus.numel() != session.focus_generator.get_state().numel():
             raise UserError(f"{os.path.join(session.tree.path, SESSION_FILE)}: unreadable session (field focus_rng: "
                             f"{focus.numel()} bytes, not a CPU generator's state)")
