@@ -27,6 +27,17 @@ def test_nll_full_equals_the_vanilla_forward():
         assert rec["nll_trunc"] != pytest.approx(vanilla, abs=1e-4)  # the window really drops history
 
 
+def test_nll_trunc_is_a_vanilla_forward_over_the_newest_w_max_tokens():
+    """The truncation figure is what a vanilla model with a w_max-token context scores: exactly the
+    newest 64 history tokens (not whole blocks: 200 - 32 = 168 is off the 32-token grid)."""
+    model, gistnet, lensnet, cfg = tiny(w_max=64)
+    s = torch.randint(0, V, (200,))
+    rec, = measure_sequences(model, gistnet, lensnet, cfg, [s], refocus_iters=0, audit_edits=0)
+    with torch.no_grad():
+        logits = model(s[None, -96:-1])[0, -32:]  # 64 history tokens, then the 32-token horizon
+    assert rec["nll_trunc"] == pytest.approx(F.cross_entropy(logits, s[-32:]).item(), abs=1e-5)
+
+
 def test_gap_closed_formula():
     assert gap_closed(3.0, 2.0, 2.5) == pytest.approx(0.5)
     assert gap_closed(3.0, 2.0, 3.0) == 0.0 and gap_closed(3.0, 2.0, 2.0) == 1.0

@@ -56,6 +56,17 @@ def test_retrieval_accuracy_on_known_answers():
         assert [r["nll"] for r in records[method]] == pytest.approx([r["nll"] for r in records["full"]], abs=1e-5)
 
 
+def test_truncation_reads_exactly_the_newest_w_max_tokens():
+    """The truncation baseline is a vanilla model with a w_max-token context: its answer NLL is a plain
+    forward over the newest 128 history tokens (600 - 128 = 472 is off the 32-token block grid)."""
+    model, gistnet, lensnet, cfg = tiny(w_max=128)
+    history, answer = torch.randint(0, V, (600,)), torch.randint(0, V, (3,))
+    records, _ = measure_retrieval(model, gistnet, lensnet, cfg, [history], [answer], refocus_iters=0)
+    with torch.no_grad():
+        logits = model(torch.cat([history[-128:], answer])[None, :-1])[0, -3:]  # (3, V): the slots that predict the answer
+    assert records["truncation"][0]["nll"] == pytest.approx(F.cross_entropy(logits, answer).item(), abs=1e-5)
+
+
 def test_the_fact_raw_probe_says_whether_the_mc_wc_holds_the_fact_block_raw():
     """fact_raw: the answer's value (its tokens but the last) stated in a block the recency-filled WC keeps
     raw (the newest) -> True, in an old block it holds as a gist -> False, nowhere -> None (not counted)."""

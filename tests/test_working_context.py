@@ -150,6 +150,20 @@ def test_property_all_lod0_assembly_equals_the_token_embeddings(n, w_max):
     assert torch.equal(slots["positions"], torch.arange(len(ids), dtype=torch.float64))
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3000), w_max=st.integers(1, 4000))
+def test_property_the_truncated_baseline_is_exactly_the_newest_w_max_tokens(n, w_max):
+    """Unlike `recent` (whole blocks: 97-128 of 128 tokens), the evaluations' baseline reads exactly
+    the newest w_max tokens, its oldest entry cut off the block grid where needed."""
+    src = ArraySource(n)
+    wc = WorkingContext.truncated(src, w_max)
+    assert wc.cost == min(n, w_max) and wc.start == max(0, n - w_max) and wc.end == n
+    assert all(e.start % K == 0 and e.end - e.start <= K for e in wc.entries[1:])
+    slots = wc.assemble(src, embed_tokens)
+    assert torch.equal(slots["token_ids"], src.ids[-w_max:])
+    assert torch.equal(slots["positions"], torch.arange(min(n, w_max), dtype=torch.float64))
+
+
 def test_assembly_of_a_mixed_wc():
     src = ArraySource(3000)
     wc = WorkingContext.coarsest(src, recent_tokens=40)  # LOD1 ... then the newest blocks raw

@@ -5,7 +5,7 @@ failure mode 10: an MC run is validated on the MC path, not only by the vanilla 
 One sequence S of N tokens splits into the history S[:-H] and the horizon S[-H:]. Every working
 context (WC) below covers (part of) the history and is scored by the mean NLL of the horizon's H
 true tokens (horizon.horizon_nll), with no grad:
-  nll_trunc    WorkingContext.recent(source, w_max): the newest w_max tokens raw, a truncated window
+  nll_trunc    WorkingContext.truncated(source, w_max): the newest w_max tokens raw, a truncated window
   nll_full     the whole history raw, no budget: the ceiling. It equals the vanilla forward's NLL on
                S's last H tokens (to float rounding, below positions.SPLIT = 4096 tokens; a history longer
                than the model's sequence_len runs through its sliding windows at positions it was
@@ -201,7 +201,7 @@ def measure_sequences(model, gistnet, lensnet, mc_config, sequences, horizon=Non
 
     jobs = []  # (sequence index, key, WC)
     for b, src in enumerate(sources):
-        jobs.append((b, "nll_trunc", WorkingContext.recent(src, cfg.w_max)))
+        jobs.append((b, "nll_trunc", WorkingContext.truncated(src, cfg.w_max)))
         for L in range(1, cfg.max_level + 1):
             wc = WorkingContext.coarsest(src, cfg.recent_tokens, max_level=L)
             if any(e.level == L for e in wc.entries):

@@ -10,7 +10,7 @@ document is retrieved when greedy argmax predicts every answer token; its nll is
                WC fits w_max (gistnet.AnyLevel serves the levels past the trained depth, see
                fitted_source), WorkingContext.recency_filled, then LensNet + FocusAllocator refocus
                it, as measure_sequences does
-  truncation   the newest w_max tokens raw (WorkingContext.recent)
+  truncation   the newest w_max tokens raw (WorkingContext.truncated)
   full         the whole history raw, the long layers' attention windows widened to cover it
                (evaluation.full_windows: the model's own windows, sequence_len, would make it a
                sliding window that cannot copy a fact more than one window back), only when history +
@@ -87,7 +87,7 @@ def measure_retrieval(model, gistnet, lensnet, mc_config, histories, answers, re
     start = start_working_contexts(cfg, sources, [L for _, L in fitted])  # before any refocus (WCs are values: still as built)
     jobs = []  # (sequence index, method, WC)
     for b, src in enumerate(sources):
-        jobs += [(b, "megacontext", mc[b]), (b, "truncation", WorkingContext.recent(src, cfg.w_max))]
+        jobs += [(b, "megacontext", mc[b]), (b, "truncation", WorkingContext.truncated(src, cfg.w_max))]
     budgeted = answer_scores(model, [j[2] for j in jobs], [sources[j[0]] for j in jobs], [answers[j[0]] for j in jobs], max_slots)
     full = [(b, "full", WorkingContext.recent(src, src.num_tokens + K)) for b, src in enumerate(sources)
             if src.num_tokens + answers[b].numel() <= model.cos.size(1)]

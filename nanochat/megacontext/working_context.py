@@ -233,6 +233,19 @@ class WorkingContext:
         return cls(Entry(0, s, min(s + K, n)) for s in range(start, n, K))
 
     @classmethod
+    def truncated(cls, source, w_max):
+        """The vanilla baseline the evaluations compare against: exactly the newest min(w_max, n) tokens
+        raw, as a model with a w_max-token context reads them (`recent` keeps whole blocks: 97-128 of
+        128 tokens). Its oldest entry may start off the block grid (invariant 2), so it is a value to
+        assemble and score, not a WC to refocus."""
+        n = source.num_tokens
+        assert n > 0 and w_max > 0, "need tokens and a budget"
+        start = max(0, n - w_max)
+        grid = min(n, -(-start // K) * K)  # the first block boundary at or after start
+        head = [Entry(0, start, grid)] if grid > start else []
+        return cls(head + [Entry(0, s, min(s + K, n)) for s in range(grid, n, K)])
+
+    @classmethod
     def coarsest(cls, source, recent_tokens=0, max_level=None):
         """The cheapest WC over the whole history: the blocks holding the newest recent_tokens at
         LOD0, everything older as the coarsest complete gists (largest aligned level first)."""
