@@ -83,6 +83,8 @@ def main():
         p.error(f"histories must be >= {BLOCK_SIZE} tokens, budgets >= {2 * BLOCK_SIZE}, repeats >= 1")
     if args.dim < 2 or args.vocab_size < 2 or args.max_level < 1 or args.recent_tokens < 0 or args.chunk < 1:
         p.error("need --dim >= 2, --vocab-size >= 2, --max-level >= 1, --recent-tokens >= 0 and --chunk >= 1")
+    if args.gist_kind == "transformer" and args.dim % 4:
+        p.error(f"--gist-kind transformer runs 4 attention heads: --dim must be a multiple of 4, got {args.dim}")
     if args.dir and not os.path.isdir(args.dir):
         p.error(f"--dir {args.dir}: no such directory")
 

@@ -167,15 +167,15 @@ def claim_checkpoint_dir(checkpoint_dir, overwrite, rank=0, resumable=False):
     its log goes now, the steps once the new run has saved its own (retire_checkpoints), so a run stopped
     before its first save leaves the old model in place (it may be the very one this run started from)."""
     steps = checkpoint_steps(checkpoint_dir)
-    if not steps:
-        return []
-    if not overwrite:
+    if steps and not overwrite:
         resume = ", --resume-from-step <step> continues that run" if resumable else ""
         raise UserError(f"{checkpoint_dir} already holds a run's checkpoints (steps {', '.join(map(str, steps))}): "
                         f"--overwrite replaces them{resume}, or train under another --model-tag")
     log = os.path.join(checkpoint_dir, RUN_LOG)
     if rank == 0 and os.path.exists(log):
-        os.remove(log)
+        os.remove(log)  # the replaced run's, or that of a run stopped before its first save (nothing to resume)
+    if not steps:
+        return []
     print0(f"--overwrite: this run replaces the checkpoints in {checkpoint_dir} (steps {', '.join(map(str, steps))}; "
            "they are removed once it has saved its own)")
     return steps

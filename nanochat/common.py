@@ -181,9 +181,14 @@ def atomic_write_json(obj, path):
 
 def get_dist_info():
     """(is_ddp, rank, local_rank, world_size) from the torchrun environment."""
-    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    return False, 0, 0, 1
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    if not all(k in os.environ for k in names):
+        return False, 0, 0, 1
+    bad = [k for k in names if not os.environ[k].strip().isdigit()]
+    if bad:
+        raise UserError(f"{bad[0]}={os.environ[bad[0]]!r}: torchrun's RANK, LOCAL_RANK and WORLD_SIZE must be integers >= 0 "
+                        "(or all unset for one process)")
+    return True, *(int(os.environ[k]) for k in names)
 
 
 def print0(*args, **kwargs):

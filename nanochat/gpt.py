@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import compute_dtype
+from nanochat.common import UserError, compute_dtype
 
 
 @dataclass
@@ -306,6 +306,10 @@ class GPT(nn.Module):
         Every group's lr (and its "initial_lr", what schedules scale) is multiplied by lr_multiplier
         (fine-tuning starts from a fraction of the pretraining rates)."""
         from nanochat.optim import Muon
+        if self.transformer.wte.weight.dtype == torch.float16:
+            raise UserError("NANOCHAT_DTYPE=float16 serves inference only: fp16 embeddings train to NaN within a step "
+                            "(AdamW's eps 1e-10 and small squared gradients underflow in fp16, and there is no loss "
+                            "scaling); train with bfloat16 or float32")
         scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
             dict(params=[self.lm_head.weight], lr=unembedding_lr * scale, betas=(0.8, 0.96), weight_decay=0.01),

@@ -8,7 +8,7 @@ orthogonalization runs as one batched matmul chain):
                            fp32 on CPUs: common.orthogonalize_dtype)
   3. Factored 2nd moment:  v = lerp(v, mean(u^2) along one dim, 1 - beta2); u = u / sqrt(v),
                            then rescaled so ||u||_F is what it was before (NorMuon-style)
-  4. Cautious decay, step: p -= lr * wd * p * [u * p > 0];  p -= lr * u
+  4. Cautious decay, step: p -= lr * wd * p * [u * p >= 0];  p -= lr * u
 with lr = group lr * sqrt(max(1, rows / cols)).
 
 group["momentum"], group["lr"] and group["weight_decay"] are read fresh every step, so the
@@ -63,6 +63,12 @@ def polar_express(G, steps=5, dtype=torch.bfloat16):
         A = X @ X.mT  # (..., k, k), k = min(m, n)
         X = a * X + (b * A + c * (A @ A)) @ X  # a X + b (X X^T) X + c (X X^T)^2 X
     return X.mT if tall else X
+
+
+def second_moment_shape(p):
+    """Muon's factored second moment of a (rows, cols) matrix: one value per row of the longer side."""
+    rows, cols = p.shape
+    return (rows, 1) if rows >= cols else (1, cols)
 
 
 class Muon(torch.optim.Optimizer):
@@ -123,8 +129,7 @@ class Muon(torch.optim.Optimizer):
             state = self.state[p]
             if not state:  # lazy init; load_state_dict fills these in on resume
                 state["momentum_buffer"] = torch.zeros_like(p)
-                stat_shape = (rows, 1) if rows >= cols else (1, cols)
-                state["second_momentum_buffer"] = torch.zeros(stat_shape, dtype=p.dtype, device=p.device)
+                state["second_momentum_buffer"] = torch.zeros(second_moment_shape(p), dtype=p.dtype, device=p.device)
         states = [self.state[p] for p in params]
         g = torch.stack([p.grad for p in params]).to(params[0].dtype)            # (K, rows, cols)
         buf = torch.stack([s["momentum_buffer"] for s in states])                # (K, rows, cols)
@@ -158,8 +163,9 @@ class Muon(torch.optim.Optimizer):
             state["second_momentum_buffer"].copy_(v[i])
             upd = u[i].to(p.dtype)
             if wd != 0:
-                # decay only where the step -lr*upd already pulls p toward zero (same sign)
-                p.sub_(lr * wd * p * (upd * p > 0))
+                # decay only where the step -lr*upd does not push p away from zero (same sign, or no
+                # step at all: upstream's mask is upd * p >= 0, so a zero update still decays)
+                p.sub_(lr * wd * p * (upd * p >= 0))
             p.sub_(lr * upd)
 
 
@@ -184,5 +190,11 @@ def load_optimizer_state(optimizer, state, where):
                     raise ValueError(f"its {name} holds NaN or inf")
                 if name in LIKE_PARAM and isinstance(value, torch.Tensor) and value.shape != p.shape:
                     raise ValueError(f"its {name} has shape {tuple(value.shape)} for a parameter of {tuple(p.shape)}")
+            if isinstance(optimizer, Muon) and values:  # both buffers, the second moment factored (a full one would run, silently another algorithm)
+                for name, shape in (("momentum_buffer", p.shape), ("second_momentum_buffer", second_moment_shape(p))):
+                    if name not in values:
+                        raise ValueError(f"its Muon state lacks {name}")
+                    if tuple(values[name].shape) != tuple(shape):
+                        raise ValueError(f"its {name} has shape {tuple(values[name].shape)}, not {tuple(shape)}")
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
         raise UserError(f"cannot resume the optimizer from {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None

@@ -149,7 +149,7 @@ def header_markdown():
 
 def read_jsonl(path):
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # torn bytes too: that line then fails to parse
         for line in f:
             try:
                 record = json.loads(line)
@@ -327,9 +327,9 @@ class Report:
         """[(title, markdown)]: the pipeline's sections in order, then the others by title."""
         found = []
         for path in glob.glob(os.path.join(self.report_dir, "*.md")):
-            if os.path.basename(path)[:-3] in RESERVED:
+            if os.path.basename(path)[:-3] in RESERVED or not os.path.isfile(path):
                 continue
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8", errors="replace") as f:  # a stray byte shows as U+FFFD, not a traceback
                 markdown = f.read()
             first = markdown.split("\n", 1)[0]
             title = first[3:].strip() if first.startswith("## ") else os.path.basename(path)[:-3]
@@ -348,7 +348,7 @@ class Report:
                             "under base_checkpoints/ or chatsft_checkpoints/ (run a pipeline stage first)")
         header_path = os.path.join(self.report_dir, "header.md")
         if os.path.exists(header_path):
-            with open(header_path, encoding="utf-8") as f:
+            with open(header_path, encoding="utf-8", errors="replace") as f:
                 header = f.read()
         else:  # no reset was run: describe this machine, now
             header = header_markdown()
@@ -388,8 +388,14 @@ def main():
     p.add_argument("command", choices=["generate", "reset"])
     p.add_argument("-o", "--output", type=str, default="report.md", help="generate: where to write the copy of report.md")
     args = p.parse_args()
-    if args.command == "generate" and os.path.isdir(args.output):
-        p.error(f"-o {args.output} is a directory: give the report's file name (e.g. {os.path.join(args.output, 'report.md')})")
+    if args.command == "generate":
+        if os.path.isdir(args.output):
+            p.error(f"-o {args.output} is a directory: give the report's file name (e.g. {os.path.join(args.output, 'report.md')})")
+        near = os.path.dirname(os.path.abspath(args.output))
+        while not os.path.exists(near):  # the folders generate would create: the nearest one that exists must take them
+            near = os.path.dirname(near)
+        if not os.path.isdir(near) or not os.access(near, os.W_OK):
+            p.error(f"-o {args.output}: {near} is {'not a directory' if not os.path.isdir(near) else 'not writable'}")
     report = get_report()
     if args.command == "reset":
         report.reset()

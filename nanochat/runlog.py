@@ -6,11 +6,23 @@ GPU's listed bf16 peak, or a CPU's own fp32 matmul rate measured in the run.
 
 import os
 import json
+import math
 import time
 
 import torch
 
 from nanochat.common import atomic_path
+
+
+def strict_json(v):
+    """NaN and +-inf -> None, in lists and dicts too: a diverging run's record stays JSON every reader parses."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json(x) for x in v]
+    return v
 
 
 class RunLog:
@@ -24,12 +36,23 @@ class RunLog:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if resume_step is not None and os.path.exists(path):
             self._truncate(resume_step)
+        elif os.path.exists(path):
+            self._end_line()
         if run != "dummy":
             import wandb
             self.wandb = wandb.init(project=project, name=run, config=user_config)
 
+    def _end_line(self):
+        """A log a crash cut mid-line: end that line, so the next record starts on its own (readers skip
+        the torn one) instead of being glued to it and lost too."""
+        with open(self.path, "rb+") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+
     def _truncate(self, step):
-        with open(self.path, encoding="utf-8") as f:
+        with open(self.path, encoding="utf-8", errors="replace") as f:  # torn bytes: that line fails to parse below
             lines = f.read().splitlines()
         kept = []
         for line in lines:
@@ -47,10 +70,10 @@ class RunLog:
     def write(self, **metrics):
         if not self.enabled:
             return
-        metrics = {k: None if isinstance(v, float) and v != v else v for k, v in metrics.items()}  # NaN -> null (strict JSON)
+        metrics = {k: strict_json(v) for k, v in metrics.items()}
         record = {"time": time.time(), **metrics}
         with open(self.path, "a", encoding="utf-8") as f:  # one short line per append: a crash loses at most that line
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}, step=metrics.get("step"))
 

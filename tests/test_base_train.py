@@ -125,7 +125,7 @@ def test_a_used_model_tag_is_refused_or_replaced_and_a_resumed_run_keeps_one_log
     common = TINY + ["--model-tag", "reuse", "--eval-every", "2"]
     ckpt = base_dir / "base_checkpoints" / "reuse"
 
-    def log():
+    def log(ckpt=ckpt):
         rows = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
         return [r["step"] for r in rows if r["kind"] == "train"], [r["step"] for r in rows if r["kind"] == "eval"]
 
@@ -157,6 +157,16 @@ def test_a_used_model_tag_is_refused_or_replaced_and_a_resumed_run_keeps_one_log
     assert log() == ([1, 2], [0, 2])
     from nanochat.tokenizer import get_tokenizer  # the meta names the tokenizer its ids mean (load_model checks it)
     assert json.loads((ckpt / "meta_000002.json").read_text())["tokenizer_fingerprint"] == get_tokenizer().fingerprint()
+    # a run stopped before its first save leaves a log and no step: the next fresh run's log was appended to it
+    base_train.save_checkpoint = killed
+    try:
+        with pytest.raises(Killed):
+            base_train.main(TINY + ["--model-tag", "unsaved", "--eval-every", "2", "--num-iterations", "2"])
+    finally:
+        base_train.save_checkpoint = real_save
+    assert log(ckpt.parent / "unsaved") == ([1, 2], [0, 2])
+    base_train.main(TINY + ["--model-tag", "unsaved", "--eval-every", "2", "--num-iterations", "2"])
+    assert log(ckpt.parent / "unsaved") == ([1, 2], [0, 2])
 
 
 def test_resume_continues_exactly(base_dir):

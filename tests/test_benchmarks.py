@@ -90,6 +90,7 @@ def test_bad_flags_are_one_line_errors_before_anything_is_timed():
              ("train_throughput", "--vocab-size", "0"), ("train_throughput", "--compile", "5"),
              ("mc_train_throughput", "--config", "configs/cpu_tiny_mc.toml", "--steps", "0"),
              ("mc_core", "--histories", "abc"), ("mc_core", "--dim", "0"), ("mc_core", "--chunk", "0"),
+             ("mc_core", "--histories", "3000", "--w-max", "256", "--dim", "18", "--gist-kind", "transformer"),
              ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--warmup", "-5"),
              ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--workdir", "/no/such/dir")]
     for module, *args in cases:

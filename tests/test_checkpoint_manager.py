@@ -119,12 +119,12 @@ def test_incomplete_newest_step_is_skipped(base_dir):
     (lambda m: m["model_config"].update(vocab_size=10 ** 7), r"does not match its model_config: lm_head.weight is \(512, 64\) in the weights, \(10000000, 64\)"),
 ])
 def test_a_damaged_meta_is_one_line_naming_the_file_and_field(base_dir, edit, message):
-    _, ckpt = save_tiny(base_dir, "meta")
+    _, ckpt = save_tiny(base_dir, "damaged_meta")
     meta = json.loads((ckpt / "meta_000005.json").read_text())
     edit(meta)
     (ckpt / "meta_000005.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=message) as e:
-        load_model("base", "cpu", phase="eval", model_tag="meta")
+        load_model("base", "cpu", phase="eval", model_tag="damaged_meta")
     assert "\n" not in str(e.value) and ("meta_000005.json" in str(e.value) or "does not match" in str(e.value))
 
 

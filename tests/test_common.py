@@ -5,7 +5,7 @@ import contextlib
 import pytest
 
 from nanochat.common import (atomic_path, atomic_write_json, check_digest, cli_main, commit_with_digest, UserError, compute_cleanup,
-                             compute_dtype, orthogonalize_dtype)
+                             compute_dtype, get_dist_info, orthogonalize_dtype)
 
 
 def test_atomic_path_replaces_on_success_and_keeps_old_on_failure(tmp_path):
@@ -149,3 +149,16 @@ def test_an_unusable_base_dir_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "afile" / "base"))
     with pytest.raises(UserError, match=r"cannot use .*afile/base as the base directory \(NANOCHAT_BASE_DIR\): Not a directory$"):
         get_base_dir()
+
+
+def test_malformed_torchrun_variables_are_one_line_errors(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert get_dist_info() == (True, 1, 0, 2)
+    for value in ("0x", "", "-1"):
+        monkeypatch.setenv("RANK", value)
+        with pytest.raises(UserError, match=f"RANK={value!r}: torchrun's RANK, LOCAL_RANK and WORLD_SIZE must be integers"):
+            get_dist_info()
+    monkeypatch.delenv("WORLD_SIZE")
+    assert get_dist_info() == (False, 0, 0, 1)

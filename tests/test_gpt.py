@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.megacontext.positions import slot_rotary
+from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig, attend, window_sizes, has_value_embedding
 from conftest import jitter, run_fresh_python
 
@@ -233,6 +234,18 @@ def test_optimizers_cover_every_parameter_once_and_train():
         adamw.step(); muon.step()
         model.zero_grad(set_to_none=True)
     assert loss.item() < first - 1.0  # memorizes a fixed batch
+
+
+def test_fp16_embeddings_serve_inference_and_refuse_to_train(monkeypatch):
+    """NANOCHAT_DTYPE=float16: the model runs (finite logits), but an optimizer over fp16 embeddings
+    would turn them to NaN in one AdamW step (eps 1e-10 rounds to 0 in fp16), so it is refused."""
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
+    model = make_model()
+    assert model.transformer.wte.weight.dtype == torch.float16
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 300, (1, 16)))).all()
+    with pytest.raises(UserError, match="float16 serves inference only"):
+        model.setup_optimizers()
 
 
 def test_generate_greedy_is_deterministic_and_matches_argmax():

@@ -1,10 +1,12 @@
 import io
+import copy
 import math
 
 import pytest
 import torch
 
-from nanochat.optim import Muon, polar_express
+from nanochat.common import UserError
+from nanochat.optim import Muon, load_optimizer_state, polar_express
 from conftest import heavy_op_dtypes
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -105,17 +107,17 @@ def test_cautious_weight_decay_only_on_sign_matching_entries():
     with_wd, _ = one_step(P, G, lr=lr, momentum=0.0, weight_decay=wd)
     u = (P - no_wd) / lr
     assert (u.diagonal() * s > 0).all() and (u[:, 4:] == 0).all()
-    mask = torch.zeros(4, 8, dtype=torch.bool)
-    mask[[0, 2], [0, 2]] = True                                 # update and param both > 0
+    mask = u * P >= 0                                           # as upstream: a zero update decays too
+    assert mask[:, 4:].all() and not mask[1, 1] and not mask[3, 3]
     assert torch.equal(with_wd[~mask], no_wd[~mask])            # untouched bitwise
     torch.testing.assert_close(with_wd[mask], no_wd[mask] - lr * wd * P[mask])
 
-    # general case: random signs, the decayed set is exactly {u * p > 0}
+    # general case: random signs, the decayed set is exactly {u * p >= 0}
     g = torch.Generator().manual_seed(3)
     G, P = torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
     no_wd, _ = one_step(P, G, lr=lr, momentum=0.0)
     with_wd, _ = one_step(P, G, lr=lr, momentum=0.0, weight_decay=wd)
-    mask = (P - no_wd) * P > 0
+    mask = (P - no_wd) * P >= 0
     assert 0 < mask.sum() < mask.numel()
     assert torch.equal(with_wd[~mask], no_wd[~mask])
     torch.testing.assert_close(with_wd[mask], no_wd[mask] - lr * wd * P[mask])
@@ -282,13 +284,14 @@ def test_state_dict_round_trip_is_bitwise():
         assert torch.equal(a, b)
 
 
-def test_zero_gradient_is_a_no_op():
+def test_a_zero_gradient_only_decays():
     p = torch.nn.Parameter(torch.randn(8, 24))
     before = p.detach().clone()
     opt = Muon([p], lr=0.02, weight_decay=0.1)
     p.grad = torch.zeros_like(p)
     opt.step()
-    assert torch.equal(p, before)  # no NaN from 0/0 in the normalization, no decay without an update
+    # no NaN from 0/0 in the normalization; the weights decay alone (upstream's mask u * p >= 0 holds where u == 0)
+    torch.testing.assert_close(p.detach(), before - 0.02 * 0.1 * before, rtol=0, atol=1e-7)
     assert all(torch.isfinite(t).all() for t in opt.state[p].values())
 
 
@@ -337,3 +340,21 @@ def test_newton_schulz_sharded_over_two_gloo_ranks_equals_the_unsharded_step(tmp
     assert ranks[0]["owned"] == [0, 1, 2, 5, 7] and ranks[1]["owned"] == [3, 4, 6]  # each rank keeps its share's state
     with pytest.raises(ValueError, match="sharded over 2 ranks, this run has 1"):
         Muon([dict(params=many_params(), lr=0.02)]).load_state_dict(ranks[0]["optim"])
+
+
+def test_a_resumed_muon_state_must_hold_both_buffers_in_their_shapes():
+    """A Muon state without its second moment crashed at the first step (KeyError); one of shape (rows, cols)
+    ran on silently as a per-entry second moment, another algorithm. Both are refused at load, in one line."""
+    p = torch.nn.Parameter(torch.randn(8, 4))
+    opt = Muon([p], lr=0.01)
+    p.grad = torch.randn(8, 4)
+    opt.step()
+    good = copy.deepcopy(opt.state_dict())
+    assert good["state"][0]["second_momentum_buffer"].shape == (8, 1)
+    load_optimizer_state(Muon([p], lr=0.01), copy.deepcopy(good), "ok.pt")
+    for damage, message in ((lambda s: s.pop("second_momentum_buffer"), "lacks second_momentum_buffer"),
+                            (lambda s: s.update(second_momentum_buffer=torch.zeros(8, 4)), r"has shape \(8, 4\), not \(8, 1\)")):
+        bad = copy.deepcopy(good)
+        damage(bad["state"][0])
+        with pytest.raises(UserError, match="cannot resume the optimizer from bad.pt: ValueError: its .*" + message):
+            load_optimizer_state(Muon([p], lr=0.01), bad, "bad.pt")

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from nanochat.common import UserError
+from nanochat.common import UserError, get_base_dir
 from nanochat.report import get_report, SECTION_ORDER
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +178,32 @@ def test_cli(base):
     os.makedirs("outdir")  # a directory for -o was a traceback after report.md had been written
     r = subprocess.run([sys.executable, "-m", "nanochat.report", "generate", "-o", "outdir"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "-o outdir is a directory" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    open("afile", "w").close()  # -o under a file: a traceback after report.md had been rewritten
+    before = os.path.getmtime(os.path.join(get_report().report_dir, "report.md"))
+    r = subprocess.run([sys.executable, "-m", "nanochat.report", "generate", "-o", "afile/sub/report.md"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "is not a directory" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    assert os.path.getmtime(os.path.join(get_report().report_dir, "report.md")) == before
+
+
+def test_damaged_inputs_are_read_past_not_a_traceback(base):
+    """A stray byte in a section, the header or a training log, or a folder named like a section: the
+    report is still written (the byte shows as U+FFFD, the torn log line is skipped)."""
+    report = get_report()
+    report.reset()
+    report.log(section="Chat SFT", data=[{"val_bpb": 0.5}])
+    with open(os.path.join(report.report_dir, "chat-sft.md"), "ab") as f:
+        f.write(b"- note: \xff\n")
+    with open(os.path.join(report.report_dir, "header.md"), "ab") as f:
+        f.write(b"\xfe\n")
+    os.makedirs(os.path.join(report.report_dir, "notes.md"))
+    log = os.path.join(get_base_dir(), "base_checkpoints", "d1", "train_log.jsonl")
+    os.makedirs(os.path.dirname(log))
+    with open(log, "wb") as f:
+        f.write(b'{"step": 0, "kind": "train", "loss": 5.0, "tokens_seen": 0}\n{"step": 1, "kind": "tr\xff\x00')
+    report.generate()
+    text = open("report.md", encoding="utf-8").read()
+    assert "- note: \ufffd" in text and "| val bpb | - | 0.5000 | - |" in text and "## Loss curves" in text
 
 
 def test_an_sft_models_base_evaluation_has_its_own_section_and_column(base):

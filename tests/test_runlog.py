@@ -46,6 +46,30 @@ def test_a_resumed_log_keeps_what_led_up_to_its_step_and_nothing_after(tmp_path)
     assert len(path.read_text().splitlines()) == 7
 
 
+def test_a_record_after_a_torn_line_starts_its_own_line(tmp_path):
+    """A crash cut the last line mid-record: the next run's first record must not be glued to it."""
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 0, "kind": "train", "loss": 9.0}\n{"step": 1, "kind": "tr')
+    RunLog(str(path)).write(step=0, kind="train", loss=5.0)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["loss"] == 5.0
+    RunLog(str(path)).write(step=1, kind="train", loss=4.0)  # a log that ends its lines is left as it is
+    assert len(path.read_text().splitlines()) == 4
+    path.write_bytes(b'{"step": 0, "kind": "train", "loss": 9.0}\n{"step": 1, "kind": "tr\xff')
+    RunLog(str(path), resume_step=1)  # torn bytes do not block a resume
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0]
+
+
+def test_nan_and_inf_are_written_as_null_at_any_depth(tmp_path):
+    """A diverging run's loss is inf: the record must stay strict JSON (no Infinity / NaN tokens)."""
+    path = tmp_path / "log.jsonl"
+    RunLog(str(path)).write(step=3, kind="train", loss=float("inf"), smooth=-float("inf"), parts=[1.0, float("nan")],
+                            by_kind={"a": float("nan"), "b": 2.0})
+    reject = lambda name: (_ for _ in ()).throw(ValueError(name))
+    r = json.loads(path.read_text(), parse_constant=reject)
+    assert (r["loss"], r["smooth"], r["parts"], r["by_kind"]) == (None, None, [1.0, None], {"a": None, "b": 2.0})
+
+
 def test_peak_flops_unknown_off_gpu():
     assert peak_flops(torch.device("cpu")) is None
 
