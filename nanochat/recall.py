@@ -31,6 +31,7 @@ from nanochat.dataset import split_paths, row_group_offsets, locate_row_group, r
 from nanochat.longrange import SEP, random_word
 
 PASS_WORD_P = 0.25  # how often a fact's key is "pass", the word mc_eval --task passkey asks about
+MIN_FACT_TOKENS = 16  # a fact, its question and answer take more tokens than this under any tokenizer (~35 with 4k tokens)
 CACHE_TOKENS = 1 << 26  # filler kept tokenized, int32: 256 MiB (all of pystdlib's 72 row groups, ~64 of climbmix's)
 
 
@@ -53,7 +54,8 @@ def recall_row(rng, n, n_facts, encode, bos, filler, back=None):
     """One row -> (ids, answer): ids (n,) ints starting with bos, answer (n,) bools marking the answers'
     tokens. encode(text) -> ids; filler(count) -> `count` natural-text token ids. back = (lo, hi), one
     fact only: the fact starts d tokens before the answer, d uniform in [lo, hi] (clipped to the row)."""
-    while True:
+    n_facts = min(n_facts, max(1, (n - 1) // (2 * MIN_FACT_TOKENS)))  # no more than half a row can hold: a start
+    while True:                                                          # that fits (--recall-facts 100000 never ended)
         facts = recall_facts(rng, n_facts)
         fact_ids = [encode(SEP + fact + SEP) for fact, _, _ in facts]
         order = rng.sample(range(len(facts)), len(facts))
@@ -145,6 +147,8 @@ def recall_eval_docs(tokenizer, n, num_docs, split="val", seed=0, back=None, dat
     """num_docs (history ids, answer ids): recall rows of n tokens with one fact each (the training
     format, the split's filler; back as recall_row takes it), cut before their answer; the same
     documents for every call, on every rank and under any number of ranks."""
+    if num_docs < 1:
+        raise UserError(f"the recall probe needs at least one document, got --recall-eval-docs {num_docs}")
     loader = recall_loader(tokenizer, num_docs, n - 1, split, 1, seed=seed, back=back, data_dir=data_dir, shard=(0, 1))
     x, y, _ = next(loader)  # (num_docs, n - 1): inputs and masked targets
     docs = []

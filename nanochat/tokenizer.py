@@ -68,6 +68,18 @@ def _encoding_from_state(state):
     n_vocab = state.get("explicit_n_vocab")
     if n_vocab is not None and type(n_vocab) is not int:
         raise ValueError("explicit_n_vocab must be an int")
+    # the ids: every token 0..n-1 once (a duplicate rank panics inside tiktoken; a lost id loads and fails at the
+    # first decode of it), all 256 bytes among them, then the special tokens right after, as tok_train writes them
+    n = len(ranks)
+    lost = sorted(set(range(n)) - set(ranks.values()))  # n ids, none lost: each once
+    if lost:
+        raise ValueError(f"mergeable_ranks must hold each id 0..{n - 1} once (id {lost[0]} is missing)")
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"mergeable_ranks lacks the byte {bytes([missing[0]])!r} (a byte-level BPE needs all 256)")
+    if sorted(specials.values()) != list(range(n, n + len(specials))):
+        raise ValueError(f"special token ids must be {n}..{n + len(specials) - 1}, right after the {n} mergeable ranks, "
+                         f"got {sorted(specials.values())}")
     return tiktoken.Encoding(name=state["name"], pat_str=state["pat_str"], mergeable_ranks=ranks,
                              special_tokens=specials, explicit_n_vocab=n_vocab)
 

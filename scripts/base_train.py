@@ -15,6 +15,7 @@ import math
 import json
 import time
 import argparse
+import difflib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -122,8 +123,13 @@ def parse_args(argv=None):
                 preset = tomllib.load(f)
         except FileNotFoundError:
             raise UserError(f"config file not found: {pre.config}") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"bad TOML in {pre.config}: {e}") from None
+        except OSError as e:
+            raise UserError(f"cannot read config {pre.config}: {e.strerror or e}") from None
+        twice = sorted({k.replace("-", "_") for k in preset if k.replace("-", "_") != k and k.replace("-", "_") in preset})
+        if twice:  # max-seq-len and max_seq_len: one would silently win
+            raise UserError(f"{pre.config}: {twice[0]} is given twice (once with dashes)")
         preset = {k.replace("-", "_"): v for k, v in preset.items()}
     if type(preset.get("megacontext", False)) is not bool:
         raise UserError(f"{pre.config}: megacontext must be true or false, got {preset['megacontext']!r}")
@@ -131,14 +137,24 @@ def parse_args(argv=None):
         from nanochat.megacontext.config import add_args
         add_args(parser)
     if preset:
-        known = {a.dest for a in parser._actions}
+        known = {a.dest for a in parser._actions} - {"help", "config"}  # a preset cannot include another or ask for help
         unknown = sorted(set(preset) - known)
         if unknown:
-            hint = " (mc_* keys need megacontext = true)" if any(k.startswith("mc_") for k in unknown) else ""
+            mc_off = not preset.get("megacontext") and any(k.startswith("mc_") for k in unknown)
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = " (mc_* keys need megacontext = true)" if mc_off else f" (did you mean {close[0]}?)" if close else ""
             raise UserError(f"{pre.config}: unknown key(s) {', '.join(unknown)}{hint}")
         check_preset(parser, preset, pre.config)
         parser.set_defaults(**preset)
     args = parser.parse_args(argv)
+    for a in parser._actions:  # the trunk's numbers, from flags or a preset (MegaContextConfig.validate checks the mc_* ones)
+        if a.type is float and not a.dest.startswith("mc_") and not math.isfinite(getattr(args, a.dest)):
+            raise UserError(f"--{a.dest.replace('_', '-')} must be a finite number, got {getattr(args, a.dest)}")
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "final_lr_frac"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if not 0 <= args.warmdown_ratio <= 1:
+        raise UserError(f"--warmdown-ratio must be in [0, 1], got {args.warmdown_ratio}")
     if args.megaprediction:
         if not args.megacontext:
             raise UserError("--megaprediction needs --megacontext (its readouts predict GistNet's gists)")
@@ -372,6 +388,8 @@ def train(argv=None):
     # data ---------------------------------------------------------------------------------
     T, B = args.max_seq_len, args.device_batch_size
     if args.recall_facts > 0:  # the recall testbed: dense recall rows, answer-only targets
+        if args.recall_window < 1:
+            raise UserError(f"--recall-window must be at least 1 token, got {args.recall_window}")
         train_loader = recall_loader(tokenizer, B, T, "train", args.recall_facts, device=device, resume_state_dict=loader_state,
                                      short_len=args.recall_short_len, short_batches=args.recall_short_steps * grad_accum_steps,
                                      seed=args.seed)

@@ -77,10 +77,14 @@ def main():
     if tokenizer.decode(tokenizer.encode(sample)) != sample:
         raise RuntimeError("tokenizer does not round-trip the sample text")
 
+    token_bytes = compute_token_bytes(tokenizer)  # (vocab,) int32
+    token_bytes_path = os.path.join(tokenizer_dir, "token_bytes.pt")
+    for old in (token_bytes_path, token_bytes_path + ".sha256"):  # the old tokenizer's: stopped between the two
+        if os.path.exists(old):                                   # saves below, no pair that disagrees is left
+            os.remove(old)
     path = tokenizer.save(tokenizer_dir)
     print(f"saved {path}", flush=True)
-    token_bytes = compute_token_bytes(tokenizer)  # (vocab,) int32
-    atomic_torch_save(token_bytes, os.path.join(tokenizer_dir, "token_bytes.pt"))
+    atomic_torch_save(token_bytes, token_bytes_path)
     nonzero = token_bytes[token_bytes > 0].float()
     print(f"saved {os.path.join(tokenizer_dir, 'token_bytes.pt')}: {len(SPECIAL_TOKENS)} special tokens, "
           f"token bytes min {int(nonzero.min())} max {int(nonzero.max())} mean {nonzero.mean():.2f}", flush=True)

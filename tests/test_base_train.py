@@ -63,6 +63,33 @@ def test_config_toml_sets_defaults_and_flags_override(tmp_path):
         base_train.parse_args(["--config", str(cfg)])
     with pytest.raises(UserError, match="not found"):
         base_train.parse_args(["--config", str(tmp_path / "missing.toml")])
+    # what a reviewer met: tracebacks, a hint to turn on what was on, keys that are not settings, one key twice
+    for text, message in [("megacontext = true\nmc_w_maxx = 128\n", r"unknown key\(s\) mc_w_maxx \(did you mean mc_w_max\?\)"),
+                          ("mc_w_max = 128\n", r"mc_w_max \(mc_\* keys need megacontext = true\)"),
+                          ('config = "/elsewhere.toml"\n', "unknown key"), ("help = true\n", "unknown key"),
+                          ("max-seq-len = 64\nmax_seq_len = 4096\n", "max_seq_len is given twice")]:
+        cfg.write_text(text)
+        with pytest.raises(UserError, match=message):
+            base_train.parse_args(["--config", str(cfg)])
+    cfg.write_bytes("depth = 3\n".encode("utf-16"))
+    with pytest.raises(UserError, match="bad TOML in"):
+        base_train.parse_args(["--config", str(cfg)])
+    with pytest.raises(UserError, match="cannot read config"):
+        base_train.parse_args(["--config", str(tmp_path)])
+
+
+def test_the_trunks_numbers_must_be_finite_and_in_range():
+    """--matrix-lr nan trained to loss nan and saved a checkpoint that could not be loaded (rc 0); --warmdown-ratio nan
+    and --target-flops inf were tracebacks; negative learning rates were taken."""
+    for flags, message in [(["--matrix-lr", "nan"], "--matrix-lr must be a finite number"),
+                           (["--target-flops", "inf"], "--target-flops must be a finite number"),
+                           (["--warmdown-ratio", "nan"], "--warmdown-ratio must be a finite number"),
+                           (["--embedding-lr", "-1"], "--embedding-lr must be 0 or more"),
+                           (["--final-lr-frac", "-5"], "--final-lr-frac must be 0 or more"),
+                           (["--warmdown-ratio", "1.5"], r"--warmdown-ratio must be in \[0, 1\]")]:
+        with pytest.raises(UserError, match=message):
+            base_train.parse_args(flags)
+    assert base_train.parse_args(["--matrix-lr", "0"]).matrix_lr == 0  # a frozen group is allowed
 
 
 def toml_value(v):
@@ -114,6 +141,8 @@ def test_impossible_sizes_are_user_errors(base_dir):
         base_train.main(TINY + ["--total-batch-size", "100", "--num-iterations", "1", "--model-tag", "bad"])
     with pytest.raises(UserError, match="impossible model size"):
         base_train.main(TINY + ["--depth", "0", "--num-iterations", "1", "--model-tag", "bad"])
+    with pytest.raises(UserError, match="--recall-window must be at least 1 token, got 0"):
+        base_train.main(TINY + ["--recall-facts", "2", "--recall-window", "0", "--num-iterations", "1", "--model-tag", "bad"])
     for n in ("0", "-3"):  # not "derived" (-1): these fell back to the data-ratio length (a 7-hour run)
         with pytest.raises(UserError, match="--num-iterations must be at least 1"):
             base_train.main(TINY + ["--num-iterations", n, "--model-tag", "bad"])

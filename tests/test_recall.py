@@ -44,6 +44,11 @@ def test_short_rows_carry_fewer_facts_and_a_row_too_short_for_one_is_a_user_erro
     assert len(ids) == 80 and 1 <= tok.decode(ids).count("Remember it") < 4
     with pytest.raises(UserError, match="cannot hold one fact"):
         recall_row(random.Random(0), 12, 4, tok.encode, tok.get_bos_token_id(), lambda n: filler_ids[:n])
+    # more facts than a row can hold starts from what fits: 100,000 never ended (there are ~4,900 key words)
+    ids, _ = recall_row(random.Random(0), 1025, 100000, tok.encode, tok.get_bos_token_id(), lambda n: (filler_ids * 20)[:n])
+    assert len(ids) == 1025 and 4 < tok.decode(ids).count("Remember it") <= 1024 // 32
+    with pytest.raises(UserError, match="at least one document, got --recall-eval-docs 0"):
+        recall_eval_docs(tok, 257, 0)
 
 
 def test_loader_targets_are_the_next_tokens_on_the_answers_and_ignored_elsewhere(base_dir):

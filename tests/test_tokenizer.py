@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import sys
 import pickle
 import copyreg
@@ -323,6 +324,33 @@ def test_encoding_without_specials_is_refused(tok, tmp_path):
         RustBPETokenizer.from_directory(str(tmp_path))
 
 
+def test_a_pickle_whose_ids_are_damaged_is_refused_in_one_line(tok, tmp_path, monkeypatch):
+    """Without a digest beside it (upstream's layout) a changed byte could leave two tokens on one id: tiktoken
+    then panicked (a Rust traceback), or the file loaded with an id lost and training died at its first save
+    (fingerprint: KeyError) after all its steps."""
+    import tiktoken
+    state = tok.enc.__getstate__()
+    ranks, specials = state["mergeable_ranks"], state["special_tokens"]
+    token = next(t for t, i in ranks.items() if len(t) > 1)
+    other = next(t for t, i in ranks.items() if len(t) > 1 and t != token)
+    n = len(ranks)
+    cases = [({**ranks, token: ranks[other]}, specials, f"id {ranks[token]} is missing"),      # two tokens, one id
+             ({t: i for t, i in ranks.items() if t != token} | {b"zz" * 9: ranks[token]}, specials, None),  # renamed: fine
+             ({t: (i if t != token else n + 100) for t, i in ranks.items()}, specials, f"id {ranks[token]} is missing"),
+             ({t: i for t, i in ranks.items() if t != b"q"} | {b"qq" * 9: ranks[b"q"]}, specials, "lacks the byte b'q'"),
+             (ranks, {**specials, "<|bos|>": 2 ** 31}, "special token ids must be")]
+    for new_ranks, new_specials, message in cases:
+        with monkeypatch.context() as m:
+            m.setattr(tiktoken.core.Encoding, "__getstate__", lambda self: {**state, "mergeable_ranks": new_ranks, "special_tokens": new_specials})
+            (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(tok.enc))
+        if message is None:
+            assert RustBPETokenizer.from_directory(str(tmp_path)).get_vocab_size() == tok.get_vocab_size()
+            continue
+        with pytest.raises(UserError, match="not a valid tokenizer pickle .*" + re.escape(message)) as e:
+            RustBPETokenizer.from_directory(str(tmp_path))
+        assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("cut", [0, 1, 50, -1])
 def test_truncated_pickle_is_refused(tok, tmp_path, cut):
     data = pickle.dumps(tok.enc)
@@ -348,7 +376,7 @@ def test_tok_train_rejects_small_vocab(tmp_path):
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1 and "--vocab-size" in result.stderr
 
 
-def test_tok_train_end_to_end(tmp_path):
+def test_tok_train_end_to_end(tmp_path, monkeypatch):
     pytest.importorskip("nanochat.dataset")
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     data_dir = tmp_path / "base_data_climbmix"
@@ -383,6 +411,19 @@ def test_tok_train_end_to_end(tmp_path):
     assert (tok_dir / "tokenizer.pkl").read_bytes() == before
     result = run_script("scripts.tok_train", again + ["--overwrite"], tmp_path)
     assert result.returncode == 0 and RustBPETokenizer.from_directory(str(tok_dir)).get_vocab_size() == 280
+    # stopped between its two saves (Ctrl-C): the old token_bytes.pt stayed beside the new tokenizer, its byte
+    # counts wrong for 139 of 512 ids in a reviewer's run, and every bpb figure after it silently wrong
+    from scripts import tok_train
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_DATASET", "climbmix")
+    monkeypatch.setattr(sys, "argv", ["tok_train"] + again[:1] + ["290"] + again[2:] + ["--overwrite"])
+    monkeypatch.setattr(tok_train, "atomic_torch_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tok_train.main()
+    assert RustBPETokenizer.from_directory(str(tok_dir)).get_vocab_size() == 290 and not (tok_dir / "token_bytes.pt").exists()
 
 
 def test_parse_assistant_inverts_the_rendering(tok):
