@@ -166,6 +166,8 @@ def sample_next(logits, generator, temperature=1.0, top_k=None):
         return logits.argmax(dim=-1)
     if temperature_problem(temperature):
         raise ValueError(temperature_problem(temperature))
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be at least 1 (or None: no cut), got {top_k}")
     if top_k is not None:
         vals, _ = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
         logits = logits.masked_fill(logits < vals[:, -1:], -float("inf"))

@@ -458,6 +458,9 @@ class GPT(nn.Module):
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Naive autoregressive sampling (full recompute per token), batch 1. Yields token ids."""
         assert isinstance(tokens, list)
+        if not tokens or temperature < 0 or (top_k is not None and top_k < 1):  # a negative temperature samples the least likely
+            raise ValueError(f"need a non-empty prompt, temperature >= 0 and top_k >= 1 or None (got {len(tokens)} tokens, "
+                             f"temperature {temperature}, top_k {top_k})")
         device = self.get_device()
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([tokens], dtype=torch.long, device=device)  # (1, T)

@@ -167,3 +167,5 @@ def test_a_temperature_that_would_overflow_the_logits_is_refused():
         assert temperature_problem(t) is not None
         with pytest.raises(ValueError, match="temperature must be 0"):
             sample_next(logits, gen, t)
+    with pytest.raises(ValueError, match="top_k must be at least 1"):  # was a raw torch.topk error
+        sample_next(logits, gen, 1.0, top_k=0)

@@ -258,6 +258,9 @@ def test_generate_greedy_is_deterministic_and_matches_argmax():
     assert [logits[0, len(prompt) - 1 + i].argmax().item() for i in range(5)] == out
     sampled = list(model.generate(prompt, 8, temperature=1.0, top_k=5, seed=3))
     assert sampled == list(model.generate(prompt, 8, temperature=1.0, top_k=5, seed=3))
+    for bad in (dict(tokens=prompt, temperature=-1.0), dict(tokens=prompt, top_k=0), dict(tokens=[])):  # -1 sampled the least likely
+        with pytest.raises(ValueError, match="need a non-empty prompt"):
+            next(model.generate(bad.pop("tokens"), 1, **bad))
 
 
 def test_sequence_longer_than_rotary_table_is_refused():
