@@ -248,15 +248,33 @@ def main(argv=None):
         compute_cleanup()
 
 
+def check_megacontext_run(mc, history):
+    """Settings under which a MegaContext run would train nothing of what it adds, refused in one line."""
+    from nanochat.megacontext import BLOCK_SIZE
+    from nanochat.megacontext.working_context import HistoryShape, WorkingContext
+    if history <= mc.w_max:
+        raise UserError(f"--megacontext: the history (max_seq_len + 1 - mc_horizon = {history} tokens) "
+                        f"must be longer than mc_w_max ({mc.w_max}), or there is nothing to compress")
+    coarsest = WorkingContext.coarsest(HistoryShape(history), mc.recent_tokens, mc.max_level).cost
+    if coarsest > mc.w_max:  # no reference WC fits once C2 reaches w_max: GistNet and LensNet would stop learning there
+        raise UserError(f"--megacontext: a {history}-token history costs {coarsest} slots at its coarsest (gists up to LOD{mc.max_level} "
+                        f"and {mc.recent_tokens} recent tokens), more than mc_w_max {mc.w_max}: raise mc_max_level or mc_w_max, "
+                        "or shorten max_seq_len")
+    if mc.num_variants < 3 and mc.lens_weight > 0:
+        raise UserError(f"mc_num_variants {mc.num_variants}: LensNet learns from a slate's edited variants (baseline, reference, "
+                        "then the edits), so it needs at least 3 (or mc_lens_weight 0)")
+    if mc.alpha_lod2 > 0 and mc.max_level >= 2 and mc.horizon < BLOCK_SIZE ** 2:
+        raise UserError(f"mc_alpha_lod2 {mc.alpha_lod2} trains nothing: a LOD2 gist spans {BLOCK_SIZE ** 2} tokens, more than "
+                        f"mc_horizon {mc.horizon} (set it to 0, or mc_horizon >= {BLOCK_SIZE ** 2})")
+
+
 def train(argv=None):
     args = parse_args(argv)
     mc = None
     if args.megacontext:  # the one switch: everything MegaContext below hangs off `mc`
         from nanochat.megacontext.config import from_args
         mc = from_args(args)
-        if args.max_seq_len + 1 - mc.horizon <= mc.w_max:
-            raise UserError(f"--megacontext: the history (max_seq_len + 1 - mc_horizon = {args.max_seq_len + 1 - mc.horizon} tokens) "
-                            f"must be longer than mc_w_max ({mc.w_max}), or there is nothing to compress")
+        check_megacontext_run(mc, args.max_seq_len + 1 - mc.horizon)
     if args.seed < 0:
         raise UserError(f"--seed must be 0 or more, got {args.seed}")
     if args.num_iterations == 0 or args.num_iterations < -1:

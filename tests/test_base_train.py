@@ -81,6 +81,22 @@ def test_config_toml_sets_defaults_and_flags_override(tmp_path):
         base_train.parse_args(["--config", str(tmp_path)])
 
 
+def test_megacontext_settings_that_would_train_nothing_are_refused():
+    """A reviewer's runs: a 4,065-token history whose coarsest WC costs 159 slots > w_max 128 trained GistNet and
+    LensNet until C2 reached w_max and then nothing (no reference fits: lens loss nan, zero gradients); 2 variants
+    left LensNet no pair (its loss the regularizer alone); alpha_lod2 with a 64-token horizon scored nothing."""
+    preset = ["--config", os.path.join(REPO, "configs", "cpu_tiny_mc.toml")]
+    for flags, message in [(["--max-seq-len", "4096"], "a 4065-token history costs 159 slots at its coarsest"),
+                           (["--mc-num-variants", "2"], "mc_num_variants 2: LensNet learns from"),
+                           (["--mc-max-level", "2", "--mc-alpha-lod2", "0.01"], "mc_alpha_lod2 0.01 trains nothing")]:
+        with pytest.raises(UserError, match=message):
+            base_train.main(preset + flags)
+    for name in ("cpu_tiny_mc", "cpu_recall_mc", "d12_mc", "d20_mc"):  # the shipped presets pass
+        args = base_train.parse_args(["--config", os.path.join(REPO, "configs", f"{name}.toml")])
+        from nanochat.megacontext.config import from_args
+        base_train.check_megacontext_run(from_args(args), args.max_seq_len + 1 - args.mc_horizon)
+
+
 def test_the_trunks_numbers_must_be_finite_and_in_range():
     """--matrix-lr nan trained to loss nan and saved a checkpoint that could not be loaded (rc 0); --warmdown-ratio nan
     and --target-flops inf were tracebacks; negative learning rates were taken."""

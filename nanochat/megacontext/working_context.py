@@ -85,6 +85,17 @@ class OneMemory:
         return (self,)
 
 
+class HistoryShape(OneMemory):
+    """A history of n tokens with every complete gist, its shape alone (no ids, no vectors): enough for
+    WorkingContext.coarsest, what the coarsest WC over any history of that length costs."""
+
+    def __init__(self, n_tokens):
+        self.num_tokens = n_tokens
+
+    def num_gists(self, level):
+        return self.num_tokens // K ** level
+
+
 class WorkingContextError(ValueError):
     """A WC that breaks one of the invariants above."""
 
