@@ -412,7 +412,9 @@ class GPT(nn.Module):
         x0 = x
         x_mid = None
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            # the fp32 lambdas as upstream, uncast: an eager bf16 product rounds them as a cast would, a compiled
+            # one may keep them in fp32 (1.15, not bf16's 1.1484375); in fp32 nothing changes
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = None
             if str(i) in self.value_embeds:
                 ve = self.value_embeds[str(i)](idx if token_mask is None else idx.clamp(min=0))
