@@ -200,14 +200,16 @@ def get_lr_multiplier(it, num_iterations, warmup_steps, warmdown_ratio, final_lr
 
 
 def get_muon_momentum(it, num_iterations, warmdown_ratio):
-    """0.85 -> 0.97 over the first 400 steps, then back toward 0.90 through the warmdown."""
-    frac = min(it / 400, 1.0)
-    momentum = (1 - frac) * 0.85 + frac * 0.97
+    """0.85 -> 0.97 over the first 400 steps, then 0.97, back toward 0.90 through a warmdown that starts
+    after those 400 steps; as upstream, the warmup wins: a run shorter than that (every CPU preset) warms up
+    through its warmdown and never turns back."""
+    if it < 400:
+        return 0.85 + (0.97 - 0.85) * it / 400
     warmdown_steps = round(warmdown_ratio * num_iterations)
-    if warmdown_steps > 0 and it > num_iterations - warmdown_steps:
+    if warmdown_steps > 0 and it >= num_iterations - warmdown_steps:
         progress = (it - (num_iterations - warmdown_steps)) / warmdown_steps
-        momentum = (1 - progress) * momentum + progress * 0.90
-    return momentum
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
 
 
 def get_muon_weight_decay(it, num_iterations, weight_decay):

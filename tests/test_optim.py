@@ -358,3 +358,16 @@ def test_a_resumed_muon_state_must_hold_both_buffers_in_their_shapes():
         damage(bad["state"][0])
         with pytest.raises(UserError, match="cannot resume the optimizer from bad.pt: ValueError: its .*" + message):
             load_optimizer_state(Muon([p], lr=0.01), bad, "bad.pt")
+
+
+def test_polar_express_is_upstreams_iteration():
+    """Upstream's table (a 2e-2 safety factor, cushion 2) and its normalization, ||X||_F * 1.02 + 1e-6 in the
+    iteration's dtype; ours was the paper's table shrunk by 1.01 per power, normalized by * 1.01 + 1e-7."""
+    from nanochat.optim import _PE_COEFFS
+    assert _PE_COEFFS[0] == (8.156554524902461, -22.48329292557795, 15.878769915207462)
+    assert _PE_COEFFS[4] == (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)
+    G = torch.randn(8, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    X = G / (G.norm() * 1.02 + 1e-6)
+    a, b, c = _PE_COEFFS[0]
+    A = X @ X.T
+    torch.testing.assert_close(polar_express(G, steps=1, dtype=torch.float64), a * X + (b * A + c * A @ A) @ X, rtol=1e-12, atol=1e-12)
