@@ -15,7 +15,7 @@ import argparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nanochat.common import UserError, cli_main, get_base_dir, atomic_torch_save
+from nanochat.common import DIGEST_SUFFIX, UserError, cli_main, get_base_dir, atomic_torch_save
 from nanochat.tokenizer import RustBPETokenizer, SPECIAL_TOKENS, compute_token_bytes
 from nanochat.checkpoint_manager import MAX_SIZES
 
@@ -79,7 +79,7 @@ def main():
 
     token_bytes = compute_token_bytes(tokenizer)  # (vocab,) int32
     token_bytes_path = os.path.join(tokenizer_dir, "token_bytes.pt")
-    for old in (token_bytes_path, token_bytes_path + ".sha256"):  # the old tokenizer's: stopped between the two
+    for old in (token_bytes_path, token_bytes_path + DIGEST_SUFFIX):  # the old tokenizer's: stopped between the two
         if os.path.exists(old):                                   # saves below, no pair that disagrees is left
             os.remove(old)
     path = tokenizer.save(tokenizer_dir)
