@@ -294,6 +294,23 @@ def test_cognitive_core_training_step_adds_the_reliance_margin_and_trains_lensne
     assert stats["nll_drop"] == stats["nll_drop"] and stats["variants"] >= 4
 
 
+def test_the_drop_variant_is_measured_without_autograd_so_it_does_not_train_the_model_to_do_without_the_ck():
+    """L_drop is the reliance margin's reference point (detached there); in the horizon loss it would
+    pull the model's loss without the CK down, against the margin."""
+    x, y = batch()
+    model, gistnet, lensnet, mc = make(cognitive_core=True, num_variants=4)
+    trainer = MegaContextTrainer(model, gistnet, lensnet, mc)
+    seen, score = [], trainer.score
+    def spy(variants, sources, horizons, assembled_refs, frozen):
+        seen.extend((v.kind, f) for v, f in zip(variants, frozen))
+        return score(variants, sources, horizons, assembled_refs, frozen)
+    trainer.score = spy
+    loss, stats = trainer.loss(torch.cat([x, y[:, -1:]], 1), 128, [random.Random(r) for r in range(len(x))])
+    drops = [f for kind, f in seen if kind == "drop"]
+    assert drops and all(drops) and not all(f for kind, f in seen if kind == "reference")
+    assert stats["nll_drop"] == stats["nll_drop"] and stats["frozen_slots"] > 0
+
+
 def grads_of_a_step(trainer, seed=0):
     x, y = batch(seed=seed)
     stats = trainer.backward(x, y, step=5, num_iterations=10)

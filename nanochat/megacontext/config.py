@@ -40,8 +40,8 @@ class MegaContextConfig:
     allocator: str = "greedy"        # greedy | stochastic
     temperature: float = 1.0         # stochastic: softmax temperature over |score|
     top_k: int = 4                   # stochastic: candidates of a kind it may draw from
-    tau_expand: float = 0.1
-    tau_collapse: float = 0.1
+    tau_expand: float = 0.1          # expand a gist scored above this; LensNet scores lie in (-1, 1), so >= 1: never expand
+    tau_collapse: float = 0.1        # collapse a group whose mean score is below -this (>= 1: never collapse)
     n_diff: int = 4                  # edits per refocus
     cooldown: int = 2                # refocus steps before a node may flip back
     # training (base_train --megacontext)

@@ -364,12 +364,13 @@ class MegaContextTrainer:
         controller_s = time.perf_counter() - t0
 
         # a lone baseline (C2 holds the whole history) trains; beside other variants it is a stat, measured
-        # without autograd where asked (step 3)
+        # without autograd where asked (step 3). The drop variant (--cognitive-core) is a measurement too:
+        # trained, it would teach the model to do without the CK, against the reliance margin below
         in_slate = len(variants)
         beside = lambda v: v.kind == "baseline" and refs[v.row] is not None
         if measured is not None:
             variants = [v for v in variants if not beside(v) or measured[v.row]]
-        frozen = [beside(v) for v in variants]
+        frozen = [beside(v) or v.kind == "drop" for v in variants]
         nll, logits = self.score(variants, sources, horizons, assembled_refs, frozen)  # (Rv, H), (Rt, H, V)
         if weights is None:
             item_nll = nll.mean(dim=1)  # (Rv,)
