@@ -168,9 +168,10 @@ def sample_next(logits, generator, temperature=1.0, top_k=None):
         raise ValueError(temperature_problem(temperature))
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1 (or None: no cut), got {top_k}")
-    if top_k is not None:
-        vals, _ = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        logits = logits.masked_fill(logits < vals[:, -1:], -float("inf"))
+    if top_k is not None:  # a draw among the k best ids only, as upstream's engine: the same seed, the same tokens
+        vals, ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)  # (B, k)
+        choice = torch.multinomial(F.softmax(vals / temperature, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+        return ids.gather(1, choice).squeeze(1)
     probs = F.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 

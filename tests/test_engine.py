@@ -169,3 +169,19 @@ def test_a_temperature_that_would_overflow_the_logits_is_refused():
             sample_next(logits, gen, t)
     with pytest.raises(ValueError, match="top_k must be at least 1"):  # was a raw torch.topk error
         sample_next(logits, gen, 1.0, top_k=0)
+
+
+def test_top_k_sampling_draws_among_the_k_best_ids_as_upstreams_engine_does():
+    """Upstream's engine draws from softmax(topk values / T) and maps the draw back to its id, so
+    one seed gives one token stream there and here; a draw over the whole masked vocabulary reads
+    the generator differently."""
+    from nanochat.engine import sample_next
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    for k, t in ((1, 1.0), (5, 0.7), (50, 1.3), (80, 1.0)):
+        got = [sample_next(logits, g, t, top_k=k) for g in [torch.Generator().manual_seed(7)] for _ in range(20)]
+        g = torch.Generator().manual_seed(7)
+        for ids in got:
+            vals, best = torch.topk(logits, min(k, 50), dim=-1)
+            draw = torch.multinomial(torch.softmax(vals / t, dim=-1), 1, generator=g)
+            assert ids.tolist() == best.gather(1, draw).squeeze(1).tolist()
+            assert all(i in row for i, row in zip(ids.tolist(), best.tolist()))
