@@ -12,7 +12,8 @@ Three task types:
   sequences. The option under which that suffix has the lowest mean loss wins.
 - language_modeling: {context, continuation}. Correct iff greedy decoding (argmax at every
   continuation position, teacher-forced) reproduces the continuation tokens exactly.
-  Scored span: from the end of the tokenized context to the end.
+  Scored span: from the end of the tokenized context, stripped of its trailing whitespace, to
+  the end (a delimiter space that stays a token of its own, before a digit, is scored).
 These spans are upstream nanochat's, so CORE numbers compare with its published ones.
 
 The eval bundle (upstream nanochat / DCLM layout) is a zip holding
@@ -87,8 +88,10 @@ def scored_spans(tokenizer, pairs, task_type):
       choice shares ("the" of "the sun" / "the moon") are context, not scored;
     - schema (one context per option, same continuation): the common suffix of all
       sequences, so only the shared continuation tokens are scored;
-    - language_modeling (one pair): from the end of the tokenized context (its common
-      prefix with the full sequence) to the end.
+    - language_modeling (one pair): from the end of the tokenized context, stripped as upstream
+      strips it, to the end: "Answer: 1812" scores " ", "1", "8", ... where the split pattern
+      keeps the space apart from the digits (the common prefix when the stripped context's
+      tokens are not a prefix of the whole; upstream asserts they are).
     Tokenizing the whole string matters: a delimiter space at the end of the context merges
     into the first continuation token (" Paris"), exactly as the model saw text in training.
     Returns a list of (ids, start): the scored tokens are ids[start:]."""
@@ -101,8 +104,8 @@ def scored_spans(tokenizer, pairs, task_type):
         suffix = common_suffix_len(fulls)
         starts = [len(ids) - suffix for ids in fulls]
     elif task_type == "language_modeling":
-        contexts = tokenizer.encode([c for c, _ in pairs], prepend=bos)
-        starts = [common_prefix_len([ctx_ids, ids]) for ctx_ids, ids in zip(contexts, fulls)]
+        contexts = tokenizer.encode([c.strip() for c, _ in pairs], prepend=bos)
+        starts = [len(ctx) if ids[:len(ctx)] == ctx else common_prefix_len([ctx, ids]) for ctx, ids in zip(contexts, fulls)]
     else:
         raise UserError(f"unknown ICL task type {task_type!r} (expected one of {', '.join(TASK_TYPES)})")
     # degenerate cases only (a single choice, identical sequences, a choice that is a prefix
@@ -137,8 +140,13 @@ def sample_fewshot(data, idx, num_fewshot):
 
 
 def model_max_seq_len(model):
-    config = getattr(model, "config", None)
-    return getattr(config, "sequence_len", None)
+    """The longest sequence the model can read, or None. Upstream crops only a model that declares
+    max_seq_len (its Hugging Face wrappers) and feeds its own GPT whole examples, past sequence_len;
+    ours reads up to its rotary table (10x sequence_len), so that is where it is cropped."""
+    limit = getattr(model, "max_seq_len", None)
+    if limit is None and isinstance(getattr(model, "cos", None), torch.Tensor):
+        limit = model.cos.size(1)
+    return limit
 
 
 @torch.no_grad()

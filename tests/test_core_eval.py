@@ -69,12 +69,13 @@ class WordTokenizer:
 
 class AnswerKeyModel(torch.nn.Module):
     """key: {prompt text: answer text}. After the latest occurrence of any prompt, while the
-    text so far is a prefix of its answer, the next answer character gets logit 20."""
+    text so far is a prefix of its answer, the next answer character gets logit 20. max_seq_len:
+    a hard limit it declares (as upstream's Hugging Face wrappers do), or None."""
 
-    def __init__(self, key, sequence_len=4096):
+    def __init__(self, key, max_seq_len=None):
         super().__init__()
         self.key = key
-        self.config = SimpleNamespace(sequence_len=sequence_len)
+        self.max_seq_len = max_seq_len
         self.max_T_seen = 0
 
     def forward(self, idx):
@@ -145,7 +146,9 @@ def answer_key(tasks, wrong=False, only=None):
                 pick = (ex["gold"] + 1) % len(ex["context_options"]) if bad else ex["gold"]
                 key[ex["context_options"][pick] + delim] = ex["continuation"]
             else:
-                key[ex["context"].strip() + delim] = ("X" + ex["continuation"][1:]) if bad else ex["continuation"]
+                # the span starts after the stripped prompt: the delimiter's trailing space is predicted too
+                answer = ("X" + ex["continuation"][1:]) if bad else ex["continuation"]
+                key[ex["context"].strip() + delim.rstrip()] = delim[len(delim.rstrip()):] + answer
     return key
 
 
@@ -349,22 +352,45 @@ def test_left_crop_keeps_the_continuation():
     context, continuation = "a long few-shot context " * 5 + "Q: x? A: ", "answer"
     (ids, start, end), = tokenize_sequences(tok, [(context, continuation)], "language_modeling", max_seq_len=12)
     assert len(ids) == 12 and end == 12
-    assert tok.decode(ids[start:end]) == "answer"
+    assert tok.decode(ids[start:end]) == " answer"  # the delimiter space is its own token here: scored, as upstream
     assert tok.decode(ids) == (context + continuation)[-12:]
     # a continuation longer than the window keeps its tail; position 0 is never scored
     (ids, start, end), = tokenize_sequences(tok, [("Q: ", "abcdefghij")], "language_modeling", max_seq_len=5)
     assert tok.decode(ids) == "fghij" and (start, end) == (1, 5)
     # no crop when it fits
     (ids, start, end), = tokenize_sequences(tok, [("Q: ", "ab")], "language_modeling", max_seq_len=12)
-    assert ids == [BOS] + tok.encode("Q: ab") and start == 4
+    assert ids == [BOS] + tok.encode("Q: ab") and start == 3
+
+
+def test_lm_span_scores_a_delimiter_space_that_stays_its_own_token():
+    """Upstream scores from the end of the stripped prompt: where the space before an answer is a
+    token of its own (before digits, here every word of the WordTokenizer after a newline) the
+    model must predict it; where it merges into the answer (" Paris") nothing changes."""
+    tok = WordTokenizer()
+    (ids, start, end), = tokenize_sequences(tok, [("Year?\nAnswer:\n", "1812")], "language_modeling")
+    assert ids[:start] == tok.encode("Year?\nAnswer:", prepend=0) and ids[start:end] == tok.encode("\n1812")
+    (ids, start, end), = tokenize_sequences(tok, [("Capital? A: ", "Paris")], "language_modeling")
+    assert ids[start:end] == [tok.vocab[" Paris"]]
 
 
 def test_cropped_example_still_scores_with_a_short_model(tasks):
     entry, _, data = tasks[0]  # 3-shot multiple choice: prompts are much longer than 60 chars
     meta = dict(task_type="multiple_choice", num_fewshot=3, continuation_delimiter=" ")
-    model = AnswerKeyModel(answer_key(tasks), sequence_len=60)
+    model = AnswerKeyModel(answer_key(tasks), max_seq_len=60)
     assert all(evaluate_example(i, model, CharTokenizer(), data, "cpu", meta) for i in range(len(data)))
     assert model.max_T_seen == 60
+
+
+def test_our_gpt_reads_whole_examples_past_its_sequence_len_as_upstreams_does(tasks):
+    """Upstream crops only models that declare max_seq_len; its GPT reads up to its rotary table
+    (10x sequence_len), so a few-shot prompt longer than sequence_len is scored whole, BOS first."""
+    _, _, data = tasks[0]
+    meta = dict(task_type="multiple_choice", num_fewshot=3, continuation_delimiter=" ")
+    model, seen = tiny_gpt(sequence_len=32), []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    evaluate_example(0, model, CharTokenizer(), data, "cpu", meta)
+    assert seen[0].size(1) > 32 and (seen[0][:, 0] == BOS).all()
+    assert core_eval.model_max_seq_len(model) == 320  # the rotary table: longer examples are cropped to it
 
 
 # -----------------------------------------------------------------------------
@@ -503,7 +529,7 @@ def test_ddp_ranks_split_examples_and_agree(tasks, tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_tiny_gpt_end_to_end(bundle_dir, device):
-    model = tiny_gpt(sequence_len=96).to(device)  # shorter than the few-shot prompts: cropping runs too
+    model = tiny_gpt(sequence_len=96).to(device)  # shorter than the few-shot prompts: read whole, past sequence_len
     out = evaluate_core(model, CharTokenizer(), device, bundle_dir, max_per_task=4)
     assert set(out["results"]) == {"mc_four", "mc_three", "schema_two", "schema_three", "lm_words", "lm_reverse"}
     assert all(0.0 <= a <= 1.0 for a in out["results"].values())
