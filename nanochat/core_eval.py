@@ -275,41 +275,58 @@ def get_eval_bundle(url=None, base_dir=None, retries=5, backoff=1.0):
 
 
 def load_bundle_tasks(bundle_dir):
-    """[(task_meta, random_baseline, data)] for every task listed in core.yaml."""
-    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
-        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    """[(task_meta, random_baseline, data)] for every task listed in core.yaml. A damaged bundle
+    (a file missing or unreadable, a line that is not JSON, a field missing) is refused in one
+    line that names the file."""
+    def damaged(name, e):
+        return UserError(f"eval bundle {bundle_dir}: {name}: {type(e).__name__}: {e} "
+                         f"(remove {bundle_dir} and its .zip to fetch it again)")
+
+    try:
+        with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
+            entries = yaml.safe_load(f)["icl_tasks"]
+        entries = [(e["label"], e["icl_task_type"], e["num_fewshot"], e.get("continuation_delimiter", " "), e["dataset_uri"])
+                   for e in entries]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise damaged("core.yaml", e) from None
+    try:
+        with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8", newline="") as f:
+            baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+        raise damaged("eval_meta_data.csv", e) from None
     tasks = []
-    for task in config["icl_tasks"]:
-        label = task["label"]
+    for label, task_type, num_fewshot, delimiter, uri in entries:
         if label not in baselines:
             raise UserError(f"task {label!r} has no row in eval_meta_data.csv")
-        num_fewshot = task["num_fewshot"]
+        if task_type not in TASK_TYPES:
+            raise UserError(f"task {label!r}: unknown icl_task_type {task_type!r}")
         task_meta = {
             "label": label,
-            "task_type": task["icl_task_type"],
+            "task_type": task_type,
             "num_fewshot": num_fewshot[0] if isinstance(num_fewshot, list) else num_fewshot,
-            "continuation_delimiter": task.get("continuation_delimiter", " "),
+            "continuation_delimiter": delimiter,
         }
-        if task_meta["task_type"] not in TASK_TYPES:
-            raise UserError(f"task {label!r}: unknown icl_task_type {task_meta['task_type']!r}")
-        with open(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), encoding="utf-8") as f:
-            data = [json.loads(line) for line in f if line.strip()]
+        try:
+            with open(os.path.join(bundle_dir, "eval_data", uri), encoding="utf-8") as f:
+                data = [json.loads(line) for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise damaged(f"eval_data/{uri}", e) from None
         tasks.append((task_meta, baselines[label], data))
     return tasks
 
 
-def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=-1):
-    """Run every task of the bundle (default: get_eval_bundle()). Returns {"results":
-    {label: accuracy}, "centered_results": {label: centered}, "core_metric": mean centered}."""
-    bundle_dir = bundle_dir or get_eval_bundle()
+def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task=-1, tasks=None):
+    """Run every task of the bundle (default: get_eval_bundle()), or the tasks load_bundle_tasks
+    read from it. Returns {"results": {label: accuracy}, "centered_results": {label: centered},
+    "core_metric": mean centered}."""
+    tasks = load_bundle_tasks(bundle_dir or get_eval_bundle()) if tasks is None else tasks
     results, centered_results = {}, {}
-    for task_meta, random_baseline, data in load_bundle_tasks(bundle_dir):
+    for task_meta, random_baseline, data in tasks:
         if not data:
             raise UserError(f"task {task_meta['label']!r} has no examples")
         t0 = time.time()
-        random.Random(1337).shuffle(data)  # fixed order so --max-per-task takes a fixed subset
+        data = list(data)
+        random.Random(1337).shuffle(data)  # fixed order so --max-per-task takes a fixed subset (the same one every call)
         if max_per_task > 0:
             data = data[:max_per_task]
         accuracy = evaluate_task(model, tokenizer, data, device, task_meta)

@@ -421,9 +421,9 @@ def train(argv=None):
     x, y, next_loader_state = next(train_loader)  # always one batch ahead, so packing overlaps GPU work
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
 
-    if args.core_metric_every > 0:  # fetch the CORE bundle now, not hours into the run
-        from nanochat.core_eval import get_eval_bundle, evaluate_core
-        core_bundle = get_eval_bundle()
+    if args.core_metric_every > 0:  # fetch and read the CORE bundle now, not hours into the run
+        from nanochat.core_eval import get_eval_bundle, load_bundle_tasks, evaluate_core
+        core_tasks = load_bundle_tasks(get_eval_bundle())
 
     log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=master,
                  resume_step=start_step if args.resume_from_step >= 0 else None)
@@ -467,9 +467,11 @@ def train(argv=None):
             log.write(step=step, kind="eval", val_bpb=val_bpb, **recall, tokens_seen=step * total_batch_size, flops_seen=loop_state["flops_seen"],
                       wall_s=loop_state["total_training_time"], **mc_val)
             model.train()
+        if step > start_step and last_step:  # saved before CORE and the samples: nothing after the last step can lose the run
+            checkpoint(step, val_bpb)
         if args.core_metric_every > 0 and step > start_step and (step % args.core_metric_every == 0 or last_step):
             model.eval()
-            core = evaluate_core(orig_model, tokenizer, device, bundle_dir=core_bundle, max_per_task=args.core_metric_max_per_task)
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, tasks=core_tasks)
             print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
             log.write(step=step, kind="core", core_metric=core["core_metric"], **{f"core/{k}": v for k, v in core["centered_results"].items()})
             model.train()
@@ -478,7 +480,7 @@ def train(argv=None):
             orig_model.eval()
             print_samples(orig_model, tokenizer, SAMPLE_PROMPTS)
             orig_model.train()
-        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        if step > start_step and not last_step and args.save_every > 0 and step % args.save_every == 0:
             checkpoint(step, val_bpb)
         if last_step:
             break

@@ -352,6 +352,12 @@ def test_core_metric_during_training(base_dir):
     assert len(core) == 1 and core[0]["step"] == 2
     assert -2.0 < core[0]["core_metric"] < 1.0
     assert len([k for k in core[0] if k.startswith("core/")]) == 6
+    # a damaged bundle is refused before step 0, not after the last step (where it cost the whole run)
+    os.remove(base_dir / "eval_bundle" / "eval_data" / "lm" / "words.jsonl")
+    with pytest.raises(UserError, match="eval_data/lm/words.jsonl: FileNotFoundError"):
+        base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1", "--core-metric-every", "2",
+                                "--model-tag", "core_damaged"])
+    assert not (base_dir / "base_checkpoints" / "core_damaged" / "train_log.jsonl").exists()
 
 
 def test_resume_errors_are_user_errors(base_dir):

@@ -274,6 +274,39 @@ def test_corrupt_zip_is_a_user_error(tasks, tmp_path):
 # -----------------------------------------------------------------------------
 # Rendering, tokenization, cropping
 
+@pytest.mark.parametrize("damage, names", [
+    ("rm eval_data/mc/four.jsonl", "eval_data/mc/four.jsonl: FileNotFoundError"),
+    ("cut eval_data/lm/words.jsonl", "eval_data/lm/words.jsonl: JSONDecodeError"),
+    ("rm eval_meta_data.csv", "eval_meta_data.csv: FileNotFoundError"),
+    ("write core.yaml", "core.yaml: KeyError"),
+])
+def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(bundle_dir, tmp_path, damage, names):
+    import shutil
+    bundle = tmp_path / "eval_bundle"
+    shutil.copytree(bundle_dir, bundle)
+    verb, name = damage.split()
+    path = bundle / name
+    if verb == "rm":
+        path.unlink()
+    elif verb == "cut":
+        path.write_bytes(path.read_bytes()[:-20])  # the last line ends mid-string
+    else:
+        path.write_text("tasks: []\n")  # no icl_tasks
+    with pytest.raises(UserError, match=re.escape(names)):
+        load_bundle_tasks(str(bundle))
+
+
+def test_evaluate_core_takes_the_same_subset_on_every_call_with_preloaded_tasks(bundle_dir):
+    """base_train reads the bundle once and evaluates it every --core-metric-every steps: the shuffle
+    that picks --max-per-task examples must not compound across calls."""
+    tasks = load_bundle_tasks(bundle_dir)
+    before = [list(data) for _, _, data in tasks]
+    model = AnswerKeyModel(answer_key(make_tasks(), wrong=True, only=lambda i: i % 2 == 0))
+    runs = [evaluate_core(model, CharTokenizer(), "cpu", max_per_task=3, tasks=tasks) for _ in range(2)]
+    assert runs[0] == runs[1] and [data for _, _, data in tasks] == before
+    assert runs[0] == evaluate_core(model, CharTokenizer(), "cpu", bundle_dir, max_per_task=3)
+
+
 def test_fewshot_is_deterministic_and_excludes_the_example():
     data = [dict(id=i) for i in range(10)]
     for idx in range(10):
