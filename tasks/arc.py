@@ -6,18 +6,18 @@ choices {"text": [...], "label": [...]}, answerKey. Labels are usually A-D but s
 gold letter follows its label.
 """
 
-from tasks.common import Task, load_rows, mc_conversation, evaluate_mc
+from tasks.common import Task, load_rows, shuffled, mc_conversation, evaluate_mc
 
 
 class ARC(Task):
     eval_type = "categorical"
 
-    def __init__(self, subset="ARC-Easy", split="test", data_files=None, **kwargs):
+    def __init__(self, subset="ARC-Easy", split="test", data_files=None, shuffle_seed=42, **kwargs):
         super().__init__(**kwargs)
         assert subset in ("ARC-Easy", "ARC-Challenge"), f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}"
         assert split in ("train", "validation", "test"), f"ARC split must be train, validation or test, got {split!r}"
         self.subset, self.split = subset, split
-        self.rows = load_rows("allenai/ai2_arc", subset, split, data_files=data_files)
+        self.rows = shuffled(load_rows("allenai/ai2_arc", subset, split, data_files=data_files), shuffle_seed)  # upstream's order
 
     def num_examples(self):
         return len(self.rows)

@@ -165,11 +165,25 @@ def load_rows(path, config, split, data_files=None):
     return _TableRows(pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0])
 
 
-def shuffled_indices(n, seed):
-    """A fixed permutation of range(n) (for datasets stored sorted, e.g. MMLU by subject)."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return order
+class _Shuffled:
+    """rows in a fixed permutation, the one `datasets.Dataset.shuffle(seed=seed)` applies
+    (numpy's default_rng(seed).permutation), so a task's example i is upstream's example i and
+    a prefix (chat_eval -x N) is upstream's subset."""
+
+    def __init__(self, rows, seed):
+        import numpy as np
+        self.rows, self.order = rows, np.random.default_rng(seed).permutation(len(rows)).tolist()
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[self.order[i]]
+
+
+def shuffled(rows, seed):
+    """rows (len() and [i]) in upstream's shuffled order for seed; seed None: as stored."""
+    return rows if seed is None else _Shuffled(rows, seed)
 
 
 # -----------------------------------------------------------------------------
@@ -208,23 +222,20 @@ def evaluate_mc(conversation, assistant_response):
 # -----------------------------------------------------------------------------
 # "#### <number>" answers (GSM8K style)
 
-ANSWER_RE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 
 
 def extract_answer(text):
-    """The number after the last '####' in text, commas removed, or None."""
-    matches = ANSWER_RE.findall(text)
-    return matches[-1].replace(",", "") if matches else None
+    """The number after the first '#### ' in text, commas removed, or None: the rule of GSM8K's
+    official code and of upstream nanochat (GSM8K, SpellingBee), so scores compare with theirs."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).strip().replace(",", "") if match else None
 
 
 def answers_equal(a, b):
-    """Compare two extracted numbers ("72" == "72.0"); None never equals anything."""
-    if a is None or b is None:
-        return False
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a == b
+    """Exact string match of two extracted answers, as upstream compares them ("72.0" is not
+    "72"); None never equals anything."""
+    return a is not None and b is not None and a == b
 
 
 def gold_answer(conversation):

@@ -14,7 +14,7 @@ computes the output at inference). The surrounding text is kept as "text" parts.
 
 import re
 
-from tasks.common import Task, load_rows, evaluate_final_number
+from tasks.common import Task, load_rows, shuffled, evaluate_final_number
 
 ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 
@@ -48,12 +48,12 @@ def parse_calculator_annotations(answer):
 class GSM8K(Task):
     eval_type = "generative"
 
-    def __init__(self, subset="main", split="train", data_files=None, **kwargs):
+    def __init__(self, subset="main", split="train", data_files=None, shuffle_seed=42, **kwargs):
         super().__init__(**kwargs)
         assert subset in ("main", "socratic"), f"GSM8K subset must be main or socratic, got {subset!r}"
         assert split in ("train", "test"), f"GSM8K split must be train or test, got {split!r}"
         self.subset, self.split = subset, split
-        self.rows = load_rows("openai/gsm8k", subset, split, data_files=data_files)
+        self.rows = shuffled(load_rows("openai/gsm8k", subset, split, data_files=data_files), shuffle_seed)  # upstream's order
 
     def num_examples(self):
         return len(self.rows)

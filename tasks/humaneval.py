@@ -9,7 +9,7 @@ nanochat.execution (time limit) and passes iff it exits cleanly.
 
 import re
 
-from tasks.common import Task, load_rows
+from tasks.common import Task, load_rows, shuffled
 
 CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # a reply cut off before its closing fence still counts
 
@@ -34,10 +34,10 @@ def build_program(conversation, completion):
 class HumanEval(Task):
     eval_type = "generative"
 
-    def __init__(self, split="test", data_files=None, **kwargs):
+    def __init__(self, split="test", data_files=None, shuffle_seed=42, **kwargs):
         super().__init__(**kwargs)
         assert split == "test", "HumanEval has only the test split"
-        self.rows = load_rows("openai/openai_humaneval", "openai_humaneval", split, data_files=data_files)
+        self.rows = shuffled(load_rows("openai/openai_humaneval", "openai_humaneval", split, data_files=data_files), shuffle_seed)  # upstream's order
 
     def num_examples(self):
         return len(self.rows)

@@ -2,11 +2,11 @@
 MMLU (cais/mmlu): 4-way multiple choice over 57 subjects. Subsets "all" (splits test 14K,
 validation 1.5K, dev 285) and "auxiliary_train" (split "train", ~100K questions from other
 multiple-choice sets, used for SFT). Rows: question, subject, choices (4 strings), answer (0-3).
-The rows are stored sorted by subject, so they are served in a fixed shuffled order (seed 42):
+The rows are stored sorted by subject, so they are served in upstream's shuffled order (seed 42):
 any prefix (stop=N) is a mix of subjects.
 """
 
-from tasks.common import Task, load_rows, shuffled_indices, mc_conversation, evaluate_mc
+from tasks.common import Task, load_rows, shuffled, mc_conversation, evaluate_mc
 
 
 class MMLU(Task):
@@ -20,14 +20,13 @@ class MMLU(Task):
         else:
             assert split in ("test", "validation", "dev"), f"MMLU 'all' split must be test, validation or dev, got {split!r}"
         self.subset, self.split = subset, split
-        self.rows = load_rows("cais/mmlu", subset, split, data_files=data_files)
-        self.order = shuffled_indices(len(self.rows), shuffle_seed) if shuffle_seed is not None else None
+        self.rows = shuffled(load_rows("cais/mmlu", subset, split, data_files=data_files), shuffle_seed)
 
     def num_examples(self):
         return len(self.rows)
 
     def get_example(self, index):
-        row = self.rows[self.order[index] if self.order is not None else index]
+        row = self.rows[index]
         if "question" not in row and "train" in row:  # some revisions of auxiliary_train nest each row under "train"
             row = row["train"]
         choices, answer = list(row["choices"]), int(row["answer"])

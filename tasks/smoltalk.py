@@ -4,16 +4,16 @@ SmolTalk (HuggingFaceTB/smol-smoltalk): general chat conversations for SFT. Spli
 optionally starting with a system message (the tokenizer merges it into the first user turn).
 """
 
-from tasks.common import Task, load_rows
+from tasks.common import Task, load_rows, shuffled
 
 
 class SmolTalk(Task):
     eval_type = "generative"
 
-    def __init__(self, split="train", data_files=None, **kwargs):
+    def __init__(self, split="train", data_files=None, shuffle_seed=42, **kwargs):
         super().__init__(**kwargs)
         assert split in ("train", "test"), f"SmolTalk split must be train or test, got {split!r}"
-        self.rows = load_rows("HuggingFaceTB/smol-smoltalk", "default", split, data_files=data_files)
+        self.rows = shuffled(load_rows("HuggingFaceTB/smol-smoltalk", "default", split, data_files=data_files), shuffle_seed)  # upstream's order
 
     def num_examples(self):
         return len(self.rows)

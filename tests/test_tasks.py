@@ -122,6 +122,25 @@ def test_mmlu_local_parquet_and_categorical_evaluate(tmp_path, tokenizer):
     assert len(MMLU(data_files=str(tmp_path / "mmlu.parquet"), step=2)) == 2
 
 
+def test_tasks_serve_upstreams_order_the_one_datasets_shuffle_seed_42_gives(tmp_path):
+    """Upstream loads ARC, MMLU, GSM8K, HumanEval and SmolTalk with .shuffle(seed=42): example i
+    (and so chat_eval -x N's subset) must be the same row here."""
+    import datasets
+    rows = [dict(GSM8K_ROWS[0], question=f"q{i}") for i in range(37)]
+    want = [r["question"] for r in datasets.Dataset.from_list(rows).shuffle(seed=42)]
+    assert want != [r["question"] for r in rows]
+    task = GSM8K(data_files=write_parquet(tmp_path / "g.parquet", rows))
+    assert [c["messages"][0]["content"] for c in task] == want
+    for cls, base, key, kw in ((ARC, ARC_ROWS, "question", {}), (MMLU, MMLU_ROWS, "question", {}),
+                               (HumanEval, HUMANEVAL_ROWS, "prompt", {}), (SmolTalk, SMOLTALK_ROWS, "messages", dict(split="test"))):
+        rows = [dict(base[i % len(base)]) for i in range(23)]
+        for i, r in enumerate(rows):
+            r[key] = [dict(r[key][0], content=f"m{i}")] + r[key][1:] if key == "messages" else f"{r[key]} #{i}"
+        want = datasets.Dataset.from_list(rows).shuffle(seed=42)[key]
+        got = [row[key] for row in cls(data_files=write_jsonl(tmp_path / f"{cls.__name__}.jsonl", rows), **kw).rows]
+        assert got == want, cls.__name__
+
+
 def test_mmlu_auxiliary_train_nested_rows(tmp_path):
     rows = [{"train": r} for r in MMLU_ROWS]
     task = MMLU(subset="auxiliary_train", split="train", data_files=write_jsonl(tmp_path / "aux.jsonl", rows), shuffle_seed=None)
@@ -129,7 +148,7 @@ def test_mmlu_auxiliary_train_nested_rows(tmp_path):
 
 
 def test_arc_local_jsonl_relabels_numeric_labels(tmp_path, tokenizer):
-    task = ARC(subset="ARC-Challenge", split="test", data_files=write_jsonl(tmp_path / "arc.jsonl", ARC_ROWS))
+    task = ARC(subset="ARC-Challenge", split="test", data_files=write_jsonl(tmp_path / "arc.jsonl", ARC_ROWS), shuffle_seed=None)
     assert len(task) == 2
     assert task[0]["messages"][-1]["content"] == "A"
     conv = task[1]
@@ -156,7 +175,7 @@ def test_gsm8k_calculator_annotation_parsing():
 
 
 def test_gsm8k_local_parquet_evaluate_and_reward(tmp_path, tokenizer):
-    task = GSM8K(subset="main", split="test", data_files=write_parquet(tmp_path / "gsm8k.parquet", GSM8K_ROWS))
+    task = GSM8K(subset="main", split="test", data_files=write_parquet(tmp_path / "gsm8k.parquet", GSM8K_ROWS), shuffle_seed=None)
     assert len(task) == 2 and task.eval_type == "generative"
     conv = task[1]
     assert [p["text"] for p in conv["messages"][1]["content"] if p["type"] == "python"] == ["12/60", "0.2*50"]
@@ -164,7 +183,7 @@ def test_gsm8k_local_parquet_evaluate_and_reward(tmp_path, tokenizer):
     out_start = tokenizer.encode_special("<|output_start|>")
     assert mask[ids.index(out_start)] == 0  # tool output is not supervised
     assert task.evaluate(conv, "so she earned $10.\n#### 10")
-    assert task.evaluate(conv, "#### 10.0")
+    assert not task.evaluate(conv, "#### 10.0") and task.evaluate(conv, "#### 10\nno, #### 11")  # as upstream scores them
     assert not task.evaluate(conv, "#### 11") and not task.evaluate(conv, "10")
     assert task.reward(conv, "#### 10") == 1.0 and task.reward(conv, "#### 9") == 0.0
 
@@ -172,9 +191,10 @@ def test_gsm8k_local_parquet_evaluate_and_reward(tmp_path, tokenizer):
 def test_extract_answer():
     assert extract_answer("x\n#### 1,234") == "1234"
     assert extract_answer("#### -3.5") == "-3.5"
-    assert extract_answer("#### 1\n#### 2") == "2"
-    assert extract_answer("no answer") is None
-    assert answers_equal("72", "72.0") and not answers_equal(None, "1") and not answers_equal("7", "8")
+    assert extract_answer("#### 1\nno: #### 2") == "1"  # the first, as upstream and GSM8K's own code take it
+    assert extract_answer("no answer") is None and extract_answer("####5") is None
+    assert answers_equal("72", "72") and not answers_equal("72", "72.0")  # upstream compares the strings
+    assert not answers_equal(None, None) and not answers_equal(None, "1") and not answers_equal("7", "8")
 
 
 def test_humaneval_local_and_program(tmp_path, tokenizer, monkeypatch):
@@ -199,7 +219,7 @@ def test_humaneval_local_and_program(tmp_path, tokenizer, monkeypatch):
 
 
 def test_smoltalk_local_parquet(tmp_path, tokenizer):
-    task = SmolTalk(split="test", data_files=write_parquet(tmp_path / "smol.parquet", SMOLTALK_ROWS))
+    task = SmolTalk(split="test", data_files=write_parquet(tmp_path / "smol.parquet", SMOLTALK_ROWS), shuffle_seed=None)
     assert len(task) == 2
     assert task[1]["messages"][0]["role"] == "system"
     for conv in task:
