@@ -20,6 +20,7 @@ memory's part). A resumed --session brings its memories back by itself.
 
 import os
 import sys
+import shutil
 import argparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -115,20 +116,38 @@ def open_session(args, model, tokenizer, device, model_tag, step):
         print(f"resumed the session at {args.session}: {session.tree.num_tokens:,} tokens of history"
               + "".join(f", memory {n} ({t.num_tokens:,} tokens)" for n, t, _ in session.memories))
         return session, session.tree.num_tokens == 0  # saved before its first turn: that turn still opens with BOS
-    session = Session.create(model, gistnet, lensnet, mc, path=args.session or None, predictor=predictor, w_max=args.w_max,
-                             gist_first=bool(args.gist_first), seed=args.seed, model_name=name)
-    for path in args.ck:
-        session.attach(path)
-        print(f"attached the Core-Knowledge memory {path} ({session.memories[-1][1].num_tokens:,} tokens)")
-    if args.context_file:
-        try:
-            with open(args.context_file, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise UserError(f"--context-file {args.context_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        ids = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
-        print(f"reading {args.context_file} into the history ({len(ids):,} tokens) ...", flush=True)
-        session.feed(ids)
+    # a new session on disk is whole or absent: a refused --ck or --context-file (or ctrl-C while reading it)
+    # removes what this call wrote, so the same --session works again once the command is mended
+    before = set(os.listdir(args.session)) if args.session and os.path.isdir(args.session) else None
+    try:
+        session = Session.create(model, gistnet, lensnet, mc, path=args.session or None, predictor=predictor, w_max=args.w_max,
+                                 gist_first=bool(args.gist_first), seed=args.seed, model_name=name)
+        for path in args.ck:
+            session.attach(path)
+            print(f"attached the Core-Knowledge memory {path} ({session.memories[-1][1].num_tokens:,} tokens)")
+        if args.context_file:
+            try:
+                with open(args.context_file, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError as e:
+                raise UserError(f"--context-file {args.context_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            ids = tokenizer.encode(text, prepend=tokenizer.get_bos_token_id())
+            print(f"reading {args.context_file} into the history ({len(ids):,} tokens) ...", flush=True)
+            session.feed(ids)
+            if args.session:
+                session.save()  # kept even if the user leaves before the first reply
+    except BaseException:
+        if args.session and os.path.isdir(args.session):
+            if before is None:
+                shutil.rmtree(args.session, ignore_errors=True)
+            else:
+                for entry in set(os.listdir(args.session)) - before:
+                    target = os.path.join(args.session, entry)
+                    if os.path.isdir(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        os.remove(target)
+        raise
     return session, not args.context_file
 
 

@@ -98,6 +98,35 @@ def build_ck(tmp_path, name, source="base", tag="mc_chat"):
     return out
 
 
+def test_a_refused_new_session_leaves_nothing_behind_and_a_context_file_is_saved_at_once(base_dir, tmp_path, monkeypatch, capsys):
+    """A mistyped --w-max or --ck used to leave a tree without session.json (or an empty session
+    without the memory): the same --session was then refused for good. A --context-file read into
+    a new session was lost if the user left before the first reply."""
+    save_mc_checkpoint(base_dir, "mc_chat")
+    ck = build_ck(tmp_path, "rivers")
+    session = tmp_path / "session"
+    with pytest.raises(UserError, match="leaves no room"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", str(session), "--w-max", "40"], stdin="quit\n")
+    assert not session.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file")
+    for folder in (session, mine):
+        with pytest.raises(UserError, match="no such directory"):
+            run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--session", str(folder), "--ck", str(tmp_path / "rivrs")], stdin="quit\n")
+    assert not session.exists() and sorted(os.listdir(mine)) == ["notes.txt"]  # only what the run wrote is removed
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--session", str(session), "--ck", ck], stdin="quit\n")
+    assert "attached the Core-Knowledge memory" in out
+    doc = tmp_path / "book.txt"
+    doc.write_text("Once upon a time there was a small model. " * 20)
+    fresh = tmp_path / "fresh"
+    run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", str(fresh), "--context-file", str(doc)], stdin="quit\n")
+    out = run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", str(fresh)], stdin="quit\n")
+    assert "resumed the session" in out and "0 tokens" not in out
+    with pytest.raises(UserError, match="cannot make or open this directory"):  # a file on the way: one line
+        run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", str(doc / "chat")], stdin="quit\n")
+
+
 def test_core_knowledge_memories_attach_show_in_focus_and_resume(base_dir, tmp_path, monkeypatch, capsys):
     save_mc_checkpoint(base_dir, "mc_chat")
     ck = build_ck(tmp_path, "rivers")

@@ -106,17 +106,8 @@ class Session:
     def __init__(self, model, gistnet, lensnet, config, tree, predictor=None, w_max=None, gist_first=False, seed=0):
         """Use Session.create (a new history) or Session.open (a saved one). config: MegaContextConfig;
         w_max: the WC budget (default config.w_max); lensnet None: no content refocus, only make_room."""
-        w_max = config.w_max if w_max is None else w_max
-        if w_max < config.recent_tokens + 2 * K:
-            raise UserError(f"w_max {w_max} leaves no room: it needs recent_tokens ({config.recent_tokens}) + {2 * K} slots")
-        problem = reach_problem(w_max, config.recent_tokens, config.max_level)
-        if problem:  # it would fall back to a sliding window a few hundred tokens in
-            raise UserError(problem)
-        if w_max > model.config.sequence_len:  # the WC's oldest slots would sit outside every layer's attention window
-            raise UserError(f"w_max {w_max} is more than the model attends to (its sequence_len, {model.config.sequence_len} slots)")
+        w_max = self.checked_budget(model, config, w_max, predictor, gist_first)
         self.reach = reachable_history(w_max - K, config.recent_tokens, config.max_level)  # tokens kept whole
-        if gist_first and predictor is None:
-            raise UserError("gist-first decoding needs MegaPrediction weights (a run trained with --megaprediction)")
         self.model, self.lensnet, self.config, self.tree, self.predictor = model, lensnet, config, tree, predictor
         self.gistnet = gistnet
         self.w_max, self.gist_first = w_max, gist_first
@@ -131,6 +122,22 @@ class Session:
         self.stats = dict(refocuses=0, edits=0, slots_computed=0, tokens_fed=0, forwards=0, last_edits=0, memory_edits=[0])
         self.memories = []              # attached Core-Knowledge memories: (name, tree, path), in slot order
 
+    @staticmethod
+    def checked_budget(model, config, w_max, predictor, gist_first):
+        """The WC budget (w_max, default config.w_max) once the settings are known to make a session;
+        else UserError. Session.create checks them before it writes anything."""
+        w_max = config.w_max if w_max is None else w_max
+        if w_max < config.recent_tokens + 2 * K:
+            raise UserError(f"w_max {w_max} leaves no room: it needs recent_tokens ({config.recent_tokens}) + {2 * K} slots")
+        problem = reach_problem(w_max, config.recent_tokens, config.max_level)
+        if problem:  # it would fall back to a sliding window a few hundred tokens in
+            raise UserError(problem)
+        if w_max > model.config.sequence_len:  # the WC's oldest slots would sit outside every layer's attention window
+            raise UserError(f"w_max {w_max} is more than the model attends to (its sequence_len, {model.config.sequence_len} slots)")
+        if gist_first and predictor is None:
+            raise UserError("gist-first decoding needs MegaPrediction weights (a run trained with --megaprediction)")
+        return w_max
+
     # -------------------------------------------------------------------------
     # construction and persistence
 
@@ -141,6 +148,7 @@ class Session:
         so that a session killed before its first save() opens again, empty)."""
         if path is not None and os.path.exists(os.path.join(path, SESSION_FILE)):
             raise UserError(f"{path} already holds a session: open it with --resume (Session.open)")
+        cls.checked_budget(model, config, w_max, predictor, gist_first)  # refused settings leave nothing on disk
         tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=path, model_name=model_name,
                                device=model.get_device())
         session = cls(model, gistnet, lensnet, config, tree, predictor, w_max, gist_first, seed)

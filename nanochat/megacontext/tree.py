@@ -286,8 +286,11 @@ class MegaContextTree(OneMemory):
         self.path, self.dtype, self.model_name = path, dtype, model_name
         self._lock = None  # disk mode: a finalizer holding the directory's flock'ed fd while this tree may write
         if path is not None:  # one writer per directory: opening trims uncommitted rows, which would cut a live writer's
-            os.makedirs(path, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY)  # flock on the directory itself: no extra file
+            try:
+                os.makedirs(path, exist_ok=True)
+                fd = os.open(path, os.O_RDONLY)  # flock on the directory itself: no extra file
+            except OSError as e:  # a file on the way, no permission, a read-only disk: one line
+                raise UserError(f"{path}: cannot make or open this directory ({e.strerror})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
