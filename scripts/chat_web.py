@@ -160,9 +160,10 @@ def sse(obj):
 def request_refusal(headers, allowed_hosts):
     """Why a request may not be served (None: it may): its Host, and its Origin when a browser sends
     one, must name an allowed host, so a web page elsewhere (or a DNS-rebinding name) cannot drive
-    the local server. allowed_hosts: hostnames; "*" allows any."""
+    the local server. allowed_hosts: hostnames as a user types them ("MyBox.lan", "[::1]"); "*" allows any."""
     if "*" in allowed_hosts:
         return None
+    allowed_hosts = {h.strip("[]").lower() for h in allowed_hosts}  # as urlsplit gives them: lowercase, no brackets
     try:
         host = urlsplit("//" + headers.get("host", "")).hostname
     except ValueError:  # e.g. "[" (an unclosed IPv6 bracket)

@@ -184,6 +184,12 @@ def test_only_json_from_allowed_hosts_is_served(client, engine, tokenizer):
     assert ok.status_code == 200
     wide = TestClient(create_app(engine, tokenizer, DEFAULTS, allowed_hosts=("lab.example",)), base_url="http://lab.example")
     assert wide.get("/health").status_code == 200
+    # names as a user types them: any case, an IPv6 address in brackets (urlsplit gives lowercase, no brackets)
+    from scripts.chat_web import request_refusal
+    for typed, header in (("MyBox.lan", "MyBox.lan:8000"), ("mybox.lan", "MYBOX.LAN"), ("[fe80::1]", "[fe80::1]:8000")):
+        assert request_refusal({"host": header}, (typed,)) is None
+        assert request_refusal({"host": header, "origin": f"http://{header}"}, (typed,)) is None
+    assert request_refusal({"host": "other.lan"}, ("MyBox.lan",)) is not None
 
 
 def test_a_soak_of_valid_and_invalid_requests_leaves_the_server_answering(client):
