@@ -97,7 +97,9 @@ def calculator(expr, time_limit=0.1):
     """Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses) or a letter
     count "'strawberry'.count('r')"; anything else, or anything slow or huge, gives None.
     Walks the syntax tree itself: no eval, no names, no builtins."""
-    expr = re.sub(r"(?<=\d),(?=\d{3}\b)", "", expr.strip())  # "1,234" -> "1234"; "f(1, 2)" untouched
+    # "1,234" -> "1234" outside string literals ("f(1, 2)" and "'1,000'.count(',')" untouched)
+    pieces = re.split(r"""('[^']*'|"[^"]*")""", expr.strip())
+    expr = "".join(p if i % 2 else re.sub(r"(?<=\d),(?=\d{3}\b)", "", p) for i, p in enumerate(pieces))
     if not expr or len(expr) > MAX_EXPR_CHARS:
         return None
     deadline = time.monotonic() + time_limit
@@ -112,6 +114,8 @@ def calculator(expr, time_limit=0.1):
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            if abs(node.value) > MAX_MAGNITUDE:
+                raise ValueError("number too large")
             return node.value
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             return node.value
@@ -139,9 +143,10 @@ def calculator(expr, time_limit=0.1):
     except (ValueError, ZeroDivisionError, OverflowError, TypeError):
         return None
     if isinstance(value, float):
-        if not math.isfinite(value):
+        if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
             return None
-        value = int(value) if value.is_integer() else round(value, 6)
+        value = float(f"{value:.10g}")  # 10 significant digits: 0.1 + 0.2 -> 0.3, 1 / 3e6 -> 3.333333333e-07 (not 0.0)
+        value = int(value) if value.is_integer() else value  # whole numbers as GSM8K writes them: 24, not 24.0 (-0.0 -> 0)
     return value if isinstance(value, (int, float)) else None
 
 
