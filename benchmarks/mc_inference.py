@@ -145,9 +145,11 @@ def main():
     if mc is None:
         raise UserError("give a MegaContext preset or --megacontext")
     try:
-        histories = [int(h) for h in own.histories.split(",")]
+        histories = sorted(int(h) for h in own.histories.split(","))  # ratio_1m_1k: the longest over the shortest
     except ValueError:
         raise UserError(f"--histories must be comma-separated integers, got {own.histories!r}")
+    if len(set(histories)) < len(histories):
+        raise UserError(f"--histories lists a length twice: {own.histories!r}")
     if min(histories) < 1 or own.decode < BLOCK_SIZE or own.decode % BLOCK_SIZE or own.warmup < 0:
         raise UserError(f"histories must be >= 1, --decode a positive multiple of {BLOCK_SIZE} and --warmup >= 0")
     if own.workdir and not os.path.isdir(own.workdir):

@@ -323,7 +323,18 @@ def get_tokenizer():
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
 
 
-def get_token_bytes(device="cpu"):
+def upstream_token_bytes(tokenizer):
+    """int32 [vocab] as upstream's tok_train counts them: the UTF-8 length of each token decoded on its
+    own (a token ending mid-character decodes to U+FFFD, 3 bytes), 0 for special tokens."""
+    enc = tokenizer.enc
+    special_ids = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    return torch.tensor([0 if i in special_ids else len(enc.decode([i]).encode("utf-8")) for i in range(enc.n_vocab)],
+                        dtype=torch.int32)
+
+
+def get_token_bytes(device="cpu", tokenizer=None):
+    """The tokenizer directory's token_bytes.pt (int32 [vocab]); with `tokenizer`, checked to be this
+    tokenizer's (ours, or upstream's count): another tokenizer's table makes every bpb figure wrong."""
     path = os.path.join(get_base_dir(), "tokenizer", "token_bytes.pt")
     if not os.path.isfile(path):
         raise UserError(f"no {path} (train a tokenizer with: python -m scripts.tok_train)")
@@ -332,4 +343,14 @@ def get_token_bytes(device="cpu"):
         raise UserError(f"{path} does not hold a 1-D integer tensor")
     if len(token_bytes) and not 0 <= int(token_bytes.min()) <= int(token_bytes.max()) <= 256:
         raise UserError(f"{path}: token byte lengths must be in 0..256")
-    return token_bytes.to(torch.int32)
+    token_bytes = token_bytes.to(torch.int32)
+    if tokenizer is not None:
+        vocab_size = tokenizer.get_vocab_size()
+        if token_bytes.numel() != vocab_size:
+            raise UserError(f"{path} has {token_bytes.numel()} entries but the tokenizer has {vocab_size} tokens "
+                            "(python -m scripts.tok_train writes both)")
+        table = token_bytes.cpu()
+        if not (torch.equal(table, compute_token_bytes(tokenizer)) or torch.equal(table, upstream_token_bytes(tokenizer))):
+            raise UserError(f"{path} does not hold this tokenizer's token lengths: it belongs to another tokenizer "
+                            "(python -m scripts.tok_train writes both)")
+    return token_bytes

@@ -56,7 +56,7 @@ def evaluate_bpb_splits(model, tokenizer, device, split_tokens, device_batch_siz
     from nanochat.tokenizer import get_token_bytes
     from nanochat.dataloader import bos_bestfit_loader
     from nanochat.loss_eval import evaluate_bpb
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device, tokenizer=tokenizer)
     B, T = device_batch_size, model.config.sequence_len
     steps = max(1, split_tokens // (B * T * world_size))
     bpb = {}
@@ -79,12 +79,17 @@ def parse_bands(text):
     return bands
 
 
-def evaluate_recall(model, tokenizer, device, bands, num_docs, window):
-    """{band "lo-hi": {"full": acc, "truncation": acc}}: exact recall of one fact lo..hi tokens back."""
-    from nanochat.recall import recall_eval_docs, recall_accuracy
+def check_recall_bands(model, bands):
     n = model.config.sequence_len + 1
     if max(hi for _, hi in bands) >= n - 16:
         raise UserError(f"--recall-bands reach past what a row of {n} tokens (the model's sequence_len + 1) can hold")
+
+
+def evaluate_recall(model, tokenizer, device, bands, num_docs, window):
+    """{band "lo-hi": {"full": acc, "truncation": acc}}: exact recall of one fact lo..hi tokens back."""
+    from nanochat.recall import recall_eval_docs, recall_accuracy
+    check_recall_bands(model, bands)
+    n = model.config.sequence_len + 1
     out = {}
     for lo, hi in bands:
         docs = recall_eval_docs(tokenizer, n, num_docs, back=(lo, hi))
@@ -132,25 +137,29 @@ def main(argv=None):
         raise UserError("--split-tokens and --device-batch-size must be positive")
     if args.recall_docs < 1 or args.recall_window < 1:
         raise UserError("--recall-docs and --recall-window must be at least 1")
+    bands = parse_bands(args.recall_bands) if "recall" in evals else None
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     try:
         # resolve the tag and step here so the output file can be named after them
         _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
+        # everything that can refuse is checked before the first eval, not after bpb has run for an hour
+        if bands is not None:
+            check_recall_bands(model, bands)
+        if "core" in evals:
+            from nanochat.core_eval import evaluate_core, get_eval_bundle, load_bundle_tasks
+            core_tasks = load_bundle_tasks(get_eval_bundle(args.bundle_url or None))
 
         results = dict(source=args.source, model_tag=model_tag, step=step, world_size=world_size)
         if "bpb" in evals:
             results["bpb"] = evaluate_bpb_splits(model, tokenizer, device, args.split_tokens, args.device_batch_size, world_size)
         if "recall" in evals:
-            results["recall"] = evaluate_recall(model, tokenizer, device, parse_bands(args.recall_bands), args.recall_docs,
-                                                args.recall_window)
+            results["recall"] = evaluate_recall(model, tokenizer, device, bands, args.recall_docs, args.recall_window)
         if "sample" in evals and rank == 0:  # samples are cheap and identical on every rank
             results["samples"] = sample_completions(model, tokenizer)
         if "core" in evals:
-            from nanochat.core_eval import evaluate_core, get_eval_bundle
-            bundle_dir = get_eval_bundle(args.bundle_url or None)
-            results["core"] = evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=args.max_per_task)
+            results["core"] = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, tasks=core_tasks)
 
         if rank == 0:
             name = f"{model_tag}_{step}.json" if args.source == "base" else f"{args.source}_{model_tag}_{step}.json"

@@ -289,10 +289,8 @@ def train(argv=None):
 
     # tokenizer and model -------------------------------------------------------------
     tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(device=device)
+    token_bytes = get_token_bytes(device=device, tokenizer=tokenizer)
     vocab_size = tokenizer.get_vocab_size()
-    if token_bytes.numel() != vocab_size:
-        raise UserError(f"token_bytes.pt has {token_bytes.numel()} entries but the tokenizer has {vocab_size} tokens (re-run tok_train)")
     config = model_config_from_args(args, vocab_size)
     print0(f"model config: {json.dumps(config.to_dict())}")
 

@@ -157,6 +157,16 @@ def test_user_errors_are_one_line(base_dir, args, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("bands", ["30-10", "100-5000"])
+def test_bad_recall_bands_are_refused_before_any_eval_runs(base_dir, bands):
+    """Bands were read after bpb and the samples had run (an hour at the default --split-tokens on a
+    big model), and the refusal threw those results away."""
+    proc = run_script(base_dir, ["--eval", "bpb,sample,recall", "--recall-bands", bands, "--split-tokens", "256",
+                                 "--device-batch-size", "2", "--device-type", "cpu"], launcher=[sys.executable, "scripts/base_eval.py"])
+    assert proc.returncode != 0 and "--recall-bands" in proc.stderr and "Traceback" not in proc.stderr
+    assert "bpb" not in proc.stdout
+
+
 def test_missing_checkpoint_and_tokenizer(tmp_path):
     proc = run_script(tmp_path, ["--eval", "bpb"])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

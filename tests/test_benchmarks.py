@@ -54,14 +54,14 @@ def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
 
 
 def test_mc_inference_prints_one_json_line_with_flat_cost_rows():
-    lines = run_benchmark("mc_inference", "--histories", "300,5000", "--decode", "32", "--warmup", "8", "--w-max", "128",
+    lines = run_benchmark("mc_inference", "--histories", "5000,300", "--decode", "32", "--warmup", "8", "--w-max", "128",
                           "--vanilla-max-gib", "1", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "256",
                           "--vocab-size", "256", "--device-type", "cpu", "--megacontext", "--mc-w-max", "128", "--mc-max-level", "1",
                           "--mc-recent-tokens", "32", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32")
     assert len(lines) == 1
     result = lines[0]
     rows = result["histories"]
-    assert result["benchmark"] == "mc_inference" and [r["history"] for r in rows] == [300, 5000]
+    assert result["benchmark"] == "mc_inference" and [r["history"] for r in rows] == [300, 5000]  # given 5000,300: sorted
     assert all(r["mc_ms_per_token"] > 0 and r["wc_cost"] <= 128 and r["unreachable_tokens"] == 0 for r in rows)
     assert rows[1]["tree_levels"] == 2 and rows[1]["tree_disk_mb"] > rows[0]["tree_disk_mb"]  # LOD2 past the trained LOD1
     assert rows[0]["vanilla_ms_per_token"] > 0 and rows[1]["vanilla_ms_per_token"] is None  # 5000 > the rotary table (2560)
@@ -92,7 +92,8 @@ def test_bad_flags_are_one_line_errors_before_anything_is_timed():
              ("mc_core", "--histories", "abc"), ("mc_core", "--dim", "0"), ("mc_core", "--chunk", "0"),
              ("mc_core", "--histories", "3000", "--w-max", "256", "--dim", "18", "--gist-kind", "transformer"),
              ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--warmup", "-5"),
-             ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--workdir", "/no/such/dir")]
+             ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--workdir", "/no/such/dir"),
+             ("mc_inference", "--config", "configs/cpu_tiny_mc.toml", "--histories", "1000,1000")]
     for module, *args in cases:
         r = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args, *(["--device-type", "cpu"] if module != "mc_core" else [])],
                            cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -258,6 +258,16 @@ def test_get_token_bytes(tok, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot read token_bytes file .*token_bytes.pt") as e:
         get_token_bytes()
     assert "\n" not in str(e.value)
+    # checked against the tokenizer: ours and upstream's count pass, another tokenizer's table does not
+    from nanochat.tokenizer import upstream_token_bytes
+    for good in (compute_token_bytes(tok), upstream_token_bytes(tok)):
+        atomic_torch_save(good, str(path))
+        assert torch.equal(get_token_bytes(tokenizer=tok), good)
+    table = compute_token_bytes(tok)
+    for bad, message in [(table[:-5], "entries but the tokenizer has"), (table.roll(1), "another tokenizer")]:
+        atomic_torch_save(bad, str(path))
+        with pytest.raises(UserError, match=message):
+            get_token_bytes(tokenizer=tok)
 
 
 def test_missing_directory(tmp_path, monkeypatch):
