@@ -19,6 +19,7 @@ started over.
 """
 
 import os
+import fcntl
 import sys
 import json
 import time
@@ -56,17 +57,36 @@ def corpus_files(root, extensions):
                 if os.path.splitext(f)[1].lstrip(".").lower() in extensions]
     if not out:
         raise UserError(f"--input {root}: no file with extension {', '.join(sorted(extensions))}")
+    for rel in out:  # before the model loads: a dangling link or an unreadable file is refused now
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise UserError(f"{path}: not a readable file (a dangling link? no permission?)")
     return sorted(out)
 
 
 def read_texts(root, files):
-    """Each file's text, or a one-line error for a file that is not UTF-8."""
+    """Each file's text, or a one-line error for a file that is not UTF-8 or cannot be read."""
     for rel in files:
+        path = os.path.join(root, rel)
         try:
-            with open(os.path.join(root, rel), encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 yield f.read()
         except UnicodeDecodeError:
-            raise UserError(f"{os.path.join(root, rel)}: not UTF-8 text") from None
+            raise UserError(f"{path}: not UTF-8 text") from None
+        except OSError as e:
+            raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+
+
+def lock_dir(path):
+    """An exclusive flock on directory `path`, the lock a MegaContextTree holds while it writes there:
+    its fd (os.close releases it), or a one-line error while another build holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{path}: another mc_build_ck is writing it (wait for it to end, or choose another --out)") from None
+    return fd
 
 
 def main(argv=None):
@@ -77,9 +97,11 @@ def main(argv=None):
     if os.path.exists(out):
         raise UserError(f"--out {args.out} already exists: remove it or choose another directory")
     partial = out + ".partial"
-    if os.path.exists(partial):
+    if os.path.exists(partial):  # left by a build that died, or written by one still running: never removed then
+        fd = lock_dir(partial)
         print0(f"removing {partial}, left by a build that did not finish")
         shutil.rmtree(partial)
+        os.close(fd)
 
     _, _, _, _, device = compute_init(args.device_type)
     try:
@@ -102,15 +124,23 @@ def main(argv=None):
                 last[0] = time.time()
                 print0(f"{k + 1}/{len(files)} files | {tree.num_tokens:,} tokens | {tree.num_tokens / max(last[0] - t0, 1e-9):,.0f} tokens/s")
 
-        with torch.inference_mode():
-            spans = ingest_documents(tree, tokenizer, read_texts(args.input, files), progress)
+        try:
+            with torch.inference_mode():
+                spans = ingest_documents(tree, tokenizer, read_texts(args.input, files), progress)
+        finally:
+            tree.close()  # flushes (the tree is complete on disk) and releases the directory's lock, on failure too
         entries = [dict(path=rel, start=a, end=b) for rel, (a, b) in zip(files, spans)]
-        tree.close()  # flushes: the tree is complete on disk
         levels = [tree.levels[L].n for L in range(len(tree.levels))]
         manifest = dict(format=CK_FORMAT, model=name, step=step, tokens=levels[0], levels=levels,
                         input=os.path.abspath(args.input), files=entries)
-        atomic_write_json(manifest, os.path.join(partial, CK_FILE))
-        os.rename(partial, out)
+        fd = lock_dir(partial)  # held again until the rename: a build started now waits for this one's end
+        try:
+            atomic_write_json(manifest, os.path.join(partial, CK_FILE))
+            os.rename(partial, out)
+        except OSError as e:
+            raise UserError(f"cannot move {partial} to {out} ({e.strerror})") from None
+        finally:
+            os.close(fd)
         print0(f"wrote {out}: {levels[0]:,} tokens, gists per level {levels[1:]}")
         print0(json.dumps(dict(out=out, files=len(files), tokens=levels[0], levels=levels, model=name, step=step)))
         return manifest

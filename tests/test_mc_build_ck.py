@@ -72,5 +72,16 @@ def test_bad_input_is_a_one_line_error(base_dir, tmp_path):
         mc_build_ck.main(["--input", str(tmp_path / "docs"), "--out", str(tmp_path / "ck")] + flags)
     assert "\n" not in str(e.value) and not (tmp_path / "ck").exists()  # nothing half-built at --out
     (tmp_path / "docs" / "b.txt").write_text("fine now")
+    os.symlink(tmp_path / "nowhere.txt", tmp_path / "docs" / "c.txt")  # a dangling link: refused before the model loads
+    with pytest.raises(UserError, match="c.txt: not a readable file"):
+        mc_build_ck.main(["--input", str(tmp_path / "docs"), "--out", str(tmp_path / "ck")] + flags)
+    os.remove(tmp_path / "docs" / "c.txt")
+    import fcntl  # a build still writing the .partial holds its lock: a second build must not remove it under it
+    fd = os.open(str(tmp_path / "ck") + ".partial", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: the failed build above released it
+    with pytest.raises(UserError, match="another mc_build_ck is writing it"):
+        mc_build_ck.main(["--input", str(tmp_path / "docs"), "--out", str(tmp_path / "ck")] + flags)
+    assert os.path.isdir(str(tmp_path / "ck") + ".partial")
+    os.close(fd)
     mc_build_ck.main(["--input", str(tmp_path / "docs"), "--out", str(tmp_path / "ck")] + flags)  # the stale .partial is redone
     assert json.loads((tmp_path / "ck" / "ck.json").read_text())["files"][1]["path"] == "b.txt"

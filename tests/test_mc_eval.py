@@ -135,3 +135,14 @@ def test_ck_task_end_to_end(base_dir):
     updated = [r for r in rows if r["update"] is not None]
     assert data["updated"] == len(updated) > 0 and all(r["update"]["new"] != r["value"] for r in updated)
     assert 0 <= data["update_followed"] <= 1 and report["acc_oracle"] == data["acc_oracle"]
+
+
+def test_ck_update_figures_are_null_when_no_fact_could_be_rewritten():
+    """With no other value of the same token count nothing is updated: the figures said 0% followed."""
+    from nanochat.megacontext.retrieval import ck_summary
+    row = dict(hit_ck=1, hit_drop=0, hit_oracle=1, nll_ck=0.5, nll_drop=1.0, nll_oracle=0.4, ck_slots=64, poison="ck")
+    none = ck_summary([dict(row, update=None)] * 3, 320)
+    assert none["updated"] == 0 and none["update_followed"] is None and none["update_old_kept"] is None
+    some = ck_summary([dict(row, update=None), dict(row, update=dict(new="x", hit_new=1, hit_old=0))], 320)
+    assert some["updated"] == 1 and some["update_followed"] == 1.0 and some["update_old_kept"] == 0.0
+    assert some["ckri"] == pytest.approx(1.0) and some["poison_ck_wins"] == 1.0

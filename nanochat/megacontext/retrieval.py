@@ -243,19 +243,25 @@ def run_ck(model, tokenizer, mc, gistnet, lensnet, entities, num_questions, refo
         row["update"] = dict(new=new, hit_new=run(*qa(fact, new), memory)[0], hit_old=run(*qa(fact, fact.value), memory)[0])
         fact.value = new
 
+    summary = ck_summary(rows, memory.num_tokens)
+    report = dict(summary, entities=entities, refocus_iters=refocus_iters, seed=seed, w_max=mc.w_max,
+                  mc_config=mc.to_dict(), rows=rows)
+    return summary, report
+
+
+def ck_summary(rows, memory_tokens):
+    """run_ck's figures over its rows (one per question asked)."""
     mean = lambda key: sum(r[key] for r in rows) / len(rows)
     updated = [r["update"] for r in rows if r["update"] is not None]
-    summary = dict(questions=len(rows), memory_tokens=memory.num_tokens,
+    return dict(questions=len(rows), memory_tokens=memory_tokens,
                    acc_ck=mean("hit_ck"), acc_drop=mean("hit_drop"), acc_oracle=mean("hit_oracle"),
                    nll_full=mean("nll_ck"), nll_drop=mean("nll_drop"), nll_oracle=mean("nll_oracle"),
                    ckri=(mean("nll_drop") - mean("nll_ck")) / mean("nll_ck"), ck_slots=mean("ck_slots"),
                    poison_session_wins=sum(r["poison"] == "session" for r in rows) / len(rows),
                    poison_ck_wins=sum(r["poison"] == "ck" for r in rows) / len(rows),
-                   updated=len(updated), update_followed=sum(u["hit_new"] for u in updated) / max(1, len(updated)),
-                   update_old_kept=sum(u["hit_old"] for u in updated) / max(1, len(updated)))
-    report = dict(summary, entities=entities, refocus_iters=refocus_iters, seed=seed, w_max=mc.w_max,
-                  mc_config=mc.to_dict(), rows=rows)
-    return summary, report
+                   updated=len(updated),  # the update figures are None (null) when no fact could be rewritten: nothing measured
+                   update_followed=sum(u["hit_new"] for u in updated) / len(updated) if updated else None,
+                   update_old_kept=sum(u["hit_old"] for u in updated) / len(updated) if updated else None)
 
 
 def run_retrieval(model, tokenizer, mc, gistnet, lensnet, tasks, mults, depths, num_docs, refocus_iters=8, seed=0,

@@ -248,7 +248,9 @@ def check_level_file(path, level, dim, code, model_name, count):
         if got != want:
             raise UserError(f"{path}: {what} {got} does not match the expected {what} {want}")
     nbytes = row_bytes(level, dim)
-    if n < count or size < HEADER_BYTES + n * nbytes:
+    # meta.json's count is the commit record: the header may count more rows (written before the commit, or a
+    # writer killed between cutting uncommitted rows and rewriting the header); the committed rows must be there
+    if n < count or size < HEADER_BYTES + count * nbytes:
         held = (size - HEADER_BYTES) // nbytes
         raise UserError(f"{path}: truncated (meta.json says {count} rows, its header {n}, it holds {held})")
 
@@ -521,7 +523,7 @@ class MegaContextTree(OneMemory):
                 raise ValueError(f"model_name {stored_name!r} / dim {d!r} must be a string / a positive integer")
             if not isinstance(counts, list) or not counts or not all(type(c) is int and c >= 0 for c in counts):
                 raise ValueError(f"counts {counts!r} are not row counts")
-            if max_level is not None and (type(max_level) is not int or not 1 <= max_level < 64 or len(counts) > max_level + 1):
+            if max_level is not None and (type(max_level) is not int or not 0 <= max_level < 64 or len(counts) > max_level + 1):
                 raise ValueError(f"max_level {max_level!r} is not a level of a tree with {len(counts)} levels")
             if not isinstance(runs, dict) or not all(isinstance(v, list) and all(
                     isinstance(r, list) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r) for r in v) for v in runs.values()):
