@@ -279,7 +279,7 @@ def load_bundle_tasks(bundle_dir):
     (a file missing or unreadable, a line that is not JSON, a field missing) is refused in one
     line that names the file."""
     def damaged(name, e):
-        return UserError(f"eval bundle {bundle_dir}: {name}: {type(e).__name__}: {e} "
+        return UserError(f"eval bundle {bundle_dir}: {name}: {type(e).__name__}: {' '.join(str(e).split())} "
                          f"(remove {bundle_dir} and its .zip to fetch it again)")
 
     try:

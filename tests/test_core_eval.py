@@ -279,6 +279,7 @@ def test_corrupt_zip_is_a_user_error(tasks, tmp_path):
     ("cut eval_data/lm/words.jsonl", "eval_data/lm/words.jsonl: JSONDecodeError"),
     ("rm eval_meta_data.csv", "eval_meta_data.csv: FileNotFoundError"),
     ("write core.yaml", "core.yaml: KeyError"),
+    ("yaml core.yaml", "core.yaml: ScannerError"),
 ])
 def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(bundle_dir, tmp_path, damage, names):
     import shutil
@@ -290,10 +291,13 @@ def test_a_damaged_bundle_is_refused_in_one_line_naming_the_file(bundle_dir, tmp
         path.unlink()
     elif verb == "cut":
         path.write_bytes(path.read_bytes()[:-20])  # the last line ends mid-string
-    else:
+    elif verb == "write":
         path.write_text("tasks: []\n")  # no icl_tasks
-    with pytest.raises(UserError, match=re.escape(names)):
+    else:
+        path.write_text("icl_tasks:\n  - label: a\n    bad: [unclosed\n\tx: y\n")  # yaml's errors span lines
+    with pytest.raises(UserError, match=re.escape(names)) as e:
         load_bundle_tasks(str(bundle))
+    assert "\n" not in str(e.value)
 
 
 def test_evaluate_core_takes_the_same_subset_on_every_call_with_preloaded_tasks(bundle_dir):
