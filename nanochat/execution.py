@@ -211,8 +211,11 @@ except BaseException as e:
     traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # skip the bootstrap's frame
     sys.stderr.flush()
     raise SystemExit(1)
-sys.stdout.flush()
-sys.stderr.flush()
+for _stream in (sys.stdout, sys.stderr):  # a program may have closed them: it still completed
+    try:
+        _stream.flush()
+    except (ValueError, OSError):
+        pass
 _report(end="completed")
 '''
 SUPERVISOR = SUPERVISOR.replace("BOOTSTRAP", repr(BOOTSTRAP), 1)

@@ -105,7 +105,7 @@ def main():
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.add_argument("-t", "--temperature", type=float, default=0.0)
     p.add_argument("-k", "--top-k", type=int, default=50)
-    p.add_argument("-m", "--max-new-tokens", type=int, default=256)
+    p.add_argument("-m", "--max-new-tokens", type=int, default=512)  # upstream's budget: GSM8K reasoning and whole functions fit
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", type=str, default="")
     args = p.parse_args()
@@ -132,15 +132,21 @@ def main():
             results[name], centered[name] = acc, (acc - base) / (1 - base)
             print0(f"{name}: {100 * acc:.2f}% (random {100 * base:.1f}%)")
         chatcore = sum(centered.values()) / len(centered) if centered else float("nan")
-        print0(f"ChatCORE: {chatcore:.4f}")
+        # ChatCORE is the default tasks' figure, all their problems; over other tasks or -x problems it is named
+        # for what it averages, and its results file for its subset, so it never replaces the full run's
+        full = names == ONLINE_TASKS and args.max_problems == -1
+        subset = "" if full else "-".join(names) + ("" if args.max_problems == -1 else f"_x{args.max_problems}")
+        label = "ChatCORE" if full else f"ChatCORE over {', '.join(names)}" + (
+            "" if args.max_problems == -1 else f" ({args.max_problems} problems each)")
+        print0(f"{label}: {chatcore:.4f}")
         if rank == 0:
-            out = os.path.join(get_base_dir(), "chat_eval", f"{args.source}_{tag}_{meta.get('step')}.json")
+            out = os.path.join(get_base_dir(), "chat_eval", f"{args.source}_{tag}_{meta.get('step')}{'_' + subset if subset else ''}.json")
             atomic_write_json(dict(source=args.source, model_tag=tag, step=meta.get("step"), results=results,
-                                   centered=centered, chatcore=chatcore, user_config=vars(args)), out)
+                                   centered=centered, chatcore=chatcore, tasks=names, full=full, user_config=vars(args)), out)
             print0(f"wrote {out}")
             from nanochat.report import get_report
             get_report().log(section=f"Chat evaluation {args.source}", data=[{"model_tag": tag, "step": meta.get("step"),
-                                                                               **results, "ChatCORE": chatcore}])
+                                                                               **results, label: chatcore}])
         return results
     finally:
         compute_cleanup()

@@ -79,9 +79,12 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     out = run("scripts.chat_cli", "-g", "chat", "-t", "0", "--max-tokens", "4", "--device-type", "cpu", stdin="hi\nclear\nhello\nquit\n")
     assert out.count("Assistant:") == 2 and "(new conversation)" in out
     out = run("scripts.chat_eval", "-i", "sft", "-g", "chat", "-a", "Arithmetic,Spelling", "-x", "2", "-m", "8", "--device-type", "cpu")
-    assert "Arithmetic:" in out and "ChatCORE:" in out
-    result = json.loads((base / "chat_eval" / "sft_chat_4.json").read_text())
-    assert set(result["results"]) == {"Arithmetic", "Spelling"}
+    # a subset (other tasks than the default list, -x problems) is named for what it averages and saved apart:
+    # it replaced the full run's results file
+    assert "Arithmetic:" in out and "ChatCORE over Arithmetic, Spelling (2 problems each):" in out
+    result = json.loads((base / "chat_eval" / "sft_chat_4_Arithmetic-Spelling_x2.json").read_text())
+    assert set(result["results"]) == {"Arithmetic", "Spelling"} and result["full"] is False
+    assert not (base / "chat_eval" / "sft_chat_4.json").exists()
     run("scripts.chat_rl", "--model-tag", "chat", "--num-iterations", "2", "--eval-every", "-1", "--eval-problems", "2",
         "--problems-per-step", "1", "--num-samples", "2", "--max-new-tokens", "8", "--device-type", "cpu")
     rl_meta = json.loads((base / "chatrl_checkpoints" / "chat" / "meta_000002.json").read_text())

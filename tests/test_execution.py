@@ -43,6 +43,12 @@ def test_stderr_and_exit_codes():
     assert not r.success and r.error == "exit code 3" and r.stdout == "partial\n"
 
 
+def test_a_program_that_closes_its_stdout_still_completes():
+    """The bootstrap's own flush after the program raised on the closed stream: a pass reported as exit code 1."""
+    r = execute_code("import sys\nprint('done')\nsys.stdout.close()\nsys.stderr.close()\n")
+    assert r.success and r.error is None, (r.error, r.stderr)
+
+
 @pytest.mark.parametrize("exit_call", ["import sys; sys.exit(0)", "import os; os._exit(0)", "import posix; posix._exit(0)",
                                        "raise SystemExit", "import sys; sys.exit()"])
 def test_an_early_exit_is_not_a_pass(exit_call):
