@@ -310,26 +310,19 @@ class RustBPETokenizer:
 
 # -----------------------------------------------------------------------------
 
-def compute_token_bytes(tokenizer):
+def compute_token_bytes(tokenizer, as_upstream=False):
     """int32 [vocab]: UTF-8 byte length of each token's bytes, 0 for special tokens (they are
-    not text, so bits-per-byte leaves them out)."""
+    not text, so bits-per-byte leaves them out). as_upstream: counted as upstream's tok_train counts
+    them, the UTF-8 length of each token decoded on its own (one ending mid-character decodes to
+    U+FFFD, 3 bytes)."""
     enc = tokenizer.enc
     special_ids = {enc.encode_single_token(name) for name in enc.special_tokens_set}
-    lengths = [0 if i in special_ids else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
-    return torch.tensor(lengths, dtype=torch.int32)
+    length = (lambda i: len(enc.decode([i]).encode("utf-8"))) if as_upstream else (lambda i: len(enc.decode_single_token_bytes(i)))
+    return torch.tensor([0 if i in special_ids else length(i) for i in range(enc.n_vocab)], dtype=torch.int32)
 
 
 def get_tokenizer():
     return RustBPETokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
-
-
-def upstream_token_bytes(tokenizer):
-    """int32 [vocab] as upstream's tok_train counts them: the UTF-8 length of each token decoded on its
-    own (a token ending mid-character decodes to U+FFFD, 3 bytes), 0 for special tokens."""
-    enc = tokenizer.enc
-    special_ids = {enc.encode_single_token(name) for name in enc.special_tokens_set}
-    return torch.tensor([0 if i in special_ids else len(enc.decode([i]).encode("utf-8")) for i in range(enc.n_vocab)],
-                        dtype=torch.int32)
 
 
 def get_token_bytes(device="cpu", tokenizer=None):
@@ -350,7 +343,7 @@ def get_token_bytes(device="cpu", tokenizer=None):
             raise UserError(f"{path} has {token_bytes.numel()} entries but the tokenizer has {vocab_size} tokens "
                             "(python -m scripts.tok_train writes both)")
         table = token_bytes.cpu()
-        if not (torch.equal(table, compute_token_bytes(tokenizer)) or torch.equal(table, upstream_token_bytes(tokenizer))):
+        if not any(torch.equal(table, compute_token_bytes(tokenizer, as_upstream=u)) for u in (False, True)):
             raise UserError(f"{path} does not hold this tokenizer's token lengths: it belongs to another tokenizer "
                             "(python -m scripts.tok_train writes both)")
     return token_bytes
