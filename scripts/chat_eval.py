@@ -3,12 +3,14 @@ Evaluate a chat model on tasks.
 
     python -m scripts.chat_eval -i sft -a Arithmetic,Spelling          # offline tasks (no download)
     python -m scripts.chat_eval -i sft                                 # ARC-Easy/Challenge, MMLU, GSM8K, HumanEval
+    python -m scripts.chat_eval -i sft -a HumanEval-harness            # HumanEval by the official harness's program
     torchrun --standalone --nproc_per_node=8 scripts/chat_eval.py -i sft
 
 Categorical tasks (multiple choice) are scored without sampling: the letter with the highest
 logit after <|assistant_start|>, among the question's letters. Generative tasks sample an
 answer with the engine (calculator tool on) and let the task check it. ChatCORE is the mean
-over tasks of the accuracy centered by the random-guess baseline (0 for generative tasks).
+over tasks of the accuracy centered by the random-guess baseline: upstream's 0.25 for ARC and MMLU,
+1/choices for another multiple-choice task, 0 for generative tasks.
 """
 
 import os
@@ -26,6 +28,8 @@ from nanochat.engine import Engine, temperature_problem
 
 OFFLINE_TASKS = ["Arithmetic", "Spelling"]
 ONLINE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
+EXTRA_TASKS = ["HumanEval-harness"]  # not in ChatCORE: the official harness's program (tasks/humaneval.py)
+CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25}  # upstream's fixed baselines (a few ARC questions have 3 or 5 choices)
 
 
 def make_task(name):
@@ -44,10 +48,10 @@ def make_task(name):
     if name == "GSM8K":
         from tasks.gsm8k import GSM8K
         return GSM8K(subset="main", split="test")
-    if name == "HumanEval":
+    if name in ("HumanEval", "HumanEval-harness"):
         from tasks.humaneval import HumanEval
-        return HumanEval()
-    raise UserError(f"unknown task {name!r} (known: {', '.join(OFFLINE_TASKS + ONLINE_TASKS)})")
+        return HumanEval(rule="upstream" if name == "HumanEval" else "harness")
+    raise UserError(f"unknown task {name!r} (known: {', '.join(OFFLINE_TASKS + ONLINE_TASKS + EXTRA_TASKS)})")
 
 
 @torch.no_grad()
@@ -87,8 +91,11 @@ def evaluate_task(model, tokenizer, engine, task, max_problems, args, rank=0, wo
     return correct / max(total, 1)
 
 
-def random_baseline(task):
-    """Chance accuracy: 1/choices averaged over a sample of questions for multiple choice, 0 otherwise."""
+def random_baseline(name, task):
+    """Chance accuracy: upstream's constant where it has one, else 1/choices averaged over a sample of
+    questions for multiple choice, 0 for generative tasks."""
+    if name in CHANCE:
+        return CHANCE[name]
     if task.eval_type != "categorical":
         return 0.0
     sample = [task[i] for i in range(min(len(task), 100))]
@@ -128,7 +135,7 @@ def main():
         results, centered = {}, {}
         for name, task in tasks.items():
             acc = evaluate_task(model, tokenizer, engine, task, args.max_problems, args, rank, world_size)
-            base = random_baseline(task)
+            base = random_baseline(name, task)
             results[name], centered[name] = acc, (acc - base) / (1 - base)
             print0(f"{name}: {100 * acc:.2f}% (random {100 * base:.1f}%)")
         chatcore = sum(centered.values()) / len(centered) if centered else float("nan")

@@ -50,7 +50,11 @@ def test_accuracy_and_random_baseline():
     model = LetterModel(tok.encode("B")[0], tok.get_vocab_size())
     assert evaluate_task(model, tok, None, task, -1, None) == 0.25  # gold is B for 2 of 8
     assert evaluate_task(model, tok, None, task, 4, None) == 0.25   # --max-problems 4: golds A, B, C, D
-    assert random_baseline(task) == 0.25
+    assert random_baseline("Quiz", task) == 0.25
+    # upstream centers ARC and MMLU on a fixed 0.25, whatever a sample's choice counts (ARC has 3- and 5-choice questions)
+    three = ListTask([mc_conversation("Q", ["a", "b", "c"], gold_index=0)] * 4)
+    assert random_baseline("Quiz", three) == pytest.approx(1 / 3)
+    assert random_baseline("ARC-Challenge", three) == random_baseline("MMLU", three) == 0.25
 
 
 @pytest.mark.parametrize("flags, needle", [(["-x", "0"], "--max-problems"), (["-x", "-2"], "--max-problems"),

@@ -23,7 +23,7 @@ from tasks.smoltalk import SmolTalk
 from tasks.mmlu import MMLU
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K, parse_calculator_annotations
-from tasks.humaneval import HumanEval, build_program, extract_program
+from tasks.humaneval import HumanEval, build_program, extract_program, extract_program_upstream, leading_imports
 from tasks.arithmetic import Arithmetic
 from tasks.spelling import Spelling, WORDS, split_words
 from tasks.identity import Identity, CONVERSATIONS
@@ -197,25 +197,53 @@ def test_extract_answer():
     assert not answers_equal(None, None) and not answers_equal(None, "1") and not answers_equal("7", "8")
 
 
-def test_humaneval_local_and_program(tmp_path, tokenizer, monkeypatch):
-    task = HumanEval(data_files=write_jsonl(tmp_path / "he.jsonl", HUMANEVAL_ROWS))
+def fake_execution(monkeypatch):
+    """execution is nanochat.execution's job; stand in for it with a plain subprocess"""
+    def execute_code(program, timeout=5.0):
+        r = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=timeout)
+        return types.SimpleNamespace(success=r.returncode == 0)
+    monkeypatch.setitem(sys.modules, "nanochat.execution", types.SimpleNamespace(execute_code=execute_code))
+
+
+def test_humaneval_harness_rule_runs_the_prompt_with_the_reply(tmp_path, tokenizer, monkeypatch):
+    task = HumanEval(data_files=write_jsonl(tmp_path / "he.jsonl", HUMANEVAL_ROWS), rule="harness")
     conv = task[0]
     assert_renders(tokenizer, conv)
-    assert conv["entry_point"] == "add"
+    assert conv["entry_point"] == "add" and conv["messages"][0]["content"].startswith("Complete this Python function")
     # the reference answer, as the model would write it, is a fenced block holding the whole function
     completion = extract_program(conv["messages"][-1]["content"])
     assert completion.startswith("def add(a, b):") and "return a + b" in completion
     program = build_program(conv, completion)
     assert program.rstrip().endswith("check(add)")
-    # execution is nanochat.execution's job; stand in for it with a plain subprocess
-    def execute_code(program, timeout=5.0):
-        r = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=timeout)
-        return types.SimpleNamespace(success=r.returncode == 0)
-    monkeypatch.setitem(sys.modules, "nanochat.execution", types.SimpleNamespace(execute_code=execute_code))
+    fake_execution(monkeypatch)
     assert task.evaluate(conv, conv["messages"][-1]["content"]) is True
     assert task.evaluate(conv, "    return a + b\n") is True  # a body that continues the prompt
     assert task.evaluate(conv, "```python\ndef add(a, b):\n    return a - b\n```") is False
     assert task.evaluate(conv, "def add(a, b) return") is False  # syntax error
+
+
+def test_humaneval_default_is_upstreams_rule_imports_and_the_replys_code_only(tmp_path, tokenizer, monkeypatch):
+    """Upstream asks with the bare prompt and runs the prompt's imports + the reply's code + tests: a body
+    that continues the prompt, or a helper only the prompt defines, fails there (ChatCORE compares only so)."""
+    rows = [dict(HUMANEVAL_ROWS[0], prompt="# helpers\nimport math\n\nfrom typing import List\n"
+                 "def half(x):\n    return x / 2\n\ndef add(a, b):\n    \"\"\"Return a + b.\"\"\"\n")]
+    task = HumanEval(data_files=write_jsonl(tmp_path / "he.jsonl", rows))
+    conv = task[0]
+    assert_renders(tokenizer, conv)
+    assert conv["messages"][0]["content"] == rows[0]["prompt"]
+    assert conv["messages"][1]["content"] == rows[0]["prompt"] + "\n" + rows[0]["canonical_solution"]
+    assert leading_imports(rows[0]["prompt"]) == "import math\nfrom typing import List"
+    assert extract_program_upstream("Sure:\n```python\n  x = 1\n```\n```\ny\n```") == "x = 1"
+    assert extract_program_upstream("```python\nno closing fence") == "```python\nno closing fence"
+    fake_execution(monkeypatch)
+    good = "Here it is:\n```python\ndef add(a: List[int], b):\n    return math.floor(a + b)\n```\nDone."
+    assert task.evaluate(conv, good) is True  # the prompt's imports are run
+    assert task.evaluate(conv, conv["messages"][1]["content"]) is True  # the reference, unfenced
+    assert task.evaluate(conv, "    return a + b\n") is False  # a body alone: stripped, "return" outside a function
+    assert task.evaluate(conv, "```python\ndef add(a, b):\n    return int(half(2 * a + 2 * b))\n```") is False  # half() is the prompt's
+    assert HumanEval(data_files=tmp_path / "he.jsonl", rule="harness").evaluate(
+        conv, "```python\ndef add(a, b):\n    return int(half(2 * a + 2 * b))\n```") is True
+    assert task.evaluate(conv, "```python\ndef add(a, b):\n    return a + b\n") is False  # cut before its closing fence
 
 
 def test_smoltalk_local_parquet(tmp_path, tokenizer):
