@@ -66,6 +66,7 @@ SUMMARY_METRICS = [
     ("GSM8K", ("gsm8k",)),
     ("HumanEval", ("humaneval",)),
     ("ChatCORE", ("chatcore",)),
+    ("ChatCORE-5", ("chatcore5",)),  # chat_eval's default tasks: upstream's ChatCORE less SpellingBee
     ("Arithmetic", ("arithmetic",)),
     ("Spelling", ("spelling",)),
 ]

@@ -41,7 +41,7 @@ def log_pipeline(report):
     report.log(section="Chat SFT", data=[{"num_iterations": 20}, {"wall_clock_s": 60.0}])
     report.log(section="Tokenizer training", data=[{"vocab_size": 512, "wall_clock_s": 5.0}])
     report.log(section="Base model training", data=[{"depth": 4, "val_bpb": 1.25, "wall_clock_s": 3600.0}, "trained on CPU"])
-    report.log(section="Chat evaluation rl", data=[{"GSM8K": 0.125, "Spelling": 0.75}])
+    report.log(section="Chat evaluation rl", data=[{"GSM8K": 0.125, "Spelling": 0.75, "ChatCORE-5": 0.07}])
 
 
 def headings(markdown):
@@ -86,6 +86,7 @@ def test_generate_orders_sections_and_summarizes(base):
         "MMLU": ["-", "0.2700", "-"],
         "GSM8K": ["-", "-", "0.1250"],
         "ChatCORE": ["-", "0.0500", "-"],
+        "ChatCORE-5": ["-", "-", "0.0700"],
         "Arithmetic": ["-", "0.5000", "-"],
         "Spelling": ["-", "-", "0.7500"],
     }
