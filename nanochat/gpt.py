@@ -242,7 +242,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Spec init; also (re)builds the rotary tables, so it works after to_empty() from meta."""
+        """Spec init, drawn in upstream's order (so one seed gives upstream's weights); also (re)builds the
+        rotary tables, so it works after to_empty() from meta."""
         n_embd, n_layer = self.config.n_embd, self.config.n_layer
         bound = math.sqrt(3.0 / n_embd)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
@@ -250,20 +251,21 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(lin.weight, -bound, bound)
-            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
             nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if hasattr(block.attn, "ve_gate"):
-                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
-        for emb in self.value_embeds.values():
-            nn.init.uniform_(emb.weight, -bound, bound)
         denom = max(n_layer - 1, 1)
         for i in range(n_layer):
             self.resid_lambdas[i] = 1.15 - 0.10 * i / denom
             self.x0_lambdas[i] = 0.20 - 0.15 * i / denom
-        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for emb in self.value_embeds.values():  # in layer order
+            nn.init.uniform_(emb.weight, -bound, bound)
+        for block in self.transformer.h:
+            if hasattr(block.attn, "ve_gate"):
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         self.init_rotary()
         self.cast_embeddings(compute_dtype(self.get_device().type))
 

@@ -98,6 +98,24 @@ def test_reference_padding_and_ve_layers():
     assert [k for k in three if k.startswith("value_embeds.")] == ["value_embeds.0.weight", "value_embeds.2.weight"]
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_init_draws_upstreams_weights_for_a_seed(name):
+    """Upstream draws smear_gate, then the value embeddings, then the ve_gates, after every block's
+    matrices; ours drew each ve_gate inside its block and the value embeddings before smear_gate: the same
+    distributions, other weights for one seed (a vanilla run here and upstream's started apart)."""
+    cfg = CONFIGS[name]
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{k: cfg[k] for k in ref.MODEL_CONFIG_FIELDS}))
+    model.to_empty(device="cpu")
+    torch.manual_seed(1234)
+    model.init_weights()
+    want = ref.reference_init(cfg, 1234)
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k].float(), want[k]), k
+
+
 # -----------------------------------------------------------------------------
 # upstream -> here
 

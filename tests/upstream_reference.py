@@ -132,6 +132,41 @@ def random_state_dict(config, seed):
     return sd
 
 
+def reference_init(config, seed):
+    """Upstream's init_weights as its draws come, one generator seeded once: wte N(0, 0.8), lm_head
+    N(0, 0.001), per layer c_q, c_k, c_v U(+-s) (c_proj zero) and c_fc U(+-0.4s) (mlp c_proj zero), the
+    lambdas (no draw), smear_gate U(0, 0.02), the value embeddings in layer order U(+-s), then the ve_gates
+    in layer order U(0, 0.02); s = sqrt(3 / n_embd)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes, n, s = expected_shapes(config), config["n_layer"], math.sqrt(3 / config["n_embd"])
+    sd = {}
+
+    def draw(key, kind, a, b):
+        t = torch.empty(shapes[key])
+        sd[key] = t.normal_(a, b, generator=g) if kind == "normal" else t.uniform_(a, b, generator=g)
+
+    draw("transformer.wte.weight", "normal", 0.0, 0.8)
+    draw("lm_head.weight", "normal", 0.0, 0.001)
+    for i in range(n):
+        p = f"transformer.h.{i}."
+        for name in ("attn.c_q", "attn.c_k", "attn.c_v"):
+            draw(p + name + ".weight", "uniform", -s, s)
+        sd[p + "attn.c_proj.weight"] = torch.zeros(shapes[p + "attn.c_proj.weight"])
+        draw(p + "mlp.c_fc.weight", "uniform", -0.4 * s, 0.4 * s)
+        sd[p + "mlp.c_proj.weight"] = torch.zeros(shapes[p + "mlp.c_proj.weight"])
+    sd["resid_lambdas"] = torch.tensor([1.15 - 0.10 * i / max(n - 1, 1) for i in range(n)])
+    sd["x0_lambdas"] = torch.tensor([0.20 - 0.15 * i / max(n - 1, 1) for i in range(n)])
+    sd["smear_lambda"], sd["backout_lambda"] = torch.zeros(1), torch.full((1,), 0.2)
+    draw("smear_gate.weight", "uniform", 0.0, 0.02)
+    for i in range(n):
+        if has_value_embedding(i, n):
+            draw(f"value_embeds.{i}.weight", "uniform", -s, s)
+    for i in range(n):
+        if has_value_embedding(i, n):
+            draw(f"transformer.h.{i}.attn.ve_gate.weight", "uniform", 0.0, 0.02)
+    return sd
+
+
 # -----------------------------------------------------------------------------
 # The reference forward pass
 
