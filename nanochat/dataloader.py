@@ -1,28 +1,32 @@
 """
 Pretraining batches: every row starts at a document's BOS and is packed best-fit from a
-buffer of tokenized documents, with no padding.
+buffer of tokenized documents, with no padding. The documents come in upstream nanochat's
+order, so a vanilla run here reads upstream's batches.
 
-Filling a row of T+1 tokens: take the largest buffered document that fits the space left;
-when none fits, crop the shortest one to fill the row exactly and drop the rest of it.
-(So a document is either used whole or cropped once; nothing is carried over to the next
-row, and the buffer only ever holds whole documents.)
+Filling a row of T+1 tokens: take the largest buffered document that fits the space left
+(the oldest among equal lengths); when none fits, crop the shortest (the oldest among equal
+lengths) to fill the row exactly and drop the rest of it. (So a document is either used whole
+or cropped once; nothing is carried over to the next row.)
 
-Data order: rank r of world W reads the split's row groups r, r+W, r+2W, ... (counted over
-all the split's files, see dataset.parquets_iter_batched); each row group read is tokenized
-and poured into the buffer whenever the buffer holds fewer than buffer_size documents, unless
-documents of that row group are still in the buffer (so a dataset smaller than the buffer
-never holds two copies of a document at once). When the rank's row groups run out, it starts
-over from the first and epoch goes up by one.
+Data order: rank r of world W reads, in each file of the split in turn, row groups r, r+W,
+r+2W, ... (see dataset.parquets_iter_batched); whenever the buffer holds fewer than
+buffer_size documents it takes the next CHUNK (128) documents of that stream and tokenizes
+them, so it holds buffer_size .. buffer_size+127. When the rank's row groups run out it starts
+over from the first and epoch goes up by one. One guard upstream lacks: a chunk whose
+documents are still in the buffer is not read again until they leave it (a dataset smaller
+than the buffer never holds two copies of a document at once).
 
-Resume is exact: the state_dict yielded with a batch holds
-    pq_idx, rg_idx  the next row group this rank will read (file index within the split,
-                    row group index within that file), epoch  its epoch (starts at 1),
+The state_dict yielded with a batch holds
+    pq_idx, rg_idx, epoch  the row group (file index within the split, row group index within
+                    that file) the newest chunk came from, and its epoch: upstream's state,
+    row             the next unread document of that row group,
     buffer          the buffered documents as [pq_idx, rg_idx, row] references, in buffer order,
     rank, world_size  whose state this is.
-A new loader re-reads and re-tokenizes exactly those documents and yields the same batches
-an uninterrupted loader would have. A state without `buffer` (upstream nanochat writes only
-pq_idx/rg_idx/epoch) or from another rank/world size resumes approximately: empty buffer,
-reading from this rank's first row group at or after (pq_idx, rg_idx).
+Resume from it is exact: a new loader re-reads and re-tokenizes exactly those documents and
+yields the same batches an uninterrupted loader would have. A state without `row` / `buffer`
+(upstream nanochat writes only pq_idx/rg_idx/epoch) or from another rank/world size resumes
+as upstream does: empty buffer, reading from row group (rg_idx // W + 1) * W + r of file
+pq_idx (the next file's first if that is past its end).
 
 Synthetic long-range documents (long_range_frac > 0, see longrange.py): each row group read
 gets round(long_range_frac * len(texts)) of them appended after its real texts, each
@@ -41,8 +45,10 @@ from collections import Counter
 import torch
 
 from nanochat.common import UserError, get_dist_info, print0
-from nanochat.dataset import split_paths, row_group_offsets, locate_row_group, read_row_group
+from nanochat.dataset import split_paths, read_row_group, open_shard
 from nanochat.longrange import TooShort, mix_documents
+
+CHUNK = 128  # documents tokenized per refill (upstream's tokenizer batch)
 
 
 def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=None, buffer_size=1000, data_dir=None,
@@ -56,11 +62,11 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
                         f"whole (their answer is their last tokens); use 2..{T + 1}")
     _, rank, _, world_size = get_dist_info()
     paths = split_paths(split, data_dir)
-    offsets = row_group_offsets(paths)
-    total = offsets[-1]  # row groups in the split
-    if total < world_size:
-        raise UserError(f"the {split} split has {total} row groups, fewer than the {world_size} ranks reading it")
-    num_mine = len(range(rank, total, world_size))  # this rank's row groups per epoch
+    num_row_groups = [open_shard(path).num_row_groups for path in paths]
+    mine = [(pq_idx, rg_idx) for pq_idx, n in enumerate(num_row_groups) for rg_idx in range(rank, n, world_size)]
+    if not mine:
+        raise UserError(f"the {split} split's files have at most {max(num_row_groups)} row groups each, "
+                        f"fewer than the {world_size} ranks reading it (rank {rank} would read none)")
     bos = tokenizer.get_bos_token_id()
     row_len = T + 1  # inputs are row[:-1], targets row[1:]
     device = torch.device(device)
@@ -78,86 +84,108 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
                                 f"needs at least {e.needed + 1}") from None
         return texts
 
+    cache = {}  # the row group being read: (pq_idx, rg_idx) -> its texts
+
+    def texts_of(key):
+        if key not in cache:
+            cache.clear()
+            cache[key] = read_texts(*key)
+        return cache[key]
+
     # The buffer, sorted by length (equal lengths in insertion order), as parallel lists:
     # lengths[i] = len(docs[i]); docs[i] = token ids with BOS first; refs[i] = (pq_idx, rg_idx, row)
     lengths, docs, refs = [], [], []
-    in_buffer = Counter()  # (pq_idx, rg_idx) -> number of its documents in the buffer
+    in_buffer = Counter()  # (pq_idx, rg_idx, row // CHUNK) -> number of that chunk's documents in the buffer
 
     def add(tokens, ref):
         i = bisect.bisect_right(lengths, len(tokens))
         lengths.insert(i, len(tokens))
         docs.insert(i, tokens)
         refs.insert(i, ref)
-        in_buffer[ref[:2]] += 1
+        in_buffer[(ref[0], ref[1], ref[2] // CHUNK)] += 1
 
     def take(i):
         lengths.pop(i)
-        in_buffer[refs.pop(i)[:2]] -= 1
+        pq_idx, rg_idx, row = refs.pop(i)
+        in_buffer[(pq_idx, rg_idx, row // CHUNK)] -= 1
         return docs.pop(i)
 
-    # Position: k = index of the next row group among this rank's (global index rank + k*world)
-    k, epoch = 0, 1
+    # Position: the next document is row `row` of mine[k], in epoch `epoch` (row may be past the row group's
+    # end until the next read moves on); `last` is the state's (pq_idx, rg_idx, epoch, row) after the newest chunk
+    k, row, epoch = 0, 0, 1
+    last = (*mine[0], 1, 0)
     if resume_state_dict is not None:
         state = resume_state_dict
         buffer = state.get("buffer", []) if isinstance(state, dict) else None
-        if not isinstance(state, dict) or not all(type(state.get(k, 1)) is int for k in ("pq_idx", "rg_idx", "epoch", "rank", "world_size")) \
+        if not isinstance(state, dict) or not all(type(state.get(key, 1)) is int for key in ("pq_idx", "rg_idx", "epoch", "row", "rank", "world_size")) \
                 or "pq_idx" not in state or "rg_idx" not in state or not isinstance(buffer, list) \
                 or not all(isinstance(r, (list, tuple)) and len(r) == 3 and all(type(x) is int and x >= 0 for x in r) for r in buffer):
             raise UserError(f"dataloader resume state is damaged (expected pq_idx, rg_idx, epoch integers and a buffer of "
                             f"[shard, row group, row] triples, got {str(state)[:120]})")
         pq_idx, rg_idx, epoch = state["pq_idx"], state["rg_idx"], state.get("epoch", 1)
-        if not (0 <= pq_idx < len(paths) and 0 <= rg_idx < offsets[pq_idx + 1] - offsets[pq_idx]):
+        if not (0 <= pq_idx < len(paths) and 0 <= rg_idx < num_row_groups[pq_idx]):
             raise UserError(f"dataloader resume state (pq_idx={pq_idx}, rg_idx={rg_idx}) does not match "
                             f"the {split} shards in {os.path.dirname(paths[0])}")
-        g = offsets[pq_idx] + rg_idx
-        k = max(0, -(-(g - rank) // world_size))  # first of this rank's row groups at or after g
-        if k >= num_mine:
-            k, epoch = 0, epoch + 1
-        exact = "buffer" in state and state.get("rank", 0) == rank and state.get("world_size", 1) == world_size
+        exact = all(key in state for key in ("buffer", "row")) and (pq_idx, rg_idx) in mine \
+            and state.get("rank", 0) == rank and state.get("world_size", 1) == world_size
         if exact:
-            restore_buffer(state["buffer"], paths, offsets, read_texts, tokenizer, bos, lengths, docs, refs)
-            in_buffer.update(ref[:2] for ref in refs)
-        else:
-            print0(f"dataloader: approximate resume of the {split} split from pq_idx={pq_idx}, rg_idx={rg_idx}, "
+            k, row = mine.index((pq_idx, rg_idx)), state["row"]
+            last = (pq_idx, rg_idx, epoch, row)
+            restore_buffer(state["buffer"], paths, num_row_groups, read_texts, tokenizer, bos, lengths, docs, refs)
+            in_buffer.update((p, g, r // CHUNK) for p, g, r in refs)
+        else:  # upstream's resume: the next stride block of row groups in that file
+            start = (pq_idx, (rg_idx // world_size + 1) * world_size + rank)
+            k = next((i for i, key in enumerate(mine) if key >= start), None)
+            if k is None:
+                k, epoch = 0, epoch + 1
+            print0(f"dataloader: approximate resume of the {split} split after pq_idx={pq_idx}, rg_idx={rg_idx}, "
                    f"epoch={epoch} (no buffer state for rank {rank} of {world_size})")
 
-    def next_row_group():
-        return locate_row_group(offsets, rank + k * world_size)
-
-    def refill():
-        nonlocal k, epoch
-        for _ in range(num_mine + 1):  # normally one pass; the loop only guards against empty data
-            pq_idx, rg_idx = next_row_group()
-            texts = read_texts(pq_idx, rg_idx)
-            for row, tokens in enumerate(tokenizer.encode(texts, prepend=bos) if texts else []):
-                add(tokens, (pq_idx, rg_idx, row))
-            k += 1
-            if k == num_mine:
+    def next_texts():
+        """Move the position past exhausted row groups; the texts of the one it is in."""
+        nonlocal k, row, epoch
+        for _ in range(len(mine) + 1):  # normally at most one step; the bound guards against empty data
+            texts = texts_of(mine[k])
+            if row < len(texts):
+                return texts
+            k, row = k + 1, 0
+            if k == len(mine):
                 k, epoch = 0, epoch + 1
-            if texts:
-                return
         raise UserError(f"the {split} row groups of rank {rank} hold no documents")
 
+    def next_chunk_key():
+        next_texts()
+        return (*mine[k], row // CHUNK)
+
+    def refill():
+        nonlocal row, last
+        texts = next_texts()
+        chunk = texts[row:row + CHUNK]
+        for j, tokens in enumerate(tokenizer.encode(chunk, prepend=bos)):
+            add(tokens, (*mine[k], row + j))
+        row += len(chunk)
+        last = (*mine[k], epoch, row)
+
     def state_dict():
-        pq_idx, rg_idx = next_row_group()
-        return {"pq_idx": pq_idx, "rg_idx": rg_idx, "epoch": epoch, "rank": rank, "world_size": world_size,
-                "buffer": [list(ref) for ref in refs]}
+        pq_idx, rg_idx, last_epoch, last_row = last
+        return {"pq_idx": pq_idx, "rg_idx": rg_idx, "epoch": last_epoch, "row": last_row, "rank": rank,
+                "world_size": world_size, "buffer": [list(ref) for ref in refs]}
 
     while True:
         rows = []
         for _ in range(B):
-            row = []
-            while len(row) < row_len:
+            out = []
+            while len(out) < row_len:
                 # top up the buffer, but never with a second copy of a document (tiny datasets)
-                while len(docs) < buffer_size and in_buffer[next_row_group()] == 0:
+                while len(docs) < buffer_size and in_buffer[next_chunk_key()] == 0:
                     refill()
-                space = row_len - len(row)
-                i = bisect.bisect_right(lengths, space) - 1  # the largest document that fits whole
+                space = row_len - len(out)
+                i = bisect.bisect_right(lengths, space) - 1  # the largest length that fits whole ...
                 if i >= 0:
-                    row.extend(take(i))
+                    out.extend(take(bisect.bisect_left(lengths, lengths[i])))  # ... its oldest document
                 else:
-                    row.extend(take(0)[:space])  # nothing fits: crop the shortest, drop its remainder
-            rows.append(row)
+                    out.extend(take(0)[:space])  # nothing fits: crop the shortest (oldest), drop its remainder
+            rows.append(out)
         batch = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
         inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # (B, T) each
         if device.type == "cuda":
@@ -168,7 +196,7 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
         yield inputs, targets, state_dict()
 
 
-def restore_buffer(buffer_refs, paths, offsets, read_texts, tokenizer, bos, lengths, docs, refs):
+def restore_buffer(buffer_refs, paths, num_row_groups, read_texts, tokenizer, bos, lengths, docs, refs):
     """Re-read (read_texts(pq_idx, rg_idx) -> the row group's documents) and re-tokenize the
     documents named by buffer_refs into the (empty) buffer lists, in the saved order; checks
     that they come out sorted, i.e. that the data did not change."""
@@ -177,7 +205,7 @@ def restore_buffer(buffer_refs, paths, offsets, read_texts, tokenizer, bos, leng
         wanted.setdefault((pq_idx, rg_idx), set()).add(row)
     tokens_of = {}
     for (pq_idx, rg_idx), rows in wanted.items():
-        if not (0 <= pq_idx < len(paths) and 0 <= rg_idx < offsets[pq_idx + 1] - offsets[pq_idx]):
+        if not (0 <= pq_idx < len(paths) and 0 <= rg_idx < num_row_groups[pq_idx]):
             raise UserError(f"dataloader resume state names row group {rg_idx} of shard {pq_idx}, which does not exist")
         texts = read_texts(pq_idx, rg_idx)
         rows = sorted(rows)

@@ -124,13 +124,11 @@ def locate_row_group(offsets, g):
 
 
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
-    """Yield the texts (list[str]) of the split's row groups start, start+step, ..., counted
-    over all of the split's row groups (DDP: start=rank, step=world_size)."""
-    paths = split_paths(split, data_dir)
-    offsets = row_group_offsets(paths)
-    for g in range(start, offsets[-1], step):
-        pq_idx, rg_idx = locate_row_group(offsets, g)
-        yield read_row_group(paths[pq_idx], rg_idx)
+    """Yield the texts (list[str]) of row groups start, start+step, ... of each of the split's
+    files in turn, as upstream reads them (DDP: start=rank, step=world_size)."""
+    for path in split_paths(split, data_dir):
+        for rg_idx in range(start, open_shard(path).num_row_groups, step):
+            yield read_row_group(path, rg_idx)
 
 # -----------------------------------------------------------------------------
 # Downloading

@@ -4,6 +4,8 @@ import json
 import random
 
 import pytest
+import sys
+
 import torch
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,6 +140,26 @@ def test_best_fit_picks_largest_that_fits_then_crops_shortest():
     assert rows[1] == enc("bbbb") + enc("ccc") + [BOS]    # 5, 4, then nothing fits 1: crop "e" to its BOS
     assert rows[2] == rows[0]                             # buffer empty: the epoch wraps, same again
 
+@pytest.mark.parametrize("rank,world_size,buffer_size,steps", [(0, 1, 1000, 150), (1, 2, 1000, 60), (0, 1, 200, 150)])
+def test_batches_are_upstreams(monkeypatch, rank, world_size, buffer_size, steps):
+    """The same rows as a plain reading of upstream's loader: ours refilled a whole row group at a time,
+    took the newest of equal lengths and strode row groups across files. (Within an epoch: past it, a
+    chunk whose documents are still buffered waits here, where upstream buffers a second copy.)"""
+    import upstream_reference as ref
+    from nanochat.dataset import list_parquet_files
+    if world_size > 1:
+        set_rank(monkeypatch, rank, world_size)
+    T, B = 64, 4
+    make_dataset([[600, 900, 500], [800, 700], [5]], max_len=90, seed=3)  # 3,500 train documents, lengths 6..100
+    theirs = ref.reference_bestfit_rows(list_parquet_files()[:-1], ByteTokenizer(), B, T, rank, world_size,
+                                        buffer_size=buffer_size)
+    ours = bos_bestfit_loader(ByteTokenizer(), B, T, "train", buffer_size=buffer_size)
+    for step in range(steps):
+        inputs, targets, state = next(ours)
+        assert full_rows(inputs, targets) == next(theirs), f"batch {step}"
+    assert (state["pq_idx"], state["rg_idx"]) != (0, rank) and state["epoch"] == 1  # past the first row group
+
+
 # -----------------------------------------------------------------------------
 # DDP, epochs, resume
 
@@ -154,9 +176,9 @@ def test_ddp_ranks_read_disjoint_row_groups(monkeypatch):
             for row in full_rows(inputs, targets):
                 refs.update(tag_of(s)[:2] for s in segments(row) if tag_of(s) is not None)
         seen[rank] = refs
-    # global row groups 0..4 = (0,0) (0,1) (0,2) (1,0) (1,1): rank 0 gets 0, 2, 4; rank 1 gets 1, 3
-    assert seen[0] == {(0, 0), (0, 2), (1, 1)}
-    assert seen[1] == {(0, 1), (1, 0)}
+    # as upstream: each file's row groups rank, rank + 2, ... (file 0 has 3, file 1 has 2)
+    assert seen[0] == {(0, 0), (0, 2), (1, 0)}
+    assert seen[1] == {(0, 1), (1, 1)}
 
 
 def test_epoch_wraps_around(monkeypatch):
@@ -222,13 +244,20 @@ def test_resume_state_is_needed(monkeypatch):
 
 
 def test_approximate_resume_from_upstream_state():
+    """Upstream's state names the row group its newest documents came from; it resumes at the next one."""
     T = 48
     make_dataset([[4, 4], [4, 4], [3]], max_len=T // 2)
     state = {"pq_idx": 1, "rg_idx": 0, "epoch": 1}
     inputs, targets, new_state = next(bos_bestfit_loader(ByteTokenizer(), 1, T, "train", resume_state_dict=state,
                                                          buffer_size=1))
-    assert tag_of(segments(full_rows(inputs, targets)[0])[0])[:2] == (1, 0)  # starts reading at (1, 0)
-    assert new_state["epoch"] == 1
+    assert tag_of(segments(full_rows(inputs, targets)[0])[0])[:2] == (1, 1)  # starts reading at (1, 1)
+    assert (new_state["pq_idx"], new_state["rg_idx"], new_state["epoch"]) == (1, 1, 1)
+    # past the split's last row group: the next epoch, from the first
+    last = {"pq_idx": 1, "rg_idx": 1, "epoch": 1}
+    inputs, targets, new_state = next(bos_bestfit_loader(ByteTokenizer(), 1, T, "train", resume_state_dict=last,
+                                                         buffer_size=1))
+    assert tag_of(segments(full_rows(inputs, targets)[0])[0])[:2] == (0, 0)
+    assert (new_state["pq_idx"], new_state["rg_idx"], new_state["epoch"]) == (0, 0, 2)
 
 
 def test_foreign_rank_state_resumes_on_own_row_groups(monkeypatch):
@@ -236,14 +265,14 @@ def test_foreign_rank_state_resumes_on_own_row_groups(monkeypatch):
     make_dataset([[4, 4, 4], [4, 4], [3]], max_len=T // 2)
     set_rank(monkeypatch, 0, 2)
     state = next(bos_bestfit_loader(ByteTokenizer(), 1, T, "train", buffer_size=1))[2]
-    assert (state["pq_idx"], state["rg_idx"]) == (0, 2)  # rank 0 reads global row groups 0, 2, 4
+    assert (state["pq_idx"], state["rg_idx"]) == (0, 0)  # rank 0 reads (0, 0), (0, 2), (1, 0)
     set_rank(monkeypatch, 1, 2)
     batches = take(bos_bestfit_loader(ByteTokenizer(), 1, T, "train", resume_state_dict=state, buffer_size=1), 8)
-    # rank 1 reads 1, 3: it continues from its first row group at or after global 2, i.e. 3 = (1, 0)
-    assert tag_of(segments(full_rows(*batches[0][:2])[0])[0])[:2] == (1, 0)
+    # rank 1 reads (0, 1), (1, 1): upstream's next stride block in file 0 is row group 3, past its end: (1, 1)
+    assert tag_of(segments(full_rows(*batches[0][:2])[0])[0])[:2] == (1, 1)
     for inputs, targets, _ in batches:
         for seg in segments(full_rows(inputs, targets)[0]):
-            assert tag_of(seg) is None or tag_of(seg)[:2] in {(0, 1), (1, 0)}
+            assert tag_of(seg) is None or tag_of(seg)[:2] in {(0, 1), (1, 1)}
 
 
 def test_errors():
@@ -252,7 +281,7 @@ def test_errors():
     with pytest.raises(UserError, match="does not match"):
         next(bos_bestfit_loader(ByteTokenizer(), 1, T, "train", resume_state_dict={"pq_idx": 5, "rg_idx": 0}))
     with pytest.raises(UserError, match="row group 9"):
-        bad = {"pq_idx": 0, "rg_idx": 0, "epoch": 1, "rank": 0, "world_size": 1, "buffer": [[0, 9, 0]]}
+        bad = {"pq_idx": 0, "rg_idx": 0, "epoch": 1, "row": 1, "rank": 0, "world_size": 1, "buffer": [[0, 9, 0]]}
         next(bos_bestfit_loader(ByteTokenizer(), 1, T, "train", resume_state_dict=bad))
 
 

@@ -232,17 +232,19 @@ def test_list_parquet_files(tmp_path):
                                                   str(tmp_path / "shard_00001.parquet")]
 
 
-def test_row_groups_are_counted_over_the_split(monkeypatch):
+def test_ranks_stride_the_row_groups_of_each_file_as_upstream(monkeypatch):
+    """Upstream starts at row group `rank` in every file; ours strode over the split's row groups counted
+    across files (rank 1 of 2 read file 1's row groups 0 and 2 here, where upstream reads its row group 1)."""
     monkeypatch.setenv("NANOCHAT_DATASET", "tiny")
     data_dir = get_data_dir()
     os.makedirs(data_dir)
-    layout = [[2, 1], [1, 1, 1], [1]]  # docs per row group; the last file is val
+    layout = [[2, 1, 1], [1, 1, 1], [1]]  # docs per row group; the last file is val
     for pq_idx, sizes in enumerate(layout):
         write_parquet(os.path.join(data_dir, shard_filename(pq_idx)),
                       [[f"{pq_idx}.{rg}.{row}" for row in range(n)] for rg, n in enumerate(sizes)])
-    assert list(parquets_iter_batched("train")) == [["0.0.0", "0.0.1"], ["0.1.0"], ["1.0.0"], ["1.1.0"], ["1.2.0"]]
+    assert list(parquets_iter_batched("train")) == [["0.0.0", "0.0.1"], ["0.1.0"], ["0.2.0"], ["1.0.0"], ["1.1.0"], ["1.2.0"]]
     assert list(parquets_iter_batched("train", start=1, step=2)) == [["0.1.0"], ["1.1.0"]]
-    assert list(parquets_iter_batched("train", start=0, step=2)) == [["0.0.0", "0.0.1"], ["1.0.0"], ["1.2.0"]]
+    assert list(parquets_iter_batched("train", start=0, step=2)) == [["0.0.0", "0.0.1"], ["0.2.0"], ["1.0.0"], ["1.2.0"]]
     assert list(parquets_iter_batched("val")) == [["2.0.0"]]
     assert list(parquets_iter_batched("val", start=1, step=2)) == []
 

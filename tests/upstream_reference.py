@@ -305,3 +305,43 @@ def write_upstream_tokenizer(tokenizer_dir, texts, vocab_size):
     token_bytes = [0 if i in special_ids else len(enc.decode_single_token_bytes(i)) for i in range(vocab_size)]
     torch.save(torch.tensor(token_bytes, dtype=torch.int32), os.path.join(tokenizer_dir, "token_bytes.pt"))
     return enc
+
+
+# -----------------------------------------------------------------------------
+# The pretraining loader's order (nanochat/dataloader.py upstream), as plain lists
+
+def reference_bestfit_rows(paths, tokenizer, B, T, rank=0, world_size=1, chunk=128, buffer_size=1000):
+    """Yield batches of B rows of T+1 token ids as upstream's best-fit loader packs them: each file's row
+    groups rank, rank + world_size, ... in turn, `chunk` documents tokenized (BOS first) per refill, the
+    buffer topped up while it holds fewer than buffer_size; a row takes the first document of the largest
+    length that fits, else the first shortest, cropped to the space left."""
+    import pyarrow.parquet as pq
+
+    def documents():
+        while True:  # epochs
+            for path in paths:
+                pf = pq.ParquetFile(path)
+                for rg in range(rank, pf.num_row_groups, world_size):
+                    texts = pf.read_row_group(rg).column("text").to_pylist()
+                    for i in range(0, len(texts), chunk):
+                        yield texts[i:i + chunk]
+
+    source, buffer = documents(), []
+    while True:
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < T + 1:
+                while len(buffer) < buffer_size:
+                    buffer.extend(tokenizer.encode(next(source), prepend=tokenizer.get_bos_token_id()))
+                space, best = T + 1 - len(row), None
+                for i, doc in enumerate(buffer):
+                    if len(doc) <= space and (best is None or len(doc) > len(buffer[best])):
+                        best = i
+                if best is not None:
+                    row.extend(buffer.pop(best))
+                else:
+                    shortest = min(range(len(buffer)), key=lambda i: len(buffer[i]))
+                    row.extend(buffer.pop(shortest)[:space])
+            rows.append(row)
+        yield rows
