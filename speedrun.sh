@@ -31,6 +31,6 @@ wait $DOWNLOAD_PID
 torchrun --standalone --nproc_per_node="$NPROC" scripts/base_train.py --depth "$DEPTH" --overwrite --run "$RUN"
 torchrun --standalone --nproc_per_node="$NPROC" scripts/base_eval.py --model-tag "d$DEPTH"
 
-torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_sft.py --model-tag "d$DEPTH" --overwrite --mixture full --num-iterations 1000 --run "$RUN"
+torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_sft.py --model-tag "d$DEPTH" --overwrite --mixture full --run "$RUN"  # upstream's recipe: one epoch
 torchrun --standalone --nproc_per_node="$NPROC" scripts/chat_eval.py -i sft --model-tag "d$DEPTH"
 python -m nanochat.report generate

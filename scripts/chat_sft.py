@@ -8,6 +8,15 @@ Supervised fine-tuning: turn a base model into a chat model on a mixture of conv
 Sizes (depth, sequence length, vocab) come from the base checkpoint. Rows are packed best-fit
 with whole conversations and padded with BOS; the loss counts only assistant tokens
 (the tokenizer's mask), so padding, user turns and tool outputs are never trained on.
+
+The defaults are upstream nanochat's recipe: one epoch of the mixture (the data ends the run);
+the device and total batch and the embedding / unembedding / matrix rates of the checkpoint's
+own run (its meta; 32 rows, 2^19 tokens, 0.3 / 0.008 / 0.02 where it has none), each rate x 0.8;
+the learning rate flat for the first half of the epoch, then linearly to 0 (progress = the share
+of conversations used); Muon momentum 0.85 -> 0.95 over the first 300 steps; the optimizer's
+state (moments, step counts) carried over from the checkpoint's run. The CPU jobs (runcpu.sh,
+megacontext_speedrun.sh) pass a short recipe instead: a fixed step count, a small batch, a
+linear decay over the run, a fresh optimizer at a constant 0.95 momentum.
 """
 
 import os
@@ -48,12 +57,14 @@ def build_mixture(name, split):
 
 
 def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, buffer_size=100):
-    """Infinite (inputs [B, T], targets [B, T]) batches. Each row of T+1 tokens is filled
-    best-fit with whole rendered conversations (the largest that fits, from a buffer), then
-    padded with BOS; targets are -1 wherever the next token is not an assistant token."""
+    """Infinite (inputs [B, T], targets [B, T], used) batches. Each row of T+1 tokens is filled
+    best-fit with whole rendered conversations (the largest that fits, the earliest of equal
+    lengths, from a buffer), then padded with BOS; targets are -1 wherever the next token is
+    not an assistant token. used: conversations placed so far by all ranks (rank + world_size
+    per conversation this rank placed, as upstream counts an epoch's progress)."""
     bos = tokenizer.get_bos_token_id()
     buffer = []  # [(ids, mask)]
-    index = rank
+    index = used = rank
 
     def refill():
         nonlocal index
@@ -75,6 +86,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, buffer_s
                 ids, mask = buffer.pop(max(fits, key=lambda i: len(buffer[i][0])))
                 row += ids
                 row_mask += mask
+                used += world_size
                 refill()
             row += [bos] * (T + 1 - len(row))  # BOS padding, never a target
             row_mask += [0] * (T + 1 - len(row_mask))
@@ -84,7 +96,7 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, buffer_s
         mask = torch.tensor(masks, dtype=torch.bool)      # (B, T+1)
         inputs = batch[:, :-1]
         targets = batch[:, 1:].masked_fill(~mask[:, 1:], -1)
-        yield inputs.to(device), targets.to(device)
+        yield inputs.to(device), targets.to(device), used
 
 
 def sft_loss(model, x, y):
@@ -99,13 +111,51 @@ def evaluate_loss(model, batches, steps):
     """Mean loss per assistant token over `steps` batches (all ranks together)."""
     sums = torch.zeros(2, dtype=torch.float64, device=model.get_device())
     for _ in range(steps):
-        x, y = next(batches)
+        x, y, _ = next(batches)
         loss = model(x, y, loss_reduction="none")
         sums[0] += loss.sum().double()
         sums[1] += (y >= 0).sum()
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
     return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Upstream's SFT schedule over progress in [0, 1]: a linear warmup, flat, then linearly to final_lr_frac."""
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
+    return (1.0 - decay) + decay * final_lr_frac
+
+
+def muon_momentum(step, ramp_steps):
+    """0.85 -> 0.95 over the first ramp_steps steps (0: 0.95 throughout)."""
+    frac = 1.0 if ramp_steps <= 0 else min(step / ramp_steps, 1.0)
+    return (1.0 - frac) * 0.85 + frac * 0.95
+
+
+def warm_start(optimizers, path, device):
+    """The checkpoint run's optimizer state (moments, step counts, its last scheduled momentum and weight
+    decay) into this run's optimizers, keeping their fresh learning rates. False if there is none."""
+    from nanochat.common import load_torch_file
+    from nanochat.optim import load_optimizer_state
+    if not os.path.exists(path):
+        return False
+    states = load_torch_file(path, device, what="optimizer state").get("optimizers")
+    if not isinstance(states, list) or len(states) != len(optimizers):
+        raise UserError(f"cannot warm-start the optimizer from {path}: not {len(optimizers)} optimizer states "
+                        f"(--load-optimizer 0 starts a fresh one)")
+    for opt, state in zip(optimizers, states):
+        fresh = [(g["lr"], g["initial_lr"]) for g in opt.param_groups]
+        try:  # another model's or another world size's state is refused in one line
+            load_optimizer_state(opt, state, path)
+        except UserError as e:
+            raise UserError(f"{e} (--load-optimizer 0 starts a fresh optimizer)") from None
+        for group, (lr, initial_lr) in zip(opt.param_groups, fresh):
+            group["lr"], group["initial_lr"] = lr, initial_lr
+    return True
 
 
 def main():
@@ -117,35 +167,64 @@ def main():
     p.add_argument("--overwrite", action="store_true", help="replace the SFT checkpoints already under this model tag (else it refuses)")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--mixture", type=str, default="offline", help="offline | full")
-    p.add_argument("--device-batch-size", type=int, default=4)
-    p.add_argument("--grad-accum-steps", type=int, default=1)
-    p.add_argument("--num-iterations", type=int, default=200)
-    p.add_argument("--init-lr-frac", type=float, default=0.1, help="learning rates = base defaults x this, decayed linearly to 0")
-    p.add_argument("--embedding-lr", type=float, default=0.3)
-    p.add_argument("--unembedding-lr", type=float, default=0.008)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--device-batch-size", type=int, default=-1, help="rows per micro-batch (-1: the checkpoint run's)")
+    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step, all ranks (-1: the checkpoint run's)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the mixture)")
+    p.add_argument("--init-lr-frac", type=float, default=0.8, help="learning rates = the rates below x this, then scheduled")
+    p.add_argument("--embedding-lr", type=float, default=-1, help="-1: the checkpoint run's")
+    p.add_argument("--unembedding-lr", type=float, default=-1, help="-1: the checkpoint run's")
+    p.add_argument("--matrix-lr", type=float, default=-1, help="-1: the checkpoint run's")
     p.add_argument("--scalar-lr", type=float, default=0.5)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the run warming the rate up")
+    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="share of the run decaying it to --final-lr-frac")
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--momentum-ramp-steps", type=int, default=300, help="Muon momentum 0.85 -> 0.95 over these steps (0: 0.95)")
+    p.add_argument("--load-optimizer", type=int, default=1, choices=[0, 1], help="1: carry over the checkpoint run's optimizer state")
     p.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (<= 0: only at the end)")
     p.add_argument("--eval-steps", type=int, default=8)
     args = p.parse_args()
-    require_at_least_one(p, args, "device_batch_size", "grad_accum_steps", "num_iterations", "eval_steps")
+    require_at_least_one(p, args, "eval_steps")
+    if args.device_batch_size == 0 or args.device_batch_size < -1 or args.total_batch_size == 0 or args.total_batch_size < -1 \
+            or args.num_iterations == 0 or args.num_iterations < -1:
+        p.error("--device-batch-size, --total-batch-size and --num-iterations must be at least 1 (or -1)")
     if args.init_lr_frac <= 0:
         p.error("--init-lr-frac must be positive")
+    if not (0 <= args.warmup_ratio and 0 <= args.warmdown_ratio and args.warmup_ratio + args.warmdown_ratio <= 1):
+        p.error("--warmup-ratio and --warmdown-ratio must be >= 0 and sum to at most 1")
     user_config = vars(args).copy()
 
     is_ddp, rank, _, world_size, device = compute_init(args.device_type or autodetect_device_type())
     try:
-        _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)  # the tag loaded names the output
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=step)
+        source_dir, model_tag, source_step = resolve_checkpoint(args.source, args.model_tag, args.step)  # the tag loaded names the output
+        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=source_step)
         config = model.config
+        # what the checkpoint's run used, where a flag says -1 (upstream's values where its meta has none)
+        ran = meta.get("user_config") if isinstance(meta.get("user_config"), dict) else {}
+        inherited = dict(device_batch_size=meta.get("device_batch_size", 32), total_batch_size=meta.get("total_batch_size", 2 ** 19),
+                         embedding_lr=ran.get("embedding_lr", 0.3), unembedding_lr=ran.get("unembedding_lr", 0.008),
+                         matrix_lr=ran.get("matrix_lr", 0.02))
+        for key, value in inherited.items():
+            if getattr(args, key) == -1:
+                setattr(args, key, value)
+        user_config.update({key: getattr(args, key) for key in inherited})  # the values this run used
         T, B = config.sequence_len, args.device_batch_size
+        if args.total_batch_size % (B * T * world_size):
+            raise UserError(f"--total-batch-size {args.total_batch_size} is not a multiple of {B} rows x {T} tokens x "
+                            f"{world_size} ranks")
+        grad_accum_steps = args.total_batch_size // (B * T * world_size)
         optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
                                             weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, lr_multiplier=args.init_lr_frac)
+        if args.load_optimizer:
+            optim_path = os.path.join(source_dir, f"optim_{source_step:06d}_rank{rank:d}.pt")
+            print0(f"optimizer state carried over from {optim_path}" if warm_start(optimizers, optim_path, device)
+                   else f"no optimizer state at {optim_path}: a fresh optimizer")
 
         train_set, val_set = build_mixture(args.mixture, "train"), build_mixture(args.mixture, "test")
+        epoch_run = args.num_iterations == -1
+        length = "one epoch" if epoch_run else f"{args.num_iterations} steps"
         print0(f"SFT of {args.source} {model_tag}: {len(train_set):,} train / {len(val_set):,} val conversations, "
-               f"{args.num_iterations} steps of {B} x {T} x {args.grad_accum_steps} x {world_size}")
+               f"{length} of {B} x {T} x {grad_accum_steps} x {world_size} tokens")
         train_batches = sft_batches(train_set, tokenizer, B, T, device, rank, world_size)
         checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
         if rank == 0:
@@ -153,9 +232,17 @@ def main():
         replaced = claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)  # removed once this run has saved
         log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
 
+        # As upstream: the next micro-batch is always fetched ahead, so the data's end is known before the step that would
+        # need it (that step is not taken) and an epoch's progress counts the conversations fetched for the next micro-batch
+        x, y, used = next(train_batches)
+        progress, finished, step = 0.0, False, 0
         val_loss, t_start = None, time.time()
-        for step in range(args.num_iterations + 1):
-            last = step == args.num_iterations
+        while True:
+            if epoch_run and is_ddp:  # every rank stops at the same step
+                flag = torch.tensor(int(finished), device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                finished = bool(flag.item())
+            last = finished if epoch_run else step == args.num_iterations
             if last or (args.eval_every > 0 and step % args.eval_every == 0):
                 model.eval()
                 val_loss = evaluate_loss(model, sft_batches(val_set, tokenizer, B, T, device, rank, world_size), args.eval_steps)
@@ -165,27 +252,38 @@ def main():
             if last:
                 break
             t0 = time.time()
-            for _ in range(args.grad_accum_steps):
-                x, y = next(train_batches)
+            for _ in range(grad_accum_steps):
                 loss = sft_loss(model, x, y)
-                (loss / args.grad_accum_steps).backward()
+                (loss / grad_accum_steps).backward()
+                x, y, used = next(train_batches)
+                if epoch_run:
+                    progress = max(progress, used / len(train_set))
+                    finished = finished or used >= len(train_set)
             if is_ddp:
                 all_reduce_mean([p.grad for p in model.parameters()], world_size)
-            lrm = 1.0 - step / args.num_iterations  # linear decay to 0
+            lrm = lr_multiplier(progress if epoch_run else step / args.num_iterations,
+                                args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             set_lr_multiplier(optimizers, lrm)
+            if args.momentum_ramp_steps > 0:
+                for group in optimizers[1].param_groups:  # Muon
+                    group["momentum"] = muon_momentum(step, args.momentum_ramp_steps)
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
             loss = loss.item()
             dt = time.time() - t0
-            print0(f"step {step + 1:05d}/{args.num_iterations:05d} | loss {loss:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms")
-            log.write(step=step + 1, kind="train", loss=loss, lr_mult=lrm)
+            step += 1
+            head = f"step {step:05d} | {100 * progress:.1f}% of the epoch" if epoch_run else f"step {step:05d}/{args.num_iterations:05d}"
+            print0(f"{head} | loss {loss:.4f} | lrm {lrm:.2f} | dt {1000 * dt:.0f}ms")
+            log.write(step=step, kind="train", loss=loss, lr_mult=lrm)
 
-        meta_out = dict(step=args.num_iterations, val_loss=val_loss, model_config=config.to_dict(), user_config=user_config,
+        meta_out = dict(step=step, val_loss=val_loss, model_config=config.to_dict(), user_config=user_config,
+                        device_batch_size=B, total_batch_size=args.total_batch_size,
                         source=dict(kind=args.source, model_tag=model_tag, step=meta.get("step")), model_tag=model_tag,
                         tokenizer_fingerprint=tokenizer.fingerprint())
-        save_checkpoint(checkpoint_dir, args.num_iterations, model.state_dict(), None, meta_out, rank=rank)
-        retire_checkpoints(checkpoint_dir, replaced, args.num_iterations, rank)
+        optim_out = dict(optimizers=[opt.state_dict() for opt in optimizers])  # a later run (--source sft) carries it over
+        save_checkpoint(checkpoint_dir, step, model.state_dict(), optim_out, meta_out, rank=rank)
+        retire_checkpoints(checkpoint_dir, replaced, step, rank)
         print0(f"saved SFT checkpoint to {checkpoint_dir} (val loss {val_loss:.4f})")
         from nanochat.report import get_report
         get_report().log(section="Chat SFT", data=[user_config, {"model_tag": model_tag, "train_conversations": len(train_set),

@@ -6,7 +6,9 @@ import subprocess
 
 import torch
 
-from scripts.chat_sft import sft_batches, sft_loss
+import pytest
+
+from scripts.chat_sft import sft_batches, sft_loss, lr_multiplier, muon_momentum, warm_start
 from nanochat.gpt import GPT, GPTConfig
 from tasks.identity import Identity
 
@@ -21,7 +23,7 @@ def test_packing_rows_are_whole_conversations_then_bos_padding(base_dir):
     data = Identity()
     B, T = 4, 256
     rendered = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in data]
-    x, y = next(sft_batches(data, tokenizer, B, T, "cpu"))
+    x, y, used = next(sft_batches(data, tokenizer, B, T, "cpu"))
     assert x.shape == y.shape == (B, T)
     bos = tokenizer.get_bos_token_id()
     for r in range(B):
@@ -45,6 +47,12 @@ def test_packing_rows_are_whole_conversations_then_bos_padding(base_dir):
                 assert targets[i] == e
         assert all(t == -1 for t in targets[p:])   # padding is never a target
         assert all(t == -1 for i, t in enumerate(targets[:p]) if i < len(expected) and expected[i] is None)
+    # used counts the conversations placed (upstream's epoch progress), on rank 1 of 2 as every rank's share
+    user_start = tokenizer.encode_special("<|user_start|>")
+    placed = int(((x[:, :-1] == bos) & (x[:, 1:] == user_start)).sum())  # a conversation starts BOS <|user_start|>
+    assert used == placed
+    _, _, used_rank1 = next(sft_batches(data, tokenizer, B, T, "cpu", rank=1, world_size=2))
+    assert used_rank1 % 2 == 1 and used_rank1 > 2
 
 
 def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
@@ -68,7 +76,7 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     # no -g: the tag found ("chat", not a d<N>) names the output (it went to chatsft_checkpoints/d2, away from the
     # MegaContext weights of its base tag)
     run("scripts.chat_sft", "--num-iterations", "4", "--eval-every", "2", "--eval-steps", "1",
-        "--device-batch-size", "2", "--device-type", "cpu")
+        "--device-batch-size", "2", "--total-batch-size", "512", "--device-type", "cpu")
     ckpt = base / "chatsft_checkpoints" / "chat"
     meta = json.loads((ckpt / "meta_000004.json").read_text())
     assert meta["model_config"] == config.to_dict() and meta["val_loss"] > 0 and len(meta["tokenizer_fingerprint"]) == 16
@@ -92,7 +100,7 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     # a second, shorter SFT run under the same tag: refused (its step 2 would sit below the old run's step 4, the
     # one every loader picks), or with --overwrite the only checkpoint there
     again = ["scripts.chat_sft", "--model-tag", "chat", "--num-iterations", "2", "--eval-every", "-1", "--eval-steps", "1",
-             "--device-batch-size", "2", "--device-type", "cpu"]
+             "--device-batch-size", "2", "--total-batch-size", "512", "--device-type", "cpu"]
     r = subprocess.run([sys.executable, "-m", *again], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "(steps 4): --overwrite replaces them" in lines[0], r.stderr
@@ -101,7 +109,7 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     # SFT continued from its own checkpoint (--source sft, the same tag): the step it starts from stays until the new
     # one is saved (it was removed before training: a run stopped early left no model at all)
     more = ["scripts.chat_sft", "--source", "sft", "--overwrite", "--eval-every", "-1", "--eval-steps", "1",
-            "--device-batch-size", "2", "--device-type", "cpu"]
+            "--device-batch-size", "2", "--total-batch-size", "512", "--device-type", "cpu"]
     proc = subprocess.Popen([sys.executable, "-m", *more, "--num-iterations", "500"], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
@@ -115,6 +123,9 @@ def test_sft_then_cli_then_eval_end_to_end(base_dir, tmp_path):
     run(*more, "--num-iterations", "3")
     assert find_last_step(str(ckpt)) == 3 and not any("000002" in f for f in os.listdir(ckpt))
     assert json.loads((ckpt / "meta_000003.json").read_text())["source"] == {"kind": "sft", "model_tag": "chat", "step": 2}
+    # it carried over the SFT run's optimizer state: AdamW's step count goes on from the 2 steps before
+    adam = torch.load(ckpt / "optim_000003_rank0.pt")["optimizers"][0]
+    assert {int(v["step"]) for v in adam["state"].values()} == {5}
 
 
 def test_sft_loss_is_per_assistant_token_and_zero_when_none():
@@ -131,3 +142,78 @@ def test_sft_loss_is_per_assistant_token_and_zero_when_none():
     assert loss.item() == 0.0 and not torch.isnan(loss)
     loss.backward()  # an all-masked micro-batch still steps cleanly
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_upstreams_schedule_flat_then_linear_to_zero_and_the_momentum_ramp():
+    assert [lr_multiplier(p, 0.0, 0.5, 0.0) for p in (0.0, 0.3, 0.5)] == [1.0, 1.0, 1.0]
+    assert lr_multiplier(0.75, 0.0, 0.5, 0.0) == pytest.approx(0.5) and lr_multiplier(1.0, 0.0, 0.5, 0.0) == pytest.approx(0.0)
+    assert lr_multiplier(0.75, 0.0, 0.5, 0.2) == pytest.approx(0.6)
+    assert lr_multiplier(0.05, 0.1, 0.5, 0.0) == pytest.approx(0.5, rel=1e-6)  # warming up
+    # the CPU recipe: --warmdown-ratio 1 at progress step / N is the old linear decay 1 - step / N
+    assert all(lr_multiplier(k / 400, 0.0, 1.0, 0.0) == pytest.approx(1 - k / 400) for k in range(400))
+    assert [muon_momentum(k, 300) for k in (0, 150, 300, 900)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
+    assert muon_momentum(0, 0) == 0.95
+
+
+def test_warm_start_carries_the_moments_over_and_keeps_the_fresh_rates(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L"))
+    model.init_weights()
+    base = model.setup_optimizers(lr_multiplier=1.0)
+    for _ in range(3):  # a "base run": three steps of real moments
+        model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).backward()
+        for opt in base:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    path = tmp_path / "optim_000003_rank0.pt"
+    torch.save(dict(optimizers=[opt.state_dict() for opt in base]), path)
+    sft = model.setup_optimizers(lr_multiplier=0.8, weight_decay=0.0)
+    fresh_lrs = [[g["lr"] for g in opt.param_groups] for opt in sft]
+    assert warm_start(sft, str(path), "cpu")
+    assert [[g["lr"] for g in opt.param_groups] for opt in sft] == fresh_lrs
+    assert [[g["initial_lr"] for g in opt.param_groups] for opt in sft] == fresh_lrs
+    for mine, theirs in zip(sft, base):
+        for p in theirs.state:
+            for name, value in theirs.state[p].items():
+                assert torch.equal(torch.as_tensor(mine.state[p][name]), torch.as_tensor(value)), name
+    assert not warm_start(model.setup_optimizers(), str(tmp_path / "missing.pt"), "cpu")  # none there: a fresh optimizer
+    torch.save(dict(optimizers=[base[0].state_dict()]), path)
+    from nanochat.common import UserError
+    with pytest.raises(UserError, match="--load-optimizer 0"):
+        warm_start(model.setup_optimizers(), str(path), "cpu")
+
+
+def test_the_default_run_is_one_epoch_at_the_checkpoint_runs_batch_and_rates(base_dir, tmp_path, monkeypatch, capsys):
+    """Upstream's default: the data ends the run (one epoch, the micro-batch that crosses it not trained on); the
+    batch and the rates are the base run's (its meta), x 0.8; the base run's optimizer state is carried over."""
+    from nanochat.checkpoint_manager import save_checkpoint, find_last_step
+    from nanochat.tokenizer import get_tokenizer
+    from scripts import chat_sft
+    from tasks.common import TaskMixture
+    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    base = tmp_path / "base"
+    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    optim = dict(optimizers=[opt.state_dict() for opt in model.setup_optimizers()])
+    user = dict(embedding_lr=0.5, unembedding_lr=0.01, matrix_lr=0.03)
+    save_checkpoint(str(base / "base_checkpoints" / "ep"), 7, model.state_dict(), optim,
+                    {"step": 7, "model_config": config.to_dict(), "device_batch_size": 2, "total_batch_size": 512, "user_config": user})
+    data = TaskMixture([Identity()])
+    monkeypatch.setattr(chat_sft, "build_mixture", lambda name, split: data)
+    # where the data ends: replay the batches (2 rows of 129 tokens, 2 micro-batches a step)
+    batches, fetched = sft_batches(data, get_tokenizer(), 2, 128, "cpu"), 1
+    while next(batches)[2] < len(data):
+        fetched += 1
+    steps = fetched // 2  # the step that fetched the crossing micro-batch is the last; begun, it trains both of its own
+    monkeypatch.setattr(sys, "argv", ["chat_sft", "--model-tag", "ep", "--eval-every", "-1", "--eval-steps", "1", "--device-type", "cpu"])
+    chat_sft.main()
+    out = capsys.readouterr().out
+    ckpt = base / "chatsft_checkpoints" / "ep"
+    assert find_last_step(str(ckpt)) == steps > 2
+    assert "optimizer state carried over" in out and "% of the epoch" in out
+    meta = json.loads((ckpt / f"meta_{steps:06d}.json").read_text())
+    assert {k: meta["user_config"][k] for k in user} == user and meta["total_batch_size"] == 512 and meta["device_batch_size"] == 2
+    assert meta["user_config"]["init_lr_frac"] == 0.8
