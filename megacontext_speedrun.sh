@@ -97,12 +97,10 @@ else
     stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
     stage mc_eval $PY -m scripts.mc_eval --model-tag "$TAG" --num-docs 12
     stage mc_eval_ck $PY -m scripts.mc_eval --model-tag "$TAG" --task ck --num-docs 24
-    # 400 SFT steps: Spelling 27% / 30% / 40% at 200 / 300 / 400 on the d3 trunk (the answer 437 at each). A short CPU
-    # recipe (upstream's default, one epoch at the base run's batch, would take hours here): 2 rows a step, the base
-    # rates x 0.5 decayed linearly over the run, a fresh optimizer at momentum 0.95
-    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --overwrite --num-iterations 400 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 \
-        --device-batch-size 2 --total-batch-size 2048 --embedding-lr 0.3 --unembedding-lr 0.008 --matrix-lr 0.02 \
-        --warmdown-ratio 1 --momentum-ramp-steps 0 --load-optimizer 0
+    # upstream's SFT recipe: one epoch of the offline mixture (71 steps of 8 x 1024 tokens) at the base run's batch and rates;
+    # on this base model Spelling 46.7% / Arithmetic 100% / the answer 437 in 223 s on 2 threads, where 400 steps of a
+    # short CPU recipe (2 rows a step, fresh optimizer) took 652 s on 1 thread for 36.7% / 100% / 437
+    stage chat_sft $PY -m scripts.chat_sft --model-tag "$TAG" --overwrite
     stage chat $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     stage chat_gist_first $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --gist-first -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
     CK="$BASE/ck/nanochat_src"

@@ -18,10 +18,7 @@ $PY -m scripts.tok_train --overwrite --vocab-size 4096 --max-chars 50000000
 $PY -m scripts.tok_eval --no-compare
 $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --overwrite
 $PY -m scripts.base_eval --eval bpb,sample --model-tag cpu_d3 --split-tokens 131072 --device-batch-size 4
-# a short CPU recipe (upstream's default, one epoch at the base run's batch, would take hours here)
-$PY -m scripts.chat_sft --model-tag cpu_d3 --overwrite --num-iterations 300 --init-lr-frac 0.5 --eval-every 100 --eval-steps 4 \
-    --device-batch-size 2 --total-batch-size 2048 --embedding-lr 0.3 --unembedding-lr 0.008 --matrix-lr 0.02 \
-    --warmdown-ratio 1 --momentum-ramp-steps 0 --load-optimizer 0
+$PY -m scripts.chat_sft --model-tag cpu_d3 --overwrite  # upstream's recipe: one epoch of the offline mixture
 $PY -m scripts.chat_cli --model-tag cpu_d3 -t 0 -p "Maya buys 23 boxes of apples. Each of the boxes holds 19 apples. How many apples did Maya buy?"
 $PY -m scripts.chat_eval -i sft --model-tag cpu_d3 -a Arithmetic,Spelling -x 30 -m 96
 $PY -m nanochat.report generate

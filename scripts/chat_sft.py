@@ -14,9 +14,12 @@ the device and total batch and the embedding / unembedding / matrix rates of the
 own run (its meta; 32 rows, 2^19 tokens, 0.3 / 0.008 / 0.02 where it has none), each rate x 0.8;
 the learning rate flat for the first half of the epoch, then linearly to 0 (progress = the share
 of conversations used); Muon momentum 0.85 -> 0.95 over the first 300 steps; the optimizer's
-state (moments, step counts) carried over from the checkpoint's run. The CPU jobs (runcpu.sh,
-megacontext_speedrun.sh) pass a short recipe instead: a fixed step count, a small batch, a
-linear decay over the run, a fresh optimizer at a constant 0.95 momentum.
+state (moments, step counts) carried over from the checkpoint's run. The CPU jobs use it too:
+one epoch of the offline mixture is ~70 steps of the CPU presets' 8 x 1024 tokens. A shorter
+recipe is flags: e.g. --num-iterations 400 --device-batch-size 2 --total-batch-size 2048
+--init-lr-frac 0.5 --warmdown-ratio 1 --momentum-ramp-steps 0 --load-optimizer 0 and the
+three rates (the CPU jobs' recipe before: a linear decay over 400 steps of 2 rows, fresh
+optimizer at momentum 0.95).
 """
 
 import os
