@@ -68,11 +68,13 @@ def sft_batches(dataset, tokenizer, B, T, device, rank=0, world_size=1, buffer_s
     bos = tokenizer.get_bos_token_id()
     buffer = []  # [(ids, mask)]
     index = used = rank
+    # upstream renders at most 2,048 tokens; a shorter row crops to its own length (else a longer conversation never fits)
+    max_tokens = min(T + 1, 2048)
 
     def refill():
         nonlocal index
         while len(buffer) < buffer_size:
-            ids, mask = tokenizer.render_conversation(dataset[index % len(dataset)], max_tokens=T + 1)
+            ids, mask = tokenizer.render_conversation(dataset[index % len(dataset)], max_tokens=max_tokens)
             buffer.append((ids, mask))
             index += world_size
 

@@ -217,3 +217,19 @@ def test_the_default_run_is_one_epoch_at_the_checkpoint_runs_batch_and_rates(bas
     meta = json.loads((ckpt / f"meta_{steps:06d}.json").read_text())
     assert {k: meta["user_config"][k] for k in user} == user and meta["total_batch_size"] == 512 and meta["device_batch_size"] == 2
     assert meta["user_config"]["init_lr_frac"] == 0.8
+
+
+def test_a_conversation_renders_to_at_most_2048_tokens_as_upstream(base_dir):
+    """Upstream renders SFT conversations with max_tokens=2048: at T = 2048 the row's last (2,049th) token was
+    still the conversation's (a trained assistant token) here; now it is BOS padding, as there."""
+    from nanochat.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()
+    conv = {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "hello " * 3000}]}
+    ids, mask = tokenizer.render_conversation(conv, max_tokens=4096)
+    assert len(ids) > 2049 and mask[2048] == 1  # the 2,049th token is an assistant token
+    x, y, _ = next(sft_batches([conv], tokenizer, 1, 2048, "cpu"))
+    assert x[0].tolist() == ids[:2048]
+    assert y[0, -1].item() == -1  # the padding after a 2,048-token conversation, never a target
+    assert (y[0, :-1] == torch.tensor(ids[1:2048]).masked_fill(~torch.tensor(mask[1:2048], dtype=torch.bool), -1)).all()
+    x, y, _ = next(sft_batches([conv], tokenizer, 1, 256, "cpu"))  # a shorter row: cropped to its own T + 1
+    assert x[0].tolist() == ids[:256] and y[0, -1].item() == ids[256]
