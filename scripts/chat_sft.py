@@ -142,8 +142,9 @@ def muon_momentum(step, ramp_steps):
 
 
 def warm_start(optimizers, path, device):
-    """The checkpoint run's optimizer state (moments, step counts, its last scheduled momentum and weight
-    decay) into this run's optimizers, keeping their fresh learning rates. False if there is none."""
+    """The checkpoint run's optimizer state (moments, step counts) into this run's optimizers, keeping their
+    fresh learning rates and weight decays (upstream keeps the base run's last scheduled Muon decay, ~0 at
+    its end; ours is --weight-decay, default 0). False if there is none."""
     from nanochat.common import load_torch_file
     from nanochat.optim import load_optimizer_state
     if not os.path.exists(path):
@@ -153,13 +154,13 @@ def warm_start(optimizers, path, device):
         raise UserError(f"cannot warm-start the optimizer from {path}: not {len(optimizers)} optimizer states "
                         f"(--load-optimizer 0 starts a fresh one)")
     for opt, state in zip(optimizers, states):
-        fresh = [(g["lr"], g["initial_lr"]) for g in opt.param_groups]
+        fresh = [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in opt.param_groups]
         try:  # another model's or another world size's state is refused in one line
             load_optimizer_state(opt, state, path)
         except UserError as e:
             raise UserError(f"{e} (--load-optimizer 0 starts a fresh optimizer)") from None
-        for group, (lr, initial_lr) in zip(opt.param_groups, fresh):
-            group["lr"], group["initial_lr"] = lr, initial_lr
+        for group, (lr, initial_lr, weight_decay) in zip(opt.param_groups, fresh):
+            group["lr"], group["initial_lr"], group["weight_decay"] = lr, initial_lr, weight_decay
     return True
 
 
@@ -222,6 +223,12 @@ def main():
                                             weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, lr_multiplier=args.init_lr_frac)
         if args.load_optimizer:
             optim_path = os.path.join(source_dir, f"optim_{source_step:06d}_rank{rank:d}.pt")
+            have = torch.tensor(int(os.path.exists(optim_path)), device=device)
+            if is_ddp:  # every rank decides alike: a rank with no shard of its own would train fresh beside the others
+                torch.distributed.all_reduce(have)
+            if 0 < have.item() < world_size:
+                raise UserError(f"the checkpoint's run saved optimizer state for {have.item()} of this run's {world_size} ranks "
+                                f"({source_dir}): run on as many ranks as it did, or pass --load-optimizer 0")
             print0(f"optimizer state carried over from {optim_path}" if warm_start(optimizers, optim_path, device)
                    else f"no optimizer state at {optim_path}: a fresh optimizer")
 
@@ -269,9 +276,8 @@ def main():
             lrm = lr_multiplier(progress if epoch_run else step / args.num_iterations,
                                 args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
             set_lr_multiplier(optimizers, lrm)
-            if args.momentum_ramp_steps > 0:
-                for group in optimizers[1].param_groups:  # Muon
-                    group["momentum"] = muon_momentum(step, args.momentum_ramp_steps)
+            for group in optimizers[1].param_groups:  # Muon (a carried-over state brought the base run's last momentum)
+                group["momentum"] = muon_momentum(step, args.momentum_ramp_steps)
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)

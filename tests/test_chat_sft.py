@@ -171,6 +171,7 @@ def test_warm_start_carries_the_moments_over_and_keeps_the_fresh_rates(tmp_path)
     fresh_lrs = [[g["lr"] for g in opt.param_groups] for opt in sft]
     assert warm_start(sft, str(path), "cpu")
     assert [[g["lr"] for g in opt.param_groups] for opt in sft] == fresh_lrs
+    assert [g["weight_decay"] for g in sft[1].param_groups] == [0.0] * len(sft[1].param_groups)  # --weight-decay, not the base's 0.28
     assert [[g["initial_lr"] for g in opt.param_groups] for opt in sft] == fresh_lrs
     for mine, theirs in zip(sft, base):
         for p in theirs.state:
@@ -197,7 +198,10 @@ def test_the_default_run_is_one_epoch_at_the_checkpoint_runs_batch_and_rates(bas
     base = tmp_path / "base"
     shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    optim = dict(optimizers=[opt.state_dict() for opt in model.setup_optimizers()])
+    base_opts = model.setup_optimizers()
+    for group in base_opts[1].param_groups:
+        group["momentum"] = 0.5  # the base run's last scheduled momentum: the ramp must replace it
+    optim = dict(optimizers=[opt.state_dict() for opt in base_opts])
     user = dict(embedding_lr=0.5, unembedding_lr=0.01, matrix_lr=0.03)
     save_checkpoint(str(base / "base_checkpoints" / "ep"), 7, model.state_dict(), optim,
                     {"step": 7, "model_config": config.to_dict(), "device_batch_size": 2, "total_batch_size": 512, "user_config": user})
@@ -217,6 +221,14 @@ def test_the_default_run_is_one_epoch_at_the_checkpoint_runs_batch_and_rates(bas
     meta = json.loads((ckpt / f"meta_{steps:06d}.json").read_text())
     assert {k: meta["user_config"][k] for k in user} == user and meta["total_batch_size"] == 512 and meta["device_batch_size"] == 2
     assert meta["user_config"]["init_lr_frac"] == 0.8
+    muon = torch.load(ckpt / f"optim_{steps:06d}_rank0.pt")["optimizers"][1]
+    assert [g["momentum"] for g in muon["param_groups"]] == [pytest.approx(muon_momentum(steps - 1, 300))] * len(muon["param_groups"])
+    # no ramp: 0.95, not the base run's carried-over 0.5
+    monkeypatch.setattr(sys, "argv", ["chat_sft", "--model-tag", "ep", "--overwrite", "--num-iterations", "1", "--momentum-ramp-steps", "0",
+                                      "--eval-every", "-1", "--eval-steps", "1", "--device-type", "cpu"])
+    chat_sft.main()
+    muon = torch.load(ckpt / "optim_000001_rank0.pt")["optimizers"][1]
+    assert [g["momentum"] for g in muon["param_groups"]] == [0.95] * len(muon["param_groups"])
 
 
 def test_a_conversation_renders_to_at_most_2048_tokens_as_upstream(base_dir):
