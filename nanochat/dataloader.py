@@ -45,10 +45,15 @@ from collections import Counter
 import torch
 
 from nanochat.common import UserError, get_dist_info, print0
-from nanochat.dataset import split_paths, read_row_group, open_shard
+from nanochat.dataset import split_paths, read_row_group, open_shard, strided_row_groups
 from nanochat.longrange import TooShort, mix_documents
 
 CHUNK = 128  # documents tokenized per refill (upstream's tokenizer batch)
+
+
+def chunk_of(pq_idx, rg_idx, row):
+    """The refill chunk a document came in: (pq_idx, rg_idx, row // CHUNK)."""
+    return pq_idx, rg_idx, row // CHUNK
 
 
 def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=None, buffer_size=1000, data_dir=None,
@@ -63,7 +68,7 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
     _, rank, _, world_size = get_dist_info()
     paths = split_paths(split, data_dir)
     num_row_groups = [open_shard(path).num_row_groups for path in paths]
-    mine = [(pq_idx, rg_idx) for pq_idx, n in enumerate(num_row_groups) for rg_idx in range(rank, n, world_size)]
+    mine = strided_row_groups(num_row_groups, rank, world_size)
     if not mine:
         raise UserError(f"the {split} split's files have at most {max(num_row_groups)} row groups each, "
                         f"fewer than the {world_size} ranks reading it (rank {rank} would read none)")
@@ -95,19 +100,18 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
     # The buffer, sorted by length (equal lengths in insertion order), as parallel lists:
     # lengths[i] = len(docs[i]); docs[i] = token ids with BOS first; refs[i] = (pq_idx, rg_idx, row)
     lengths, docs, refs = [], [], []
-    in_buffer = Counter()  # (pq_idx, rg_idx, row // CHUNK) -> number of that chunk's documents in the buffer
+    in_buffer = Counter()  # chunk_of(ref) -> number of that chunk's documents in the buffer
 
     def add(tokens, ref):
         i = bisect.bisect_right(lengths, len(tokens))
         lengths.insert(i, len(tokens))
         docs.insert(i, tokens)
         refs.insert(i, ref)
-        in_buffer[(ref[0], ref[1], ref[2] // CHUNK)] += 1
+        in_buffer[chunk_of(*ref)] += 1
 
     def take(i):
         lengths.pop(i)
-        pq_idx, rg_idx, row = refs.pop(i)
-        in_buffer[(pq_idx, rg_idx, row // CHUNK)] -= 1
+        in_buffer[chunk_of(*refs.pop(i))] -= 1
         return docs.pop(i)
 
     # Position: the next document is row `row` of mine[k], in epoch `epoch` (row may be past the row group's
@@ -132,7 +136,7 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
             k, row = mine.index((pq_idx, rg_idx)), state["row"]
             last = (pq_idx, rg_idx, epoch, row)
             restore_buffer(state["buffer"], paths, num_row_groups, read_texts, tokenizer, bos, lengths, docs, refs)
-            in_buffer.update((p, g, r // CHUNK) for p, g, r in refs)
+            in_buffer.update(chunk_of(*ref) for ref in refs)
         else:  # upstream's resume: the next stride block of row groups in that file
             start = (pq_idx, (rg_idx // world_size + 1) * world_size + rank)
             k = next((i for i, key in enumerate(mine) if key >= start), None)
@@ -155,7 +159,7 @@ def bos_bestfit_loader(tokenizer, B, T, split, device="cpu", resume_state_dict=N
 
     def next_chunk_key():
         next_texts()
-        return (*mine[k], row // CHUNK)
+        return chunk_of(*mine[k], row)
 
     def refill():
         nonlocal row, last

@@ -123,12 +123,17 @@ def locate_row_group(offsets, g):
     return pq_idx, g - offsets[pq_idx]
 
 
+def strided_row_groups(num_row_groups, start=0, step=1):
+    """Upstream's reading order: (pq_idx, rg_idx) of row groups start, start+step, ... of each file in
+    turn, for files of num_row_groups[pq_idx] row groups (DDP: start=rank, step=world_size)."""
+    return [(pq_idx, rg_idx) for pq_idx, n in enumerate(num_row_groups) for rg_idx in range(start, n, step)]
+
+
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
-    """Yield the texts (list[str]) of row groups start, start+step, ... of each of the split's
-    files in turn, as upstream reads them (DDP: start=rank, step=world_size)."""
-    for path in split_paths(split, data_dir):
-        for rg_idx in range(start, open_shard(path).num_row_groups, step):
-            yield read_row_group(path, rg_idx)
+    """Yield the texts (list[str]) of the split's row groups in strided_row_groups order."""
+    paths = split_paths(split, data_dir)
+    for pq_idx, rg_idx in strided_row_groups([open_shard(path).num_row_groups for path in paths], start, step):
+        yield read_row_group(paths[pq_idx], rg_idx)
 
 # -----------------------------------------------------------------------------
 # Downloading
