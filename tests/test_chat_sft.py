@@ -245,3 +245,35 @@ def test_a_conversation_renders_to_at_most_2048_tokens_as_upstream(base_dir):
     assert (y[0, :-1] == torch.tensor(ids[1:2048]).masked_fill(~torch.tensor(mask[1:2048], dtype=torch.bool), -1)).all()
     x, y, _ = next(sft_batches([conv], tokenizer, 1, 256, "cpu"))  # a shorter row: cropped to its own T + 1
     assert x[0].tolist() == ids[:256] and y[0, -1].item() == ids[256]
+
+
+def test_a_warm_start_on_more_ranks_than_the_base_run_stops_every_rank_in_one_line(base_dir, tmp_path):
+    """A 1-rank base run fine-tuned on 2 ranks: rank 0 has the run's optimizer shard, rank 1 none. Rank 1 used to
+    train a fresh optimizer beside rank 0's refusal and die in the gradient all-reduce (a hang on NCCL); both ranks
+    now count the shards and stop with the same line. --load-optimizer 0 trains on the two ranks."""
+    from nanochat.checkpoint_manager import save_checkpoint, find_last_step
+    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    base = tmp_path / "base"
+    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    optim = dict(optimizers=[opt.state_dict() for opt in model.setup_optimizers()])
+    save_checkpoint(str(base / "base_checkpoints" / "one"), 3, model.state_dict(), optim,  # optim_000003_rank0.pt only
+                    {"step": 3, "model_config": config.to_dict(), "device_batch_size": 2, "total_batch_size": 512})
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*flags):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "scripts/chat_sft.py", "--model-tag", "one", "--num-iterations", "1", "--eval-every", "-1",
+                               "--eval-steps", "1", "--device-type", "cpu", *flags],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun()
+    assert r.returncode != 0
+    line = "error: the checkpoint's run saved optimizer state for 1 of this run's 2 ranks"
+    assert r.stderr.count(line) == 2, r.stderr[-3000:]  # each rank refuses, none trains on
+    assert "| loss" not in r.stdout and "SFT of" not in r.stdout
+    assert not (base / "chatsft_checkpoints" / "one").exists()
+    r = torchrun("--load-optimizer", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert find_last_step(str(base / "chatsft_checkpoints" / "one")) == 1
