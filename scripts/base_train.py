@@ -86,7 +86,8 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="a fresh run replaces the checkpoints already under --model-tag (else it refuses)")
     p.add_argument("--seed", type=int, default=0, help="another draw of the initial weights, the recall rows and the "
                    "MegaContext slates (0: the default draw; the pretraining shards' order is fixed)")
-    p.add_argument("--model-tag", type=str, default=None, help="checkpoint dir name (default d<depth>)")
+    p.add_argument("--model-tag", type=str, default=None, help="checkpoint dir name (default d<depth>, "
+                   "d<depth>_mc for a --megacontext run, so that it never lands on its vanilla twin's)")
     p.add_argument("--compile", type=int, default=-1, help="torch.compile the model (1/0; -1: on cuda only)")
     p.add_argument("--megacontext", action="store_true", help="MegaContext run: adds the --mc-* settings (see nanochat/megacontext/config.py)")
     p.add_argument("--megaprediction", action="store_true", help="with --megacontext: train MegaPrediction readouts (= --mc-megaprediction true)")
@@ -164,6 +165,11 @@ def parse_args(argv=None):
             raise UserError("--cognitive-core needs --megacontext (its memories are MegaContexts)")
         args.mc_cognitive_core = True
     return args
+
+
+def checkpoint_tag(args):
+    """--model-tag, else upstream's d<depth>; a MegaContext run d<depth>_mc, beside (not over) its vanilla twin."""
+    return args.model_tag or f"d{args.depth}" + ("_mc" if args.megacontext else "")
 
 
 def model_config_from_args(args, vocab_size):
@@ -341,7 +347,7 @@ def train(argv=None):
             print0(line)
 
     # checkpoint dir and resume -----------------------------------------------------------
-    model_tag = args.model_tag or f"d{args.depth}"
+    model_tag = checkpoint_tag(args)
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
     if master:
         report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)

@@ -56,6 +56,13 @@ def test_sizing_from_depth():
     assert base_train.model_config_from_args(base_train.parse_args(["--depth", "3"]), 100).n_embd == 256  # ceil(192/128)*128
 
 
+def test_a_megacontext_run_defaults_to_its_own_tag_beside_its_vanilla_twin():
+    tag = lambda *flags: base_train.checkpoint_tag(base_train.parse_args(["--depth", "12", *flags]))
+    assert tag() == "d12"  # upstream's
+    assert tag("--megacontext") == "d12_mc" and tag("--config", os.path.join(REPO, "configs", "d12_mc.toml")) == "d12_mc"
+    assert tag("--megacontext", "--model-tag", "mine") == "mine"
+
+
 def test_config_toml_sets_defaults_and_flags_override(tmp_path):
     cfg = tmp_path / "p.toml"
     cfg.write_text('depth = 3\nmax_seq_len = 128\n')

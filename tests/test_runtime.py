@@ -527,7 +527,8 @@ def test_an_accepted_session_keeps_every_token_reachable_and_refocuses_per_block
     from nanochat.megacontext.working_context import reachable_history
     model, gistnet, lensnet, mc = parts(w_max=w_max, recent=recent)
     s = Session.create(model, gistnet, lensnet, mc)
-    limit = min(reachable_history(w_max - K, recent, mc.max_level), 3000)
+    limit = min(s.reach, 3000)
+    assert s.reach == reachable_history(w_max - K, recent) > reachable_history(w_max - K, recent, mc.max_level)  # past LOD1
     rng, fed = torch.Generator().manual_seed(1), 0
     while fed < limit:
         n = min(limit - fed, int(torch.randint(1, 3 * K, (1,), generator=rng)))

@@ -26,10 +26,10 @@ lives on disk in disk mode, so the cost per token at 1M tokens is that at 1k
 (benchmarks/mc_inference.py measures it).
 A session's w_max must keep at least MIN_REACH (4) x w_max tokens of history whole
 (working_context.reachable_history: the longest history whose coarsest WC fits w_max - K); a smaller
-one is refused with the smallest w_max that does. The reach grows 32x per gist level (w_max 128,
-recent 32: 1,150 tokens at max_level 1, 4,126 at 2); past it (a history deeper than the GistNet's
-levels allow) the oldest entries leave the WC (working_context.fit_budget), the tree keeps them, and
-`focus()` reports the tokens out of reach.
+one is refused with the smallest w_max that does. The tree makes gists at any depth (AnyLevel), so
+only w_max bounds the reach: the coarsest WC holds up to 31 gists per level (w_max 128, recent 32:
+4,126 tokens; w_max 256: ~8.6 billion). Past it the oldest entries leave the WC
+(working_context.fit_budget), the tree keeps them, and `focus()` reports the tokens out of reach.
 
 Gist-first decoding (gist_first=True, needs a MegaPredictor): when a generated token opens a new
 block, the predictor reads the hidden state at the last token (the end of the latest block) and
@@ -107,7 +107,7 @@ class Session:
         """Use Session.create (a new history) or Session.open (a saved one). config: MegaContextConfig;
         w_max: the WC budget (default config.w_max); lensnet None: no content refocus, only make_room."""
         w_max = self.checked_budget(model, config, w_max, predictor, gist_first)
-        self.reach = reachable_history(w_max - K, config.recent_tokens, config.max_level)  # tokens kept whole
+        self.reach = reachable_history(w_max - K, config.recent_tokens)  # tokens kept whole (AnyLevel: gists at any depth)
         self.model, self.lensnet, self.config, self.tree, self.predictor = model, lensnet, config, tree, predictor
         self.gistnet = gistnet
         self.w_max, self.gist_first = w_max, gist_first
@@ -129,7 +129,7 @@ class Session:
         w_max = config.w_max if w_max is None else w_max
         if w_max < config.recent_tokens + 2 * K:
             raise UserError(f"w_max {w_max} leaves no room: it needs recent_tokens ({config.recent_tokens}) + {2 * K} slots")
-        problem = reach_problem(w_max, config.recent_tokens, config.max_level)
+        problem = reach_problem(w_max, config.recent_tokens)
         if problem:  # it would fall back to a sliding window a few hundred tokens in
             raise UserError(problem)
         if w_max > model.config.sequence_len:  # the WC's oldest slots would sit outside every layer's attention window

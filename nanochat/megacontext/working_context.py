@@ -423,14 +423,14 @@ def reachable_history(w_max, recent_tokens, max_level=None):
 MIN_REACH = 4  # an accepted config keeps at least this many times w_max of history whole
 
 
-def reach_problem(w_max, recent_tokens, max_level):
-    """None when a session's WC (refocused to w_max - K, leaving a block of room to grow) keeps at
-    least MIN_REACH x w_max of history whole; otherwise the one-line reason, with the smallest w_max
-    that does."""
-    reach = reachable_history(w_max - K, recent_tokens, max_level)
+def reach_problem(w_max, recent_tokens):
+    """None when a session's WC (refocused to w_max - K, leaving a block of room to grow; gists at any
+    depth, as a session's tree makes them) keeps at least MIN_REACH x w_max of history whole; otherwise
+    the one-line reason, with the smallest w_max that does."""
+    reach = reachable_history(w_max - K, recent_tokens)
     if reach >= MIN_REACH * w_max:
         return None
-    need = next(w for w in range(w_max, 64 * w_max) if reachable_history(w - K, recent_tokens, max_level) >= MIN_REACH * w)
+    need = next(w for w in range(w_max, 64 * w_max) if reachable_history(w - K, recent_tokens) >= MIN_REACH * w)
     return (f"w_max {w_max} with recent_tokens {recent_tokens} keeps the whole history reachable only up to "
             f"{reach:,} tokens ({reach / w_max:.1f}x w_max), then drops the oldest: use w_max >= {need} "
             f"(or fewer recent tokens) for {MIN_REACH}x")
