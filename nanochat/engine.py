@@ -200,7 +200,8 @@ class ToolUse:
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.turn_end = special("<|assistant_end|>")  # how the chat format closes a reply, whichever stop ended it
+        self.stop_tokens = {self.turn_end, tokenizer.get_bos_token_id()}
 
     def track(self, row, token):
         if token in self.stop_tokens:

@@ -76,7 +76,8 @@ def turn_tokens(tokenizer, text, first):
 
 def stream_session_reply(session, tokenizer, tools, args, out=None):
     """The MegaContext twin of stream_reply: the session already holds the prompt; every token
-    generated (the closing <|assistant_end|> included) is fed back into its history."""
+    generated is fed back into its history, which ends the turn with <|assistant_end|> (whichever stop
+    token came, or after a --max-tokens cut)."""
     out = out or sys.stdout
     generated, printed, ended = [], "", False
     for token, _ in session.generate(args.max_tokens, temperature=args.temperature, top_k=args.top_k, tools=tools):
@@ -116,6 +117,9 @@ def open_session(args, model, tokenizer, device, model_tag, step):
         print(f"resumed the session at {args.session}: {session.tree.num_tokens:,} tokens of history"
               + "".join(f", memory {n} ({t.num_tokens:,} tokens)" for n, t, _ in session.memories))
         return session, session.tree.num_tokens == 0  # saved before its first turn: that turn still opens with BOS
+    if args.session and os.path.exists(os.path.join(args.session, "meta.json")):  # a tree with no session.json in it
+        raise UserError(f"--session {args.session} holds a MegaContext tree that is not a chat session (a Core-Knowledge "
+                        "memory? attach it with --ck): give another directory")
     # a new session on disk is whole or absent: a refused --ck or --context-file (or ctrl-C while reading it)
     # removes what this call wrote, so the same --session works again once the command is mended
     before = set(os.listdir(args.session)) if args.session and os.path.isdir(args.session) else None
@@ -165,7 +169,7 @@ def megacontext_chat(args, model, tokenizer, device, model_tag, step):
         if args.session:
             session.save()
 
-    if args.prompt:
+    if args.prompt is not None:
         reply(args.prompt)
         return
     print(f"nanochat + MegaContext (w_max {session.w_max}, nothing dropped up to {session.reach:,} tokens"
@@ -191,7 +195,7 @@ def main():
     p.add_argument("-i", "--source", type=str, default="sft", choices=["base", "sft", "rl"], help="which checkpoints to load")
     p.add_argument("-g", "--model-tag", type=str, default=None)
     p.add_argument("-s", "--step", type=int, default=None)
-    p.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit")
+    p.add_argument("-p", "--prompt", type=str, default=None, help="answer this one prompt and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6)
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("--max-tokens", type=int, default=512)
@@ -209,7 +213,9 @@ def main():
     if temperature_problem(args.temperature) or args.top_k < 1:
         p.error(temperature_problem(args.temperature) or "top-k must be at least 1")
     args.megacontext = args.megacontext or args.gist_first or bool(args.ck)
-    if not args.megacontext and (args.session or args.context_file or args.w_max):
+    if args.prompt is not None and not args.prompt.strip():  # an empty $VAR would otherwise wait on stdin for good
+        p.error("-p/--prompt is empty: give the prompt's text, or leave -p out to chat")
+    if not args.megacontext and (args.session or args.context_file or args.w_max is not None):
         p.error("--session, --context-file and --w-max need --megacontext")
     if args.context_file and not os.path.isfile(args.context_file):
         p.error(f"--context-file {args.context_file}: no such file")
@@ -227,7 +233,7 @@ def main():
         return
     engine = Engine(model, tokenizer)
 
-    if args.prompt:
+    if args.prompt is not None:
         stream_reply(engine, tokenizer, {"messages": [{"role": "user", "content": args.prompt}]}, args)
         return
 

@@ -16,7 +16,10 @@ Endpoints:
                                call shows as "[calc: 12*3 = 36]"), `data: {"message": content}` (the reply as
                                the history should send it back: a string, or text / python / python_output
                                parts when it used the calculator), then `data: {"done": true}`. A bad request
-                               gets HTTP 400 {"detail": "..."}, a body over MAX_BODY_BYTES 413.
+                               gets HTTP 400 {"detail": "..."}, a body over MAX_BODY_BYTES 413. A reply stops
+                               at MAX_MESSAGE_CHARS (the page sends it back with the next request); a plain
+                               conversation may take as many tokens as the model reads (its rotary table, as
+                               chat_cli).
 With --megacontext each request's conversation is fed into a fresh runtime Session
 (nanochat/megacontext/runtime.py): no context-length limit (only the character limits below), and
 before "done" one `data: {"focus": {...}}` event reports the working context (LOD mix, budget use).
@@ -188,7 +191,7 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
     a fresh one instead of the engine (no context limit). allowed_hosts: request_refusal."""
     with open(UI_PATH, encoding="utf-8") as f:
         page = f.read()
-    context = engine.model.config.sequence_len
+    context = engine.model.cos.size(1)  # the rotary table: the most positions the model can read, as chat_cli's limit
     app = FastAPI(title="nanochat")
 
     @app.middleware("http")
@@ -232,7 +235,8 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
             raise HTTPException(status_code=400, detail=str(e))
         if new_session is None and len(prompt) >= context:
             raise HTTPException(status_code=400, detail=f"conversation is too long: {len(prompt)} tokens, "
-                                                        f"the model's context is {context}; start a new chat")
+                                                        f"the model reads at most {context:,}; start a new chat, "
+                                                        "or serve with --megacontext (no length limit)")
         seed = random.randrange(2**31)  # a different reply each time, like the CLI with a fresh seed
         session, generated = None, []
 
@@ -245,8 +249,12 @@ def create_app(engine, tokenizer, defaults, new_session=None, allowed_hosts=LOCA
             else:
                 stream = ((column[0], None) for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens,
                                                                              temperature=temperature, top_k=top_k, seed=seed))
+            chars = 0  # the reply's characters, bounded above (each token decoded alone counts at least its share)
             for token, _ in stream:
                 if token in engine.stop_tokens:  # <|assistant_end|> (or <|bos|>)
+                    return
+                chars += len(tokenizer.decode([token]))
+                if chars > MAX_MESSAGE_CHARS:  # the next request sends this reply back: never one that would be refused
                     return
                 generated.append(token)
                 yield token

@@ -49,6 +49,30 @@ def test_a_resumed_session_that_never_had_a_turn_opens_its_history_with_bos(base
     assert ids[0] == get_tokenizer().get_bos_token_id()  # it opened with <|user_start|>
 
 
+def test_a_reply_that_stops_at_bos_closes_its_turn_in_the_history_as_the_chat_format_does(base_dir, tmp_path, monkeypatch, capsys):
+    """A sampled <|bos|> ends the reply, as <|assistant_end|> does; the history then holds <|assistant_end|>
+    there, as a re-rendered conversation would, not a <|bos|> opening a new document mid-conversation."""
+    import torch
+    from nanochat.tokenizer import get_tokenizer
+    from nanochat.megacontext import runtime
+    from nanochat.megacontext.tree import HEADER_BYTES
+    tokenizer = get_tokenizer()
+    bos, end = tokenizer.get_bos_token_id(), tokenizer.encode_special("<|assistant_end|>")
+    save_mc_checkpoint(base_dir, "mc_chat")
+    sample, calls = runtime.sample_next, []
+
+    def third_is_bos(logits, *args):
+        calls.append(1)
+        return torch.full((1,), bos) if len(calls) == 3 else sample(logits, *args)
+    monkeypatch.setattr(runtime, "sample_next", third_is_bos)
+    session = str(tmp_path / "session")
+    run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", session, "-p", "hi", "--max-tokens", "8"])
+    ids = np.fromfile(os.path.join(session, "lod0.bin"), dtype=np.uint32, offset=HEADER_BYTES).tolist()
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]})
+    assert ids[:len(prompt)] == prompt and len(ids) == len(prompt) + 3
+    assert ids[-1] == end and ids.count(bos) == 1  # the reply's two tokens, then the turn closed
+
+
 def test_context_file_is_read_into_the_history(base_dir, tmp_path, monkeypatch, capsys):
     save_mc_checkpoint(base_dir, "mc_ctx")
     doc = tmp_path / "book.txt"
@@ -84,6 +108,13 @@ def test_megacontext_flags_without_megacontext_are_refused(base_dir, monkeypatch
         run_cli(monkeypatch, capsys, ["-g", "mc_flags", "--session", "x"])
     with pytest.raises(SystemExit):
         run_cli(monkeypatch, capsys, ["-g", "mc_flags", "--megacontext", "--context-file", "/no/such/file"])
+    with pytest.raises(SystemExit):  # 0 was taken for "not given" and ignored
+        run_cli(monkeypatch, capsys, ["-g", "mc_flags", "--w-max", "0"])
+    assert "need --megacontext" in capsys.readouterr().err
+    for prompt in ("", "  "):  # an empty $VAR: a one-line error, not a chat waiting on stdin
+        with pytest.raises(SystemExit):
+            run_cli(monkeypatch, capsys, ["-g", "mc_flags", "-p", prompt], stdin="hello\nquit\n")
+        assert "-p/--prompt is empty" in capsys.readouterr().err
 
 
 def build_ck(tmp_path, name, source="base", tag="mc_chat"):
@@ -141,6 +172,10 @@ def test_core_knowledge_memories_attach_show_in_focus_and_resume(base_dir, tmp_p
     other = build_ck(tmp_path, "other")
     with pytest.raises(UserError, match="saved with Core-Knowledge memories"):
         run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--session", session, "--ck", other], stdin="quit\n")
+    listing = sorted(os.listdir(ck))  # a memory given as --session: said so (it told a CLI user to call MegaContextTree.load)
+    with pytest.raises(UserError, match="holds a MegaContext tree that is not a chat session .* attach it with --ck"):
+        run_cli(monkeypatch, capsys, ["-g", "mc_chat", "--megacontext", "--session", ck], stdin="quit\n")
+    assert sorted(os.listdir(ck)) == listing
 
 
 def test_a_memory_built_for_another_model_is_refused(base_dir, tmp_path, monkeypatch, capsys):

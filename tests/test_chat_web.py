@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.engine import Engine
 from nanochat.tokenizer import RustBPETokenizer
-from scripts.chat_web import create_app, stream_text, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS, MAX_BODY_BYTES
+from scripts.chat_web import create_app, stream_text, validate_request, MAX_MESSAGES, MAX_MESSAGE_CHARS, MAX_TOTAL_CHARS, MAX_BODY_BYTES
 
 LOCAL = "http://127.0.0.1:8000"  # what a browser on this machine sends as Host
 
@@ -205,21 +205,26 @@ def test_a_soak_of_valid_and_invalid_requests_leaves_the_server_answering(client
 
 
 def test_prompt_longer_than_context_gives_400(client, tokenizer):
-    # under every character limit, but far more tokens than the model's 256-token context
-    words = " ".join(f"q{i}" for i in range(600))
+    # under every character limit, but more tokens than the model reads: its rotary table (10 x its 256-token
+    # sequence_len), the limit chat_cli uses too (this one stopped at 256 where the CLI went on)
+    words = " ".join(f"q{i}" for i in range(1300))
     r = client.post("/chat/completions", json={"messages": [{"role": "user", "content": words}]})
-    assert r.status_code == 400 and "the model's context is 256" in r.json()["detail"]
+    assert r.status_code == 400 and "the model reads at most 2,560" in r.json()["detail"]
+    words = " ".join(f"q{i}" for i in range(150))  # > 256 tokens: answered
+    assert len(tokenizer.encode(words)) > 256
+    r = client.post("/chat/completions", json={"messages": [{"role": "user", "content": words}], "max_tokens": 2})
+    assert r.status_code == 200 and "done" in r.text
 
 
 def test_limits_at_the_edges_are_accepted(client):
     body = {"messages": HELLO, "temperature": 2, "top_k": 200, "max_tokens": 1}
     r = client.post("/chat/completions", json=body)
     assert r.status_code == 200 and sse_events(r.text)[-1] == {"done": True}
-    # exactly MAX_MESSAGES (a system message, then user ... user) passes the count check and is
-    # stopped later, by the model's context
+    # exactly MAX_MESSAGES (a system message, then user ... user) passes the count check, and the
+    # conversation's tokens fit what the model reads (its rotary table)
     messages = [{"role": "system", "content": "s"}] + _msgs(MAX_MESSAGES - 1)
-    r = client.post("/chat/completions", json={"messages": messages})
-    assert r.status_code == 400 and "the model's context is 256" in r.json()["detail"]
+    r = client.post("/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert r.status_code == 200 and sse_events(r.text)[-1] == {"done": True}
 
 
 # -----------------------------------------------------------------------------
@@ -333,6 +338,10 @@ def test_stream_text_shows_calculator_calls_readably(tokenizer):
     assert "".join(stream_text(iter(ids), tokenizer)) == "so [calc: 12*3 = 36] done"
 
 
+class FakeModel:  # what create_app reads of a model: its rotary table's length
+    cos = torch.empty(1, 2560, 1, 1)
+
+
 def test_a_reply_that_used_the_calculator_goes_back_into_the_history_as_its_tokens(tokenizer):
     """The page stored the shown text, "[calc: 12*3 = 36]36", as the assistant turn, so the next prompt held that
     literal text instead of the tool tokens the model wrote (and the server refused content as parts)."""
@@ -341,7 +350,7 @@ def test_a_reply_that_used_the_calculator_goes_back_into_the_history_as_its_toke
              + [sp("<|output_start|>")] + tokenizer.encode("36") + [sp("<|output_end|>")] + tokenizer.encode(" done"))
 
     class Scripted:  # an engine whose one reply is the calculator call above
-        model, stop_tokens, tools = type("M", (), {"config": GPTConfig(sequence_len=256)})(), {sp("<|assistant_end|>")}, None
+        model, stop_tokens, tools = FakeModel(), {sp("<|assistant_end|>")}, None
 
         def generate(self, prompt, **kwargs):
             for t in reply + [sp("<|assistant_end|>")]:
@@ -358,6 +367,26 @@ def test_a_reply_that_used_the_calculator_goes_back_into_the_history_as_its_toke
     assert ids[-len(reply) - 1:-1] == reply  # it renders back to the very tokens the model wrote
     bad = HELLO + [{"role": "assistant", "content": [{"type": "shell", "text": "ls"}]}, {"role": "user", "content": "hi"}]
     assert client.post("/chat/completions", json={"messages": bad}).status_code == 400
+
+
+def test_a_reply_stops_at_the_longest_message_a_request_may_send_back(tokenizer):
+    """A reply of 4,096 tokens ran to ~22,000 characters, and the page's next request, which sends it back,
+    was refused (message too long) until a new chat: the reply now stops at MAX_MESSAGE_CHARS."""
+    word = [max(tokenizer.encode("hello there, how are you today? I am a small model."), key=lambda t: len(tokenizer.decode([t])))]
+
+    class Endless:  # an engine that never ends its reply
+        model, stop_tokens, tools = FakeModel(), {tokenizer.encode_special("<|assistant_end|>")}, None
+
+        def generate(self, prompt, max_tokens=None, **kwargs):
+            for i in range(max_tokens):
+                yield [word[i % len(word)]], [1]
+    client = TestClient(create_app(Endless(), tokenizer, DEFAULTS), base_url=LOCAL)
+    events = sse_events(client.post("/chat/completions", json={"messages": HELLO, "max_tokens": 4096}).text)
+    message = events[-2]["message"]
+    chars = sum(len(part["text"]) for part in message) if isinstance(message, list) else len(message)
+    assert MAX_MESSAGE_CHARS - 20 < chars <= MAX_MESSAGE_CHARS
+    history = HELLO + [{"role": "assistant", "content": message}, {"role": "user", "content": "go on"}]
+    validate_request({"messages": history}, DEFAULTS)  # accepted back (the tiny model's context is another matter)
 
 
 def test_malformed_hosts_and_oversized_bodies_are_refused_not_a_500(client):

@@ -293,7 +293,9 @@ class Session:
     def generate(self, max_tokens, temperature=1.0, top_k=None, tools=None):
         """Sample up to max_tokens tokens, each fed back into the session. Yields (token, forced):
         forced is True for a calculator output token (tools: an engine.ToolUse, which also stops the
-        stream at <|assistant_end|> / <|bos|>; the stop token is yielded and fed too)."""
+        stream at <|assistant_end|> / <|bos|>; the stop token is yielded, and the history is fed
+        <|assistant_end|> for it, as the chat format closes a reply: a <|bos|> there would open a new
+        document in the middle of the conversation)."""
         if self.logits is None:
             raise UserError("feed the session a prompt before generating")
         row = RowState()
@@ -306,7 +308,7 @@ class Session:
                     token = int(sample_next(self.logits[None], self.generator, temperature, top_k)[0])
                 if self.gist_first and self.tree.num_tokens % K == 0:
                     self._make_plan()  # this token opens a block: plan it first
-                self.feed([token])
+                self.feed([tools.turn_end if tools is not None and token in tools.stop_tokens else token])
                 yield token, forced
                 if tools is not None:
                     tools.track(row, token)

@@ -297,7 +297,8 @@ class MegaContextTree(OneMemory):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise UserError(f"{path}: the tree is open for writing by another process (read a copy with load(..., in_ram=True))")
+                raise UserError(f"{path}: the tree is open for writing by another process (one writer at a time: a chat on the "
+                                f"same --session, or a build; a reader can load a copy with in_ram=True)")
             self._lock = weakref.finalize(self, os.close, fd)  # released by close(), or when the tree is collected
         self.levels = []    # [0]: token ids (n,) uint32; [L]: gist bits (n, D) uint16
         self.versions = []  # [L]: RamRows of uint32 gist versions, parallel to levels[L] ([0] unused)
