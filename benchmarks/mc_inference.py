@@ -8,9 +8,10 @@ progress goes to stderr.
 
     python -m benchmarks.mc_inference --config configs/cpu_tiny_mc.toml --vocab-size 4096 --device-type cpu
     python -m benchmarks.mc_inference --config configs/d12_mc.toml                                  # GPU
-Any base_train flag can follow (e.g. --mc-w-max 512). --w-max sets the runtime budget (default 256:
-the cpu_tiny preset's 128 slots cannot hold the coarsest view of 1M tokens, about 31 slots per
-level plus the raw recent tokens).
+Any base_train flag can follow (e.g. --depth 4 or --mc-recent-tokens 64) and shapes the model; the
+runtime's budget is --w-max alone (default 256; a preset's mc_w_max is its training budget, and the
+cpu_tiny preset's 128 slots cannot hold the coarsest view of 1M tokens, about 31 slots per level plus
+the raw recent tokens).
 
 Per history: mc_ms_per_token is the mean over --decode tokens (a multiple of K: refocuses and plan
 slots amortized the same way at every length), mc_p50_ms the median token (no refocus), rss_mb

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from nanochat.common import UserError, get_base_dir, get_dist_info, atomic_path, print0
 
 DEFAULT_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+SOURCE_FILE = "source_url.txt"  # in the extracted bundle: the URL it came from
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 
 # -----------------------------------------------------------------------------
@@ -256,10 +257,13 @@ def get_eval_bundle(url=None, base_dir=None, retries=5, backoff=1.0):
     base_dir = base_dir or get_base_dir()
     bundle_dir = os.path.join(base_dir, "eval_bundle")
     zip_path = os.path.join(base_dir, "eval_bundle.zip")
-    url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or DEFAULT_BUNDLE_URL
+    asked = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL")  # None: whatever bundle is cached (upstream's by default)
+    url = asked or DEFAULT_BUNDLE_URL
+    source_file = os.path.join(bundle_dir, SOURCE_FILE)  # the URL a bundle was downloaded from, when this code fetched it
     _, rank, _, _ = get_dist_info()
     if rank == 0 and not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
-        if not os.path.isfile(zip_path):
+        fetched = not os.path.isfile(zip_path)
+        if fetched:
             print0(f"downloading eval bundle from {url}")
             download_file(url, zip_path, retries=retries, backoff=backoff)
         try:
@@ -267,10 +271,19 @@ def get_eval_bundle(url=None, base_dir=None, retries=5, backoff=1.0):
         except UserError:
             os.remove(zip_path)  # a corrupt zip must not block the next attempt
             raise
+        if fetched:
+            with atomic_path(source_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.write(url + "\n")
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
         raise UserError(f"eval bundle missing at {bundle_dir}")
+    if asked and os.path.isfile(source_file):
+        with open(source_file, encoding="utf-8") as f:
+            cached = f.read().strip()
+        if cached != asked:  # it scored the cached bundle's tasks under the other URL's name
+            raise UserError(f"the eval bundle cached at {bundle_dir} came from {cached}, not {asked}: remove it and "
+                            f"{zip_path} to fetch that one, or drop --bundle-url / $NANOCHAT_EVAL_BUNDLE_URL")
     return bundle_dir
 
 

@@ -9,11 +9,13 @@ attention and by the newest --recall-window tokens alone, for each band of d in 
     python -m scripts.base_eval --model-tag cpu_recall --eval recall --recall-bands 100-300,400-600,800-1000
     torchrun --nproc_per_node=8 scripts/base_eval.py              # examples / batches split over ranks
 
-Results go to <base>/base_eval/<model_tag>_<step>.json (written atomically) and a table on stdout.
+Results go to <base>/base_eval/<model_tag>_<step>.json (written atomically; the evals not run this time keep an
+earlier run's figures for the same weights) and a table on stdout.
 """
 
 import os
 import sys
+import json
 import time
 import argparse
 
@@ -23,6 +25,7 @@ from nanochat.common import UserError, cli_main, compute_init, compute_cleanup, 
 from nanochat.checkpoint_manager import SOURCE_DIRS, load_model, resolve_checkpoint
 
 EVALS = ("core", "bpb", "sample", "recall")
+RESULT_KEYS = ("core", "bpb", "samples", "recall")  # each eval's key in the results
 DEFAULT_EVALS = ("core", "bpb", "sample")
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -111,6 +114,20 @@ def sample_completions(model, tokenizer, max_tokens=16):
     return samples
 
 
+def with_earlier_results(results, path):
+    """results, plus what an earlier run on the same weights wrote to path for the evals not run now: a
+    `--eval sample` run no longer wipes the file's (and the report's) bpb and CORE figures. A retrained
+    checkpoint at the same tag and step is other weights (its file's size and mtime): nothing is kept."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return results
+    if not isinstance(earlier, dict) or earlier.get("weights") != results["weights"]:
+        return results
+    return {**{key: earlier[key] for key in RESULT_KEYS if key in earlier}, **results}
+
+
 def print_table(results):
     print0("=" * 72)
     print0(f"{results['source']} model {results['model_tag']} step {results['step']}")
@@ -142,7 +159,7 @@ def main(argv=None):
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     try:
         # resolve the tag and step here so the output file can be named after them
-        _, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+        checkpoint_dir, model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=step)
         # everything that can refuse is checked before the first eval, not after bpb has run for an hour
         if bands is not None:
@@ -151,7 +168,9 @@ def main(argv=None):
             from nanochat.core_eval import evaluate_core, get_eval_bundle, load_bundle_tasks
             core_tasks = load_bundle_tasks(get_eval_bundle(args.bundle_url or None))
 
-        results = dict(source=args.source, model_tag=model_tag, step=step, world_size=world_size)
+        stat = os.stat(os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
+        results = dict(source=args.source, model_tag=model_tag, step=step, world_size=world_size,
+                       weights=f"{stat.st_size}:{stat.st_mtime_ns}")  # which file these figures are of
         if "bpb" in evals:
             results["bpb"] = evaluate_bpb_splits(model, tokenizer, device, args.split_tokens, args.device_batch_size, world_size)
         if "recall" in evals:
@@ -164,8 +183,9 @@ def main(argv=None):
         if rank == 0:
             name = f"{model_tag}_{step}.json" if args.source == "base" else f"{args.source}_{model_tag}_{step}.json"
             out_path = os.path.join(get_base_dir(), "base_eval", name)
-            atomic_write_json(results, out_path)
             print_table(results)
+            results = with_earlier_results(results, out_path)
+            atomic_write_json(results, out_path)
             from nanochat.report import get_report
             summary = {"model_tag": model_tag, "step": step}
             summary.update({f"{split}_bpb": v for split, v in results.get("bpb", {}).items()})

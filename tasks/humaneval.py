@@ -18,13 +18,13 @@ import re
 
 from tasks.common import Task, load_rows, shuffled
 
-CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)  # a reply cut off before its closing fence still counts
+CODE_BLOCK_RE = re.compile(r"```[^`\n]*\n(.*?)(?:```|\Z)", re.DOTALL)  # any info string; a reply cut off before its closing fence still counts
 UPSTREAM_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)  # closed blocks only
 
 
 def extract_program(response):
-    """The code in a model response (harness rule): the first ```python fenced block (closed or running to
-    the end) if there is one, else all of it."""
+    """The code in a model response (harness rule): the first fenced block, ```python, ```python3 or any other
+    info string (closed or running to the end) if there is one, else all of it."""
     match = CODE_BLOCK_RE.search(response)
     if match is None:
         return response

@@ -91,6 +91,7 @@ def test_end_to_end(base_dir, monkeypatch):
                                      "--split-tokens", "256", "--device-batch-size", "2", "--max-per-task", "4"])
         assert proc.returncode == 0, proc.stderr
         assert server.requests == 1
+        url = server.url
     out_path = base_dir / "base_eval" / f"{TAG}_{STEP}.json"
     results = json.loads(out_path.read_text())
     assert (results["source"], results["model_tag"], results["step"]) == ("base", TAG, STEP)
@@ -106,9 +107,18 @@ def test_end_to_end(base_dir, monkeypatch):
     assert core["core_metric"] == pytest.approx(sum(core["centered_results"].values()) / len(LABELS))
     assert "CORE metric" in proc.stdout and "val bpb" in proc.stdout
 
-    # the bundle is now cached: a CORE-only rerun needs no server, and a default-args run picks d2 / step 7
-    os.remove(out_path)
-    proc = run_script(base_dir, ["--eval", "core", "--bundle-url", "http://127.0.0.1:9/none.zip", "--max-per-task", "4"])
+    # the bundle is now cached: a CORE-only rerun needs no server (the same URL, or none: the cached one), a
+    # default-args run picks d2 / step 7, and the evals not run keep their figures for these same weights
+    proc = run_script(base_dir, ["--eval", "core", "--bundle-url", url, "--max-per-task", "4"])
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads(out_path.read_text())
+    assert again["core"] == core and again["bpb"] == results["bpb"] and again["samples"] == results["samples"]
+    assert "val_bpb" in (base_dir / "report" / "base-model-evaluation.md").read_text()
+    # another URL is refused in one line (it scored the cached bundle's tasks under that URL's name)
+    proc = run_script(base_dir, ["--eval", "core", "--bundle-url", "http://127.0.0.1:9/other.zip", "--max-per-task", "4"])
+    assert proc.returncode == 1 and "came from" in proc.stderr and proc.stderr.count("\n") == 1
+    os.utime(base_dir / "base_checkpoints" / TAG / f"model_{STEP:06d}.pt")  # a retrained checkpoint: other weights
+    proc = run_script(base_dir, ["--eval", "core", "--max-per-task", "4"])
     assert proc.returncode == 0, proc.stderr
     again = json.loads(out_path.read_text())
     assert again["core"] == core and "bpb" not in again and "samples" not in again
@@ -127,6 +137,8 @@ def test_end_to_end(base_dir, monkeypatch):
 
 
 def test_torchrun_two_ranks_agree_with_one(base_dir):
+    shutil.rmtree(base_dir / "eval_bundle", ignore_errors=True)  # cached from another test's server: fetched from this one
+    (base_dir / "eval_bundle.zip").unlink(missing_ok=True)
     with BundleServer(build_bundle_zip(make_tasks())) as server:
         single = run_script(base_dir, ["--eval", "core", "--max-per-task", "5", "--model-tag", TAG],
                             extra_env=dict(NANOCHAT_EVAL_BUNDLE_URL=server.url))

@@ -235,8 +235,12 @@ def test_download_extract_and_skip_when_present(tasks, tmp_path):
     assert [m["continuation_delimiter"] for m, _, _ in loaded] == [" ", "\nAnswer: ", " ", " ", " ", ""]
     assert [m["num_fewshot"] for m, _, _ in loaded] == [3, 0, 1, 0, 2, 0]
     assert loaded[0][2] == tasks[0][2] and loaded[0][1] == 25.0
-    # already there: no network needed (the server is gone)
-    assert get_eval_bundle("http://127.0.0.1:9/eval_bundle.zip", base_dir=str(tmp_path), retries=1, backoff=0) == bundle
+    # already there: no network needed (the server is gone), for its URL or none
+    assert get_eval_bundle(server.url, base_dir=str(tmp_path), retries=1, backoff=0) == bundle
+    assert get_eval_bundle(base_dir=str(tmp_path), retries=1, backoff=0) == bundle
+    # another URL: refused in one line, not the cached bundle's tasks scored under its name
+    with pytest.raises(UserError, match=f"came from {server.url}, not http://127.0.0.1:9/other.zip: remove it"):
+        get_eval_bundle("http://127.0.0.1:9/other.zip", base_dir=str(tmp_path), retries=1, backoff=0)
 
 
 def test_url_from_environment(tasks, tmp_path, monkeypatch):

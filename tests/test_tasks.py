@@ -355,6 +355,8 @@ def test_a_humaneval_reply_cut_before_its_closing_fence_still_runs_its_code():
     assert extract_program("```python\n" + code) == code
     assert extract_program("Here:\n```python\n" + code + "``") == code  # cut inside the closing fence
     assert extract_program("```python\n" + code + "```\nmore text") == code
+    for tag in ("python3", "Python", "py3", "", "python  "):  # any info string: "```python3" read the prose after the block
+        assert extract_program(f"```{tag}\n" + code + "```\nThis adds the numbers.") == code, tag
 
 
 def test_spelling_counts_correct(tokenizer):
