@@ -22,14 +22,29 @@ SOURCE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "
 MAX_SIZES = dict(sequence_len=1 << 16, vocab_size=1 << 24, n_layer=1 << 10, n_embd=1 << 16)  # rotary tables: 10x sequence_len
 
 
+def unmark_step(checkpoint_dir, step):
+    """Remove a step's meta before any of its files is written again (a run saving over a step it shares with
+    an earlier one): a save killed midway then leaves an incomplete step, which every loader skips, never the
+    old meta beside new weights."""
+    meta_path = os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+
+
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
-    """Each file atomically; the meta last, so a step with a meta is a complete checkpoint. With per-rank
-    optimizer files every rank calls this: they all wait until each has written its own, then rank 0 writes
-    the model and the meta (else a rank killed mid-save would leave a complete-looking step it cannot resume)."""
+    """Each file atomically; the meta last, so a step with a meta is a complete checkpoint (an old meta of the
+    step goes first). With per-rank optimizer files every rank calls this: they all wait until each has written
+    its own, then rank 0 writes the model and the meta (else a rank killed mid-save would leave a complete-looking
+    step it cannot resume)."""
     os.makedirs(checkpoint_dir, exist_ok=True)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if rank == 0:
+        unmark_step(checkpoint_dir, step)
     if optimizer_data is not None:
+        if distributed:  # no rank rewrites its file of the step while the old meta still marks it complete
+            torch.distributed.barrier()
         atomic_torch_save(optimizer_data, os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank:d}.pt"))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed:
             torch.distributed.barrier()
     if rank == 0:
         atomic_torch_save(model_data, os.path.join(checkpoint_dir, f"model_{step:06d}.pt"))
@@ -151,7 +166,6 @@ def find_last_step(checkpoint_dir):
 
 
 CHECKPOINT_FILE = re.compile(r"(model|meta|optim|mc)_(\d{6})(_rank\d+)?\.(pt|json)(\.sha256)?")  # a step's files and digests
-RUN_LOG = "train_log.jsonl"
 
 
 def checkpoint_steps(checkpoint_dir, after=-1):
@@ -163,17 +177,14 @@ def checkpoint_steps(checkpoint_dir, after=-1):
 def claim_checkpoint_dir(checkpoint_dir, overwrite, rank=0, resumable=False):
     """Before a fresh (not resumed) run: a dir holding an earlier run's checkpoints is refused in one line
     unless `overwrite`. Left beside the new run, an older run's later step would stay the last one that
-    every loader picks, and its log would run on into the new one's. -> the steps the new run replaces:
-    its log goes now, the steps once the new run has saved its own (retire_checkpoints), so a run stopped
-    before its first save leaves the old model in place (it may be the very one this run started from)."""
+    every loader picks. -> the steps the new run replaces, removed once it has saved its own
+    (retire_checkpoints), so a run stopped before its first save leaves the old model in place (it may be
+    the very one this run started from); its log is replaced as training starts (RunLog(fresh=True))."""
     steps = checkpoint_steps(checkpoint_dir)
     if steps and not overwrite:
         resume = ", --resume-from-step <step> continues that run" if resumable else ""
         raise UserError(f"{checkpoint_dir} already holds a run's checkpoints (steps {', '.join(map(str, steps))}): "
                         f"--overwrite replaces them{resume}, or train under another --model-tag")
-    log = os.path.join(checkpoint_dir, RUN_LOG)
-    if rank == 0 and os.path.exists(log):
-        os.remove(log)  # the replaced run's, or that of a run stopped before its first save (nothing to resume)
     if not steps:
         return []
     print0(f"--overwrite: this run replaces the checkpoints in {checkpoint_dir} (steps {', '.join(map(str, steps))}; "

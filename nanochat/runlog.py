@@ -26,15 +26,19 @@ def strict_json(v):
 
 
 class RunLog:
-    def __init__(self, path, run="dummy", user_config=None, enabled=True, project="nanochat", resume_step=None):
+    def __init__(self, path, run="dummy", user_config=None, enabled=True, project="nanochat", resume_step=None, fresh=False):
         """resume_step: a run resumed from that step's checkpoint keeps what led up to it (train and CORE records
         through it, evaluations before it: base_train evaluates its start step again, CORE only past it) and
-        drops what a run that went past it wrote, so the log reads as one run."""
+        drops what a run that went past it wrote, so the log reads as one run. fresh: a new run's log replaces
+        the one there (a replaced run's, or that of a run stopped before its first save), made last thing before
+        training, so a run refused during its set-up leaves the earlier log with the earlier checkpoints."""
         self.path, self.enabled, self.wandb = path, enabled, None
         if not enabled:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if resume_step is not None and os.path.exists(path):
+        if fresh and os.path.exists(path):
+            os.remove(path)
+        elif resume_step is not None and os.path.exists(path):
             self._truncate(resume_step)
         elif os.path.exists(path):
             self._end_line()

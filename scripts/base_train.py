@@ -27,7 +27,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
 from nanochat.recall import recall_loader, recall_eval_docs, recall_accuracy
-from nanochat.checkpoint_manager import (MAX_SIZES, checkpoint_steps, claim_checkpoint_dir, retire_checkpoints, save_checkpoint,
+from nanochat.checkpoint_manager import (MAX_SIZES, checkpoint_steps, claim_checkpoint_dir, retire_checkpoints, save_checkpoint, unmark_step,
                                          load_checkpoint, prepare_state_dict)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import load_optimizer_state, set_lr_multiplier
@@ -430,7 +430,7 @@ def train(argv=None):
         core_tasks = load_bundle_tasks(get_eval_bundle())
 
     log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=master,
-                 resume_step=start_step if args.resume_from_step >= 0 else None)
+                 resume_step=start_step if args.resume_from_step >= 0 else None, fresh=args.resume_from_step < 0)
     peak = peak_flops(device)
     dtype = compute_dtype(device_type)
     print0(f"device: {device} | dtype: {dtype} | world size: {world_size} | data: {get_data_dir()} | compile: {use_compile}")
@@ -443,6 +443,7 @@ def train(argv=None):
         if mc is not None:  # beside the model, before the meta (the meta, written last, marks a complete step)
             meta["megacontext"] = mc.to_dict()
             if master:
+                unmark_step(checkpoint_dir, step)  # the MegaContext file comes first: an old meta of the step goes before it
                 trainer.save(checkpoint_dir, step, mc_optimizer)
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optim_data, meta, rank=rank)
         print0(f"saved checkpoint step {step} to {checkpoint_dir}")
@@ -524,6 +525,12 @@ def train(argv=None):
         train_loss = train_loss.item()
         synchronize()
         dt = time.time() - t0
+        finite = torch.tensor(float(math.isfinite(train_loss)), device=device)
+        if is_ddp:  # every rank stops at the same step (a rank left alone would wait in the next all-reduce)
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():  # diverged: it trained on to a NaN model, saved it and reported step 0's val bpb
+            raise UserError(f"step {step + 1}: the training loss is no longer finite, the run diverged: lower the learning "
+                            "rates and train again (the checkpoints saved before this step are kept)")
 
         step += 1
         beta = 0.9  # EMA of the training loss, debiased
@@ -534,7 +541,7 @@ def train(argv=None):
         loop_state["flops_seen"] += step_flops
         tok_per_sec = total_batch_size / dt  # raw data tokens per second, the same measure for vanilla and MegaContext
         mfu = step_flops / dt / (peak * world_size) if peak else None
-        done = (step - start_step) / (num_iterations - start_step)
+        done = step / num_iterations  # of the whole run, as upstream (a resumed run printed its own share)
         eta = dt * (num_iterations - step)
         mfu_str = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
         mc_metrics, mc_line = ({}, "") if trainer is None else trainer.summarize(mc_stats)  # micro-batch means

@@ -121,7 +121,7 @@ def main():
         if rank == 0:
             report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
         replaced = claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)  # removed once this run has saved
-        log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
+        log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0, fresh=True)
         pad_id = tokenizer.get_bos_token_id()
         n_eval = min(args.eval_problems, len(test_task))
 

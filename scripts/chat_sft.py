@@ -242,7 +242,7 @@ def main():
         if rank == 0:
             report_stale_temps(checkpoint_dir)  # what a killed save left (this run is the one writer here)
         replaced = claim_checkpoint_dir(checkpoint_dir, args.overwrite, rank=rank)  # removed once this run has saved
-        log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0)
+        log = RunLog(os.path.join(checkpoint_dir, "train_log.jsonl"), run=args.run, user_config=user_config, enabled=rank == 0, fresh=True)
 
         # As upstream: the next micro-batch is always fetched ahead, so the data's end is known before the step that would
         # need it (that step is not taken) and an epoch's progress counts the conversations fetched for the next micro-batch

@@ -365,6 +365,20 @@ def test_core_metric_during_training(base_dir):
         base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1", "--core-metric-every", "2",
                                 "--model-tag", "core_damaged"])
     assert not (base_dir / "base_checkpoints" / "core_damaged" / "train_log.jsonl").exists()
+    # --overwrite refused in its set-up: the earlier run's log stays with its checkpoints (it was deleted at the claim)
+    log = (base_dir / "base_checkpoints" / "core" / "train_log.jsonl").read_text()
+    with pytest.raises(UserError, match="eval_data/lm/words.jsonl: FileNotFoundError"):
+        base_train.main(TINY + ["--num-iterations", "2", "--eval-every", "-1", "--core-metric-every", "2",
+                                "--model-tag", "core", "--overwrite"])
+    assert (base_dir / "base_checkpoints" / "core" / "train_log.jsonl").read_text() == log
+
+
+def test_a_diverged_run_stops_in_one_line_instead_of_saving_a_nan_model(base_dir):
+    """It trained on to NaN, saved a model no later stage loads, and ended "done: min val bpb" with step 0's figure."""
+    with pytest.raises(UserError, match=r"step [12]: the training loss is no longer finite, the run diverged"):
+        base_train.main(TINY + ["--num-iterations", "4", "--eval-every", "2", "--save-every", "2", "--model-tag", "diverged",
+                                "--matrix-lr", "1e30", "--embedding-lr", "1e30"])
+    assert not list((base_dir / "base_checkpoints" / "diverged").glob("model_*.pt"))
 
 
 def test_resume_errors_are_user_errors(base_dir):

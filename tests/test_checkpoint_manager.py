@@ -220,7 +220,28 @@ def test_under_ddp_the_meta_waits_for_every_ranks_optimizer_file(tmp_path, monke
     monkeypatch.setattr(cm, "atomic_torch_save", lambda obj, path: order.append(os.path.basename(path)))
     monkeypatch.setattr(cm, "atomic_write_json", lambda obj, path: order.append(os.path.basename(path)))
     save_checkpoint(str(tmp_path), 3, {}, {"optimizers": []}, {"step": 3}, rank=0)
-    assert order == ["optim_000003_rank0.pt", "barrier", "model_000003.pt", "meta_000003.json"]
+    assert order == ["barrier", "optim_000003_rank0.pt", "barrier", "model_000003.pt", "meta_000003.json"]
     order.clear()
     save_checkpoint(str(tmp_path), 3, {}, {"optimizers": []}, {"step": 3}, rank=1)
-    assert order == ["optim_000003_rank1.pt", "barrier"]
+    assert order == ["barrier", "optim_000003_rank1.pt", "barrier"]
+
+
+def test_a_save_killed_over_an_existing_step_leaves_it_incomplete_not_mixed(base_dir, monkeypatch):
+    """A run saving over a step an earlier run left (--overwrite, or chat_sft --source sft) and killed between
+    the weights and the meta: the old meta marked the new weights complete (another model's config: a shape
+    error at load, or at the same size a silent mix). The old meta now goes first."""
+    import nanochat.checkpoint_manager as cm
+    _, ckpt = save_tiny(base_dir, "mixed", step=2)
+    save_tiny(base_dir, "mixed", step=1)
+    write_json = cm.atomic_write_json
+
+    def killed(obj, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cm, "atomic_write_json", killed)
+    config = GPTConfig(sequence_len=64, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)  # another model
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(ckpt), 2, GPT(config).state_dict(), {"optimizers": []}, {"step": 2, "model_config": config.to_dict()})
+    monkeypatch.setattr(cm, "atomic_write_json", write_json)
+    assert find_last_step(str(ckpt)) == 1  # step 2 is incomplete: skipped
+    _, _, meta = load_model("base", "cpu", phase="eval", model_tag="mixed")
+    assert meta["step"] == 1
