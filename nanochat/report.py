@@ -258,16 +258,21 @@ def summary_markdown(sections):
     """sections: [(title, markdown)] in report order."""
     table = {}  # (label, stage) -> value
     wall_clock = []
+    tags = {}  # stage -> {section title: the model_tag it names}
     for title, markdown in sections:
         metrics = parse_metrics(markdown)
         if WALL_CLOCK_KEY in metrics:
             wall_clock.append(metrics[WALL_CLOCK_KEY])
-        stage = SECTION_STAGE.get(title)
+        subset = title not in SECTION_STAGE  # e.g. "Chat evaluation sft: Arithmetic, Spelling (30 problems each)"
+        stage = SECTION_STAGE.get(title.split(": ")[0])
         if stage is None:
             continue
+        tag = re.search(r"^- model_tag: (.+)$", markdown, re.MULTILINE)
+        if tag:
+            tags.setdefault(stage, {})[title] = tag.group(1).strip()
         for label, keys in SUMMARY_METRICS:
             for key in keys:
-                if key in metrics:
+                if key in metrics and not (subset and (label, stage) in table):  # a subset run fills gaps only
                     table[(label, stage)] = metrics[key]
     lines = ["## Summary", ""]
     rows = [label for label, _ in SUMMARY_METRICS if any((label, s) in table for s in STAGES)]
@@ -278,6 +283,10 @@ def summary_markdown(sections):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     else:
         lines.append("No summary metrics were logged.")
+    for stage in STAGES:  # a later run of one stage on another model must not pass for the same model's figures
+        named = tags.get(stage, {})
+        if len(set(named.values())) > 1:
+            lines += ["", f"Warning: the {stage} column mixes models: " + ", ".join(f"{t} ({title})" for title, t in named.items())]
     if wall_clock:
         lines += ["", f"Total wall clock time: {format_duration(sum(wall_clock))}"]
     return "\n".join(lines) + "\n"

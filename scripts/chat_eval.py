@@ -154,8 +154,9 @@ def main():
                                    centered=centered, chatcore=chatcore, tasks=names, full=full, user_config=vars(args)), out)
             print0(f"wrote {out}")
             from nanochat.report import get_report
-            get_report().log(section=f"Chat evaluation {args.source}", data=[{"model_tag": tag, "step": meta.get("step"),
-                                                                               **results, label: chatcore}])
+            # a subset's section of its own: a smoke run (-x 1) never replaces the full run's figures in the report
+            section = f"Chat evaluation {args.source}" + ("" if full else ": " + label.removeprefix("ChatCORE over "))
+            get_report().log(section=section, data=[{"model_tag": tag, "step": meta.get("step"), **results, label: chatcore}])
         return results
     finally:
         compute_cleanup()

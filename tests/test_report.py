@@ -123,6 +123,35 @@ def test_summary_without_metrics_and_without_curves(base):
     assert not (base / "report" / "loss_curves.png").exists()
 
 
+def test_a_stage_whose_sections_name_other_models_is_flagged(base):
+    """A base_train of one model and a base_eval of another shared the BASE column with no word of it."""
+    report = get_report()
+    report.log(section="Base model training", data=[{"model_tag": "exp_d3x128", "val_bpb": 1.5607}])
+    report.log(section="Base model evaluation", data=[{"model_tag": "cpu_d3_mc", "val_bpb": 0.887}])
+    report.log(section="Chat SFT", data=[{"model_tag": "cpu_d3_mc", "val_loss": 0.5}])
+    report.generate()
+    text = open("report.md").read()
+    assert "Warning: the BASE column mixes models: exp_d3x128 (Base model training), cpu_d3_mc (Base model evaluation)" in text
+    assert "SFT column mixes" not in text
+    report.log(section="Base model training", data=[{"model_tag": "cpu_d3_mc", "val_bpb": 1.46}])
+    report.generate()
+    assert "mixes models" not in open("report.md").read()
+
+
+def test_a_subset_chat_eval_has_its_own_section_and_only_fills_the_summarys_gaps(base):
+    """chat_eval -a Spelling -x 1 (a smoke run) replaced the full run's section: the summary showed Spelling from one
+    problem and lost the other tasks."""
+    report = get_report()
+    report.log(section="Chat evaluation sft", data=[{"model_tag": "d3", "Arithmetic": 1.0, "Spelling": 0.4}])
+    report.log(section="Chat evaluation sft: Spelling (1 problems each)", data=[{"model_tag": "d3", "Spelling": 0.0}])
+    report.log(section="Chat evaluation sft: GSM8K (5 problems each)", data=[{"model_tag": "d3", "GSM8K": 0.2}])
+    report.generate()
+    text = open("report.md").read()
+    assert "## Chat evaluation sft\n" in text and "## Chat evaluation sft: Spelling (1 problems each)" in text
+    rows = summary_rows(text)
+    assert rows["Spelling"][1] == "0.4000" and rows["Arithmetic"][1] == "1.0000" and rows["GSM8K"][1] == "0.2000"
+
+
 def test_other_ranks_write_nothing(base, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
