@@ -141,10 +141,11 @@ def muon_momentum(step, ramp_steps):
     return (1.0 - frac) * 0.85 + frac * 0.95
 
 
-def warm_start(optimizers, path, device):
-    """The checkpoint run's optimizer state (moments, step counts) into this run's optimizers, keeping their
-    fresh learning rates and weight decays (upstream keeps the base run's last scheduled Muon decay, ~0 at
-    its end; ours is --weight-decay, default 0). False if there is none."""
+def warm_start(optimizers, path, device, weight_decay=None):
+    """The checkpoint run's optimizer state (moments, step counts, and as upstream its groups' weight decays:
+    the base run's last scheduled Muon decay, ~0 at its end) into this run's optimizers, keeping their fresh
+    learning rates; weight_decay (--weight-decay given): the fresh groups' decays are kept too. False if there
+    is none."""
     from nanochat.common import load_torch_file
     from nanochat.optim import load_optimizer_state
     if not os.path.exists(path):
@@ -159,8 +160,10 @@ def warm_start(optimizers, path, device):
             load_optimizer_state(opt, state, path)
         except UserError as e:
             raise UserError(f"{e} (--load-optimizer 0 starts a fresh optimizer)") from None
-        for group, (lr, initial_lr, weight_decay) in zip(opt.param_groups, fresh):
-            group["lr"], group["initial_lr"], group["weight_decay"] = lr, initial_lr, weight_decay
+        for group, (lr, initial_lr, decay) in zip(opt.param_groups, fresh):
+            group["lr"], group["initial_lr"] = lr, initial_lr
+            if weight_decay is not None:
+                group["weight_decay"] = decay
     return True
 
 
@@ -181,7 +184,8 @@ def main():
     p.add_argument("--unembedding-lr", type=float, default=-1, help="-1: the checkpoint run's")
     p.add_argument("--matrix-lr", type=float, default=-1, help="-1: the checkpoint run's")
     p.add_argument("--scalar-lr", type=float, default=0.5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=None, help="Muon weight decay (default: a carried-over "
+                   "optimizer state's, the base run's last scheduled value, as upstream; 0 for a fresh optimizer)")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the run warming the rate up")
     p.add_argument("--warmdown-ratio", type=float, default=0.5, help="share of the run decaying it to --final-lr-frac")
     p.add_argument("--final-lr-frac", type=float, default=0.0)
@@ -220,7 +224,7 @@ def main():
                             f"{world_size} ranks")
         grad_accum_steps = args.total_batch_size // (B * T * world_size)
         optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
-                                            weight_decay=args.weight_decay, scalar_lr=args.scalar_lr, lr_multiplier=args.init_lr_frac)
+                                            weight_decay=args.weight_decay or 0.0, scalar_lr=args.scalar_lr, lr_multiplier=args.init_lr_frac)
         if args.load_optimizer:
             optim_path = os.path.join(source_dir, f"optim_{source_step:06d}_rank{rank:d}.pt")
             have = torch.tensor(int(os.path.exists(optim_path)), device=device)
@@ -229,7 +233,7 @@ def main():
             if 0 < have.item() < world_size:
                 raise UserError(f"the checkpoint's run saved optimizer state for {have.item()} of this run's {world_size} ranks "
                                 f"({source_dir}): run on as many ranks as it did, or pass --load-optimizer 0")
-            print0(f"optimizer state carried over from {optim_path}" if warm_start(optimizers, optim_path, device)
+            print0(f"optimizer state carried over from {optim_path}" if warm_start(optimizers, optim_path, device, args.weight_decay)
                    else f"no optimizer state at {optim_path}: a fresh optimizer")
 
         train_set, val_set = build_mixture(args.mixture, "train"), build_mixture(args.mixture, "test")

@@ -165,13 +165,18 @@ def test_warm_start_carries_the_moments_over_and_keeps_the_fresh_rates(tmp_path)
         for opt in base:
             opt.step()
         model.zero_grad(set_to_none=True)
+    for group in base[1].param_groups:
+        group["weight_decay"] = 1e-4  # the base run's last scheduled Muon decay
     path = tmp_path / "optim_000003_rank0.pt"
     torch.save(dict(optimizers=[opt.state_dict() for opt in base]), path)
     sft = model.setup_optimizers(lr_multiplier=0.8, weight_decay=0.0)
+    assert warm_start(sft, str(path), "cpu", weight_decay=0.0)  # --weight-decay 0 given: kept
+    assert [g["weight_decay"] for g in sft[1].param_groups] == [0.0] * len(sft[1].param_groups)
+    sft = model.setup_optimizers(lr_multiplier=0.8, weight_decay=0.0)
     fresh_lrs = [[g["lr"] for g in opt.param_groups] for opt in sft]
-    assert warm_start(sft, str(path), "cpu")
+    assert warm_start(sft, str(path), "cpu")  # the default: upstream's, the base run's decay comes with its state
     assert [[g["lr"] for g in opt.param_groups] for opt in sft] == fresh_lrs
-    assert [g["weight_decay"] for g in sft[1].param_groups] == [0.0] * len(sft[1].param_groups)  # --weight-decay, not the base's 0.28
+    assert [g["weight_decay"] for g in sft[1].param_groups] == [1e-4] * len(sft[1].param_groups)
     assert [[g["initial_lr"] for g in opt.param_groups] for opt in sft] == fresh_lrs
     for mine, theirs in zip(sft, base):
         for p in theirs.state:
