@@ -189,6 +189,17 @@ def test_warm_start_carries_the_moments_over_and_keeps_the_fresh_rates(tmp_path)
         warm_start(model.setup_optimizers(), str(path), "cpu")
 
 
+def tiny_base_model(base_dir, tmp_path):
+    """A 1-layer GPT (seed 0) and a fresh base dir holding the tiny tokenizer -> (model, config, base dir)."""
+    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    base = tmp_path / "base"
+    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    return model, config, base
+
+
 def test_the_default_run_is_one_epoch_at_the_checkpoint_runs_batch_and_rates(base_dir, tmp_path, monkeypatch, capsys):
     """Upstream's default: the data ends the run (one epoch, the micro-batch that crosses it not trained on); the
     batch and the rates are the base run's (its meta), x 0.8; the base run's optimizer state is carried over."""
@@ -196,12 +207,7 @@ def test_the_default_run_is_one_epoch_at_the_checkpoint_runs_batch_and_rates(bas
     from nanochat.tokenizer import get_tokenizer
     from scripts import chat_sft
     from tasks.common import TaskMixture
-    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
-    base = tmp_path / "base"
-    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    model, config, base = tiny_base_model(base_dir, tmp_path)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     base_opts = model.setup_optimizers()
     for group in base_opts[1].param_groups:
@@ -257,12 +263,7 @@ def test_a_warm_start_on_more_ranks_than_the_base_run_stops_every_rank_in_one_li
     train a fresh optimizer beside rank 0's refusal and die in the gradient all-reduce (a hang on NCCL); both ranks
     now count the shards and stop with the same line. --load-optimizer 0 trains on the two ranks."""
     from nanochat.checkpoint_manager import save_checkpoint, find_last_step
-    config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
-    base = tmp_path / "base"
-    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    model, config, base = tiny_base_model(base_dir, tmp_path)
     optim = dict(optimizers=[opt.state_dict() for opt in model.setup_optimizers()])
     save_checkpoint(str(base / "base_checkpoints" / "one"), 3, model.state_dict(), optim,  # optim_000003_rank0.pt only
                     {"step": 3, "model_config": config.to_dict(), "device_batch_size": 2, "total_batch_size": 512})
