@@ -8,7 +8,7 @@
 #
 #   bash megacontext_speedrun.sh           # GPU node: d12 (configs/d12_mc.toml + its twin configs/d12.toml)
 #   DEPTH=20 NPROC=8 bash megacontext_speedrun.sh
-#   bash megacontext_speedrun.sh           # no GPU: the tiny CPU profile, offline (the README main job, the recall testbed included: ~18 min on 2 Zen 4 cores, ~20 min on 2 AVX2-only Zen 3 ones, ~37-39 min on 2 Zen 1 ones)
+#   bash megacontext_speedrun.sh           # no GPU: the tiny CPU profile, offline (the README main job, the recall testbed included: ~18 min on 2 Zen 4 cores, ~20 min on 2 AVX2-only Zen 3 ones, ~36-39 min on 2 Zen 1 ones, ~21 min on 2 Intel Xeon cores with AVX2 emulated)
 #   TWIN=1 bash megacontext_speedrun.sh    # CPU: also train the vanilla twin (configs/cpu_tiny.toml)
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); curves: base_checkpoints/<tag>/train_log.jsonl
 # (tokens_seen, flops_seen, wall_s in every line, so the twins overlay by tokens, FLOPs or time).

@@ -6,7 +6,7 @@ each timed step) and prints cpu_mfu = achieved training FLOP/s / that rate, each
 
     python -m benchmarks.train_throughput --depth 12 --max-seq-len 2048 --device-batch-size 32   # GPU: bf16, compiled
     python -m benchmarks.train_throughput --depth 4 --max-seq-len 512 --device-batch-size 8 --vocab-size 4096 --window-pattern L --steps 5 --warmup 1   # CPU
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.train_throughput ...   # as an AVX2-only CPU would
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.train_throughput ...   # as an AVX2-only CPU would (MKL_...: Intel)
 """
 
 import os
