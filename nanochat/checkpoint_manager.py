@@ -122,6 +122,9 @@ def build_model(checkpoint_dir, step, device, phase):
         diff = sorted(set(expected.items()) ^ set(found.items()))[0][0]
         raise UserError(f"checkpoint in {checkpoint_dir} does not match its model_config: {diff} is "
                         f"{found.get(diff, 'missing')} in the weights, {expected.get(diff, 'unexpected')} in the config")
+    kind = next((f"{k} holds {v.dtype} values" for k, v in model_data.items() if not v.is_floating_point()), None)
+    if kind:  # load_state_dict's own refusal is a traceback about requires_grad
+        raise UserError(f"checkpoint in {checkpoint_dir} is not a model's weights: {kind}")
     model.to_empty(device=device)
     model.init_rotary()
     model.load_state_dict(model_data, strict=True, assign=True)

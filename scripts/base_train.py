@@ -362,7 +362,11 @@ def train(argv=None):
     if args.resume_from_step >= 0:
         model_data, optim_data, meta = load_checkpoint(checkpoint_dir, args.resume_from_step, device, load_optimizer=True, rank=rank)
         missing = [k for k in ("model_config", "step", "loop_state") if k not in meta]
-        missing += [k for k in ("optimizers", "dataloader_state_dict") if not isinstance(optim_data, dict) or k not in optim_data]
+        # the loader's position: this rank's, saved with its optimizer; upstream keeps rank 0's in the meta alone
+        loader_state = optim_data.get("dataloader_state_dict") if isinstance(optim_data, dict) else None
+        loader_state = meta.get("dataloader_state_dict") if loader_state is None else loader_state
+        missing += [k for k in ("optimizers",) if not isinstance(optim_data, dict) or k not in optim_data]
+        missing += ["dataloader_state_dict"] if loader_state is None else []
         if missing:
             raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: checkpoint lacks {', '.join(missing)}")
         saved = meta.get("user_config")
@@ -396,7 +400,6 @@ def train(argv=None):
             trainer.resume(checkpoint_dir, start_step, mc_optimizer)
         if start_step > num_iterations:
             raise UserError(f"cannot resume from step {start_step}: this run has only {num_iterations} iterations")
-        loader_state = optim_data["dataloader_state_dict"]
         loop_state = meta["loop_state"]
         loop_state.setdefault("flops_seen", start_step * total_batch_size * flops_per_token)  # older checkpoints
         print0(f"resumed from step {start_step} in {checkpoint_dir}")

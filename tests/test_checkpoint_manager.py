@@ -81,6 +81,12 @@ def test_wrong_shapes_are_user_errors(base_dir):
     (ckpt / "meta_000005.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="does not match its model_config"):
         load_model("base", "cpu", phase="eval", model_tag="shapes")
+    _, ckpt = save_tiny(base_dir, "ints")
+    weights = torch.load(ckpt / "model_000005.pt")
+    weights["lm_head.weight"] = weights["lm_head.weight"].long()  # a foreign file of the right shapes
+    save_without_digest(weights, ckpt / "model_000005.pt")
+    with pytest.raises(UserError, match=r"not a model's weights: lm_head.weight holds torch.int64 values$"):
+        load_model("base", "cpu", phase="eval", model_tag="ints")
 
 
 def test_missing_things_are_user_errors(base_dir, tmp_path, monkeypatch):
