@@ -110,7 +110,7 @@ def check_digest(path, what):
         want = f.read(64).decode("ascii", "replace")
     if file_sha256(path) != want:
         raise UserError(f"{what} {path} does not match its checksum in {os.path.basename(digest_path)} "
-                        "(changed or damaged since it was saved)")
+                        f"(changed or damaged since it was saved; if you replaced it on purpose, delete {digest_path})")
 
 
 def atomic_torch_save(obj, path):

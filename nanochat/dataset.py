@@ -154,12 +154,12 @@ class Stopped(Exception):
 def fetch_url(url, dst, timeout=60, stop=None):
     """Stream url into the file dst; returns the byte count. Raises if the body is shorter than
     its Content-Length (urllib itself silently returns a short body when the connection drops),
-    and Stopped between chunks once the event `stop` is set."""
+    and Stopped between reads once the event `stop` is set."""
     request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(dst, "wb") as f:
         expected = response.headers.get("Content-Length")
         nbytes = 0
-        while chunk := response.read(CHUNK_BYTES):
+        while chunk := response.read1(CHUNK_BYTES):  # what one read brings (read() waits for a whole chunk: Ctrl-C waited too)
             if stop is not None and stop.is_set():
                 raise Stopped()
             f.write(chunk)
@@ -214,7 +214,8 @@ def download_shard(index, base_url, data_dir, attempts=DOWNLOAD_ATTEMPTS, stop=N
 def download(num_files, base_url=DEFAULT_BASE_URL, num_workers=4, data_dir=None):
     """Download train shards 0..num_files-1 (-1 = all) plus the validation shard. Stops early, with the
     first error, when the first shards to finish (one per worker) all failed and none has arrived (no
-    connection: hours of retries otherwise); Ctrl-C stops the workers within a chunk."""
+    connection: hours of retries otherwise); Ctrl-C stops the workers at their next read (on a
+    stalled connection that is its 60 s socket timeout)."""
     if num_workers < 1:
         raise UserError(f"-w/--num-workers must be at least 1, got {num_workers}")
     if num_files < -1:
@@ -371,6 +372,10 @@ def main():
                         help=f"export the embedded corpus (this Python's stdlib) as dataset {OFFLINE_NAME!r} instead")
     args = parser.parse_args()
     if args.offline:
+        given = [flag for flag, value, default in (("-n", args.num_files, -1), ("-w", args.num_workers, 4),
+                 ("--base-url", args.base_url, parser.get_default("base_url"))) if value != default]
+        if given:
+            parser.error(f"--offline exports the whole embedded corpus and downloads nothing: {', '.join(given)} does not apply")
         export_offline_corpus()
     else:
         download(args.num_files, args.base_url, args.num_workers)

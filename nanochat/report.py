@@ -382,6 +382,11 @@ class Report:
                 rel = os.path.relpath(recall_png, os.path.dirname(path)).replace(os.sep, "/")
                 parts.append(f"## Recall curves\n\n![recall curves]({rel})\n")
             parts.append(summary_markdown(sections))
+            if os.path.exists(path) and not os.path.isfile(path):  # a pipe, a terminal, /dev/stdout: write through it
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write("\n".join(parts))
+                continue
+            path = os.path.realpath(path)  # a link to a file: replace the file, keep the link
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with atomic_path(path) as tmp:
                 with open(tmp, "w", encoding="utf-8") as f:

@@ -203,6 +203,46 @@ def test_ctrl_c_stops_the_download_within_a_shard(server):
     assert sum(server.requests.values()) < 20  # of 41: it stopped, it did not drain the queue
 
 
+def test_a_stop_is_seen_after_the_next_read_not_after_a_whole_chunk(tmp_path):
+    """fetch_url read 1 MiB chunks: on a slow link Ctrl-C waited for a whole MiB to trickle in (13.7 s at 64 KB/s)."""
+    sent = []
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(40 * 1024))
+            self.end_headers()
+            try:
+                for _ in range(40):  # 1 KB every 0.1 s
+                    self.wfile.write(b"x" * 1024)
+                    self.wfile.flush()
+                    sent.append(1)
+                    time.sleep(0.1)
+            except OSError:  # the client hung up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(dataset.Stopped):
+            dataset.fetch_url(f"http://127.0.0.1:{httpd.server_address[1]}/x", str(tmp_path / "x"), stop=stop)
+        assert len(sent) < 20  # it stopped with the body still arriving (a 1 MiB read took all 40 KB first)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_offline_refuses_the_download_flags():
+    """--offline -n 1 --base-url ... exported the whole corpus and said nothing of the flags."""
+    r = run_cli(["--offline", "-n", "1", "--base-url", "http://127.0.0.1:1/x"])
+    assert r.returncode == 2 and "-n, --base-url does not apply" in r.stderr, r.stderr
+
+
 def run_cli(args, extra_env=None):
     env = {**os.environ, **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "nanochat.dataset", *args], cwd=REPO_ROOT, env=env,

@@ -2,6 +2,7 @@ import os
 import re
 import sys
 import json
+import stat
 import subprocess
 
 import pytest
@@ -263,3 +264,25 @@ def test_recall_curves_are_plotted_from_the_training_logs(base):
     os.remove(base / "base_checkpoints" / "recall_mc" / "train_log.jsonl")
     get_report().generate()  # no recall logged any more: no section, no stale plot
     assert "## Recall curves" not in open("report.md").read() and not (base / "report" / "recall_curves.png").exists()
+
+
+def test_generate_writes_through_a_link_or_a_pipe_instead_of_replacing_it(base, tmp_path):
+    """-o link.md replaced the link by a file (target unchanged); as root -o /dev/stdout would have replaced /dev/stdout."""
+    import threading
+    report = get_report()
+    report.reset()
+    log_pipeline(report)
+    (tmp_path / "target.md").write_text("old")
+    os.symlink(tmp_path / "target.md", tmp_path / "link.md")
+    report.generate(str(tmp_path / "link.md"))
+    assert os.path.islink(tmp_path / "link.md")
+    assert (tmp_path / "target.md").read_text().startswith("# nanochat training report")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    report.generate(str(fifo))
+    reader.join(timeout=30)
+    assert got and got[0].startswith("# nanochat training report")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
