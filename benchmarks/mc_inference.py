@@ -78,6 +78,7 @@ def time_tokens(step, n, device):
 
 def mc_decode(model, gistnet, lensnet, mc, history, vocab, w_max, decode, warmup, workdir, device):
     path = os.path.join(workdir, f"tree_{history}")
+    shutil.rmtree(path, ignore_errors=True)  # this benchmark's own scratch tree: what a killed run left
     session = Session.create(model, gistnet, lensnet, mc, path=path, w_max=w_max, seed=0)
     t0 = time.perf_counter()
     ingest = 1 << 20  # fed in pieces: the tree ingests them, the WC restarts from the last

@@ -77,7 +77,7 @@ def build_parser():
                    "instead of the default evaluation; ck: facts read from a Core-Knowledge memory")
     p.add_argument("--depths", type=str, default="0.1,0.3,0.5,0.7,0.9", help="--task: where the fact sits, fractions of the history")
     p.add_argument("--mults", type=str, default="4,8,16,32,64", help="--task: history lengths, multiples of mc_w_max")
-    p.add_argument("--probe-docs", type=int, default=256, help="--task passkey: facts for the linear probe of their gists' digits (0: none)")
+    p.add_argument("--probe-docs", type=int, default=256, help="--task passkey: facts for the linear probe of their gists' digits (0: none, else at least 4)")
     p.add_argument("--ck-entities", type=int, default=32, help="--task ck: entities in the fact base (3 facts each)")
     return p
 
@@ -210,6 +210,10 @@ def main(argv=None):
         raise UserError("--refocus-iters and --audit-edits must be >= 0")
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a directory: give the JSON file's path")
+    if args.out.lower().endswith(".png"):  # the plot goes to the same name with .png: it overwrote the results
+        raise UserError(f"--out {args.out} names the plot's file: give the JSON file's path (the plot goes beside it as .png)")
+    if 0 < args.probe_docs < 4:
+        raise UserError(f"--probe-docs must be 0 (none) or at least 4 (it fits on half and scores on the other half), got {args.probe_docs}")
 
     _, rank, _, _, device = compute_init(args.device_type)
     try:

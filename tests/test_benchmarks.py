@@ -53,8 +53,11 @@ def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
     assert math.isclose(result["flop_bound_ratio"], result["vanilla_step_gflop"] / result["mc_step_gflop"], rel_tol=0.02)
 
 
-def test_mc_inference_prints_one_json_line_with_flat_cost_rows():
+def test_mc_inference_prints_one_json_line_with_flat_cost_rows(tmp_path):
+    (tmp_path / "tree_300").mkdir()
+    (tmp_path / "tree_300" / "session.json").write_text("{}")  # what a killed run left: it blocked every later run
     lines = run_benchmark("mc_inference", "--histories", "5000,300", "--decode", "32", "--warmup", "8", "--w-max", "128",
+                          "--workdir", str(tmp_path),
                           "--vanilla-max-gib", "1", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "256",
                           "--vocab-size", "256", "--device-type", "cpu", "--megacontext", "--mc-w-max", "128", "--mc-max-level", "1",
                           "--mc-recent-tokens", "32", "--mc-gist-layers", "1", "--mc-lens-layers", "1", "--mc-lens-hidden", "32")

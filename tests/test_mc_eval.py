@@ -102,7 +102,9 @@ def test_passkey_verdict_and_probes(base_dir, capsys):
 
 @pytest.mark.parametrize("flags,message", [(["--task", "recall"], "unknown --task"), (["--depths", "0,0.5"], "between 0 and 1"),
                                            (["--depths", "0.5,1"], "between 0 and 1"), (["--depths", "a,b"], "comma-separated"),
-                                           (["--mults", "0,4"], "at least 1"), (["--mults", "2.5"], "comma-separated")])
+                                           (["--mults", "0,4"], "at least 1"), (["--mults", "2.5"], "comma-separated"),
+                                           (["--probe-docs", "2"], "0 \\(none\\) or at least 4"),  # ran no probe, silently
+                                           (["--out", "results.png"], "names the plot's file")])  # the plot overwrote the JSON
 def test_retrieval_bad_flags(flags, message):
     from scripts import mc_eval
     argv = flags if flags[0] == "--task" else ["--task", "passkey"] + flags

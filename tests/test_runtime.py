@@ -253,7 +253,7 @@ def test_bad_sessions_are_one_line_errors(tmp_path):
     s.feed(stream(50))
     s.save()
     s.close()
-    with pytest.raises(UserError, match="already holds a session"):
+    with pytest.raises(UserError, match=r"already holds a session: resume it \(chat_cli --session .*\) or delete it$"):  # it named a --resume flag no script has
         Session.create(model, gistnet, lensnet, mc, path=path)
     with open(os.path.join(path, "session.json"), "w") as f:
         f.write("{not json")

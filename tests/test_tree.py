@@ -273,6 +273,23 @@ def test_disk_mode_equals_ram_and_continues_after_reopen(tmp_path):
         MegaContextTree(D, gistnet, embed, path=path)
 
 
+def test_saving_a_disk_tree_onto_its_own_directory_through_a_link_flushes_it(tmp_path):
+    """save(<link to its own dir>) rewrote the files under the live tree: the next ingest died on its memmap."""
+    gistnet, embed = ToyGistNet(), make_embed()
+    ids = random_ids(3000, seed=11)
+    ram = MegaContextTree(D, gistnet, embed)
+    ram.ingest(ids)
+    path = str(tmp_path / "disk")
+    disk = MegaContextTree(D, gistnet, embed, path=path)
+    disk.ingest(ids[:1000])
+    os.symlink(path, tmp_path / "link")
+    disk.save(str(tmp_path / "link"))
+    disk.ingest(ids[1000:])
+    assert_same_tree(ram, disk)
+    disk.close()
+    assert_same_tree(ram, MegaContextTree.load(path, gistnet, embed))
+
+
 def test_tree_without_gistnet_catches_up_later(tmp_path):
     embed, ids = make_embed(), random_ids(3000, seed=10)
     path = str(tmp_path / "t")

@@ -147,7 +147,7 @@ class Session:
         """A new, empty session: its tree in RAM, or on disk under `path` (a new directory, saved at once,
         so that a session killed before its first save() opens again, empty)."""
         if path is not None and os.path.exists(os.path.join(path, SESSION_FILE)):
-            raise UserError(f"{path} already holds a session: open it with --resume (Session.open)")
+            raise UserError(f"{path} already holds a session: resume it (chat_cli --session {path}; Session.open) or delete it")
         cls.checked_budget(model, config, w_max, predictor, gist_first)  # refused settings leave nothing on disk
         tree = MegaContextTree(model.config.n_embd, AnyLevel(gistnet), model.embed_tokens, path=path, model_name=model_name,
                                device=model.get_device())

@@ -485,8 +485,8 @@ class MegaContextTree(OneMemory):
 
     def save(self, path):
         """Write the tree to directory `path` in the disk layout (for a disk tree at `path`: flush)."""
-        if self.path is not None and os.path.abspath(path) == os.path.abspath(self.path):
-            return self.flush()
+        if self.path is not None and os.path.realpath(path) == os.path.realpath(self.path):  # any spelling of its own
+            return self.flush()                                                                 # directory (a link too)
         os.makedirs(path, exist_ok=True)
         meta_path = os.path.join(path, "meta.json")
         if os.path.exists(meta_path):
