@@ -372,8 +372,8 @@ def main():
                         help=f"export the embedded corpus (this Python's stdlib) as dataset {OFFLINE_NAME!r} instead")
     args = parser.parse_args()
     if args.offline:
-        given = [flag for flag, value, default in (("-n", args.num_files, -1), ("-w", args.num_workers, 4),
-                 ("--base-url", args.base_url, parser.get_default("base_url"))) if value != default]
+        given = [flag for flag, dest in (("-n", "num_files"), ("-w", "num_workers"), ("--base-url", "base_url"))
+                 if getattr(args, dest) != parser.get_default(dest)]
         if given:
             parser.error(f"--offline exports the whole embedded corpus and downloads nothing: {', '.join(given)} does not apply")
         export_offline_corpus()

@@ -19,6 +19,7 @@ but letters and digits, so "val_bpb", "val bpb" and "Val BPB" are the same metri
 """
 
 import os
+import contextlib
 import re
 import glob
 import json
@@ -382,14 +383,10 @@ class Report:
                 rel = os.path.relpath(recall_png, os.path.dirname(path)).replace(os.sep, "/")
                 parts.append(f"## Recall curves\n\n![recall curves]({rel})\n")
             parts.append(summary_markdown(sections))
-            if os.path.exists(path) and not os.path.isfile(path):  # a pipe, a terminal, /dev/stdout: write through it
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write("\n".join(parts))
-                continue
-            path = os.path.realpath(path)  # a link to a file: replace the file, keep the link
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with atomic_path(path) as tmp:
-                with open(tmp, "w", encoding="utf-8") as f:
+            # a pipe, a terminal, /dev/stdout: written through; a link to a file: the file replaced, the link kept
+            streamed = os.path.exists(path) and not os.path.isfile(path)
+            with contextlib.nullcontext(path) if streamed else atomic_path(os.path.realpath(path)) as target:
+                with open(target, "w", encoding="utf-8") as f:
                     f.write("\n".join(parts))
         return main_path
 

@@ -365,7 +365,7 @@ def train(argv=None):
         # the loader's position: this rank's, saved with its optimizer; upstream keeps rank 0's in the meta alone
         loader_state = optim_data.get("dataloader_state_dict") if isinstance(optim_data, dict) else None
         loader_state = meta.get("dataloader_state_dict") if loader_state is None else loader_state
-        missing += [k for k in ("optimizers",) if not isinstance(optim_data, dict) or k not in optim_data]
+        missing += ["optimizers"] if not isinstance(optim_data, dict) or "optimizers" not in optim_data else []
         missing += ["dataloader_state_dict"] if loader_state is None else []
         if missing:
             raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: checkpoint lacks {', '.join(missing)}")
