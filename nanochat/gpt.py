@@ -303,10 +303,11 @@ class GPT(nn.Module):
     # optimizers
 
     def setup_optimizers(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5,
-                         lr_multiplier=1.0):
+                         smear_lr=0.2, lr_multiplier=1.0):
         """AdamW for embeddings, head and scalars; Muon for every 2-D matrix in the blocks.
         Every group's lr (and its "initial_lr", what schedules scale) is multiplied by lr_multiplier
-        (fine-tuning starts from a fraction of the pretraining rates)."""
+        (fine-tuning starts from a fraction of the pretraining rates). smear_lr, the rate of the smear gate
+        and the smear and backout lambdas, is upstream's fixed 0.2 by default (no model or batch scaling)."""
         from nanochat.optim import Muon
         if self.transformer.wte.weight.dtype == torch.float16:
             raise UserError("NANOCHAT_DTYPE=float16 serves inference only: fp16 embeddings train to NaN within a step "
@@ -319,7 +320,7 @@ class GPT(nn.Module):
             dict(params=[e.weight for e in self.value_embeds.values()], lr=0.5 * embedding_lr * scale, betas=(0.8, 0.995), weight_decay=0.01),
             dict(params=[self.resid_lambdas], lr=0.01 * scalar_lr, betas=(0.8, 0.95), weight_decay=0.05),
             dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0),
-            dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=0.2, betas=(0.8, 0.95), weight_decay=0.0),
+            dict(params=[self.smear_gate.weight, self.smear_lambda, self.backout_lambda], lr=smear_lr, betas=(0.8, 0.95), weight_decay=0.0),
         ]
         matrices = [p for p in self.transformer.h.parameters()]
         assert all(p.ndim == 2 for p in matrices)

@@ -71,6 +71,8 @@ def build_parser():
     p.add_argument("--unembedding-lr", type=float, default=0.008)
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--smear-lr", type=float, default=0.2, help="Adam rate of the smear gate and the smear and backout "
+                   "lambdas: upstream's 0.2, as given (not batch-scaled like the rates above)")
     p.add_argument("--weight-decay", type=float, default=0.28)
     p.add_argument("--warmup-steps", type=int, default=40)
     p.add_argument("--warmdown-ratio", type=float, default=0.65)
@@ -151,7 +153,7 @@ def parse_args(argv=None):
     for a in parser._actions:  # the trunk's numbers, from flags or a preset (MegaContextConfig.validate checks the mc_* ones)
         if a.type is float and not a.dest.startswith("mc_") and not math.isfinite(getattr(args, a.dest)):
             raise UserError(f"--{a.dest.replace('_', '-')} must be a finite number, got {getattr(args, a.dest)}")
-    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "final_lr_frac"):
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "smear_lr", "weight_decay", "final_lr_frac"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not 0 <= args.warmdown_ratio <= 1:
@@ -336,7 +338,8 @@ def train(argv=None):
            f"| lr scale: {lr_scale:.3f} | weight decay: {weight_decay:.4f}")
 
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
-                                        matrix_lr=args.matrix_lr * lr_scale, weight_decay=weight_decay, scalar_lr=args.scalar_lr * lr_scale)
+                                        matrix_lr=args.matrix_lr * lr_scale, weight_decay=weight_decay, scalar_lr=args.scalar_lr * lr_scale,
+                                        smear_lr=args.smear_lr)
     adamw, muon = optimizers
     trainer = None
     if mc is not None:  # GistNet + LensNet (+ MegaPredictor) and their AdamW, scheduled with the model's optimizers
@@ -539,6 +542,8 @@ def train(argv=None):
         beta = 0.9  # EMA of the training loss, debiased
         loop_state["smooth_train_loss"] = beta * loop_state["smooth_train_loss"] + (1 - beta) * train_loss
         smooth = loop_state["smooth_train_loss"] / (1 - beta ** step)
+        if step > args.warmup_steps and smooth < loop_state.get("min_smooth_loss", math.inf):  # to tell a spike it never recovered from
+            loop_state.update(min_smooth_loss=smooth, min_smooth_step=step)
         if step > start_step + 10 or num_iterations - start_step <= 10:  # skip the compile/warmup steps in the clock
             loop_state["total_training_time"] += dt
         loop_state["flops_seen"] += step_flops
@@ -555,15 +560,22 @@ def train(argv=None):
                   wall_s=loop_state["total_training_time"], **mc_metrics)
 
     print0(f"done: min val bpb {loop_state['min_val_bpb']:.4f} | training time {loop_state['total_training_time'] / 60:.2f}m")
+    spike = None  # a finite divergence: the smoothed loss ends more than double its low and a nat above it
+    low = loop_state.get("min_smooth_loss", math.inf)
+    if num_iterations > start_step and smooth - low > max(1.0, low):
+        spike = (f"the training loss spiked and never recovered: {smooth:.3f} at the end against {low:.3f} at step "
+                 f"{loop_state['min_smooth_step']}; the saved model is far worse than the run's best (try another --seed or lower rates)")
+        print0(f"warning: {spike}")
     from nanochat.report import get_report
     # the recall testbed is a second model beside the pipeline's: its own section, kept out of the summary table
     section = "Recall testbed training" if args.recall_facts > 0 else "Base model training"
     get_report().log(section=section, data=[user_config, {
         "model_tag": model_tag, "parameters (scaling)": num_params, "flops_per_token": f"{flops_per_token:.3e}",
         "iterations": num_iterations, "tokens": num_iterations * total_batch_size, "total_batch_size": total_batch_size,
-        "val_bpb": val_bpb, "min_val_bpb": loop_state["min_val_bpb"], "wall_clock_s": round(loop_state["total_training_time"], 1)}])
+        "val_bpb": val_bpb, "min_val_bpb": loop_state["min_val_bpb"], "wall_clock_s": round(loop_state["total_training_time"], 1),
+        **({"warning": spike} if spike else {})}])
     log.finish()
-    return dict(final_loss=train_loss if num_iterations > start_step else None, val_bpb=val_bpb)
+    return dict(final_loss=train_loss if num_iterations > start_step else None, val_bpb=val_bpb, spike=spike)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ def test_the_trunks_numbers_must_be_finite_and_in_range():
                            (["--warmdown-ratio", "nan"], "--warmdown-ratio must be a finite number"),
                            (["--embedding-lr", "-1"], "--embedding-lr must be 0 or more"),
                            (["--final-lr-frac", "-5"], "--final-lr-frac must be 0 or more"),
+                           (["--smear-lr", "-0.1"], "--smear-lr must be 0 or more"),
                            (["--warmdown-ratio", "1.5"], r"--warmdown-ratio must be in \[0, 1\]")]:
         with pytest.raises(UserError, match=message):
             base_train.parse_args(flags)
@@ -323,6 +324,22 @@ def test_checkpoint_meta_and_metrics_log(base_dir):
     assert torch.isfinite(model(ids[:, :-1], ids[:, 1:]))
 
 
+def test_smear_lr_reaches_the_optimizer_unscaled(base_dir):
+    """--smear-lr is the smear/backout group's rate as given: 0 leaves backout_lambda at its init 0.2 and
+    smear_lambda at 0 while the run trains; the default (upstream's 0.2, not batch-scaled) moves both."""
+    def lambdas(tag, flags):
+        base_train.main(TINY + ["--num-iterations", "3", "--eval-every", "-1", "--model-tag", tag] + flags)
+        ckpt = base_dir / "base_checkpoints" / tag
+        state = torch.load(ckpt / "model_000003.pt", map_location="cpu")
+        groups = torch.load(ckpt / "optim_000003_rank0.pt", map_location="cpu")["optimizers"][0]["param_groups"]
+        return state["backout_lambda"].item(), state["smear_lambda"].item(), sorted(g["initial_lr"] for g in groups)
+    frozen = lambdas("frozen", ["--smear-lr", "0"])
+    moved = lambdas("moved", [])
+    assert frozen[:2] == (pytest.approx(0.2), 0.0)
+    assert moved[0] != pytest.approx(0.2) and moved[1] != 0.0
+    assert 0.0 in frozen[2] and 0.2 in moved[2] and len(frozen[2]) == len(moved[2]) == 6
+
+
 def test_cli_errors_are_one_line(tiny_base_dir, tmp_path):
     r = run_script(["--no-such-flag"], tiny_base_dir)
     assert r.returncode == 2 and "unrecognized arguments: --no-such-flag" in r.stderr
@@ -388,6 +405,18 @@ def test_a_diverged_run_stops_in_one_line_instead_of_saving_a_nan_model(base_dir
         base_train.main(TINY + ["--num-iterations", "4", "--eval-every", "2", "--save-every", "2", "--model-tag", "diverged",
                                 "--matrix-lr", "1e30", "--embedding-lr", "1e30"])
     assert not list((base_dir / "base_checkpoints" / "diverged").glob("model_*.pt"))
+
+
+def test_a_spike_it_never_recovers_from_is_reported_not_passed_over(base_dir):
+    """A run whose loss stays finite but ends far above its low (the recall testbed once went 0.53 -> 26 at step
+    346 and recalled 0%) says so on its last line and in the report; a healthy run says nothing."""
+    out = base_train.main(TINY + ["--num-iterations", "12", "--eval-every", "-1", "--warmup-steps", "0", "--model-tag", "spike",
+                                  "--embedding-lr", "300", "--unembedding-lr", "300"])
+    assert math.isfinite(out["final_loss"]) and out["spike"].startswith("the training loss spiked and never recovered")
+    report = (base_dir / "report" / "base-model-training.md").read_text()
+    assert "the training loss spiked" in report
+    healthy = base_train.main(TINY + ["--num-iterations", "12", "--eval-every", "-1", "--model-tag", "healthy"])
+    assert healthy["spike"] is None
 
 
 def test_resume_errors_are_user_errors(base_dir):

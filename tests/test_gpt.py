@@ -236,6 +236,26 @@ def test_optimizers_cover_every_parameter_once_and_train():
     assert loss.item() < first - 1.0  # memorizes a fixed batch
 
 
+def test_smear_lr_sets_the_smear_and_backout_group_alone():
+    """smear_lr is the rate of {smear_gate, smear_lambda, backout_lambda}: upstream's fixed 0.2 by default,
+    times lr_multiplier like every group, and no other group moves with it."""
+    model = make_model()
+    group_of = lambda opt, p: next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    base = model.setup_optimizers(lr_multiplier=0.5)
+    slow = model.setup_optimizers(smear_lr=0.025, lr_multiplier=0.5)
+    for p in (model.smear_gate.weight, model.smear_lambda, model.backout_lambda):
+        assert group_of(base[0], p)["lr"] == group_of(base[0], p)["initial_lr"] == 0.1
+        assert group_of(slow[0], p)["lr"] == group_of(slow[0], p)["initial_lr"] == 0.0125
+    others = lambda opts: [g["lr"] for opt in opts for g in opt.param_groups if not any(q is model.backout_lambda for q in g["params"])]
+    assert others(base) == others(slow)
+    # Adam's first step moves each parameter by about its rate: the backout lambda by 0.0125, not 0.1
+    idx = torch.randint(0, 300, (2, 17))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    before = model.backout_lambda.item()
+    slow[0].step()
+    assert abs(model.backout_lambda.item() - before) == pytest.approx(0.0125, rel=1e-3)
+
+
 def test_fp16_embeddings_serve_inference_and_refuse_to_train(monkeypatch):
     """NANOCHAT_DTYPE=float16: the model runs (finite logits), but an optimizer over fp16 embeddings
     would turn them to NaN in one AdamW step (eps 1e-10 rounds to 0 in fp16), so it is refused."""

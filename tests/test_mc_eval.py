@@ -93,6 +93,9 @@ def test_passkey_verdict_and_probes(base_dir, capsys):
     pct = lambda a: f"{100 * a:.0f}%"
     verdict = (f"MegaContext recalls {pct(acc['megacontext'])} over histories of 8x W_max on passkey, facts at depths 0.25-0.75 "
                f"(truncation {pct(acc['truncation'])}, full {pct(acc['full'])})")
+    if acc["full"] < 0.5:  # one training step: full attention has not learned to copy, and the verdict says so
+        verdict += (": full attention recalls under half, so this model has not learned the task (or its training diverged: "
+                    "its train log) and the comparison says nothing about MegaContext")
     assert data["verdicts"] == [verdict] and verdict in capsys.readouterr().out
     assert all(0 <= c["fact_raw"] <= 1 for c in cells["megacontext"]["8"].values())
     probes = data["probes"]

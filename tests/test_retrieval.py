@@ -117,3 +117,9 @@ def test_the_verdict_and_cell_means_average_over_depths():
     assert cell_mean([cells], "acc") == 0.75 and cell_mean([cells, None], "nll") == 1.0 and cell_mean([None], "acc") is None
     assert recall_verdict(results, "passkey", 8) == ("MegaContext recalls 75% over histories of 8x W_max on passkey, facts at "
                                                      "depths 0.1-0.9 (truncation 0%, full n/a)")
+    results["full"]["8"] = {"0.1": dict(acc=0.25, nll=2.0)}  # full attention itself fails: the verdict says so
+    assert recall_verdict(results, "passkey", 8).endswith("(truncation 0%, full 25%): full attention recalls under half, so "
+                                                          "this model has not learned the task (or its training diverged: "
+                                                          "its train log) and the comparison says nothing about MegaContext")
+    results["full"]["8"] = {"0.1": dict(acc=0.5, nll=2.0)}
+    assert recall_verdict(results, "passkey", 8).endswith("full 50%)")

@@ -148,8 +148,11 @@ def recall_verdict(task_results, task, mult):
     pct = {m: "n/a" if a is None else f"{100 * a:.0f}%" for m, a in acc.items()}
     depths = sorted(task_results["megacontext"][str(mult)], key=float)
     where = f"depth {depths[0]}" if len(depths) == 1 else f"depths {depths[0]}-{depths[-1]}"
+    untrained = "" if acc["full"] is None or acc["full"] >= 0.5 else (
+        ": full attention recalls under half, so this model has not learned the task (or its training diverged: its train "
+        "log) and the comparison says nothing about MegaContext")
     return (f"MegaContext recalls {pct['megacontext']} over histories of {mult}x W_max on {task}, facts at {where} "
-            f"(truncation {pct['truncation']}, full {pct['full']})")
+            f"(truncation {pct['truncation']}, full {pct['full']}){untrained}")
 
 
 def cell_mean(tables, key):
