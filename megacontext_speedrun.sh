@@ -35,7 +35,12 @@ stage() {
 
 venv_install() {
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-    .venv/bin/python -m pip install -q --no-compile -e .  # no .pyc pass over all of torch: ~25 s saved, imports compile what they use
+    # installed again only when pyproject.toml changed: pip's isolated build fetches setuptools each time, so an
+    # offline re-run would stop here. --no-compile: no .pyc pass over all of torch (~25 s), imports compile what they use
+    if ! cmp -s pyproject.toml .venv/nanochat-pyproject.toml; then
+        .venv/bin/python -m pip install -q --no-compile -e .
+        cp pyproject.toml .venv/nanochat-pyproject.toml
+    fi
 }
 # the recall testbed (CPU profile): a d2 MegaContext model trained on dense recall rows (configs/cpu_recall_mc.toml),
 # then exact pass-key recall with the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention.
@@ -49,19 +54,23 @@ recall_train() {
 stage venv venv_install
 PY=.venv/bin/python
 
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+# the GPUs this job may use: torch's count honours CUDA_VISIBLE_DEVICES (nvidia-smi -L lists every card)
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
+        && GPUS=$($PY -c "import torch; print(torch.cuda.device_count())") && [ "$GPUS" -gt 0 ]; then
     export OMP_NUM_THREADS=1
     DEPTH="${DEPTH:-12}"
-    NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"
+    NPROC="${NPROC:-$GPUS}"
     SHARDS="${SHARDS:-240}"
     TRAIN="torchrun --standalone --nproc_per_node=$NPROC"
     stage report $PY -m nanochat.report reset
     stage data $PY -m nanochat.dataset -n 8
     $PY -m nanochat.dataset -n "$SHARDS" &
     DOWNLOAD_PID=$!
+    trap 'kill "$DOWNLOAD_PID" 2>/dev/null || true' EXIT  # a failed stage stops the download too
     stage tokenizer $PY -m scripts.tok_train --overwrite --max-chars 2000000000 --vocab-size 32768
     stage tok_eval $PY -m scripts.tok_eval
     wait $DOWNLOAD_PID
+    trap - EXIT
     stage base_train_mc $TRAIN scripts/base_train.py --config "configs/d${DEPTH}_mc.toml" --model-tag "d${DEPTH}_mc" --overwrite --run "${RUN}_mc"
     stage base_train $TRAIN scripts/base_train.py --config "configs/d${DEPTH}.toml" --model-tag "d${DEPTH}" --overwrite --run "$RUN"
     stage base_eval_mc $TRAIN scripts/base_eval.py --model-tag "d${DEPTH}_mc"
@@ -87,11 +96,13 @@ else
     BASE="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     RECALL_LOG="$BASE/recall_testbed.log"
     RECALL_JSON="$BASE/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
-    CORES=$(getconf _NPROCESSORS_ONLN)
+    CORES=$(nproc)  # the cores this job may use (its CPU affinity: taskset, a container's cpuset)
     HALF=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
+    set -m  # the lane in its own process group, so a failed stage stops its base_train too (not only its shell)
     OMP_NUM_THREADS=$HALF recall_train > "$RECALL_LOG" 2>&1 &
     RECALL_PID=$!
-    trap 'kill "$RECALL_PID" 2>/dev/null || true' EXIT
+    set +m
+    trap 'kill -- -"$RECALL_PID" 2>/dev/null || true' EXIT
     echo "recall testbed training beside the next stages on $HALF thread(s): tail -f $RECALL_LOG"
     export OMP_NUM_THREADS=$HALF
     stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4

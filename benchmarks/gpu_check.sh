@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU node check: the figures only a GPU can give, in one run, each part one JSON line on stdout
 # (the benchmark's own line plus "check", its name, and "wall_s"; a part that fails or passes its
-# time limit prints {"check", "error"} and the others still run). Progress goes to stderr.
+# time limit prints {"check", "error"}, the others still run, and the exit status is 1). Progress goes
+# to stderr. The interpreter: $PYTHON, else the job's .venv/bin/python, else python3.
 #
 #   bash benchmarks/gpu_check.sh            # one H100 / H200: about 8 minutes
 #   bash benchmarks/gpu_check.sh --cpu      # the same parts at CPU sizes (a machine without a GPU)
@@ -17,7 +18,8 @@
 #   decode       decode ms/token of a runtime session at 1k- and 1M-token histories (ratio_1m_1k)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+command -v "$PY" >/dev/null || { echo "gpu_check: no Python interpreter '$PY' (set PYTHON)" >&2; exit 2; }
 export WANDB_MODE=disabled
 mode="${1:-gpu}"
 
@@ -64,11 +66,16 @@ if rc == 0 and lines:
 else:
     why = f"passed its {limit} s limit" if rc in (124, 137) else f"exit status {rc}"
     print(json.dumps({**head, "error": why}))
+    sys.exit(1)
 EOF
+  rc=$?
   rm -f "$out"
+  return $rc
 }
 
-part vanilla "${LIMITS[0]}" "NANOCHAT_FLEX=" train_throughput "${VANILLA[@]}"
-part vanilla_mask "${LIMITS[1]}" "NANOCHAT_FLEX=0" train_throughput "${VANILLA[@]}"
-part megacontext "${LIMITS[2]}" "NANOCHAT_FLEX=" mc_train_throughput "${MC[@]}"
-part decode "${LIMITS[3]}" "NANOCHAT_FLEX=" mc_inference "${DECODE[@]}"
+failed=0
+part vanilla "${LIMITS[0]}" "NANOCHAT_FLEX=" train_throughput "${VANILLA[@]}" || failed=1
+part vanilla_mask "${LIMITS[1]}" "NANOCHAT_FLEX=0" train_throughput "${VANILLA[@]}" || failed=1
+part megacontext "${LIMITS[2]}" "NANOCHAT_FLEX=" mc_train_throughput "${MC[@]}" || failed=1
+part decode "${LIMITS[3]}" "NANOCHAT_FLEX=" mc_inference "${DECODE[@]}" || failed=1
+exit $failed

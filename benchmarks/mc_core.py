@@ -89,8 +89,8 @@ def main():
         p.error(f"--dir {args.dir}: no such directory")
 
     torch.manual_seed(0)
-    if "OMP_NUM_THREADS" not in os.environ:  # the caller's thread setting wins
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:  # the caller's thread setting wins; else the cores this process may use
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1))
     wte = torch.nn.Embedding(args.vocab_size, args.dim)
     embed_tokens = lambda ids: norm(wte(ids))
     gistnet = GistNet(args.dim, kind=args.gist_kind, max_level=args.max_level).eval()

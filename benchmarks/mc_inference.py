@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from nanochat.common import UserError, cli_main
+from nanochat.common import UserError, cli_main, synchronize
 from nanochat.engine import KVCache, sample_next
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.checkpoint import build_modules
@@ -47,18 +47,17 @@ def log(msg):
 
 
 def rss_mb():
-    """Resident memory of this process now (not the peak), in MiB."""
+    """Resident memory of this process now (not the peak), in MiB; None off Linux. compute_init keeps freed
+    memory in the heap (keep_freed_memory), so this includes what earlier histories freed: the MegaContext
+    histories run first, shortest first, and every vanilla one after them."""
+    if not os.path.exists("/proc/self/statm"):
+        return None
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def dir_mb(path):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_tokens(n, vocab, seed):
@@ -71,7 +70,7 @@ def time_tokens(step, n, device):
     for _ in range(n):
         t0 = time.perf_counter()
         step()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -84,7 +83,7 @@ def mc_decode(model, gistnet, lensnet, mc, history, vocab, w_max, decode, warmup
     ingest = 1 << 20  # fed in pieces: the tree ingests them, the WC restarts from the last
     for a in range(0, history, ingest):
         session.feed(random_tokens(min(ingest, history - a), vocab, a).tolist())
-    sync(device)
+    synchronize(device)
     build_s = time.perf_counter() - t0
     gen = torch.Generator(device=device).manual_seed(1)
 
@@ -100,7 +99,7 @@ def mc_decode(model, gistnet, lensnet, mc, history, vocab, w_max, decode, warmup
                mc_p50_ms=round(1000 * statistics.median(times), 3), mc_max_ms=round(1000 * max(times), 3),
                slots_per_token=round((session.stats["slots_computed"] - slots0) / decode, 2),
                wc_cost=focus["wc_cost"], tree_levels=focus["tree_levels"], unreachable_tokens=focus["unreachable_tokens"],
-               rss_mb=round(rss_mb(), 1), tree_disk_mb=round(dir_mb(path), 2), build_s=round(build_s, 2))
+               rss_mb=rss_mb(), tree_disk_mb=round(dir_mb(path), 2), build_s=round(build_s, 2))
     session.close()
     shutil.rmtree(path)
     return out
@@ -165,11 +164,12 @@ def main():
     try:
         for h in histories:
             log(f"history {h:,}: building the tree and decoding {own.decode} tokens ...")
-            row = mc_decode(model, gistnet, lensnet, mc, h, own.vocab_size, own.w_max, own.decode, own.warmup, workdir, device)
+            rows.append(mc_decode(model, gistnet, lensnet, mc, h, own.vocab_size, own.w_max, own.decode, own.warmup, workdir, device))
+            log(f"  {json.dumps(rows[-1])}")
+        for h, row in zip(histories, rows):  # after every MegaContext row: its full KV cache would stay in their rss_mb
+            log(f"history {h:,}: vanilla decoding over a full KV cache ...")
             row["vanilla_ms_per_token"], row["vanilla_note"] = vanilla_decode(model, h, own.vocab_size, own.decode, own.warmup,
                                                                               own.vanilla_max_gib, device)
-            log(f"  {json.dumps(row)}")
-            rows.append(row)
     finally:
         if not own.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

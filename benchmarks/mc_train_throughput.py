@@ -24,12 +24,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nanochat.common import UserError, cli_main, compute_dtype
+from nanochat.common import UserError, cli_main, compute_dtype, synchronize
 from nanochat.megacontext.checkpoint import build_modules
 from nanochat.megacontext.config import from_args
+from nanochat.megacontext.slate import variant_budget
 from nanochat.megacontext.training import MegaContextTrainer
 from scripts.base_train import parse_args
 from benchmarks.train_throughput import check_run_flags, fresh_model
+
+
+# FlopCounterMode knows the CUDA attention kernels only: on a CPU, scaled_dot_product_attention runs this op pair
+# and would count 0 (for cpu_tiny_mc 58 of the vanilla step's 92 GFLOP). The same count as the CUDA ones: two
+# matmuls forward (Q K^T, P V), four backward, over every query head, the causal or window mask not subtracted
+# (FlopCounterMode passes shapes: q (B, H, Tq, D), k (B, Hkv, Tk, D)).
+_sdpa_flops = lambda q, k: 4 * q[0] * q[1] * q[2] * k[2] * q[3]
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: _sdpa_flops(q, k),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *a, out_shape=None, **kw: 2 * _sdpa_flops(q, k),
+}
+GRID = 10 ** 6  # the annealing schedule's steps: fine enough that its midpoint is a whole step
 
 
 def main():
@@ -54,7 +68,6 @@ def main():
     if use_compile:
         trainer.compile()  # the variant forward too, as base_train does
     cuda = device_type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     B, T = args.device_batch_size, args.max_seq_len
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, own.vocab_size, (B, T), device=device, generator=gen)
@@ -71,19 +84,19 @@ def main():
         mems = [None] * len(step_fns)
         for _ in range(own.steps):
             for i, fn in enumerate(step_fns):
-                sync()
+                synchronize(device)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.perf_counter()
                 fn()
-                sync()
+                synchronize(device)
                 times[i].append(time.perf_counter() - t0)
                 if cuda:
                     mems[i] = max(mems[i] or 0, round(torch.cuda.max_memory_allocated(device) / 2**30, 2))
         return [(round(B * T / statistics.median(t), 1), m) for t, m in zip(times, mems)]
 
     def count_flops(step_fn):
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             step_fn()
         return counter.get_total_flops()
 
@@ -91,14 +104,16 @@ def main():
         def fn():
             lm(x, y).backward()
             if anneal_step is not None:
-                trainer.backward(x, y, anneal_step, 100)
+                trainer.backward(x, y, anneal_step, GRID)
             for opt in optimizers:
                 opt.step()
             for q in list(model.parameters()) + trainer.parameters():
                 q.grad = None
         return fn
 
-    modes = dict(vanilla=None, mid=round(50 * mc.anneal_frac), target=100)  # the annealing step: none, halfway, C2 = w_max
+    # the annealing step of a GRID-step run: none, halfway through annealing (C2 halfway from the history to w_max;
+    # on a 100-step grid cpu_tiny_mc's 0.05 rounded to step 2 of 5: 672 where halfway is 576), C2 = w_max
+    modes = dict(vanilla=None, mid=round(GRID * mc.anneal_frac / 2), target=GRID)
     (vanilla, vanilla_mem), (mid, mid_mem), (target, target_mem) = measure([step(s) for s in modes.values()])
     flops = {name: count_flops(step(s)) for name, s in modes.items()}
     result = dict(benchmark="mc_train_throughput", device=torch.cuda.get_device_name(device) if cuda else device_type,
@@ -107,6 +122,7 @@ def main():
                   max_seq_len=T, device_batch_size=B, w_max=mc.w_max, horizon=mc.horizon, num_variants=mc.num_variants,
                   vanilla_tok_per_sec=vanilla, mc_tok_per_sec=target, mc_anneal_mid_tok_per_sec=mid,
                   ratio=round(target / vanilla, 3), ratio_anneal_mid=round(mid / vanilla, 3),
+                  anneal_mid_budget=variant_budget(modes["mid"], GRID, T - mc.horizon, mc),  # C2 (tokens' worth of slots)
                   vanilla_step_gflop=round(flops["vanilla"] / 1e9, 3), mc_step_gflop=round(flops["target"] / 1e9, 3),
                   mc_anneal_mid_step_gflop=round(flops["mid"] / 1e9, 3),
                   flop_bound_ratio=round(flops["vanilla"] / flops["target"], 3),

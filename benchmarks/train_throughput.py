@@ -1,8 +1,9 @@
 """
 Training throughput of the base model: tokens/s and MFU for a given depth, sequence length
 and device batch, on random tokens (no tokenizer or data needed). Prints one JSON line.
-On a CPU it also measures the machine's own fp32 matmul rate in the same run (2048^3 products, after
-each timed step) and prints cpu_mfu = achieved training FLOP/s / that rate, each the median over the steps.
+On a CPU it also measures the machine's own matmul rate in the same run (2048^3 products in the training's
+dtype, fp32 unless NANOCHAT_DTYPE says otherwise, after each timed step) and prints cpu_mfu = achieved training
+FLOP/s / that rate, each the median over the steps.
 
     python -m benchmarks.train_throughput --depth 12 --max-seq-len 2048 --device-batch-size 32   # GPU: bf16, compiled
     python -m benchmarks.train_throughput --depth 4 --max-seq-len 512 --device-batch-size 8 --vocab-size 4096 --window-pattern L --steps 5 --warmup 1   # CPU
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from nanochat.common import UserError, cli_main, compute_init, compute_dtype, autodetect_device_type
+from nanochat.common import UserError, cli_main, compute_init, compute_dtype, autodetect_device_type, synchronize
 from nanochat.runlog import peak_flops, measured_matmul_flops
 from scripts.base_train import model_config_from_args
 from nanochat.gpt import GPT, use_flex
@@ -66,7 +67,6 @@ def main():
     device_type, device, config, model, optimizers = fresh_model(args, args.vocab_size)
     use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
     step_model = torch.compile(model, dynamic=False) if use_compile else model
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
     B, T = args.device_batch_size, args.max_seq_len
     gen = torch.Generator(device=device).manual_seed(0)
@@ -82,17 +82,17 @@ def main():
 
     for _ in range(args.warmup):
         train_step()
-    sync()
+    synchronize(device)
     # each timed step is followed, on a CPU, by a measurement of the matmul peak, so both medians see
     # the same drift (a shared VM's steal time moves either by 30% within a minute)
     step_times, cpu_peaks = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         train_step()
-        sync()
+        synchronize(device)
         step_times.append(time.perf_counter() - t0)
         if device_type == "cpu":
-            cpu_peaks.append(measured_matmul_flops(device, repeats=2))
+            cpu_peaks.append(measured_matmul_flops(device, dtype=compute_dtype(device_type), repeats=2))
     dt = statistics.median(step_times)
     tok_per_sec = B * T / dt
     flops_per_token = model.estimate_flops()
@@ -105,7 +105,7 @@ def main():
                   tok_per_sec=round(tok_per_sec, 1), flops_per_token=flops_per_token,
                   mfu=round(flops_per_token * tok_per_sec / peak, 4) if peak else None,
                   cpu_capability=torch.backends.cpu.get_cpu_capability() if device_type == "cpu" else None,
-                  cpu_fp32_matmul_gflops=round(cpu_peak / 1e9, 1) if cpu_peak else None,
+                  cpu_matmul_gflops=round(cpu_peak / 1e9, 1) if cpu_peak else None,  # in `dtype`
                   cpu_mfu=round(flops_per_token * tok_per_sec / cpu_peak, 4) if cpu_peak else None,
                   peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device_type == "cuda" else None)
     print(json.dumps(result))

@@ -188,7 +188,14 @@ def get_dist_info():
     if bad:
         raise UserError(f"{bad[0]}={os.environ[bad[0]]!r}: torchrun's RANK, LOCAL_RANK and WORLD_SIZE must be integers >= 0 "
                         "(or all unset for one process)")
-    return True, *(int(os.environ[k]) for k in names)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in names)
+    if world_size < 1 or rank >= world_size:
+        raise UserError(f"RANK={rank}, WORLD_SIZE={world_size}: torchrun's rank must be below a world size of 1 or more")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise UserError(f"RANK, LOCAL_RANK and WORLD_SIZE are set but {' and '.join(missing)} not: launch with torchrun, "
+                        "or unset all three for one process")
+    return True, rank, local_rank, world_size
 
 
 def print0(*args, **kwargs):
@@ -202,6 +209,15 @@ def autodetect_device_type():
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def synchronize(device):
+    """Wait for the work queued on a GPU (CUDA or Apple's MPS run it asynchronously), so a clock read
+    after it times the work itself; a no-op on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def keep_freed_memory():

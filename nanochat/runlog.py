@@ -5,13 +5,14 @@ GPU's listed bf16 peak, or a CPU's own fp32 matmul rate measured in the run.
 """
 
 import os
+import re
 import json
 import math
 import time
 
 import torch
 
-from nanochat.common import atomic_path
+from nanochat.common import atomic_path, synchronize
 
 
 def strict_json(v):
@@ -86,9 +87,11 @@ class RunLog:
             self.wandb.finish()
 
 
-# dense bf16 tensor-core peak, FLOP/s, by device name
-PEAK_BF16_FLOPS = [("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12), ("A10G", 125e12),
-                   ("L40S", 362e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+# dense bf16 tensor-core peak, FLOP/s, by a whole word of the device name; a variant before its family
+# ("NVIDIA H100 PCIe" before "NVIDIA H100 80GB HBM3", the SXM part), and "L4" does not match "NVIDIA L40"
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("B200", 2250e12),
+                   ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+                   ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 
 def peak_flops(device):
@@ -97,7 +100,7 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
+        if re.search(rf"\b{re.escape(key)}\b", name):
             return flops
     return None
 
@@ -109,13 +112,13 @@ def measured_matmul_flops(device, dtype=torch.float32, n=2048, repeats=5):
     run's measurement keeps the ratio honest on a noisy machine. ~0.1 s a product on 2 cores."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    device = torch.device(device)
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        sync()
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0,
-                             autodetect_device_type, compute_dtype, all_reduce_mean, report_stale_temps)
+                             autodetect_device_type, compute_dtype, all_reduce_mean, report_stale_temps, synchronize)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
@@ -293,7 +293,6 @@ def train(argv=None):
     if args.seed:  # 0 keeps compute_init's torch seed, so a run without --seed is the run it always was
         torch.manual_seed(42 + args.seed)
     master = rank == 0
-    synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
     # tokenizer and model -------------------------------------------------------------
     tokenizer = get_tokenizer()
@@ -529,7 +528,7 @@ def train(argv=None):
         for p in params:
             p.grad = None
         train_loss = train_loss.item()
-        synchronize()
+        synchronize(device)
         dt = time.time() - t0
         finite = torch.tensor(float(math.isfinite(train_loss)), device=device)
         if is_ddp:  # every rank stops at the same step (a rank left alone would wait in the next all-reduce)

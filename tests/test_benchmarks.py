@@ -21,10 +21,10 @@ def test_train_throughput_prints_one_json_line():
     result = lines[0]
     assert result["benchmark"] == "train_throughput" and result["tok_per_sec"] > 0 and result["device"] == "cpu"
     assert result["mfu"] is None and result["max_seq_len"] == 64 and result["flops_per_token"] > 0
-    # on a CPU: this machine's own fp32 matmul rate, measured in the run, is the MFU denominator
-    assert result["cpu_fp32_matmul_gflops"] > 0 and result["cpu_capability"]
+    # on a CPU: this machine's own matmul rate in the training's dtype, measured in the run, is the MFU denominator
+    assert result["cpu_matmul_gflops"] > 0 and result["cpu_capability"] and result["dtype"] == "float32"
     achieved = result["flops_per_token"] * result["tok_per_sec"]
-    assert math.isclose(result["cpu_mfu"], achieved / (result["cpu_fp32_matmul_gflops"] * 1e9), rel_tol=0.01, abs_tol=1e-4)
+    assert math.isclose(result["cpu_mfu"], achieved / (result["cpu_matmul_gflops"] * 1e9), rel_tol=0.01, abs_tol=1e-4)
 
 
 def test_mc_core_prints_ingest_and_refocus_lines_for_ram_and_disk():
@@ -42,7 +42,7 @@ def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
     lines = run_benchmark("mc_train_throughput", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "160",
                           "--device-batch-size", "2", "--vocab-size", "256", "--steps", "1", "--warmup", "1", "--device-type", "cpu",
                           "--megacontext", "--mc-w-max", "64", "--mc-horizon", "32", "--mc-recent-tokens", "32", "--mc-gist-layers", "1",
-                          "--mc-lens-layers", "1", "--mc-lens-hidden", "32")
+                          "--mc-lens-layers", "1", "--mc-lens-hidden", "32", "--mc-anneal-frac", "0.05")
     assert len(lines) == 1
     result = lines[0]
     assert result["benchmark"] == "mc_train_throughput" and result["w_max"] == 64 and result["max_seq_len"] == 160
@@ -51,6 +51,28 @@ def test_mc_train_throughput_prints_one_json_line_comparing_the_twins():
     # the MegaContext step does more matmul work than the vanilla one; the bound is their FLOP ratio
     assert result["mc_step_gflop"] > result["vanilla_step_gflop"] > 0
     assert math.isclose(result["flop_bound_ratio"], result["vanilla_step_gflop"] / result["mc_step_gflop"], rel_tol=0.02)
+    # the annealing midpoint's budget is halfway from the history (160 - 32) to w_max 64, up to a whole 32-token block
+    # (annealing over 5% of a 100-step grid, the midpoint was step 2 of 5: 128)
+    assert 96 <= result["anneal_mid_budget"] < 96 + 32
+
+
+def test_cpu_attention_is_counted_like_the_cuda_kernels():
+    """On a CPU, scaled_dot_product_attention runs an op torch's FlopCounterMode has no formula for: the benchmark's
+    mapping counts it, forward and backward, as 4 and 8 x B*H*Tq*Tk*D (grouped-query K/V included)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, REPO)
+    from benchmarks.mc_train_throughput import CPU_ATTENTION_FLOPS
+    B, H, Hkv, T, D = 2, 4, 2, 48, 16
+    q = torch.randn(B, H, T, D, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, T, D, requires_grad=True) for _ in range(2))
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    assert counter.get_total_flops() == 12 * B * H * T * T * D
+    with FlopCounterMode(display=False) as bare:  # what the benchmark counted before: nothing
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    assert bare.get_total_flops() == 0
 
 
 def test_mc_inference_prints_one_json_line_with_flat_cost_rows(tmp_path):
@@ -84,6 +106,13 @@ def test_gpu_check_runs_every_part_and_tags_each_json_line():
     assert vanilla["benchmark"] == mask["benchmark"] == "train_throughput" and mask["windowed_attention"] == "sdpa_mask"
     assert vanilla["windowed_attention"] == "sdpa_mask"  # a CPU takes the mask path unless NANOCHAT_FLEX=1
     assert mc["ratio"] > 0 and decode["ratio_1m_1k"] > 0 and len(decode["histories"]) == 2
+
+
+def test_gpu_check_without_its_interpreter_says_so_and_fails():
+    """With PYTHON naming no interpreter every part failed and so did the error reporter: nothing printed, exit 0."""
+    env = {**os.environ, "PYTHON": "python_not_installed"}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == "gpu_check: no Python interpreter 'python_not_installed' (set PYTHON)\n"
 
 
 def test_bad_flags_are_one_line_errors_before_anything_is_timed():

@@ -155,10 +155,23 @@ def test_malformed_torchrun_variables_are_one_line_errors(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     assert get_dist_info() == (True, 1, 0, 2)
     for value in ("0x", "", "-1"):
         monkeypatch.setenv("RANK", value)
         with pytest.raises(UserError, match=f"RANK={value!r}: torchrun's RANK, LOCAL_RANK and WORLD_SIZE must be integers"):
             get_dist_info()
+    # a world of 0, a rank past the world, a cluster's RANK/WORLD_SIZE without torchrun's rendezvous: were tracebacks
+    for rank, world in (("0", "0"), ("2", "2")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(UserError, match=f"RANK={rank}, WORLD_SIZE={world}: torchrun's rank must be below a world size of 1 or more"):
+            get_dist_info()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.delenv("MASTER_ADDR")
+    with pytest.raises(UserError, match="RANK, LOCAL_RANK and WORLD_SIZE are set but MASTER_ADDR not: launch with torchrun"):
+        get_dist_info()
     monkeypatch.delenv("WORLD_SIZE")
     assert get_dist_info() == (False, 0, 0, 1)

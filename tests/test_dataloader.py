@@ -72,6 +72,8 @@ def set_rank(monkeypatch, rank, world_size):
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("LOCAL_RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # torchrun sets the rendezvous too (get_dist_info asks for it)
+    monkeypatch.setenv("MASTER_PORT", "29500")
 
 
 def full_rows(inputs, targets):

@@ -157,6 +157,8 @@ def test_other_ranks_write_nothing(base, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
     report = get_report()
     report.reset()
     assert report.log(section="Base model training", data=[{"val_bpb": 1.0}]) is None

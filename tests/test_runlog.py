@@ -74,6 +74,15 @@ def test_peak_flops_unknown_off_gpu():
     assert peak_flops(torch.device("cpu")) is None
 
 
+def test_peak_flops_matches_whole_words_and_variants_first(monkeypatch):
+    """An L40 is not an L4 (its MFU came out 1.5x high), an H100 PCIe not the SXM part, an unlisted card unknown."""
+    cards = {"NVIDIA L40": 181e12, "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA H100 PCIe": 756e12,
+             "NVIDIA H100 NVL": 835e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA T4": None}
+    for name, flops in cards.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops(torch.device("cuda", 0)) == flops, name
+
+
 def test_measured_matmul_flops_is_2n3_over_the_fastest_product(monkeypatch):
     import nanochat.runlog as runlog
     ticks = iter([0.0, 0.5, 1.0, 1.25, 2.0, 2.75])  # products of 0.5, 0.25 and 0.75 s
