@@ -88,6 +88,19 @@ def test_config_toml_sets_defaults_and_flags_override(tmp_path):
         base_train.parse_args(["--config", str(tmp_path)])
 
 
+def test_each_megacontext_preset_trains_its_vanilla_twins_trunk():
+    """configs/X_mc.toml is configs/X.toml plus megacontext and mc_* keys: the twins' comparison is fair only while
+    every trunk setting (shape, batch, rates, data) is the same in both."""
+    import tomllib
+    presets = sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith("_mc.toml"))
+    assert len(presets) == 4
+    for name in presets:
+        with open(os.path.join(REPO, "configs", name), "rb") as f:
+            mc = {k: v for k, v in tomllib.load(f).items() if k != "megacontext" and not k.startswith("mc_")}
+        with open(os.path.join(REPO, "configs", name.replace("_mc.toml", ".toml")), "rb") as f:
+            assert tomllib.load(f) == mc, name
+
+
 def test_megacontext_settings_that_would_train_nothing_are_refused():
     """A reviewer's runs: a 4,065-token history whose coarsest WC costs 159 slots > w_max 128 trained GistNet and
     LensNet until C2 reached w_max and then nothing (no reference fits: lens loss nan, zero gradients); 2 variants
