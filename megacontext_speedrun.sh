@@ -46,6 +46,7 @@ venv_install() {
 # then exact pass-key recall with the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention.
 # Its training runs in the background: the stage time goes to $RECALL_LOG.stages (marked "beside", it overlaps others)
 recall_train() {
+    trap ':' USR1  # meant for its base_train (all the cores from the next step), not for this shell
     STAGES=()
     stage "base_train_recall (beside)" $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --overwrite --run "$RUN"
     printf '%s\n' "${STAGES[@]}" > "$RECALL_LOG.stages"
@@ -91,8 +92,9 @@ else
         stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --overwrite --run "$RUN"
     fi
     # The recall testbed needs only the data and the tokenizer: it trains on half the cores while the main
-    # model's evaluation and chat stages run on the other half (neither job scales well to 2 threads). Its
-    # log goes to $RECALL_LOG and is printed when both are done; its evaluation then runs on all the cores.
+    # model's evaluation and chat stages run on the other half (neither job scales well to 2 threads); when
+    # those are done it trains on every core (SIGUSR1 to its base_train). Its log goes to $RECALL_LOG and is
+    # printed when both are done; its evaluation then runs on all the cores.
     BASE="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     RECALL_LOG="$BASE/recall_testbed.log"
     RECALL_JSON="$BASE/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
@@ -120,6 +122,7 @@ else
     stage chat_ck $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
     stage chat_eval $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
     unset OMP_NUM_THREADS
+    kill -USR1 -- -"$RECALL_PID" 2>/dev/null || true  # the testbed, if still training, takes every core from its next step
     wait "$RECALL_PID" || { cat "$RECALL_LOG"; echo "the recall testbed failed (log above: $RECALL_LOG)"; exit 1; }
     trap - EXIT
     cat "$RECALL_LOG"

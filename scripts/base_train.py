@@ -14,6 +14,7 @@ import sys
 import math
 import json
 import time
+import signal
 import argparse
 import difflib
 
@@ -293,6 +294,11 @@ def train(argv=None):
     if args.seed:  # 0 keeps compute_init's torch seed, so a run without --seed is the run it always was
         torch.manual_seed(42 + args.seed)
     master = rank == 0
+    # SIGUSR1 on a CPU: train on every core this process may use from the next step (the CPU job sends it to the
+    # recall testbed, trained on half the cores, once the stages beside it are done). The handler only notes it.
+    more_threads = []
+    if device_type == "cpu" and hasattr(signal, "SIGUSR1") and hasattr(os, "sched_getaffinity"):
+        signal.signal(signal.SIGUSR1, lambda *_: more_threads.append(True))
 
     # tokenizer and model -------------------------------------------------------------
     tokenizer = get_tokenizer()
@@ -494,6 +500,11 @@ def train(argv=None):
             checkpoint(step, val_bpb)
         if last_step:
             break
+
+        if more_threads:
+            more_threads.clear()
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
+            print0(f"step {step:05d}: SIGUSR1, training on {torch.get_num_threads()} threads from here")
 
         # one optimization step: grad_accum_steps micro-batches, then all-reduce and update
         t0 = time.time()  # the previous step ended in a sync (or an eval's .item())

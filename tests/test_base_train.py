@@ -3,6 +3,7 @@ import sys
 import copy
 import json
 import math
+import signal
 import subprocess
 
 import pytest
@@ -351,6 +352,24 @@ def test_smear_lr_reaches_the_optimizer_unscaled(base_dir):
     assert frozen[:2] == (pytest.approx(0.2), 0.0)
     assert moved[0] != pytest.approx(0.2) and moved[1] != 0.0
     assert 0.0 in frozen[2] and 0.2 in moved[2] and len(frozen[2]) == len(moved[2]) == 6
+
+
+def test_sigusr1_widens_a_cpu_run_to_every_core_it_may_use(tiny_base_dir):
+    """The CPU job trains the recall testbed on half the cores and sends SIGUSR1 once the stages beside it end:
+    from the next step the run uses every core of its affinity, and it goes on to the end."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tiny_base_dir), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("NANOCHAT_DATASET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *TINY, "--num-iterations", "150", "--eval-every", "-1",
+                             "--model-tag", "usr1"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 00002/"):
+            proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=300) == 0, "".join(lines[-20:])
+    widened = [line for line in lines if "SIGUSR1" in line]
+    assert widened == [f"step {widened[0].split()[1]} SIGUSR1, training on {len(os.sched_getaffinity(0))} threads from here\n"]
+    assert lines.index(widened[0]) < len(lines) - 10 and "step 00150/00150" in "".join(lines)
 
 
 def test_cli_errors_are_one_line(tiny_base_dir, tmp_path):
