@@ -35,29 +35,23 @@ stage() {
 
 venv_install() {
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-    # installed again only when pyproject.toml changed: pip's isolated build fetches setuptools each time, so an
-    # offline re-run would stop here. --no-compile: no .pyc pass over all of torch (~25 s), imports compile what they use
+    # installed again only when pyproject.toml differs from the one installed last (by this job or runtests.sh):
+    # pip's isolated build fetches setuptools each time, so an offline re-run would stop here. --no-compile: no .pyc pass over all of torch (~25 s), imports compile what they use
     if ! cmp -s pyproject.toml .venv/nanochat-pyproject.toml; then
         .venv/bin/python -m pip install -q --no-compile -e .
         cp pyproject.toml .venv/nanochat-pyproject.toml
     fi
 }
-# the recall testbed (CPU profile): a d2 MegaContext model trained on dense recall rows (configs/cpu_recall_mc.toml),
-# then exact pass-key recall with the fact 8x and 16x W_max back: MegaContext vs truncation vs full attention.
-# Its training runs in the background: the stage time goes to $RECALL_LOG.stages (marked "beside", it overlaps others)
-recall_train() {
-    trap ':' USR1  # meant for its base_train (all the cores from the next step), not for this shell
-    STAGES=()
-    stage "base_train_recall (beside)" $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --overwrite --run "$RUN"
-    printf '%s\n' "${STAGES[@]}" > "$RECALL_LOG.stages"
-}
-
 stage venv venv_install
 PY=.venv/bin/python
 
 # the GPUs this job may use: torch's count honours CUDA_VISIBLE_DEVICES (nvidia-smi -L lists every card)
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
-        && GPUS=$($PY -c "import torch; print(torch.cuda.device_count())") && [ "$GPUS" -gt 0 ]; then
+GPUS=0
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+    [ "$GPUS" -gt 0 ] || echo "nvidia-smi lists GPUs but torch sees none (a CPU build of torch, or CUDA_VISIBLE_DEVICES): the CPU profile follows" >&2
+fi
+if [ "$GPUS" -gt 0 ]; then
     export OMP_NUM_THREADS=1
     DEPTH="${DEPTH:-12}"
     NPROC="${NPROC:-$GPUS}"
@@ -98,13 +92,16 @@ else
     BASE="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     RECALL_LOG="$BASE/recall_testbed.log"
     RECALL_JSON="$BASE/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
-    CORES=$(nproc)  # the cores this job may use (its CPU affinity: taskset, a container's cpuset)
+    CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the cores this job may use (taskset, a container's cpuset)
     HALF=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
-    set -m  # the lane in its own process group, so a failed stage stops its base_train too (not only its shell)
-    OMP_NUM_THREADS=$HALF recall_train > "$RECALL_LOG" 2>&1 &
+    # the recall testbed (configs/cpu_recall_mc.toml: a d2 MegaContext model on dense recall rows; its pass-key
+    # eval at the end): its base_train itself is the background job, so a failed stage (the EXIT trap) or a kill
+    # of the whole job stops it too; its stage time runs to its log's last write ("beside": it overlaps others)
+    RECALL_T0=$(date +%s)
+    OMP_NUM_THREADS=$HALF $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --overwrite \
+        --run "$RUN" > "$RECALL_LOG" 2>&1 < /dev/null &
     RECALL_PID=$!
-    set +m
-    trap 'kill -- -"$RECALL_PID" 2>/dev/null || true' EXIT
+    trap 'kill "$RECALL_PID" 2>/dev/null || true' EXIT
     echo "recall testbed training beside the next stages on $HALF thread(s): tail -f $RECALL_LOG"
     export OMP_NUM_THREADS=$HALF
     stage base_eval $PY -m scripts.base_eval --eval bpb,sample --model-tag "$TAG" --split-tokens 131072 --device-batch-size 4
@@ -122,11 +119,11 @@ else
     stage chat_ck $PY -m scripts.chat_cli --model-tag "$TAG" -t 0 --ck "$CK" -p "What does the FocusAllocator do with LensNet's scores?"
     stage chat_eval $PY -m scripts.chat_eval -i sft --model-tag "$TAG" -a Arithmetic,Spelling -x 30 -m 96
     unset OMP_NUM_THREADS
-    kill -USR1 -- -"$RECALL_PID" 2>/dev/null || true  # the testbed, if still training, takes every core from its next step
+    kill -USR1 "$RECALL_PID" 2>/dev/null || true  # the testbed, if still training, takes every core from its next step
     wait "$RECALL_PID" || { cat "$RECALL_LOG"; echo "the recall testbed failed (log above: $RECALL_LOG)"; exit 1; }
     trap - EXIT
     cat "$RECALL_LOG"
-    while read -r line; do STAGES+=("$line"); done < "$RECALL_LOG.stages"
+    STAGES+=("$(printf '%-26s %6ds' "base_train_recall (beside)" $(( $(stat -c %Y "$RECALL_LOG") - RECALL_T0 )))")
     stage mc_eval_recall $PY -m scripts.mc_eval --model-tag cpu_recall_mc --task passkey --mults 8,16 --num-docs 16 --out "$RECALL_JSON"
 fi
 stage report_md $PY -m nanochat.report generate

@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q -e '.[dev]'
+cp pyproject.toml .venv/nanochat-pyproject.toml  # what .venv holds: the main job installs again only when this differs
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; fi
 export WANDB_MODE=disabled
 exec .venv/bin/python -m pytest -q "$@"

@@ -34,7 +34,7 @@ from benchmarks.train_throughput import check_run_flags, fresh_model
 
 
 # FlopCounterMode knows the CUDA attention kernels only: on a CPU, scaled_dot_product_attention runs this op pair
-# and would count 0 (for cpu_tiny_mc 58 of the vanilla step's 92 GFLOP). The same count as the CUDA ones: two
+# and would count 0 (for cpu_tiny_mc 58 of the vanilla step's 87 GFLOP). The same count as the CUDA ones: two
 # matmuls forward (Q K^T, P V), four backward, over every query head, the causal or window mask not subtracted
 # (FlopCounterMode passes shapes: q (B, H, Tq, D), k (B, Hkv, Tk, D)).
 _sdpa_flops = lambda q, k: 4 * q[0] * q[1] * q[2] * k[2] * q[3]

@@ -89,7 +89,7 @@ class RunLog:
 
 # dense bf16 tensor-core peak, FLOP/s, by a whole word of the device name; a variant before its family
 # ("NVIDIA H100 PCIe" before "NVIDIA H100 80GB HBM3", the SXM part), and "L4" does not match "NVIDIA L40"
-PEAK_BF16_FLOPS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("B200", 2250e12),
+PEAK_BF16_FLOPS = [("GH200", 989e12), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("B200", 2250e12),
                    ("A100", 312e12), ("A10G", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
                    ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 

@@ -398,14 +398,21 @@ def train(argv=None):
         if not isinstance(states, list) or len(states) != len(optimizers):
             raise UserError(f"cannot resume the optimizer from {optim_path}: {len(states) if isinstance(states, list) else 'no list of'} "
                             f"optimizer states for this run's {len(optimizers)} optimizers")
+        resumed = optimizers + ([] if trainer is None else [mc_optimizer])
+        rates = [[group["initial_lr"] for group in opt.param_groups] for opt in resumed]  # this run's flags
         for opt, state in zip(optimizers, states):
             load_optimizer_state(opt, state, optim_path)
+        loop_keys = ("min_val_bpb", "smooth_train_loss", "total_training_time")  # and, from later builds, the optional ones
         if type(meta["step"]) is not int or not isinstance(meta["loop_state"], dict) or not all(
-                type(meta["loop_state"].get(k)) in (int, float) for k in ("min_val_bpb", "smooth_train_loss", "total_training_time")):
+                type(meta["loop_state"].get(k)) in (int, float) for k in loop_keys) or not all(
+                type(v) in (int, float) for k, v in meta["loop_state"].items() if k in ("flops_seen", "min_smooth_loss", "min_smooth_step")):
             raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: its meta's step / loop_state is damaged")
         start_step = meta["step"]
         if trainer is not None:
             trainer.resume(checkpoint_dir, start_step, mc_optimizer)
+        for opt, opt_rates in zip(resumed, rates):  # the optimizer state is the checkpoint's; the rates are the flags' (were the saved ones)
+            for group, rate in zip(opt.param_groups, opt_rates):
+                group["initial_lr"] = rate
         if start_step > num_iterations:
             raise UserError(f"cannot resume from step {start_step}: this run has only {num_iterations} iterations")
         loop_state = meta["loop_state"]

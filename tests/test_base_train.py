@@ -266,6 +266,28 @@ def test_resume_continues_exactly(base_dir):
     assert (from_meta["final_loss"], from_meta["val_bpb"]) == (straight["final_loss"], straight["val_bpb"])
 
 
+def test_a_resume_trains_at_its_own_flags_rates_and_refuses_a_damaged_loop_state(base_dir):
+    """The optimizer file restored the saved rates over the flags: a run resumed with another --smear-lr (the testbed
+    presets moved 0.2 -> 0.1) kept the old rate while its meta and report named the new one. A damaged optional
+    loop_state number (min_smooth_loss) was a TypeError traceback."""
+    common = TINY + ["--num-iterations", "4", "--eval-every", "-1", "--model-tag", "rates", "--save-every", "2", "--warmup-steps", "0"]
+    base_train.main(common)
+    ckpt = base_dir / "base_checkpoints" / "rates"
+    for f in ("model_000004.pt", "meta_000004.json", "optim_000004_rank0.pt"):
+        os.remove(ckpt / f)
+    base_train.main(common + ["--resume-from-step", "2", "--smear-lr", "0.05", "--matrix-lr", "0.01"])
+    adamw, muon = torch.load(ckpt / "optim_000004_rank0.pt")["optimizers"]
+    assert 0.05 in [g["initial_lr"] for g in adamw["param_groups"]] and 0.2 not in [g["initial_lr"] for g in adamw["param_groups"]]
+    lr_scale = (256 / base_train.B_REF) ** 0.5
+    assert all(g["initial_lr"] == pytest.approx(0.01 * lr_scale) for g in muon["param_groups"])
+    meta_path = ckpt / "meta_000002.json"
+    meta = json.loads(meta_path.read_text())
+    meta["loop_state"]["min_smooth_loss"] = "low"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="its meta's step / loop_state is damaged"):
+        base_train.main(common + ["--resume-from-step", "2"])
+
+
 class Killed(BaseException):
     """A kill -9 inside a save: nothing after that point runs (not even atomic_path's cleanup)."""
 

@@ -77,7 +77,7 @@ def test_peak_flops_unknown_off_gpu():
 def test_peak_flops_matches_whole_words_and_variants_first(monkeypatch):
     """An L40 is not an L4 (its MFU came out 1.5x high), an H100 PCIe not the SXM part, an unlisted card unknown."""
     cards = {"NVIDIA L40": 181e12, "NVIDIA L40S": 362e12, "NVIDIA L4": 121e12, "NVIDIA H100 PCIe": 756e12,
-             "NVIDIA H100 NVL": 835e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA T4": None}
+             "NVIDIA H100 NVL": 835e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA GH200 480GB": 989e12, "NVIDIA T4": None}
     for name, flops in cards.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops(torch.device("cuda", 0)) == flops, name
