@@ -85,18 +85,18 @@ else
     if [ "${TWIN:-0}" = 1 ]; then
         stage base_train_twin $PY -m scripts.base_train --config configs/cpu_tiny.toml --model-tag cpu_d3 --overwrite --run "$RUN"
     fi
-    # The recall testbed needs only the data and the tokenizer: it trains on half the cores while the main
-    # model's evaluation and chat stages run on the other half (neither job scales well to 2 threads); when
-    # those are done it trains on every core (SIGUSR1 to its base_train). Its log goes to $RECALL_LOG and is
-    # printed when both are done; its evaluation then runs on all the cores.
+    # The recall testbed (configs/cpu_recall_mc.toml: a d2 MegaContext model on dense recall rows) needs only the
+    # data and the tokenizer: it trains on half the cores while the main model's evaluation and chat stages run on
+    # the other half (neither job scales well to 2 threads); when those are done it trains on every core (SIGUSR1
+    # to its base_train). Its log goes to $RECALL_LOG and is printed when both are done; its pass-key evaluation
+    # then runs on all the cores.
     BASE="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
     RECALL_LOG="$BASE/recall_testbed.log"
     RECALL_JSON="$BASE/mc_eval/cpu_recall_mc_passkey.json"  # + its heat map, .png
     CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # the cores this job may use (taskset, a container's cpuset)
     HALF=$(( CORES / 2 > 0 ? CORES / 2 : 1 ))
-    # the recall testbed (configs/cpu_recall_mc.toml: a d2 MegaContext model on dense recall rows; its pass-key
-    # eval at the end): its base_train itself is the background job, so a failed stage (the EXIT trap) or a kill
-    # of the whole job stops it too; its stage time runs to its log's last write ("beside": it overlaps others)
+    # its base_train itself is the background job, so a failed stage (the EXIT trap) or a kill of the whole job
+    # stops it too; its stage time runs to its log's last write ("beside": it overlaps the others)
     RECALL_T0=$(date +%s)
     OMP_NUM_THREADS=$HALF $PY -m scripts.base_train --config configs/cpu_recall_mc.toml --model-tag cpu_recall_mc --overwrite \
         --run "$RUN" > "$RECALL_LOG" 2>&1 < /dev/null &
