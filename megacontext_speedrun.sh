@@ -8,7 +8,7 @@
 #
 #   bash megacontext_speedrun.sh           # GPU node: d12 (configs/d12_mc.toml + its twin configs/d12.toml)
 #   DEPTH=20 NPROC=8 bash megacontext_speedrun.sh
-#   bash megacontext_speedrun.sh           # no GPU: the tiny CPU profile, offline (the README main job, the recall testbed included: ~18 min on 2 Zen 4 cores, ~20 min on 2 AVX2-only Zen 3 ones, ~36-39 min on 2 Zen 1 ones, ~21 min on 2 Intel Xeon cores with AVX2 emulated)
+#   bash megacontext_speedrun.sh           # no GPU: the tiny CPU profile, offline (the README main job, the recall testbed included: ~18 min on 2 Zen 4 cores, ~20 min on 2 AVX2-only Zen 3 ones, ~36-39 min on 2 Zen 1 ones, measured before the testbed took both cores at its end; 19 min on 2 Intel Xeon cores with AVX2 emulated)
 #   TWIN=1 bash megacontext_speedrun.sh    # CPU: also train the vanilla twin (configs/cpu_tiny.toml)
 # Everything goes to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); curves: base_checkpoints/<tag>/train_log.jsonl
 # (tokens_seen, flops_seen, wall_s in every line, so the twins overlay by tokens, FLOPs or time).
@@ -24,19 +24,23 @@ RUN="${WANDB_RUN:-dummy}"
 # instead of 2.2 s on a 2 GHz Zen 1), so the job lets them write (into .venv/ and the gitignored __pycache__/).
 unset PYTHONDONTWRITEBYTECODE
 
-# stage NAME CMD...: run CMD and remember its wall time; the table is printed at the end
+# stage NAME CMD...: run CMD and remember its wall time (timed NAME SECONDS); the table is printed at the end
 STAGES=()
+timed() {
+    STAGES+=("$(printf '%-26s %6ds' "$1" "$2")")
+}
 stage() {
     local name=$1 t0=$SECONDS
     shift
     "$@"
-    STAGES+=("$(printf '%-26s %6ds' "$name" $((SECONDS - t0)))")
+    timed "$name" $((SECONDS - t0))
 }
 
 venv_install() {
     [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
     # installed again only when pyproject.toml differs from the one installed last (by this job or runtests.sh):
-    # pip's isolated build fetches setuptools each time, so an offline re-run would stop here. --no-compile: no .pyc pass over all of torch (~25 s), imports compile what they use
+    # pip's isolated build fetches setuptools each time, so an offline re-run would stop here. --no-compile: no
+    # .pyc pass over all of torch (~25 s), imports compile what they use
     if ! cmp -s pyproject.toml .venv/nanochat-pyproject.toml; then
         .venv/bin/python -m pip install -q --no-compile -e .
         cp pyproject.toml .venv/nanochat-pyproject.toml
@@ -123,7 +127,7 @@ else
     wait "$RECALL_PID" || { cat "$RECALL_LOG"; echo "the recall testbed failed (log above: $RECALL_LOG)"; exit 1; }
     trap - EXIT
     cat "$RECALL_LOG"
-    STAGES+=("$(printf '%-26s %6ds' "base_train_recall (beside)" $(( $(stat -c %Y "$RECALL_LOG") - RECALL_T0 )))")
+    timed "base_train_recall (beside)" $(( $(stat -c %Y "$RECALL_LOG") - RECALL_T0 ))
     stage mc_eval_recall $PY -m scripts.mc_eval --model-tag cpu_recall_mc --task passkey --mults 8,16 --num-docs 16 --out "$RECALL_JSON"
 fi
 stage report_md $PY -m nanochat.report generate

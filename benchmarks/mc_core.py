@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from nanochat.common import cli_main
+from nanochat.common import cli_main, usable_cpus
 from nanochat.gpt import norm
 from nanochat.megacontext import BLOCK_SIZE
 from nanochat.megacontext.gistnet import GistNet
@@ -90,7 +90,7 @@ def main():
 
     torch.manual_seed(0)
     if "OMP_NUM_THREADS" not in os.environ:  # the caller's thread setting wins; else the cores this process may use
-        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1))
+        torch.set_num_threads(usable_cpus())
     wte = torch.nn.Embedding(args.vocab_size, args.dim)
     embed_tokens = lambda ids: norm(wte(ids))
     gistnet = GistNet(args.dim, kind=args.gist_kind, max_level=args.max_level).eval()

@@ -211,6 +211,12 @@ def autodetect_device_type():
     return "cpu"
 
 
+def usable_cpus():
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset) where the OS
+    reports one, else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
+
+
 def synchronize(device):
     """Wait for the work queued on a GPU (CUDA or Apple's MPS run it asynchronously), so a clock read
     after it times the work itself; a no-op on a CPU."""

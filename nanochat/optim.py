@@ -177,9 +177,14 @@ LIKE_PARAM = ("momentum_buffer", "exp_avg", "exp_avg_sq")  # state tensors shape
 
 def load_optimizer_state(optimizer, state, where):
     """optimizer.load_state_dict(state) for a resume, with every state tensor checked: a damaged or
-    foreign state (wrong structure, shapes of another model, NaN moments) is one line naming `where`."""
+    foreign state (wrong structure, shapes of another model, NaN moments) is one line naming `where`.
+    The moments, step counts and weight decays are the file's; the rates (lr, initial_lr) stay the
+    optimizer's own, this run's flags (a resume at another --smear-lr or a fine-tune's rates take effect)."""
+    rates = [{k: group[k] for k in ("lr", "initial_lr") if k in group} for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state)
+        for group, own in zip(optimizer.param_groups, rates):
+            group.update(own)
         for p, values in optimizer.state.items():
             for name, value in values.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():

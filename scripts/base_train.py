@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from nanochat.common import (UserError, cli_main, compute_init, compute_cleanup, get_base_dir, print0,
-                             autodetect_device_type, compute_dtype, all_reduce_mean, report_stale_temps, synchronize)
+                             autodetect_device_type, compute_dtype, all_reduce_mean, report_stale_temps, synchronize, usable_cpus)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataloader import bos_bestfit_loader
@@ -297,7 +297,7 @@ def train(argv=None):
     # SIGUSR1 on a CPU: train on every core this process may use from the next step (the CPU job sends it to the
     # recall testbed, trained on half the cores, once the stages beside it are done). The handler only notes it.
     more_threads = []
-    if device_type == "cpu" and hasattr(signal, "SIGUSR1") and hasattr(os, "sched_getaffinity"):
+    if device_type == "cpu" and hasattr(signal, "SIGUSR1"):
         signal.signal(signal.SIGUSR1, lambda *_: more_threads.append(True))
 
     # tokenizer and model -------------------------------------------------------------
@@ -398,24 +398,20 @@ def train(argv=None):
         if not isinstance(states, list) or len(states) != len(optimizers):
             raise UserError(f"cannot resume the optimizer from {optim_path}: {len(states) if isinstance(states, list) else 'no list of'} "
                             f"optimizer states for this run's {len(optimizers)} optimizers")
-        resumed = optimizers + ([] if trainer is None else [mc_optimizer])
-        rates = [[group["initial_lr"] for group in opt.param_groups] for opt in resumed]  # this run's flags
         for opt, state in zip(optimizers, states):
             load_optimizer_state(opt, state, optim_path)
-        loop_keys = ("min_val_bpb", "smooth_train_loss", "total_training_time")  # and, from later builds, the optional ones
-        if type(meta["step"]) is not int or not isinstance(meta["loop_state"], dict) or not all(
-                type(meta["loop_state"].get(k)) in (int, float) for k in loop_keys) or not all(
-                type(v) in (int, float) for k, v in meta["loop_state"].items() if k in ("flops_seen", "min_smooth_loss", "min_smooth_step")):
+        saved_loop = meta["loop_state"] if isinstance(meta["loop_state"], dict) else {}
+        required = ("min_val_bpb", "smooth_train_loss", "total_training_time")
+        optional = ("flops_seen", "min_smooth_loss", "min_smooth_step")  # later builds' numbers: older checkpoints lack them
+        if type(meta["step"]) is not int or not all(type(saved_loop.get(k)) in (int, float) for k in required) or not all(
+                type(saved_loop[k]) in (int, float) for k in optional if k in saved_loop):
             raise UserError(f"cannot resume from step {args.resume_from_step} in {checkpoint_dir}: its meta's step / loop_state is damaged")
         start_step = meta["step"]
         if trainer is not None:
             trainer.resume(checkpoint_dir, start_step, mc_optimizer)
-        for opt, opt_rates in zip(resumed, rates):  # the optimizer state is the checkpoint's; the rates are the flags' (were the saved ones)
-            for group, rate in zip(opt.param_groups, opt_rates):
-                group["initial_lr"] = rate
         if start_step > num_iterations:
             raise UserError(f"cannot resume from step {start_step}: this run has only {num_iterations} iterations")
-        loop_state = meta["loop_state"]
+        loop_state = saved_loop
         loop_state.setdefault("flops_seen", start_step * total_batch_size * flops_per_token)  # older checkpoints
         print0(f"resumed from step {start_step} in {checkpoint_dir}")
         del model_data, optim_data
@@ -510,7 +506,7 @@ def train(argv=None):
 
         if more_threads:
             more_threads.clear()
-            torch.set_num_threads(len(os.sched_getaffinity(0)))
+            torch.set_num_threads(usable_cpus())
             print0(f"step {step:05d}: SIGUSR1, training on {torch.get_num_threads()} threads from here")
 
         # one optimization step: grad_accum_steps micro-batches, then all-reduce and update

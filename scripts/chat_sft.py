@@ -155,14 +155,13 @@ def warm_start(optimizers, path, device, weight_decay=None):
         raise UserError(f"cannot warm-start the optimizer from {path}: not {len(optimizers)} optimizer states "
                         f"(--load-optimizer 0 starts a fresh one)")
     for opt, state in zip(optimizers, states):
-        fresh = [(g["lr"], g["initial_lr"], g["weight_decay"]) for g in opt.param_groups]
-        try:  # another model's or another world size's state is refused in one line
+        decays = [g["weight_decay"] for g in opt.param_groups]
+        try:  # another model's or another world size's state is refused in one line; the fresh rates stay
             load_optimizer_state(opt, state, path)
         except UserError as e:
             raise UserError(f"{e} (--load-optimizer 0 starts a fresh optimizer)") from None
-        for group, (lr, initial_lr, decay) in zip(opt.param_groups, fresh):
-            group["lr"], group["initial_lr"] = lr, initial_lr
-            if weight_decay is not None:
+        if weight_decay is not None:
+            for group, decay in zip(opt.param_groups, decays):
                 group["weight_decay"] = decay
     return True
 
